@@ -1,0 +1,85 @@
+"""Saving and loading a trained adapter: `adapter.safetensors` plus `adapter_config.json`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mops_fast.config import MoPsConfig
+from mops_fast.hf.attach import attach, get_mops
+
+FORMAT_VERSION = 1
+WEIGHTS = "adapter.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def _model_signature(model) -> dict:
+    cfg = model.config
+    return {
+        "model_type": cfg.model_type,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+    }
+
+
+def save_adapter(model, directory) -> Path:
+    """Write the trainable MoPs tensors and their config; the backbone is not saved."""
+    mops = get_mops(model)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in mops.state_dict().items()}
+    tmp = d / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, d / WEIGHTS)
+    meta = {"format_version": FORMAT_VERSION, "mops_config": mops.config.to_dict(), "model": _model_signature(model)}
+    tmpc = d / (CONFIG + ".tmp")
+    tmpc.write_text(json.dumps(meta, indent=2))
+    os.replace(tmpc, d / CONFIG)
+    return d
+
+
+def load_adapter(model, directory):
+    """Attach (if needed) and load an adapter saved by `save_adapter`, checking that it fits the model."""
+    d = Path(directory)
+    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{d} is not a MoPs adapter: expected {CONFIG} and {WEIGHTS} in it")
+    try:
+        meta = json.loads((d / CONFIG).read_text())
+        config = MoPsConfig.from_dict(meta["mops_config"])
+        saved_sig = meta["model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{d / CONFIG} is corrupt or not a MoPs adapter config ({e})") from e
+    sig = _model_signature(model)
+    diffs = [f"{k}: adapter {saved_sig.get(k)!r} vs model {v!r}" for k, v in sig.items() if saved_sig.get(k) != v]
+    if diffs:
+        raise ValueError("adapter was trained for another model: " + "; ".join(diffs))
+    try:
+        tensors = load_file(str(d / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{d / WEIGHTS} is corrupt or truncated ({e}); re-save the adapter") from e
+    if not hasattr(model, "mops"):
+        attach(model, config)
+    mops = get_mops(model)
+    if mops.config.to_dict() != config.to_dict():
+        raise ValueError(
+            f"model already has MoPs with another config ({mops.config.to_dict()}) than the adapter "
+            f"({config.to_dict()}); detach it first"
+        )
+    expected = mops.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"adapter tensors do not match: missing {missing}, unexpected {unexpected}, shapes {shapes}")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"adapter holds non-finite values in {bad}; it cannot be used")
+    mops.load_state_dict(tensors)
+    return model

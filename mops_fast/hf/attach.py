@@ -1,0 +1,248 @@
+"""Attaching MoPs to a Hugging Face causal LM without copying modeling code.
+
+Data flow of one forward: a pre-hook on the model records the batch's gate mask and whether this is a
+decode step; a pre-hook on decoder layer g pools the hidden states entering it and computes the gate's
+log-weights; the attention function registered as "mops" runs gated-prefix attention in the injected
+layers (plain SDPA elsewhere). The backbone's weights are frozen and never modified; `detach` undoes all.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from mops_fast.config import MoPsConfig
+from mops_fast.nn.mops import MoPsModule, pool_gate_states
+from mops_fast.ops.gated_prefix_attention import gated_prefix_attention
+
+ATTN_NAME = "mops"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class GateReached(Exception):
+    """Raised by the gate hook when a forward only needs the gate (stage A): layers g.. are skipped."""
+
+    def __init__(self, logits, pooled):
+        super().__init__("gate reached")
+        self.logits, self.pooled = logits, pooled
+
+
+@dataclass
+class ForwardState:
+    """Per-forward values shared by the hooks and the attention function (not parameters)."""
+
+    gate_mask: torch.Tensor | None = None
+    decode: bool = False
+    logw: torch.Tensor | None = None  # (B, J) log gate weights of the current request
+    gate_logits: torch.Tensor | None = None
+    stop_after_gate: bool = False
+    bypass: bool = False  # run the plain backbone (prompts off), e.g. to capture keys for init
+    capture: dict | None = None  # slot -> (key, value) when capturing
+    hooks: list = field(default_factory=list)
+    saved_requires_grad: dict = field(default_factory=dict)
+    saved_attn_impl: str | None = None
+
+
+def _register_attention() -> None:
+    # Registering the attention function alone makes transformers pass no mask at all: register the
+    # SDPA mask function under the same name so padded batches stay correct.
+    AttentionInterface.register(ATTN_NAME, mops_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _key_valid_from_mask(mask: torch.Tensor | None, B: int, Sk: int) -> torch.Tensor | None:
+    """Key padding (B, Sk) from the 4-D causal+padding mask: its last query row sees every real key."""
+    if mask is None:
+        return None
+    row = mask[:, 0, -1, :] if mask.dim() == 4 else mask
+    if row.dtype != torch.bool:
+        row = row == 0  # additive float mask: 0 where visible
+    if row.shape[0] != B:
+        row = row.expand(B, -1)
+    return row[:, -Sk:]
+
+
+def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    slot_ref = getattr(module, "_mops_slot", None)
+    mops = slot_ref[0]() if slot_ref is not None else None
+    if mops is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    state: ForwardState = mops.state
+    slot = slot_ref[1]
+    if state.capture is not None and slot is not None:
+        state.capture[slot] = (key.detach(), value.detach())
+    if slot is None or state.bypass:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    B, _, Sq, d = query.shape
+    Sk = key.shape[2]
+    window = getattr(module.config, "sliding_window", None)
+    if window is not None and getattr(module.config, "use_sliding_window", True) and Sk > window:
+        raise NotImplementedError(
+            f"sequence of {Sk} keys exceeds the sliding window {window}: MoPs attention supports causal "
+            "attention with padding only; shorten the inputs below the window"
+        )
+    key_valid = _key_valid_from_mask(attention_mask, B, Sk)
+    pk = mops.prompt_k[slot].to(query.dtype)
+    pv = mops.prompt_v[slot].to(query.dtype)
+    logw = state.logw
+    if logw is None or logw.shape[0] != B:
+        if mops.gate is not None:
+            raise RuntimeError(
+                "MoPs gate weights are missing for this batch: the gate layer did not run before the "
+                "injected layers (was the model called with a KV cache from another batch?)"
+            )
+        logw = query.new_zeros(B, 1, dtype=torch.float32)
+    if mops.config.mode == "mix":
+        w = logw.exp().to(query.dtype)
+        pk = torch.einsum("bj,jlhd->blhd", w, pk).unsqueeze(1)
+        pv = torch.einsum("bj,jlhd->blhd", w, pv).unsqueeze(1)
+        logw = None
+    out = gated_prefix_attention(query, key, value, pk, pv, logw, key_valid, scale=scaling, causal=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _decoder_layers(model):
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: cannot find decoder layers at model.model.layers")
+    return layers
+
+
+def _cache_len(kwargs) -> int:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return int(cache.get_seq_length())
+
+
+def attach(model, config: MoPsConfig):
+    """Add expert prompts and the gate to `model` (in place) and freeze the backbone. Returns model."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"MoPs supports model types {SUPPORTED_MODEL_TYPES} (LlamaForCausalLM, MistralForCausalLM, "
+            f"Qwen2ForCausalLM); got {model_type!r} ({type(model).__name__})"
+        )
+    if hasattr(model, "mops"):
+        raise ValueError("this model already has MoPs attached; call mops_fast.detach(model) first")
+    cfg = model.config
+    N = cfg.num_hidden_layers
+    config.validate(N)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    ref_param = next(model.parameters())
+    mops = MoPsModule(config, hidden=cfg.hidden_size, num_kv_heads=kv_heads, head_dim=head_dim,
+                      num_layers=N).to(ref_param.device)
+    state = ForwardState()
+    mops.state = state  # plain attribute: not a submodule, not saved
+
+    state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    _register_attention()
+    state.saved_attn_impl = cfg._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+
+    layers = _decoder_layers(model)
+    mref = weakref.ref(mops)
+    for i, layer in enumerate(layers):
+        layer.self_attn._mops_slot = (mref, mops.layer_slot(i))
+
+    def model_pre_hook(_mod, args, kwargs):
+        state.gate_mask = kwargs.pop("gate_mask", None)
+        state.decode = _cache_len(kwargs) > 0
+        if state.gate_mask is None and not state.decode:
+            am = kwargs.get("attention_mask")
+            state.gate_mask = am if am is not None and am.dim() == 2 else None
+        return args, kwargs
+
+    def gate_pre_hook(_mod, args, kwargs):
+        if state.decode or state.bypass:
+            return None  # the gate weights of the prefill are kept for the whole request
+        hidden = args[0] if args else kwargs["hidden_states"]
+        B, S = hidden.shape[:2]
+        gm = state.gate_mask
+        if gm is None:
+            gm = torch.ones(B, S, dtype=torch.bool, device=hidden.device)
+        if tuple(gm.shape) != (B, S):
+            raise ValueError(f"gate_mask has shape {tuple(gm.shape)}; the batch is ({B}, {S})")
+        pooled = pool_gate_states(hidden, gm.to(hidden.device))
+        if mops.gate is not None:
+            pooled = pooled.to(mops.gate.fc1.weight.dtype)
+        state.logw, state.gate_logits = mops.log_weights(pooled)
+        if state.stop_after_gate:
+            raise GateReached(state.gate_logits, pooled)
+        return None
+
+    state.hooks = [
+        # On the base model, so that both model(...) and model.model(...) see it.
+        model.model.register_forward_pre_hook(model_pre_hook, with_kwargs=True),
+        layers[mops.gate_layer].register_forward_pre_hook(gate_pre_hook, with_kwargs=True),
+    ]
+    model.add_module("mops", mops)
+    return model
+
+
+def detach(model):
+    """Remove MoPs from `model`, restoring its attention implementation and gradient flags exactly."""
+    mops = getattr(model, "mops", None)
+    if not isinstance(mops, MoPsModule):
+        raise ValueError("this model has no MoPs attached")
+    state: ForwardState = mops.state
+    for h in state.hooks:
+        h.remove()
+    for layer in _decoder_layers(model):
+        if hasattr(layer.self_attn, "_mops_slot"):
+            del layer.self_attn._mops_slot
+    del model.mops
+    model.set_attn_implementation(state.saved_attn_impl or "sdpa")
+    for n, p in model.named_parameters():
+        p.requires_grad_(state.saved_requires_grad.get(n, p.requires_grad))
+    return model
+
+
+def get_mops(model) -> MoPsModule:
+    mops = getattr(model, "mops", None)
+    if not isinstance(mops, MoPsModule):
+        raise ValueError("this model has no MoPs attached: call mops_fast.attach(model, MoPsConfig(...))")
+    return mops
+
+
+@torch.no_grad()
+def init_prompts_from_kv(model, input_ids, attention_mask, seed: int = 0, noise: float = 0.0) -> None:
+    """Initialize every prompt token from the backbone's own key/value at a random real-text position
+    (the prefix-tuning practice): each (expert, token) takes one (sample, position) for all layers."""
+    mops = get_mops(model)
+    state: ForwardState = mops.state
+    state.capture, state.bypass = {}, True
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        captured = state.capture
+    finally:
+        state.capture, state.bypass = None, False
+    valid = attention_mask.bool()
+    pos = torch.nonzero(valid)  # (n, 2) of (b, s)
+    J, L = mops.config.num_experts, mops.config.prompt_len
+    g = torch.Generator().manual_seed(seed)
+    if pos.shape[0] >= J * L:  # distinct positions where the text is long enough
+        pick = pos[torch.randperm(pos.shape[0], generator=g)[: J * L]]
+    else:
+        pick = pos[torch.randint(pos.shape[0], (J * L,), generator=g)]
+    for slot in range(len(mops.injected_layers)):
+        k, v = captured[slot]  # (B, Hkv, S, d)
+        kk = k[pick[:, 0], :, pick[:, 1], :]  # (J*L, Hkv, d)
+        vv = v[pick[:, 0], :, pick[:, 1], :]
+        shape = mops.prompt_k.shape[1:]
+        mops.prompt_k[slot].copy_(kk.reshape(shape).to(mops.prompt_k.dtype))
+        mops.prompt_v[slot].copy_(vv.reshape(shape).to(mops.prompt_v.dtype))
+    if noise > 0:
+        mops.prompt_k.add_(torch.randn(mops.prompt_k.shape, generator=g).to(mops.prompt_k) * noise)
+        mops.prompt_v.add_(torch.randn(mops.prompt_v.shape, generator=g).to(mops.prompt_v) * noise)

@@ -1,0 +1,165 @@
+"""Gated-prefix attention: one softmax over J*L expert prompt tokens and the sample's own keys.
+
+Contract (DESIGN.md §1 and §4):
+  q            (B, Hq, Sq, d)       queries; query i sits at absolute position Sk - Sq + i
+  k, v         (B, Hkv, Sk, d)      the sample's own keys/values (Hq a multiple of Hkv, GQA)
+  prompt_k/v   (J, L, Hkv, d)       expert prompts shared by the batch (mode `scale`), or
+               (B, J, L, Hkv, d)    per-sample prompts (mode `mix` after its pre-mix, J == 1)
+  gate_logw    (B, J) or None       log gate weights; -inf drops an expert; None means all zeros
+  key_valid    (B, Sk) bool or None True for real tokens, False for padding; None means all valid
+  causal       own key j is visible to query i iff j <= Sk - Sq + i (prompt tokens always visible)
+Score of prompt token (e, t): q . PK[e, t] * scale + logw[b, e]; of own token j: q . k_j * scale.
+Returns o (B, Hq, Sq, d) in q's dtype and, from the *_with_lse variant, lse (B, Hq, Sq) float32.
+
+This file holds the pure-PyTorch reference (also the CPU path: it is fast enough for the small
+shapes of CPU training) and the public entry point that dispatches by device.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "gated_prefix_attention",
+    "gated_prefix_attention_with_lse",
+    "gated_prefix_attention_ref",
+    "check_inputs",
+]
+
+
+def check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
+    """Validate shapes, dtypes and devices; raise ValueError naming the problem and the fix."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"gated_prefix_attention: q, k, v must be 4-D (B, H, S, d); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, Hq, Sq, d = q.shape
+    Bk, Hkv, Sk, dk = k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"gated_prefix_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must match")
+    if Bk != B or dk != d:
+        raise ValueError(
+            f"gated_prefix_attention: k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} "
+            "(batch and head dim must agree)"
+        )
+    if Hq % Hkv != 0:
+        raise ValueError(f"gated_prefix_attention: Hq={Hq} must be a multiple of Hkv={Hkv} (GQA)")
+    if Sk < Sq:
+        raise ValueError(f"gated_prefix_attention: key length {Sk} shorter than query length {Sq}")
+    if prompt_k.shape != prompt_v.shape:
+        raise ValueError(
+            f"gated_prefix_attention: prompt_k {tuple(prompt_k.shape)} and prompt_v "
+            f"{tuple(prompt_v.shape)} must match"
+        )
+    if prompt_k.dim() == 4:
+        J, L, Hp, dp = prompt_k.shape
+    elif prompt_k.dim() == 5:
+        Bp, J, L, Hp, dp = prompt_k.shape
+        if Bp != B:
+            raise ValueError(f"gated_prefix_attention: per-sample prompts have batch {Bp}, q has {B}")
+    else:
+        raise ValueError(
+            "gated_prefix_attention: prompts must be (J, L, Hkv, d) or (B, J, L, Hkv, d); "
+            f"got {tuple(prompt_k.shape)}"
+        )
+    if Hp != Hkv or dp != d:
+        raise ValueError(
+            f"gated_prefix_attention: prompts {tuple(prompt_k.shape)} need Hkv={Hkv} heads of dim {d}"
+        )
+    if J < 1 or L < 1:
+        raise ValueError(f"gated_prefix_attention: need J >= 1 and L >= 1 prompt tokens, got J={J}, L={L}")
+    if gate_logw is not None and tuple(gate_logw.shape) != (B, J):
+        raise ValueError(
+            f"gated_prefix_attention: gate_logw must be (B, J) = ({B}, {J}); got {tuple(gate_logw.shape)}"
+        )
+    if key_valid is not None:
+        if tuple(key_valid.shape) != (B, Sk):
+            raise ValueError(
+                f"gated_prefix_attention: key_valid must be (B, Sk) = ({B}, {Sk}); got {tuple(key_valid.shape)}"
+            )
+        if key_valid.dtype != torch.bool:
+            raise ValueError(f"gated_prefix_attention: key_valid must be bool, got {key_valid.dtype}")
+    tensors = {"q": q, "k": k, "v": v, "prompt_k": prompt_k, "prompt_v": prompt_v}
+    if gate_logw is not None:
+        tensors["gate_logw"] = gate_logw
+    if key_valid is not None:
+        tensors["key_valid"] = key_valid
+    devs = {n: t.device for n, t in tensors.items()}
+    if len(set(devs.values())) != 1:
+        raise ValueError(f"gated_prefix_attention: all inputs must be on one device; got {devs}")
+    for n in ("q", "k", "v", "prompt_k", "prompt_v"):
+        t = tensors[n]
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"gated_prefix_attention: {n} has unsupported dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"gated_prefix_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def gated_prefix_attention_ref(
+    q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True
+):
+    """Pure-PyTorch gated-prefix attention. Returns (o, lse); differentiable in every float input.
+
+    Computes scores in float32 (float64 stays float64) without repeating K/V per query head: the
+    query heads of one KV group are folded into the query axis.
+    """
+    B, Hq, Sq, d = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    pk, pv = prompt_k, prompt_v
+    if pk.dim() == 4:
+        pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
+    Bp, J, L = pk.shape[:3]
+    P = J * L
+    # (Bp, J, L, Hkv, d) -> (Bp, Hkv, P, d)
+    pk = pk.reshape(Bp, P, Hkv, d).permute(0, 2, 1, 3).to(cdt)
+    pv = pv.reshape(Bp, P, Hkv, d).permute(0, 2, 1, 3).to(cdt)
+
+    qg = q.to(cdt).reshape(B, Hkv, G * Sq, d)
+    s_p = torch.matmul(qg, pk.transpose(-1, -2)) * scale  # (B, Hkv, G*Sq, P)
+    if gate_logw is not None:
+        bias = gate_logw.to(cdt)[:, :, None].expand(B, J, L).reshape(B, 1, 1, P)
+        s_p = s_p + bias
+    s_s = torch.matmul(qg, k.to(cdt).transpose(-1, -2)) * scale  # (B, Hkv, G*Sq, Sk)
+
+    visible = None
+    if causal:
+        qpos = torch.arange(Sq, device=q.device) + (Sk - Sq)
+        visible = torch.arange(Sk, device=q.device)[None, :] <= qpos[:, None]  # (Sq, Sk)
+        visible = visible[None, None, None]
+    if key_valid is not None:
+        kvm = key_valid[:, None, None, None, :]
+        visible = kvm if visible is None else (visible & kvm)
+    if visible is not None:
+        s_s = s_s.view(B, Hkv, G, Sq, Sk).masked_fill(~visible, float("-inf")).view(B, Hkv, G * Sq, Sk)
+
+    s = torch.cat([s_p, s_s], dim=-1)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.exp(s - lse)
+    o = torch.matmul(p[..., :P], pv) + torch.matmul(p[..., P:], v.to(cdt))
+    o = o.view(B, Hq, Sq, d).to(q.dtype)
+    return o, lse.view(B, Hq, Sq).to(torch.float32 if cdt == torch.float32 else cdt)
+
+
+def gated_prefix_attention_with_lse(
+    q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True
+):
+    """Public entry point: (o, lse). CUDA tensors take the fused kernel when it is available."""
+    check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
+    return gated_prefix_attention_ref(
+        q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale=scale, causal=causal
+    )
+
+
+def gated_prefix_attention(
+    q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True
+):
+    """Gated-prefix attention output o (B, Hq, Sq, d). See the module docstring for the contract."""
+    return gated_prefix_attention_with_lse(
+        q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale=scale, causal=causal
+    )[0]

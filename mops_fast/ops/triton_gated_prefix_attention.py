@@ -1,0 +1,705 @@
+"""Triton kernels for gated-prefix attention (forward and backward) and their launchers.
+
+The contract is in gated_prefix_attention.py; docs/kernels.md explains the tiling. In short:
+
+forward   one program per (batch, query head, query block) -- or, for short query blocks (decode),
+          per (batch, KV head, block of the group's query rows) so that one K/V read serves all the
+          query heads of a GQA group. It streams the J*L prompt tokens (shared by the batch, biased per
+          sample by the log gate weight, tiles whose experts are all dropped are skipped), then the
+          sample's own keys (causal and key-padding masks), with an online softmax in base 2.
+backward  Delta = rowsum(o * do) - dlse; then
+          dK/dV   one program per (batch, KV head, key block) over the group's query heads and the
+                  query blocks that see the block: own keys are written directly; prompt blocks are
+                  reduced over the batch with fp32 atomics into one (P, Hkv, d) buffer (never a
+                  per-sample copy), and their row sums of dS give d logw per (batch, KV head, token).
+          dQ      one program per (batch, query head, query block) over prompts and own keys.
+
+Everything is computed in float32 inside the kernels; matrix products take the input dtype (bf16/fp16)
+or float32 in IEEE mode (no TF32 unless torch.backends.cuda.matmul.allow_tf32 says so).
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the interpreter's bf16 dot is wrong, so run it in fp32 there (operands already rounded).
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load_2d(ptrs, row_ok, offs_d, ROW_CHECK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Masks only where needed: unmasked loads stay 16-byte vectorized on the main path.
+    if ROW_CHECK:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_2d(ptrs, x, row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _key_bias(KVM, LWb, offs_n, n_ok, L, IS_PROMPT: tl.constexpr, HAS_KVM: tl.constexpr,
+              BOUND: tl.constexpr):
+    """Additive per-key bias in log2 units: log gate weight for prompts, -inf for padding / OOB keys."""
+    if IS_PROMPT:
+        if BOUND:
+            bias = tl.load(LWb + offs_n // L, mask=n_ok, other=float("-inf")) * 1.4426950408889634
+        else:
+            bias = tl.load(LWb + offs_n // L) * 1.4426950408889634
+    else:
+        if HAS_KVM:
+            if BOUND:
+                valid = tl.load(KVM + offs_n, mask=n_ok, other=0)
+            else:
+                valid = tl.load(KVM + offs_n)
+            bias = tl.where(valid != 0, 0.0, float("-inf"))
+        else:
+            if BOUND:
+                bias = tl.where(n_ok, 0.0, float("-inf"))
+            else:
+                bias = tl.zeros(offs_n.shape, tl.float32)
+    return bias
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_step(acc, l_i, m_i, s, v, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # Online softmax in base 2; m_use keeps fully masked rows at exp2(-inf) = 0 instead of NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE, UPCAST)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, lo, hi, N, q_pos, offs_d,
+               LWb, L, KVM, qk_scale,
+               IS_PROMPT: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND: tl.constexpr,
+               HAS_KVM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        bias = _key_bias(KVM, LWb, offs_n, n_ok, L, IS_PROMPT, HAS_KVM, BOUND)
+        if IS_PROMPT:
+            # Skip tiles whose experts all have weight 0 (log weight -inf): top-k gating.
+            if tl.max(bias, 0) > float("-inf"):
+                k = _load_2d(Kb + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, offs_d,
+                             BOUND, HEAD_DIM, BLOCK_D)
+                s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale + bias[None, :]
+                v = _load_2d(Vb + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, offs_d,
+                             BOUND, HEAD_DIM, BLOCK_D)
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, s, v, IEEE, UPCAST)
+        else:
+            k = _load_2d(Kb + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, offs_d,
+                         BOUND, HEAD_DIM, BLOCK_D)
+            s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale
+            if HAS_KVM or BOUND:
+                s = s + bias[None, :]
+            if CAUSAL_MASK:
+                s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+            v = _load_2d(Vb + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, offs_d,
+                         BOUND, HEAD_DIM, BLOCK_D)
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, s, v, IEEE, UPCAST)
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["Hq", "Hkv", "G", "Sq", "Sk", "P", "L"])
+def _gpa_fwd_kernel(
+    Q, K, V, PK, PV, LW, KVM, O, LSE,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    spkb, spkp, spkh, spvb, spvp, spvh,
+    slwb, skvmb, sob, soh, som,
+    Hq, Hkv, G, Sq, Sk, P, L, qk_scale,
+    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, PACK: tl.constexpr, EVEN_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    # Heaviest query blocks (most causal keys) first: better tail balance.
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK:
+        # Rows are (head in group, query) pairs of one KV head: decode reads K/V once per group.
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        i = rows % Sq
+        head = hk * G + rows // Sq
+        row_ok = rows < G * Sq
+        i_min = 0
+        i_max = Sq - 1
+    else:
+        b = pid_bh // Hq
+        head = pid_bh % Hq
+        hk = head // G
+        i = rows
+        row_ok = rows < Sq
+        i_min = pid_m * BLOCK_M
+        i_max = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq) - 1
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    head64 = head.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_rows = b64 * sqb + head64 * sqh + i * sqm
+    q = _load_2d(Q + q_rows[:, None] + offs_d[None, :], row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    off = Sk - Sq
+    q_pos = off + i
+    KVMb = KVM + b64 * skvmb
+
+    # 1) prompt tokens: shared by the batch (spkb == 0) or per sample; always visible.
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkp, spvp,
+        0, P, P, q_pos, offs_d, LW + b64 * slwb, L, KVMb, qk_scale,
+        True, False, not EVEN_P, False, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+
+    # 2) own keys: [0, mid) is visible to every row of the block (no causal or bounds mask),
+    #    [mid, hi) straddles the diagonal or the end of the sequence.
+    if IS_CAUSAL:
+        hi = tl.minimum(Sk, off + i_max + 1)
+        mid = (off + i_min) // BLOCK_N * BLOCK_N
+    else:
+        hi = Sk
+        mid = Sk // BLOCK_N * BLOCK_N
+    Kb = K + b64 * skb + hk64 * skh
+    Vb = V + b64 * svb + hk64 * svh
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, Kb, Vb, skn, svn, 0, mid, Sk, q_pos, offs_d, LW, L, KVMb, qk_scale,
+        False, False, False, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, Kb, Vb, skn, svn, mid, hi, Sk, q_pos, offs_d, LW, L, KVMb, qk_scale,
+        False, IS_CAUSAL, True, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+
+    # A row that sees nothing (every expert dropped and every own key hidden) gets o = 0, lse = -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_rows = b64 * sob + head64 * soh + i * som
+    _store_2d(O + o_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), row_ok, offs_d,
+              HEAD_DIM, BLOCK_D)
+    tl.store(LSE + (b64 * Hq + head64) * Sq + i, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["Hq", "Sq"])
+def _bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA, sob, soh, som, sdob, sdoh, sdom, Hq, Sq,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Sq
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_2d(O + (b * sob + h * soh + rows * som)[:, None] + offs_d[None, :], row_ok, offs_d,
+                 True, HEAD_DIM, BLOCK_D).to(tl.float32)
+    do = _load_2d(DO + (b * sdob + h * sdoh + rows * sdom)[:, None] + offs_d[None, :], row_ok, offs_d,
+                  True, HEAD_DIM, BLOCK_D).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    # A gradient on lse enters dS as +dlse * P, i.e. Delta - dlse.
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + pid_bh.to(tl.int64) * Sq + rows, mask=row_ok, other=0.0)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _bwd_kv_inner(dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, sqm, sdom, lo, hi, Sq, off,
+                  offs_n, offs_d, qk_scale,
+                  IS_PROMPT: tl.constexpr, CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # Transposed formulation: the key block is the row axis, so dK and dV accumulate as (BLOCK_N, d).
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Sq
+        q = _load_2d(Qh + offs_m[:, None] * sqm + offs_d[None, :], m_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+        do = _load_2d(DOh + offs_m[:, None] * sdom + offs_d[None, :], m_ok, offs_d, True, HEAD_DIM,
+                      BLOCK_D)
+        lse = tl.load(LSEh + offs_m, mask=m_ok, other=float("inf"))
+        # lse = -inf marks a row that saw nothing: +inf makes its P exactly 0.
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(DELTAh + offs_m, mask=m_ok, other=0.0)
+        sT = _dot(k, tl.trans(q), IEEE, UPCAST) * qk_scale + bias[:, None]
+        if CAUSAL_MASK:
+            sT = tl.where(offs_n[:, None] <= off + offs_m[None, :], sT, float("-inf"))
+        pT = tl.exp2(sT - lse[None, :])
+        dv += _dot(pT.to(do.dtype), do, IEEE, UPCAST)
+        dpT = _dot(v, tl.trans(do), IEEE, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        if IS_PROMPT:
+            dlw += tl.sum(dsT, 1)
+        dk += _dot(dsT.to(q.dtype), q, IEEE, UPCAST)
+    return dk, dv, dlw
+
+
+@triton.jit(do_not_specialize=["Hq", "Hkv", "G", "Sq", "Sk", "P", "L", "NPB"])
+def _gpa_bwd_dkdv_kernel(
+    Q, K, V, PK, PV, LW, KVM, DO, LSE, DELTA, DK, DV, DPK, DPV, DLW,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    spkb, spkp, spkh, spvb, spvp, spvh,
+    slwb, skvmb, sdob, sdoh, sdom,
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    sdpb, sdpp, sdph,
+    Hq, Hkv, G, Sq, Sk, P, L, NPB, sm_scale, qk_scale,
+    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, EVEN_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    off = Sk - Sq
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dlw = tl.zeros([BLOCK_N], tl.float32)
+    if pid_n < NPB:
+        # Prompt block: seen by every query of every query head of the group.
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < P
+        bias = _key_bias(KVM, LW + b64 * slwb, offs_n, n_ok, L, True, False, not EVEN_P)
+        active = tl.max(bias, 0) > float("-inf")
+        k = _load_2d(PK + b64 * spkb + hk64 * spkh + offs_n[:, None] * spkp + offs_d[None, :], n_ok,
+                     offs_d, not EVEN_P, HEAD_DIM, BLOCK_D)
+        v = _load_2d(PV + b64 * spvb + hk64 * spvh + offs_n[:, None] * spvp + offs_d[None, :], n_ok,
+                     offs_d, not EVEN_P, HEAD_DIM, BLOCK_D)
+        m_hi = tl.where(active, Sq, 0)  # all experts of the block dropped: nothing to do
+        for g in range(0, G):
+            head64 = hk64 * G + g
+            dk, dv, dlw = _bwd_kv_inner(
+                dk, dv, dlw, k, v, bias,
+                Q + b64 * sqb + head64 * sqh, DO + b64 * sdob + head64 * sdoh,
+                LSE + (b64 * Hq + head64) * Sq, DELTA + (b64 * Hq + head64) * Sq, sqm, sdom,
+                0, m_hi, Sq, off, offs_n, offs_d, qk_scale,
+                True, False, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
+        dk = dk * sm_scale
+        # Sum over the batch with fp32 atomics (B-way contention per element); per-sample prompts
+        # (sdpb != 0) land in their own slice.
+        dp_rows = b64 * sdpb + offs_n * sdpp + hk64 * sdph
+        amask = n_ok[:, None] & active
+        if HEAD_DIM != BLOCK_D:
+            amask = amask & (offs_d[None, :] < HEAD_DIM)
+        tl.atomic_add(DPK + dp_rows[:, None] + offs_d[None, :], dk, mask=amask, sem="relaxed")
+        tl.atomic_add(DPV + dp_rows[:, None] + offs_d[None, :], dv, mask=amask, sem="relaxed")
+        tl.store(DLW + (b64 * Hkv + hk64) * P + offs_n, dlw, mask=n_ok)
+    else:
+        start_n = (pid_n - NPB) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Sk
+        KVMb = KVM + b64 * skvmb
+        bias = _key_bias(KVMb, LW, offs_n, n_ok, L, False, HAS_KVM, True)
+        k = _load_2d(K + b64 * skb + hk64 * skh + offs_n[:, None] * skn + offs_d[None, :], n_ok,
+                     offs_d, True, HEAD_DIM, BLOCK_D)
+        v = _load_2d(V + b64 * svb + hk64 * svh + offs_n[:, None] * svn + offs_d[None, :], n_ok,
+                     offs_d, True, HEAD_DIM, BLOCK_D)
+        if IS_CAUSAL:
+            # Queries i see key j iff j <= off + i: first query block touching the key block, and
+            # first one that sees all of it (no mask needed from there on).
+            m_lo = tl.maximum(start_n - off, 0) // BLOCK_M * BLOCK_M
+            m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+            m_mid = tl.minimum(m_full, Sq)
+        else:
+            m_lo = 0
+            m_full = 0
+            m_mid = 0
+        # A key block of padding only contributes nothing (left padding): skip its loops.
+        any_key = tl.max(bias, 0) > float("-inf")
+        m_hi = tl.where(any_key, Sq, 0)
+        m_mid = tl.where(any_key, m_mid, 0)
+        for g in range(0, G):
+            head64 = hk64 * G + g
+            Qh = Q + b64 * sqb + head64 * sqh
+            DOh = DO + b64 * sdob + head64 * sdoh
+            LSEh = LSE + (b64 * Hq + head64) * Sq
+            DELTAh = DELTA + (b64 * Hq + head64) * Sq
+            dk, dv, dlw = _bwd_kv_inner(
+                dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, sqm, sdom,
+                m_lo, m_mid, Sq, off, offs_n, offs_d, qk_scale,
+                False, IS_CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
+            dk, dv, dlw = _bwd_kv_inner(
+                dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, sqm, sdom,
+                m_full, m_hi, Sq, off, offs_n, offs_d, qk_scale,
+                False, False, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
+        dk = dk * sm_scale
+        _store_2d(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+                  dk.to(DK.dtype.element_ty), n_ok, offs_d, HEAD_DIM, BLOCK_D)
+        _store_2d(DV + b64 * sdvb + hk64 * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
+                  dv.to(DV.dtype.element_ty), n_ok, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _bwd_q_step(dq, q, do, lse, delta, k, v, s, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    p = tl.exp2(s - lse[:, None])
+    dp = _dot(do, tl.trans(v), IEEE, UPCAST)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(k.dtype), k, IEEE, UPCAST)
+    return dq
+
+
+@triton.jit
+def _bwd_q_inner(dq, q, do, lse, delta, Kb, Vb, stride_kn, stride_vn, lo, hi, N, q_pos, offs_d,
+                 LWb, L, KVM, qk_scale,
+                 IS_PROMPT: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND: tl.constexpr,
+                 HAS_KVM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        bias = _key_bias(KVM, LWb, offs_n, n_ok, L, IS_PROMPT, HAS_KVM, BOUND)
+        if IS_PROMPT:
+            if tl.max(bias, 0) > float("-inf"):  # every expert of the tile dropped: skip
+                k = _load_2d(Kb + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, offs_d, BOUND,
+                             HEAD_DIM, BLOCK_D)
+                v = _load_2d(Vb + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, offs_d, BOUND,
+                             HEAD_DIM, BLOCK_D)
+                s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale + bias[None, :]
+                dq = _bwd_q_step(dq, q, do, lse, delta, k, v, s, IEEE, UPCAST)
+        else:
+            k = _load_2d(Kb + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, offs_d, BOUND,
+                         HEAD_DIM, BLOCK_D)
+            v = _load_2d(Vb + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, offs_d, BOUND,
+                         HEAD_DIM, BLOCK_D)
+            s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale
+            if HAS_KVM or BOUND:
+                s = s + bias[None, :]
+            if CAUSAL_MASK:
+                s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+            dq = _bwd_q_step(dq, q, do, lse, delta, k, v, s, IEEE, UPCAST)
+    return dq
+
+
+@triton.jit(do_not_specialize=["Hq", "Hkv", "G", "Sq", "Sk", "P", "L"])
+def _gpa_bwd_dq_kernel(
+    Q, K, V, PK, PV, LW, KVM, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    spkb, spkp, spkh, spvb, spvp, spvh,
+    slwb, skvmb, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+    Hq, Hkv, G, Sq, Sk, P, L, sm_scale, qk_scale,
+    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, EVEN_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // Hq
+    head = pid_bh % Hq
+    hk = head // G
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    head64 = head.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Sq
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_2d(Q + b64 * sqb + head64 * sqh + offs_m[:, None] * sqm + offs_d[None, :], m_ok, offs_d,
+                 True, HEAD_DIM, BLOCK_D)
+    do = _load_2d(DO + b64 * sdob + head64 * sdoh + offs_m[:, None] * sdom + offs_d[None, :], m_ok,
+                  offs_d, True, HEAD_DIM, BLOCK_D)
+    row = (b64 * Hq + head64) * Sq + offs_m
+    lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    off = Sk - Sq
+    q_pos = off + offs_m
+    KVMb = KVM + b64 * skvmb
+
+    dq = _bwd_q_inner(
+        dq, q, do, lse, delta, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkp, spvp,
+        0, P, P, q_pos, offs_d, LW + b64 * slwb, L, KVMb, qk_scale,
+        True, False, not EVEN_P, False, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+    if IS_CAUSAL:
+        hi = tl.minimum(Sk, off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq))
+        mid = (off + pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
+    else:
+        hi = Sk
+        mid = Sk // BLOCK_N * BLOCK_N
+    Kb = K + b64 * skb + hk64 * skh
+    Vb = V + b64 * svb + hk64 * svh
+    dq = _bwd_q_inner(
+        dq, q, do, lse, delta, Kb, Vb, skn, svn, 0, mid, Sk, q_pos, offs_d, LW, L, KVMb, qk_scale,
+        False, False, False, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+    dq = _bwd_q_inner(
+        dq, q, do, lse, delta, Kb, Vb, skn, svn, mid, hi, Sk, q_pos, offs_d, LW, L, KVMb, qk_scale,
+        False, IS_CAUSAL, True, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+    dq = dq * sm_scale
+    _store_2d(DQ + b64 * sdqb + head64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+              dq.to(DQ.dtype.element_ty), m_ok, offs_d, HEAD_DIM, BLOCK_D)
+
+
+# --------------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------------
+# The kernels are decorated once, at import: under TRITON_INTERPRET=1 they are interpreted.
+INTERPRETED = type(_gpa_fwd_kernel).__name__ == "InterpretedFunction"
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the query tile, BLOCK_N the key tile, in every
+# kernel (in dK/dV the key tile is the program's fixed block and queries stream). See docs/kernels.md.
+_BIG_SMEM = {  # sm80 / sm90 (>= 160 KB shared memory per block), fp16 / bf16 operands
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+    "dkdv": {64: (64, 128, 8, 2), 128: (64, 128, 8, 2), 256: (32, 64, 8, 1)},
+    "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 8, 1)},
+}
+_SMALL_SMEM = {  # consumer parts (~100 KB shared memory per block), fp16 / bf16 operands
+    "fwd": {64: (128, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 4, 1)},
+    "dkdv": {64: (64, 64, 4, 2), 128: (64, 64, 4, 1), 256: (32, 32, 4, 1)},
+    "dq": {64: (64, 64, 4, 2), 128: (64, 64, 4, 1), 256: (32, 32, 4, 1)},
+}
+_FP32 = {  # IEEE fp32 dots run on the FMA units: small tiles keep registers in check
+    "fwd": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
+    "dkdv": {64: (32, 64, 4, 1), 128: (32, 64, 4, 1), 256: (32, 32, 4, 1)},
+    "dq": {64: (64, 32, 4, 1), 128: (64, 32, 4, 1), 256: (32, 32, 4, 1)},
+}
+_INTERP = {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
+_OVERRIDE: dict = {}
+
+
+@contextmanager
+def override_configs(**cfgs):
+    """Force (BLOCK_M, BLOCK_N, num_warps, num_stages) for 'fwd', 'fwd_pack', 'dkdv' and/or 'dq'
+    (tests use it to put block edges in awkward places; benchmarks to sweep)."""
+    unknown = set(cfgs) - {"fwd", "fwd_pack", "dkdv", "dq"}
+    if unknown:
+        raise ValueError(f"override_configs: unknown kernels {sorted(unknown)}")
+    old = dict(_OVERRIDE)
+    _OVERRIDE.update(cfgs)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
+
+
+def _env_override():
+    # MOPS_FAST_GPA_CONFIG="fwd=128,64,8,3;dkdv=64,128,8,2;dq=128,64,8,2" (for tuning on a GPU).
+    spec = os.environ.get("MOPS_FAST_GPA_CONFIG", "").strip()
+    out = {}
+    if spec:
+        for part in spec.split(";"):
+            name, _, vals = part.partition("=")
+            out[name.strip()] = tuple(int(x) for x in vals.split(","))
+    return out
+
+
+def _big_smem(device) -> bool:
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor) in ((8, 0), (9, 0), (10, 0))
+
+
+def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int = 0):
+    cfg = {**_env_override(), **_OVERRIDE}.get(kind)
+    if cfg is None and INTERPRETED:
+        cfg = _INTERP["fwd" if kind == "fwd_pack" else kind]
+    if cfg is None:
+        dkey = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+        big = _big_smem(device)
+        if kind == "fwd_pack":
+            # Decode: one tile holds the group's G * Sq query rows (<= 64); keys stream in tiles of 64
+            # (32 for fp32 or d = 256), so one K/V read serves every query head of the group.
+            bm = min(64, max(16, triton.next_power_of_2(pack_rows)))
+            bn = 32 if (dtype == torch.float32 or dkey == 256) else 64
+            cfg = (bm, bn, 4, 3 if big else 2)
+        else:
+            table = _FP32 if dtype == torch.float32 else (_BIG_SMEM if big else _SMALL_SMEM)
+            cfg = table[kind][dkey]
+    bm, bn, warps, stages = cfg
+    if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError(f"gated_prefix_attention: block sizes must be powers of two >= 16, got {cfg}")
+    return bm, bn, warps, stages
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------
+def _last_dim_contig(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
+    """Shared argument preparation: dtype/layout normalization and the flat prompt views."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"gated_prefix_attention (Triton): dtype {q.dtype} not supported; use fp16, "
+                         "bf16 or fp32 (float64 goes through the reference)")
+    d = q.shape[-1]
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"gated_prefix_attention (Triton): head dim {d} > {MAX_HEAD_DIM} not supported")
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    per_sample = prompt_k.dim() == 5
+    J, L = prompt_k.shape[-4], prompt_k.shape[-3]
+    P = J * L
+    Bp = B if per_sample else 1
+    # Prompts are small (J*L*Hkv*d): cast them to the compute dtype so tl.dot sees one dtype.
+    pk = _last_dim_contig(prompt_k.to(q.dtype)).reshape(Bp, P, Hkv, d)
+    pv = _last_dim_contig(prompt_v.to(q.dtype)).reshape(Bp, P, Hkv, d)
+    if gate_logw is None:
+        lw = torch.zeros((B, J), device=q.device, dtype=torch.float32)
+    else:
+        lw = gate_logw.detach().to(torch.float32).contiguous()
+    kvm = None
+    if key_valid is not None:
+        kvm = key_valid.contiguous().view(torch.uint8)
+    return dict(
+        q=_last_dim_contig(q), k=_last_dim_contig(k), v=_last_dim_contig(v), pk=pk, pv=pv, lw=lw,
+        kvm=kvm, B=B, Hq=Hq, Hkv=Hkv, G=Hq // Hkv, Sq=Sq, Sk=Sk, d=d, J=J, L=L, P=P, Bp=Bp,
+        per_sample=per_sample, block_d=max(16, triton.next_power_of_2(d)),
+    )
+
+
+def _flags(dtype):
+    ieee = dtype == torch.float32 and (INTERPRETED or not torch.backends.cuda.matmul.allow_tf32)
+    upcast = INTERPRETED and dtype == torch.bfloat16
+    return ieee, upcast
+
+
+def _prompt_strides(t, per_sample):
+    return (t.stride(0) if per_sample else 0), t.stride(1), t.stride(2)
+
+
+def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float, causal: bool):
+    """Fused forward: returns (o (B, Hq, Sq, d) in q's dtype, lse (B, Hq, Sq) float32)."""
+    a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
+    B, Hq, Hkv, G, Sq, Sk, d = a["B"], a["Hq"], a["Hkv"], a["G"], a["Sq"], a["Sk"], a["d"]
+    o = torch.empty((B, Hq, Sq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    q_, k_, v_, pk, pv, kvm = a["q"], a["k"], a["v"], a["pk"], a["pv"], a["kvm"]
+    pack = G * Sq <= 64
+    if pack:
+        bm, bn, warps, stages = _config("fwd_pack", q.dtype, a["block_d"], q.device, G * Sq)
+        grid = (B * Hkv, triton.cdiv(G * Sq, bm))
+    else:
+        bm, bn, warps, stages = _config("fwd", q.dtype, a["block_d"], q.device)
+        grid = (B * Hq, triton.cdiv(Sq, bm))
+    ieee, upcast = _flags(q.dtype)
+    _gpa_fwd_kernel[grid](
+        q_, k_, v_, pk, pv, a["lw"], kvm if kvm is not None else a["lw"], o, lse,
+        q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
+        v_.stride(0), v_.stride(1), v_.stride(2),
+        *_prompt_strides(pk, a["per_sample"]), *_prompt_strides(pv, a["per_sample"]),
+        a["lw"].stride(0), kvm.stride(0) if kvm is not None else 0,
+        o.stride(0), o.stride(1), o.stride(2),
+        Hq, Hkv, G, Sq, Sk, a["P"], a["L"], scale * LOG2E,
+        IS_CAUSAL=causal, HAS_KVM=kvm is not None, PACK=pack, EVEN_P=a["P"] % bn == 0,
+        HEAD_DIM=d, BLOCK_D=a["block_d"], BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
+        num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse, scale: float,
+                 causal: bool):
+    """Fused backward: returns (dq, dk, dv, d prompt_k, d prompt_v, d gate_logw (B, J) float32).
+
+    Prompt gradients are summed over the batch (shared prompts) or kept per sample (5-D prompts),
+    in the prompts' own dtype and shape."""
+    a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
+    B, Hq, Hkv, G, Sq, Sk, d = a["B"], a["Hq"], a["Hkv"], a["G"], a["Sq"], a["Sk"], a["d"]
+    P, L, J, Bp, bd = a["P"], a["L"], a["J"], a["Bp"], a["block_d"]
+    dev = q.device
+    dq = torch.empty((B, Hq, Sq, d), device=dev, dtype=q.dtype)
+    dk = torch.empty((B, Hkv, Sk, d), device=dev, dtype=k.dtype)
+    dv = torch.empty((B, Hkv, Sk, d), device=dev, dtype=v.dtype)
+    # fp32 accumulators shared by the batch: atomics add each sample's share (docs/kernels.md).
+    dpk = torch.zeros((Bp, P, Hkv, d), device=dev, dtype=torch.float32)
+    dpv = torch.zeros((Bp, P, Hkv, d), device=dev, dtype=torch.float32)
+    dlw = torch.zeros((B, Hkv, P), device=dev, dtype=torch.float32)
+    if dq.numel() == 0:
+        dk.zero_()
+        dv.zero_()
+    else:
+        q_, k_, v_, pk, pv, kvm = a["q"], a["k"], a["v"], a["pk"], a["pv"], a["kvm"]
+        do_ = _last_dim_contig(do)
+        o_ = _last_dim_contig(o)
+        lse_ = lse.contiguous()
+        ieee, upcast = _flags(q.dtype)
+        delta = torch.empty((B, Hq, Sq), device=dev, dtype=torch.float32)
+        pre_bm = 16 if INTERPRETED else 64
+        dlse_ = dlse.to(torch.float32).contiguous() if dlse is not None else delta
+        _bwd_preprocess_kernel[(B * Hq, triton.cdiv(Sq, pre_bm))](
+            o_, do_, dlse_, delta, o_.stride(0), o_.stride(1), o_.stride(2),
+            do_.stride(0), do_.stride(1), do_.stride(2), Hq, Sq,
+            HAS_DLSE=dlse is not None, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_bm, num_warps=4,
+        )
+        common = (
+            q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
+            v_.stride(0), v_.stride(1), v_.stride(2),
+            *_prompt_strides(pk, a["per_sample"]), *_prompt_strides(pv, a["per_sample"]),
+            a["lw"].stride(0), kvm.stride(0) if kvm is not None else 0,
+            do_.stride(0), do_.stride(1), do_.stride(2),
+        )
+        kvm_arg = kvm if kvm is not None else a["lw"]
+        bm, bn, warps, stages = _config("dkdv", q.dtype, bd, dev)
+        npb = triton.cdiv(P, bn)
+        _gpa_bwd_dkdv_kernel[(B * Hkv, npb + triton.cdiv(Sk, bn))](
+            q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dk, dv, dpk, dpv, dlw,
+            *common,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            dpk.stride(0) if a["per_sample"] else 0, dpk.stride(1), dpk.stride(2),
+            Hq, Hkv, G, Sq, Sk, P, L, npb, scale, scale * LOG2E,
+            IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0,
+            HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
+            num_warps=warps, num_stages=stages,
+        )
+        bm, bn, warps, stages = _config("dq", q.dtype, bd, dev)
+        _gpa_bwd_dq_kernel[(B * Hq, triton.cdiv(Sq, bm))](
+            q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dq,
+            *common, dq.stride(0), dq.stride(1), dq.stride(2),
+            Hq, Hkv, G, Sq, Sk, P, L, scale, scale * LOG2E,
+            IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0,
+            HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
+            num_warps=warps, num_stages=stages,
+        )
+    dlogw = dlw.sum(1).view(B, J, L).sum(-1)
+    dpk = dpk.view(prompt_k.shape).to(prompt_k.dtype)
+    dpv = dpv.view(prompt_v.shape).to(prompt_v.dtype)
+    return dq, dk, dv, dpk, dpv, dlogw
