@@ -12,13 +12,24 @@ Score of prompt token (e, t): q . PK[e, t] * scale + logw[b, e]; of own token j:
 Returns o (B, Hq, Sq, d) in q's dtype and, from the *_with_lse variant, lse (B, Hq, Sq) float32.
 
 This file holds the pure-PyTorch reference (also the CPU path: it is fast enough for the small
-shapes of CPU training) and the public entry point that dispatches by device.
+shapes of CPU training) and the public entry point that dispatches by device:
+  CUDA tensors (fp16 / bf16 / fp32)  -> the fused Triton kernels (triton_gated_prefix_attention.py),
+                                       through the custom op mops_fast::gated_prefix_attention, so that
+                                       torch.compile captures the call with no graph break
+  CPU tensors, float64, no Triton    -> the reference, with plain autograd
+`backend="triton"` (or MOPS_FAST_FORCE_TRITON=1) sends CPU tensors through the Triton kernels too,
+which works under TRITON_INTERPRET=1 (the interpreter tests); `backend="reference"` forces the
+reference.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 __all__ = [
     "gated_prefix_attention",
@@ -146,20 +157,106 @@ def gated_prefix_attention_ref(
     return o, lse.view(B, Hq, Sq).to(torch.float32 if cdt == torch.float32 else cdt)
 
 
+# --------------------------------------------------------------------------------------------------
+# fused path: custom ops around the Triton launchers
+# --------------------------------------------------------------------------------------------------
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _kernels():
+    # Imported on first use: importing triton costs time and the CPU path never needs it.
+    from mops_fast.ops import triton_gated_prefix_attention
+
+    return triton_gated_prefix_attention
+
+
+@torch.library.custom_op("mops_fast::gated_prefix_attention", mutates_args=())
+def _gpa_fused(
+    q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor,
+    gate_logw: Optional[Tensor], key_valid: Optional[Tensor], scale: float, causal: bool,
+) -> tuple[Tensor, Tensor]:
+    return _kernels().gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
+
+
+@_gpa_fused.register_fake
+def _gpa_fused_fake(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal):
+    B, Hq, Sq, d = q.shape
+    return q.new_empty((B, Hq, Sq, d)), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("mops_fast::gated_prefix_attention_backward", mutates_args=())
+def _gpa_fused_backward(
+    grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor,
+    prompt_v: Tensor, gate_logw: Optional[Tensor], key_valid: Optional[Tensor], o: Tensor,
+    lse: Tensor, scale: float, causal: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _kernels().gpa_backward(
+        grad_o, grad_lse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse, scale, causal
+    )
+
+
+@_gpa_fused_backward.register_fake
+def _gpa_fused_backward_fake(grad_o, grad_lse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
+                             lse, scale, causal):
+    B, J = q.shape[0], prompt_k.shape[-4]
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            prompt_k.new_empty(prompt_k.shape), prompt_v.new_empty(prompt_v.shape),
+            q.new_empty((B, J), dtype=torch.float32))
+
+
+def _gpa_setup_context(ctx, inputs, output):
+    q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _gpa_backward(ctx, grad_o, grad_lse):
+    q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse = ctx.saved_tensors
+    if grad_o is None:
+        grad_o = torch.zeros_like(o)
+    dq, dk, dv, dpk, dpv, dlogw = _gpa_fused_backward(
+        grad_o, grad_lse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse, ctx.scale,
+        ctx.causal,
+    )
+    dlogw = dlogw.to(gate_logw.dtype) if gate_logw is not None else None
+    return dq, dk, dv, dpk, dpv, dlogw, None, None, None
+
+
+_gpa_fused.register_autograd(_gpa_backward, setup_context=_gpa_setup_context)
+
+
+def _use_fused(q: Tensor, backend: Optional[str]) -> bool:
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        return True
+    if backend is not None:
+        raise ValueError(f"gated_prefix_attention: backend must be None, 'triton' or 'reference'; got {backend!r}")
+    if not _HAS_TRITON or q.dtype == torch.float64:
+        return False
+    if q.is_cuda:
+        return True
+    return os.environ.get("MOPS_FAST_FORCE_TRITON", "0") == "1"
+
+
 def gated_prefix_attention_with_lse(
-    q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True
+    q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True, backend=None
 ):
-    """Public entry point: (o, lse). CUDA tensors take the fused kernel when it is available."""
+    """Public entry point: (o, lse). CUDA tensors take the fused kernel (see the module docstring)."""
     check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
+    if _use_fused(q, backend):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        return _gpa_fused(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, bool(causal))
     return gated_prefix_attention_ref(
         q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale=scale, causal=causal
     )
 
 
 def gated_prefix_attention(
-    q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True
+    q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True, backend=None
 ):
     """Gated-prefix attention output o (B, Hq, Sq, d). See the module docstring for the contract."""
     return gated_prefix_attention_with_lse(
-        q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale=scale, causal=causal
+        q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale=scale, causal=causal, backend=backend
     )[0]

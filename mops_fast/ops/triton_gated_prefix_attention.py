@@ -325,7 +325,7 @@ def _gpa_bwd_dkdv_kernel(
         # Sum over the batch with fp32 atomics (B-way contention per element); per-sample prompts
         # (sdpb != 0) land in their own slice.
         dp_rows = b64 * sdpb + offs_n * sdpp + hk64 * sdph
-        amask = n_ok[:, None] & active
+        amask = (offs_n < tl.where(active, P, 0))[:, None]  # no atomics for a skipped block
         if HEAD_DIM != BLOCK_D:
             amask = amask & (offs_d[None, :] < HEAD_DIM)
         tl.atomic_add(DPK + dp_rows[:, None] + offs_d[None, :], dk, mask=amask, sem="relaxed")
@@ -568,6 +568,9 @@ def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"gated_prefix_attention (Triton): dtype {q.dtype} not supported; use fp16, "
                          "bf16 or fp32 (float64 goes through the reference)")
+    if not q.is_cuda and not INTERPRETED:
+        raise ValueError("gated_prefix_attention (Triton): CPU tensors run the kernels only under "
+                         "TRITON_INTERPRET=1 (set before this module is imported); use the reference")
     d = q.shape[-1]
     if d > MAX_HEAD_DIM:
         raise ValueError(f"gated_prefix_attention (Triton): head dim {d} > {MAX_HEAD_DIM} not supported")

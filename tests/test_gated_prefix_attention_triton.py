@@ -1,0 +1,266 @@
+"""Triton gated-prefix attention under TRITON_INTERPRET=1 (CPU), against the float64 reference.
+
+Forward (o, lse) and every gradient (q, k, v, prompt_k, prompt_v, gate_logw) on small, awkward shapes.
+On a machine with CUDA these are skipped: tests/test_gated_prefix_attention_gpu.py covers the kernels
+there (the interpreter would be slow on CUDA tensors and the GPU run is the real check).
+"""
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Before anything imports the kernel module, so that its kernels are decorated as interpreted.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from mops_fast.ops.gated_prefix_attention import (  # noqa: E402
+    _gpa_fused,
+    gated_prefix_attention,
+    gated_prefix_attention_ref,
+    gated_prefix_attention_with_lse,
+)
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on CPU machines")
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """The kernel module, decorated in interpreter mode (reloaded if someone imported it before)."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    from mops_fast.ops import triton_gated_prefix_attention as m
+
+    if not m.INTERPRETED:
+        m = importlib.reload(m)
+    assert m.INTERPRETED
+    return m
+
+
+def make_inputs(B=2, Hq=6, Hkv=2, Sq=37, Sk=None, d=32, J=5, L=3, dtype=torch.float32,
+                prompt_dtype=None, per_sample=False, pad="right", drop=True, gate=True, seed=0):
+    Sk = Sq if Sk is None else Sk
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, dt=dtype: torch.randn(*s, generator=g, dtype=torch.float64).to(dt)  # noqa: E731
+    q, k, v = rnd(B, Hq, Sq, d), rnd(B, Hkv, Sk, d), rnd(B, Hkv, Sk, d)
+    pshape = (B, J, L, Hkv, d) if per_sample else (J, L, Hkv, d)
+    pdt = prompt_dtype or dtype
+    pk, pv = rnd(*pshape, dt=pdt), rnd(*pshape, dt=pdt)
+    logw = None
+    if gate:
+        logw = torch.log_softmax(rnd(B, J, dt=torch.float32) * 2, -1)
+        if drop and J > 1:  # top-k zeros: exact -inf log weights
+            logw[0, 1] = -math.inf
+            logw[B - 1, J - 1] = -math.inf
+            if J > 3:
+                logw[0, 3] = -math.inf
+    kv = None
+    if pad is not None:
+        kv = torch.ones(B, Sk, dtype=torch.bool)
+        if pad in ("right", "both"):
+            kv[B - 1, Sk - max(1, Sk // 5):] = False
+        if pad in ("left", "both"):
+            kv[0, : max(1, Sk // 4)] = False
+        if pad == "one_valid":  # sample 0: every own token padding but one
+            kv[0] = False
+            kv[0, Sk // 2] = True
+    return q, k, v, pk, pv, logw, kv
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(inputs, tol, causal=True, use_lse=True, seed=1):
+    """Fused (Triton, interpreted) vs float64 reference: o, lse and all six gradients."""
+    q, k, v, pk, pv, logw, kv = inputs
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    lw = logw.clone().requires_grad_() if logw is not None else None
+    o, lse = gated_prefix_attention_with_lse(*leaves, lw, kv, causal=causal, backend="triton")
+    assert o.dtype == q.dtype and lse.dtype == torch.float32
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+
+    r_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
+    r_lw = logw.detach().double().requires_grad_() if logw is not None else None
+    ro, rlse = gated_prefix_attention_ref(*r_leaves, r_lw, kv, causal=causal)
+
+    g = torch.Generator().manual_seed(seed)
+    do = torch.randn(ro.shape, generator=g, dtype=torch.float64)
+    dl = torch.randn(rlse.shape, generator=g, dtype=torch.float64)
+    loss = (o.double() * do).sum() + ((lse.double() * dl).sum() if use_lse else 0)
+    rloss = (ro * do).sum() + ((rlse * dl).sum() if use_lse else 0)
+    loss.backward()
+    rloss.backward()
+
+    errs = {"o": rel(o, ro), "lse": rel(lse, rlse)}
+    for name, a, b in zip(("dq", "dk", "dv", "dprompt_k", "dprompt_v"), leaves, r_leaves):
+        assert a.grad is not None and a.grad.dtype == a.dtype and a.grad.shape == a.shape, name
+        assert torch.isfinite(a.grad).all(), name
+        errs[name] = rel(a.grad, b.grad)
+    if lw is not None:
+        assert lw.grad.dtype == lw.dtype and torch.isfinite(lw.grad).all()
+        errs["dlogw"] = rel(lw.grad, r_lw.grad)
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"relative errors over {tol}: {bad} (all: {errs})"
+    return errs
+
+
+FP32 = 1e-5
+
+
+def test_base_gqa3_awkward_lengths(tk):
+    # S=37 not a multiple of 16; J=5, L=3 (tiles straddle experts); Hq/Hkv=3; padding on the right.
+    check(make_inputs(), FP32)
+
+
+def test_single_prompt_token_left_padding(tk):
+    check(make_inputs(Sq=23, d=16, J=1, L=1, pad="left", Hq=4, Hkv=4), FP32)
+
+
+def test_both_paddings_and_lse_unused(tk):
+    check(make_inputs(Sq=33, pad="both", seed=3), FP32, use_lse=False)
+
+
+def test_one_valid_token(tk):
+    # Queries before the valid token see only the prompts: finite, and equal to the reference.
+    check(make_inputs(Sq=29, pad="one_valid", seed=4), FP32)
+
+
+@pytest.mark.parametrize("Sq,Sk", [(1, 29), (5, 40), (24, 41)])
+def test_decode_sq_lt_sk(tk, Sq, Sk):
+    # Sq*G <= 64 takes the packed (one program per KV head) forward; (24, 41) the per-head one.
+    check(make_inputs(Sq=Sq, Sk=Sk, pad="left", seed=5 + Sq), FP32)
+
+
+def test_per_sample_prompts_no_gate(tk):
+    check(make_inputs(Sq=30, J=1, L=4, per_sample=True, gate=False, seed=7), FP32)
+
+
+def test_per_sample_prompts_with_gate(tk):
+    check(make_inputs(Sq=21, J=1, L=5, per_sample=True, pad="left", seed=8), FP32)
+
+
+def test_not_causal(tk):
+    check(make_inputs(Sq=26, pad="both", seed=9), FP32, causal=False)
+
+
+@pytest.mark.parametrize("d", [64, 24])
+def test_head_dims(tk, d):
+    # 64: a real head dim; 24: padded to 32 inside the kernel with masked loads and stores.
+    check(make_inputs(B=1, Hq=2, Hkv=1, Sq=19, d=d, J=2, L=5, seed=10 + d), FP32)
+
+
+@pytest.mark.parametrize("cfg", [(32, 16), (16, 32)])
+def test_block_shapes(tk, cfg):
+    # Query and key tiles of different sizes move the diagonal and sequence ends inside tiles.
+    bm, bn = cfg
+    c = (bm, bn, 4, 1)
+    with tk.override_configs(fwd=c, dkdv=c, dq=c):
+        check(make_inputs(Sq=45, Sk=50, J=3, L=7, pad="both", seed=11 + bm), FP32)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_with_fp32_prompts(tk, dtype, tol):
+    # fp32 prompt parameters with half activations (the training setup); bf16 dots are upcast
+    # in interpreter mode, after the same rounding of P and dS the GPU does.
+    check(make_inputs(Sq=27, dtype=dtype, prompt_dtype=torch.float32, seed=12), tol)
+
+
+def test_nothing_visible_gives_zero_not_nan(tk):
+    # All experts dropped for sample 0 and its first tokens padding: those rows see nothing.
+    # The reference gives NaN there; the kernel gives o = 0, lse = -inf, and zero gradients.
+    q, k, v, pk, pv, logw, kv = make_inputs(B=2, Hq=2, Hkv=1, Sq=20, J=2, L=2, pad="left", seed=13)
+    logw[0] = -math.inf
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    lw = logw.clone().requires_grad_()
+    o, lse = gated_prefix_attention_with_lse(*leaves, lw, kv, backend="triton")
+    ro, rlse = gated_prefix_attention_ref(q.double(), k.double(), v.double(), pk.double(), pv.double(),
+                                          logw.double(), kv)
+    hidden = torch.isnan(ro).any(-1)
+    assert hidden[0].any() and not hidden[1].any()
+    assert torch.isfinite(o).all()
+    assert (o[hidden] == 0).all() and torch.isneginf(lse[hidden]).all()
+    assert rel(o[~hidden], ro[~hidden]) < FP32
+    o.sum().backward()
+    for t in leaves + [lw]:
+        assert torch.isfinite(t.grad).all()
+    assert (lw.grad[0] == 0).all()
+
+
+def test_same_prompt_in_every_expert_is_plain_prefix(tk):
+    # DESIGN identity: with one prompt in every expert the gate does not matter.
+    q, k, v, pk, pv, logw, kv = make_inputs(Sq=18, J=4, L=3, drop=False, seed=14)
+    pk_all, pv_all = pk[:1].expand_as(pk).contiguous(), pv[:1].expand_as(pv).contiguous()
+    o = gated_prefix_attention(q, k, v, pk_all, pv_all, logw, kv, backend="triton")
+    o1 = gated_prefix_attention(q, k, v, pk[:1], pv[:1], None, kv, backend="triton")
+    assert rel(o, o1) < FP32
+
+
+def test_dispatch(tk, monkeypatch):
+    q, k, v, pk, pv, logw, kv = make_inputs(B=1, Hq=2, Hkv=1, Sq=8, d=16, J=2, L=2, seed=15)
+    q.requires_grad_()
+    monkeypatch.delenv("MOPS_FAST_FORCE_TRITON", raising=False)
+    o_ref = gated_prefix_attention(q, k, v, pk, pv, logw, kv)
+    assert "mops_fast" not in type(o_ref.grad_fn).__name__  # CPU: the reference, plain autograd
+    monkeypatch.setenv("MOPS_FAST_FORCE_TRITON", "1")
+    o_fused = gated_prefix_attention(q, k, v, pk, pv, logw, kv)
+    assert "mops_fast" in type(o_fused.grad_fn).__name__
+    assert rel(o_fused, o_ref) < FP32
+    # float64 always takes the reference; an explicit backend wins over the environment.
+    o64 = gated_prefix_attention(q.double(), k.double(), v.double(), pk, pv, logw, kv)
+    assert "mops_fast" not in type(o64.grad_fn).__name__
+    o_r = gated_prefix_attention(q, k, v, pk, pv, logw, kv, backend="reference")
+    assert "mops_fast" not in type(o_r.grad_fn).__name__
+
+
+def test_bad_inputs(tk):
+    q, k, v, pk, pv, logw, kv = make_inputs(B=1, Hq=2, Hkv=1, Sq=8, d=16, J=2, L=2, seed=16)
+    with pytest.raises(ValueError, match="backend"):
+        gated_prefix_attention(q, k, v, pk, pv, logw, kv, backend="cuda")
+    with pytest.raises(ValueError, match="float64"):
+        gated_prefix_attention(q.double(), k.double(), v.double(), pk, pv, logw, kv, backend="triton")
+    with pytest.raises(ValueError, match="gate_logw"):
+        gated_prefix_attention(q, k, v, pk, pv, logw[:, :1], kv, backend="triton")
+    with pytest.raises(ValueError, match="key_valid"):
+        gated_prefix_attention(q, k, v, pk, pv, logw, kv.int(), backend="triton")
+    r = torch.randn
+    with pytest.raises(ValueError, match="multiple"):
+        gated_prefix_attention(r(1, 3, 8, 16), r(1, 2, 8, 16), r(1, 2, 8, 16), r(2, 2, 2, 16),
+                               r(2, 2, 2, 16), backend="triton")
+    with pytest.raises(ValueError, match="one device"):
+        gated_prefix_attention(q.to("meta"), k, v, pk, pv, logw, kv, backend="triton")
+    big = torch.randn(1, 1, 4, 320)
+    with pytest.raises(ValueError, match="head dim"):
+        gated_prefix_attention(big, big, big, torch.randn(1, 1, 1, 320), torch.randn(1, 1, 1, 320),
+                               backend="triton")
+    with pytest.raises(ValueError, match="block sizes"):
+        with tk.override_configs(fwd=(24, 16, 4, 1), fwd_pack=(24, 16, 4, 1)):
+            gated_prefix_attention(q, k, v, pk, pv, logw, kv, backend="triton")
+
+
+def test_opcheck(tk):
+    q, k, v, pk, pv, logw, kv = make_inputs(B=1, Hq=2, Hkv=1, Sq=9, d=16, J=2, L=2, seed=17)
+    args = [t.requires_grad_() for t in (q, k, v, pk, pv, logw)]
+    torch.library.opcheck(_gpa_fused, (*args, kv, 0.25, True))
+
+
+def test_torch_compile_fullgraph(tk):
+    # aot_eager traces forward and backward through the fake implementations (no C++ compiler needed).
+    q, k, v, pk, pv, logw, kv = make_inputs(B=1, Hq=2, Hkv=1, Sq=10, d=16, J=2, L=2, seed=18)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, logw)]
+
+    def f(q, k, v, pk, pv, logw):
+        return gated_prefix_attention(q, k, v, pk, pv, logw, kv, backend="triton").square().sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rloss = gated_prefix_attention_ref(*ref_leaves, kv)[0].square().sum()
+    rgrads = torch.autograd.grad(rloss, ref_leaves)
+    assert abs(loss.item() - rloss.item()) <= FP32 * abs(rloss.item())
+    for a, b in zip(grads, rgrads):
+        assert rel(a, b) < FP32
