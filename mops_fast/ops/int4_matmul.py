@@ -1,0 +1,548 @@
+"""Int4 GPTQ matmul: y = x W^T straight from the packed weight, and its backward to the input dx = dy W.
+
+Contract (DESIGN.md §4; the same layout the C++ kernels in mops_fast.native read):
+  x        (..., K) fp16 / bf16 / fp32 activations
+  qweight  int32 (K/8, N)   code of W[n, k] at bits 4j..4j+3 of qweight[k // 8, n], j = k % 8
+  qzeros   int32 (G, N/8)   TRUE zero points (gptq_v2), zero of (g, n) at bits 4j.. of qzeros[g, n // 8], j = n % 8
+  scales   (G, N) fp16 (or bf16 / fp32)
+  g_idx    int32 (K,)       group of input k (act-order permutes it; otherwise k // group_size)
+  W[n, k] = (code[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]
+`group_size` > 0 is the caller's promise that g_idx == arange(K) // group_size; the kernels then read one
+scale row per tile instead of gathering per input. 0 means "unknown": the kernels gather through g_idx.
+
+This file holds the pure-PyTorch reference, the Triton kernels (dequantize tiles in registers; the whole
+float weight is never materialized), the dispatch by device, and the torch custom ops with autograd
+(the weight is frozen: backward returns dx only).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: CPU installs run the reference or the C++ kernel
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "int4_matmul",
+    "int4_matmul_t",
+    "int4_matmul_ref",
+    "int4_matmul_t_ref",
+    "dequantize_int4",
+    "int4_matmul_triton",
+    "int4_matmul_t_triton",
+    "act_order_repack",
+    "check_int4_args",
+]
+
+_SHIFTS = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_int4_args(qweight, qzeros, scales, g_idx) -> tuple[int, int, int]:
+    """Validate the packed weight; return (K, N, G). Errors name the tensor and the expected shape."""
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"int4_matmul: qweight must be a 2-D int32 tensor (K/8, N), got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    if N % 8:
+        raise ValueError(f"int4_matmul: out_features N={N} must be a multiple of 8 (qzeros packs 8 per int32)")
+    if scales.dim() != 2 or scales.shape[1] != N or not scales.is_floating_point():
+        raise ValueError(f"int4_matmul: scales must be a float (G, {N}) tensor, got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    G = scales.shape[0]
+    if qzeros.dtype != torch.int32 or tuple(qzeros.shape) != (G, N // 8):
+        raise ValueError(f"int4_matmul: qzeros must be int32 ({G}, {N // 8}), got {qzeros.dtype} "
+                         f"{tuple(qzeros.shape)}")
+    if g_idx.dtype != torch.int32 or tuple(g_idx.shape) != (K,):
+        raise ValueError(f"int4_matmul: g_idx must be int32 ({K},), got {g_idx.dtype} {tuple(g_idx.shape)}")
+    devs = {t.device for t in (qweight, qzeros, scales, g_idx)}
+    if len(devs) != 1:
+        raise ValueError(f"int4_matmul: qweight, qzeros, scales and g_idx are on different devices {devs}")
+    return K, N, G
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference (pure PyTorch). Also the CPU path when the C++ kernels are not built.
+# ----------------------------------------------------------------------------------------------------
+def _shifts(device):
+    return torch.arange(0, 32, 4, dtype=torch.int32, device=device)
+
+
+def _dequantize_t(qweight, qzeros, scales, g_idx, dtype) -> torch.Tensor:
+    """W^T (K, N): this is the layout x @ W^T wants, so the reference never transposes."""
+    sh = _shifts(qweight.device)
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    codes = ((qweight.unsqueeze(1) >> sh.view(1, 8, 1)) & 0xF).reshape(K, N)
+    zeros = ((qzeros.unsqueeze(2) >> sh.view(1, 1, 8)) & 0xF).reshape(qzeros.shape[0], N)
+    g = g_idx.long()
+    return (codes - zeros.index_select(0, g)).to(dtype) * scales.index_select(0, g).to(dtype)
+
+
+def dequantize_int4(qweight, qzeros, scales, g_idx, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight W (N, K)."""
+    check_int4_args(qweight, qzeros, scales, g_idx)
+    return _dequantize_t(qweight, qzeros, scales, g_idx, dtype).t()
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def int4_matmul_ref(x, qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """y = x W^T, accumulated in fp32 (fp64 for fp64 inputs), returned in x's dtype."""
+    acc = _acc_dtype(x.dtype)
+    wt = _dequantize_t(qweight, qzeros, scales, g_idx, acc)
+    return (x.to(acc) @ wt).to(x.dtype)
+
+
+def int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """dx = dy W, accumulated in fp32 (fp64 for fp64 inputs), returned in dy's dtype."""
+    acc = _acc_dtype(dy.dtype)
+    wt = _dequantize_t(qweight, qzeros, scales, g_idx, acc)
+    return (dy.to(acc) @ wt.t()).to(dy.dtype)
+
+
+def act_order_repack(qweight, g_idx, group_size: int):
+    """For act-order (desc_act) weights: reorder the input dim so that each group is contiguous.
+
+    Returns (perm, qweight_sorted) with x[..., perm] @ W_sorted^T == x @ W^T and the sorted g_idx equal to
+    arange(K) // group_size, so the fast grouped kernels apply. Returns None when the groups of g_idx do
+    not have that shape (then the gathering kernels are used as they are)."""
+    from mops_fast.quant.pack import pack_rows, unpack_rows
+
+    K = g_idx.numel()
+    if group_size <= 0:
+        return None
+    g = g_idx.long()
+    perm = torch.argsort(g, stable=True)
+    if not torch.equal(g[perm], torch.arange(K, device=g.device) // group_size):
+        return None
+    codes = unpack_rows(qweight, 4)
+    return perm, pack_rows(codes.index_select(0, perm), 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _int4_fwd_kernel(
+        x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr,
+        M, N, K, GS,
+        stride_xm, stride_xk, stride_ym, stride_yn,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+        SPLIT_K: tl.constexpr, GROUPED: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        # y[m, n] = sum_k x[m, k] * W[n, k]; program = one (BM, BN) tile and one K slice (split-K)
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        # grouped tile order: neighbouring programs share weight tiles in L2
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsize
+        pid_n = (pid % width) // gsize
+
+        offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        offs_kk = tl.arange(0, BK)
+        offs_i = tl.arange(0, BK // 8)
+        shifts = tl.arange(0, 8) * 4
+        zshift = (offs_n % 8) * 4
+        N8 = N // 8
+
+        k_tiles = tl.cdiv(K, BK)
+        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        k_begin = pid_k * per_split * BK
+        k_end = tl.minimum(k_begin + per_split * BK, K)
+
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BK):
+            offs_k = k0 + offs_kk
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            # packed rows, each int32 read once; the 8 codes of a word are unpacked in registers
+            rows = k0 // 8 + offs_i
+            qw = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
+                         mask=(rows[:, None] < K // 8) & n_mask[None, :], other=0)
+            codes = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BK, BN))
+            if GROUPED:
+                # the whole K tile lies in group k0 // GS (GS is a multiple of BK)
+                g = k0 // GS
+                s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                zw = tl.load(qz_ptr + g * N8 + offs_n // 8, mask=n_mask, other=0)
+                z = (zw >> zshift) & 0xF
+                w = (codes - z[None, :]).to(tl.float32) * s[None, :]
+            else:
+                g = tl.load(gi_ptr + offs_k, mask=k_mask, other=0)
+                kn_mask = k_mask[:, None] & n_mask[None, :]
+                s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
+                zw = tl.load(qz_ptr + g[:, None] * N8 + (offs_n // 8)[None, :], mask=kn_mask, other=0)
+                z = (zw >> zshift[None, :]) & 0xF
+                w = (codes - z).to(tl.float32) * s
+            if DOT_F32:
+                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
+
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(y_ptrs, acc, mask=mask)
+
+    @triton.jit
+    def _int4_bwd_kernel(
+        dy_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, dx_ptr,
+        M, N, K, GS,
+        stride_dym, stride_dyn, stride_dxm, stride_dxk,
+        BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+        SPLIT_N: tl.constexpr, GROUPED: tl.constexpr, DOT_F32: tl.constexpr,
+    ):
+        # dx[m, k] = sum_n dy[m, n] * W[n, k]; program = one (BM, BK) tile and one N slice (split-N)
+        pid = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        num_m = tl.cdiv(M, BM)
+        num_k = tl.cdiv(K, BK)
+        width = GROUP_M * num_k
+        first_m = (pid // width) * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % gsize
+        pid_k = (pid % width) // gsize
+
+        offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+        offs_k = pid_k * BK + tl.arange(0, BK)
+        offs_i = pid_k * (BK // 8) + tl.arange(0, BK // 8)
+        m_mask = offs_m < M
+        k_mask = offs_k < K
+        i_mask = offs_i < K // 8
+        shifts = tl.arange(0, 8) * 4
+        N8 = N // 8
+        if GROUPED:
+            g = (pid_k * BK) // GS  # the K tile lies in one group for the whole N loop
+        else:
+            gk = tl.load(gi_ptr + offs_k, mask=k_mask, other=0)
+
+        n_tiles = tl.cdiv(N, BN)
+        per_split = tl.cdiv(n_tiles, SPLIT_N)
+        n_begin = pid_s * per_split * BN
+        n_end = tl.minimum(n_begin + per_split * BN, N)
+
+        acc = tl.zeros((BM, BK), dtype=tl.float32)
+        for n0 in range(n_begin, n_end, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            n_mask = offs_n < N
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            qw = tl.load(qw_ptr + offs_i[None, :] * N + offs_n[:, None],
+                         mask=n_mask[:, None] & i_mask[None, :], other=0)
+            codes = tl.reshape((qw[:, :, None] >> shifts[None, None, :]) & 0xF, (BN, BK))
+            zshift = (offs_n % 8) * 4
+            if GROUPED:
+                s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                zw = tl.load(qz_ptr + g * N8 + offs_n // 8, mask=n_mask, other=0)
+                z = (zw >> zshift) & 0xF
+                w = (codes - z[:, None]).to(tl.float32) * s[:, None]
+            else:
+                nk_mask = n_mask[:, None] & k_mask[None, :]
+                s = tl.load(sc_ptr + gk[None, :] * N + offs_n[:, None], mask=nk_mask, other=0.0).to(tl.float32)
+                zw = tl.load(qz_ptr + gk[None, :] * N8 + (offs_n // 8)[:, None], mask=nk_mask, other=0)
+                z = (zw >> zshift[:, None]) & 0xF
+                w = (codes - z).to(tl.float32) * s
+            if DOT_F32:
+                acc += tl.dot(dy.to(tl.float32), w, input_precision="ieee")
+            else:
+                acc += tl.dot(dy, w.to(dy.dtype))
+
+        dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        mask = m_mask[:, None] & k_mask[None, :]
+        if SPLIT_N == 1:
+            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(dx_ptrs, acc, mask=mask)
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _pick_bk(group_size: int, K: int, prefs: tuple[int, ...]) -> tuple[int, int, bool]:
+    """(BK, GS, grouped): the largest preferred BK whose tiles never straddle a group."""
+    if group_size == -1 or (group_size > 0 and group_size >= K):
+        bk = prefs[0]
+        return bk, -(-K // bk) * bk, True  # one group: any multiple of BK >= K works as GS
+    if group_size > 0:
+        for bk in prefs:
+            if group_size % bk == 0:
+                return bk, group_size, True
+    return prefs[-1] if prefs[-1] >= 32 else 32, 1, False
+
+
+def _split(tiles: int, reduction_tiles: int, device) -> int:
+    """Split the reduction when the output tiles alone cannot fill the GPU (small M)."""
+    target = 2 * _sm_count(device)
+    if tiles >= target or device.type != "cuda":
+        return 1
+    return max(1, min(reduction_tiles // 2, -(-target // tiles), 16))
+
+
+def _fwd_config(M, N, K, group_size, device):
+    if M <= 16:
+        BM, BN, prefs, warps, stages = 16, 64, (128, 64, 32), 4, 4
+    elif M <= 64:
+        BM, BN, prefs, warps, stages = 64, 64, (64, 32), 4, 4
+    elif M <= 256:
+        BM, BN, prefs, warps, stages = 64, 128, (64, 32), 4, 3
+    else:
+        BM, BN, prefs, warps, stages = 128, 128, (64, 32), 8, 3
+    BK, GS, grouped = _pick_bk(group_size, K, prefs)
+    tiles = -(-M // BM) * -(-N // BN)
+    split = _split(tiles, -(-K // BK), device)
+    return dict(BM=BM, BN=BN, BK=BK, GS=GS, GROUPED=grouped, SPLIT=split, GROUP_M=8,
+                num_warps=warps, num_stages=stages)
+
+
+def _bwd_config(M, N, K, group_size, device):
+    if M <= 16:
+        BM, BN, prefs, warps, stages = 16, 128, (64, 32), 4, 4
+    elif M <= 64:
+        BM, BN, prefs, warps, stages = 64, 64, (64, 32), 4, 4
+    elif M <= 256:
+        BM, BN, prefs, warps, stages = 64, 64, (128, 64, 32), 4, 3
+    else:
+        BM, BN, prefs, warps, stages = 128, 64, (128, 64, 32), 8, 3
+    BK, GS, grouped = _pick_bk(group_size, K, prefs)
+    tiles = -(-M // BM) * -(-K // BK)
+    split = _split(tiles, -(-N // BN), device)
+    return dict(BM=BM, BN=BN, BK=BK, GS=GS, GROUPED=grouped, SPLIT=split, GROUP_M=8,
+                num_warps=warps, num_stages=stages)
+
+
+def _check_act(x, K, name):
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"int4 matmul: {name} must be (M, {K}), got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"int4 matmul: {name} dtype {x.dtype} is not supported; use fp16, bf16 or fp32")
+
+
+def _dot_f32(dtype) -> bool:
+    # fp32 inputs use an exact fp32 dot; bf16 dots are wrong under the Triton interpreter (PITFALLS.md)
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
+
+
+def int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size: int = 0, config: dict | None = None):
+    """y = x W^T with the Triton kernel. x (M, K) on the weight's device (CUDA, or CPU under
+    TRITON_INTERPRET=1). `config` overrides the tile choice (tests use it to force split-K)."""
+    if not HAS_TRITON:
+        raise RuntimeError("int4_matmul_triton needs the triton package: pip install triton")
+    K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
+    _check_act(x, K, "x")
+    M = x.shape[0]
+    cfg = _fwd_config(M, N, K, group_size, x.device)
+    if config:
+        cfg.update(config)
+        if "BK" in config and "GS" not in config:
+            cfg["BK"], cfg["GS"], cfg["GROUPED"] = _pick_bk(group_size, K, (config["BK"],))
+    split = cfg["SPLIT"]
+    out_dtype = torch.float32 if split > 1 else x.dtype
+    y = (torch.zeros if split > 1 else torch.empty)((M, N), device=x.device, dtype=out_dtype)
+    if M == 0:
+        return y.to(x.dtype)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]), split)
+    _int4_fwd_kernel[grid](
+        x, qweight, qzeros, scales, g_idx, y, M, N, K, cfg["GS"],
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
+        GROUPED=cfg["GROUPED"], DOT_F32=_dot_f32(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def int4_matmul_t_triton(dy, qweight, qzeros, scales, g_idx, group_size: int = 0, config: dict | None = None):
+    """dx = dy W with the Triton kernel (the transposed tile walk over the same packed weight)."""
+    if not HAS_TRITON:
+        raise RuntimeError("int4_matmul_t_triton needs the triton package: pip install triton")
+    K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
+    _check_act(dy, N, "dy")
+    M = dy.shape[0]
+    cfg = _bwd_config(M, N, K, group_size, dy.device)
+    if config:
+        cfg.update(config)
+        if "BK" in config and "GS" not in config:
+            cfg["BK"], cfg["GS"], cfg["GROUPED"] = _pick_bk(group_size, K, (config["BK"],))
+    split = cfg["SPLIT"]
+    out_dtype = torch.float32 if split > 1 else dy.dtype
+    dx = (torch.zeros if split > 1 else torch.empty)((M, K), device=dy.device, dtype=out_dtype)
+    if M == 0:
+        return dx.to(dy.dtype)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BK"]), split)
+    _int4_bwd_kernel[grid](
+        dy, qweight, qzeros, scales, g_idx, dx, M, N, K, cfg["GS"],
+        dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
+        BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], SPLIT_N=split,
+        GROUPED=cfg["GROUPED"], DOT_F32=_dot_f32(dy.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dx if dx.dtype == dy.dtype else dx.to(dy.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------
+_IMPLS = ("auto", "ref", "triton", "native")
+
+
+def _impl_override() -> str:
+    impl = os.environ.get("MOPS_FAST_INT4_IMPL", "auto").lower()
+    if impl not in _IMPLS:
+        raise ValueError(f"MOPS_FAST_INT4_IMPL={impl!r}; choose one of {_IMPLS}")
+    return impl
+
+
+def _native():
+    """The C++ extension module, or None when it is not built (the reference/Triton paths take over)."""
+    try:
+        from mops_fast import native
+    except ImportError:
+        return None
+    return native
+
+
+def _native_cpu():
+    nat = _native()
+    if nat is None or not hasattr(nat, "int4_matmul_cpu"):
+        return None
+    return nat if nat.available() else None
+
+
+def _native_cuda_small_m():
+    nat = _native()
+    if nat is None or not hasattr(nat, "int4_matmul_cuda_small_m") or not hasattr(nat, "cuda_available"):
+        return None
+    return nat if nat.cuda_available() else None
+
+
+SMALL_M_NATIVE = 16  # the native CUDA kernel covers M <= 16 (decode and small batches)
+
+
+def _forward(x, qweight, qzeros, scales, g_idx, group_size):
+    impl = _impl_override()
+    if impl == "ref":
+        return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
+    if x.is_cuda:
+        if impl in ("auto", "native") and x.shape[0] <= SMALL_M_NATIVE:
+            nat = _native_cuda_small_m()
+            if nat is not None:
+                return nat.int4_matmul_cuda_small_m(x.contiguous(), qweight, qzeros, scales, g_idx)
+        if HAS_TRITON:
+            return int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size)
+        return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
+    if impl in ("auto", "native"):
+        nat = _native_cpu()
+        if nat is not None:
+            return nat.int4_matmul_cpu(x.contiguous(), qweight, qzeros, scales, g_idx)
+    return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
+
+
+def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
+    impl = _impl_override()
+    if impl == "ref":
+        return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
+    if dy.is_cuda:
+        if HAS_TRITON:
+            return int4_matmul_t_triton(dy, qweight, qzeros, scales, g_idx, group_size)
+        return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
+    if impl in ("auto", "native"):
+        nat = _native_cpu()
+        if nat is not None and hasattr(nat, "int4_matmul_t_cpu"):
+            return nat.int4_matmul_t_cpu(dy.contiguous(), qweight, qzeros, scales, g_idx)
+    return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
+
+
+# Custom ops: torch.compile and autograd see one unit each.
+@torch.library.custom_op("mops_fast::int4_matmul", mutates_args=())
+def _int4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    g_idx: torch.Tensor, group_size: int) -> torch.Tensor:
+    return _forward(x, qweight, qzeros, scales, g_idx, group_size)
+
+
+@_int4_matmul_op.register_fake
+def _(x, qweight, qzeros, scales, g_idx, group_size):
+    return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+@torch.library.custom_op("mops_fast::int4_matmul_t", mutates_args=())
+def _int4_matmul_t_op(dy: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                      g_idx: torch.Tensor, group_size: int) -> torch.Tensor:
+    return _backward_input(dy, qweight, qzeros, scales, g_idx, group_size)
+
+
+@_int4_matmul_t_op.register_fake
+def _(dy, qweight, qzeros, scales, g_idx, group_size):
+    return dy.new_empty((dy.shape[0], qweight.shape[0] * 8))
+
+
+def _setup_context(ctx, inputs, output):
+    _, qweight, qzeros, scales, g_idx, group_size = inputs
+    ctx.save_for_backward(qweight, qzeros, scales, g_idx)
+    ctx.group_size = group_size
+
+
+def _backward(ctx, dy):
+    qweight, qzeros, scales, g_idx = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = _int4_matmul_t_op(dy.contiguous(), qweight, qzeros, scales, g_idx, ctx.group_size)
+    return dx, None, None, None, None, None
+
+
+_int4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def int4_matmul(x, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
+    """y = x W^T for x (..., K); differentiable in x (dx = dy W). See the module docstring for the layout."""
+    K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
+    if x.shape[-1] != K:
+        raise ValueError(f"int4_matmul: x has {x.shape[-1]} features, the weight expects K={K}")
+    if x.device != qweight.device:
+        raise ValueError(f"int4_matmul: x is on {x.device}, the weight on {qweight.device}; move one of them")
+    lead = x.shape[:-1]
+    y = _int4_matmul_op(x.reshape(-1, K), qweight, qzeros, scales, g_idx, int(group_size))
+    return y.reshape(*lead, N)
+
+
+def int4_matmul_t(dy, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
+    """dx = dy W for dy (..., N) (the backward of int4_matmul, exposed for tests and benchmarks)."""
+    K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
+    if dy.shape[-1] != N:
+        raise ValueError(f"int4_matmul_t: dy has {dy.shape[-1]} features, the weight has N={N}")
+    lead = dy.shape[:-1]
+    dx = _int4_matmul_t_op(dy.reshape(-1, N), qweight, qzeros, scales, g_idx, int(group_size))
+    return dx.reshape(*lead, K)
