@@ -1,0 +1,548 @@
+// Int4 GPTQ matmul on the CPU, written once over GCC/Clang vector extensions and compiled twice:
+// int4_cpu_avx2.cpp (-mavx2 -mfma -mf16c) and int4_cpu_generic.cpp (baseline flags). The including
+// file defines MOPS_ISA, the namespace that receives this copy. The dispatcher (bindings_cpu.cpp)
+// picks one at run time with __builtin_cpu_supports.
+//
+// Layout (DESIGN §3): qweight (K/8, N) int32, code of (k, n) at bits 4*(k%8) of qweight[k/8, n];
+// qzeros (G, N/8) int32 packed the same way along n; scales (G, N); g_idx (K,).
+// W[n, k] = (code - zero[g_idx[k], n]) * scale[g_idx[k], n]. The float weight is never built whole:
+// M == 1 streams qweight once; M > 1 dequantizes one K-block x N-tile into a small buffer at a time.
+#ifndef MOPS_ISA
+#error "define MOPS_ISA before including int4_cpu_impl.h"
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#include "common.h"
+#include "threadpool.h"
+
+namespace mops {
+namespace MOPS_ISA {
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+inline v8f ld(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void st(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline v8i ldi(const int32_t* p) {
+  v8i v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline v8f splat(float f) { return v8f{f, f, f, f, f, f, f, f}; }
+inline v8i splati(int32_t i) { return v8i{i, i, i, i, i, i, i, i}; }
+inline v8u splatu(uint32_t i) { return v8u{i, i, i, i, i, i, i, i}; }
+inline v8f cvt(v8i v) { return __builtin_convertvector(v, v8f); }
+inline float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// Eight consecutive scales as floats.
+inline v8f load8_scales(const void* p, int dtype, int64_t off) {
+  if (dtype == kF32) return ld(static_cast<const float*>(p) + off);
+  const uint16_t* h = static_cast<const uint16_t*>(p) + off;
+  if (dtype == kBF16) {
+    v8h raw;
+    std::memcpy(&raw, h, sizeof raw);
+    v8u u = __builtin_convertvector(raw, v8u) << 16;
+    return (v8f)u;
+  }
+#if defined(__F16C__) && defined(__AVX__)
+  __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  v8f r;
+  std::memcpy(&r, &f, sizeof r);
+  return r;
+#else
+  v8f r;
+  for (int i = 0; i < 8; ++i) r[i] = f16_to_f32(h[i]);
+  return r;
+#endif
+}
+
+// The eight zero points held by one qzeros word, as floats (column 8*i+j at bits 4j).
+inline v8f zeros8(int32_t word) {
+  const v8u shifts = {0, 4, 8, 12, 16, 20, 24, 28};
+  v8u z = (splatu(uint32_t(word)) >> shifts) & 15u;
+  return cvt((v8i)z);
+}
+
+// Codes j = 0..7 of eight packed words (one per column) as floats.
+template <int J>
+inline v8f codes(v8i q) {
+  v8u u = ((v8u)q >> (4 * J)) & 15u;
+  return cvt((v8i)u);
+}
+
+// Per-thread scratch (the pool's threads live for the process; buffers are reused across calls).
+float* scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// rowg[i] = the group shared by all 8 inputs packed in qweight row i, or -1 when they differ
+// (act-order). Returns whether every row has a single group (the common, in-order case).
+bool row_groups(const int32_t* g_idx, int64_t K8, std::vector<int32_t>& rowg) {
+  rowg.resize(size_t(K8));
+  bool uniform = true;
+  for (int64_t i = 0; i < K8; ++i) {
+    const int32_t* g = g_idx + 8 * i;
+    bool same = true;
+    for (int j = 1; j < 8; ++j) same &= (g[j] == g[0]);
+    rowg[size_t(i)] = same ? g[0] : -1;
+    uniform &= same;
+  }
+  return uniform;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward, M == 1 (decode): y[n] = sum_k x[k] (code - z) s, streaming qweight exactly once.
+// In-order groups: vectorise along k. One qweight word holds 8 consecutive k of one column, so
+// broadcast it, shift lanes by 0,4,..,28 and multiply by x[8r .. 8r+7] (one plain load): one
+// accumulator per column, one fma per row each, so 8 independent chains and no register spills.
+// Per run of rows sharing group g: y += s * (sum_k x_k code_k - z * sum_k x_k).
+// ---------------------------------------------------------------------------------------------
+struct Run {
+  int64_t r0, r1;  // qweight rows [r0, r1)
+  int32_t g;
+  float xsum;      // sum of x over the run's inputs
+};
+
+// Lane-sums of eight vectors: out[c] = sum over lanes of v[c].
+inline v8f hsum8x8(const v8f* v) {
+  const v8i ev = {0, 8, 2, 10, 4, 12, 6, 14}, od = {1, 9, 3, 11, 5, 13, 7, 15};
+  const v8f u01 = __builtin_shuffle(v[0], v[1], ev) + __builtin_shuffle(v[0], v[1], od);
+  const v8f u23 = __builtin_shuffle(v[2], v[3], ev) + __builtin_shuffle(v[2], v[3], od);
+  const v8f u45 = __builtin_shuffle(v[4], v[5], ev) + __builtin_shuffle(v[4], v[5], od);
+  const v8f u67 = __builtin_shuffle(v[6], v[7], ev) + __builtin_shuffle(v[6], v[7], od);
+  const v8i lo = {0, 1, 8, 9, 4, 5, 12, 13}, hi = {2, 3, 10, 11, 6, 7, 14, 15};
+  const v8f w0 = __builtin_shuffle(u01, u23, lo) + __builtin_shuffle(u01, u23, hi);
+  const v8f w1 = __builtin_shuffle(u45, u67, lo) + __builtin_shuffle(u45, u67, hi);
+  const v8i a = {0, 1, 2, 3, 8, 9, 10, 11}, b = {4, 5, 6, 7, 12, 13, 14, 15};
+  return __builtin_shuffle(w0, w1, a) + __builtin_shuffle(w0, w1, b);
+}
+
+template <int V>
+void fwd_m1_runs(const Int4Args& a, const float* x, const Run* runs, size_t nruns, int64_t n0,
+                 float* y) {
+  const int64_t N = a.N;
+  const v8u shifts = {0, 4, 8, 12, 16, 20, 24, 28};
+  v8f out[V];
+  for (int v = 0; v < V; ++v) out[v] = splat(0.f);
+  for (size_t ri = 0; ri < nruns; ++ri) {
+    const Run& run = runs[ri];
+    const int64_t g = run.g;
+    // One 8-column slice at a time; the slices after the first find the run's rows in L1.
+    for (int v = 0; v < V; ++v) {
+      v8f acc[8];
+      for (int c = 0; c < 8; ++c) acc[c] = splat(0.f);
+      const int32_t* qp = a.qweight + run.r0 * N + n0 + 8 * v;
+      for (int64_t r = run.r0; r < run.r1; ++r, qp += N) {
+        const v8f xv = ld(x + 8 * r);
+        for (int c = 0; c < 8; ++c) {
+          v8u u = (splatu(uint32_t(qp[c])) >> shifts) & 15u;
+          acc[c] += cvt((v8i)u) * xv;
+        }
+      }
+      const v8f s = load8_scales(a.scales, a.scales_dtype, g * N + n0 + 8 * v);
+      const v8f z = zeros8(a.qzeros[g * (N / 8) + n0 / 8 + v]);
+      out[v] += s * (hsum8x8(acc) - z * run.xsum);
+    }
+  }
+  for (int v = 0; v < V; ++v) st(y + n0 + 8 * v, out[v]);
+}
+
+// Act-order variant: inputs of one qweight row belong to different groups, so partial sums are
+// kept per group (a G x 8V buffer in L1/L2) and scaled once at the end. Vectorised along n; the
+// masked lanes hold code * 16^(k%4) (nibbles 0-3 need no shift, nibbles 4-7 one 16-bit shift), so
+// x comes pre-scaled by 16^-(k%4): exact, since the factor is a power of two.
+template <int V>
+void fwd_m1_groups(const Int4Args& a, const float* xs, const float* xsum_g, int64_t n0, float* y) {
+  const int64_t N = a.N, G = a.G, K8 = a.K / 8;
+  float* accg = scratch(size_t(G * V * 8));
+  std::fill(accg, accg + G * V * 8, 0.f);
+  const v8i m0 = splati(0xF), m1 = splati(0xF0), m2 = splati(0xF00), m3 = splati(0xF000);
+  for (int64_t r = 0; r < K8; ++r) {
+    const int32_t* qrow = a.qweight + r * N + n0;
+    const float* xr = xs + 8 * r;
+    const int32_t* gr = a.g_idx + 8 * r;
+    float* p[8];
+    for (int j = 0; j < 8; ++j) p[j] = accg + int64_t(gr[j]) * V * 8;
+    for (int v = 0; v < V; ++v) {
+      const v8i q = ldi(qrow + 8 * v);
+      v8u hu = (v8u)q >> 16;
+      const v8i h = (v8i)hu;
+      float* o = nullptr;
+      o = p[0] + 8 * v; st(o, ld(o) + cvt(q & m0) * splat(xr[0]));
+      o = p[1] + 8 * v; st(o, ld(o) + cvt(q & m1) * splat(xr[1]));
+      o = p[2] + 8 * v; st(o, ld(o) + cvt(q & m2) * splat(xr[2]));
+      o = p[3] + 8 * v; st(o, ld(o) + cvt(q & m3) * splat(xr[3]));
+      o = p[4] + 8 * v; st(o, ld(o) + cvt(h & m0) * splat(xr[4]));
+      o = p[5] + 8 * v; st(o, ld(o) + cvt(h & m1) * splat(xr[5]));
+      o = p[6] + 8 * v; st(o, ld(o) + cvt(h & m2) * splat(xr[6]));
+      o = p[7] + 8 * v; st(o, ld(o) + cvt(h & m3) * splat(xr[7]));
+    }
+  }
+  v8f out[V];
+  for (int v = 0; v < V; ++v) out[v] = splat(0.f);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int v = 0; v < V; ++v) {
+      const v8f s = load8_scales(a.scales, a.scales_dtype, g * N + n0 + 8 * v);
+      const v8f z = zeros8(a.qzeros[g * (N / 8) + n0 / 8 + v]);
+      out[v] += s * (ld(accg + (g * V + v) * 8) - z * xsum_g[g]);
+    }
+  }
+  for (int v = 0; v < V; ++v) st(y + n0 + 8 * v, out[v]);
+}
+
+void fwd_m1(const Int4Args& a, const float* x, float* y) {
+  const int64_t K = a.K, N = a.N, K8 = K / 8;
+  std::vector<int32_t> rowg;
+  const bool uniform = row_groups(a.g_idx, K8, rowg);
+  std::vector<Run> runs;
+  std::vector<float> xsum_g, xs;
+  if (uniform) {
+    for (int64_t r = 0; r < K8;) {
+      // Runs of at most 32 rows keep a 32-column tile's slice of qweight in L1 between slices.
+      int64_t e = r + 1;
+      while (e < K8 && e - r < 32 && rowg[size_t(e)] == rowg[size_t(r)]) ++e;
+      double sx = 0;
+      for (int64_t k = 8 * r; k < 8 * e; ++k) sx += x[k];
+      runs.push_back(Run{r, e, rowg[size_t(r)], float(sx)});
+      r = e;
+    }
+  } else {
+    xs.resize(size_t(K));
+    static const float kPre[4] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096};
+    for (int64_t k = 0; k < K; ++k) xs[size_t(k)] = x[k] * kPre[k & 3];
+    std::vector<double> sx(size_t(a.G), 0.0);
+    for (int64_t k = 0; k < K; ++k) sx[size_t(a.g_idx[k])] += x[k];
+    xsum_g.assign(sx.begin(), sx.end());
+  }
+  constexpr int64_t kTile = 32;  // 4 vectors of 8 columns; 8 accumulator chains
+  const int64_t ntiles = (N + kTile - 1) / kTile;
+  parallel_for(a.nthreads, ntiles, [&](int64_t t, int) {
+    const int64_t n0 = t * kTile;
+    const int nv = int(std::min<int64_t>(kTile, N - n0) / 8);
+    if (uniform) {
+      switch (nv) {
+        case 4: fwd_m1_runs<4>(a, x, runs.data(), runs.size(), n0, y); break;
+        case 3: fwd_m1_runs<3>(a, x, runs.data(), runs.size(), n0, y); break;
+        case 2: fwd_m1_runs<2>(a, x, runs.data(), runs.size(), n0, y); break;
+        default: fwd_m1_runs<1>(a, x, runs.data(), runs.size(), n0, y); break;
+      }
+    } else {
+      switch (nv) {
+        case 4: fwd_m1_groups<4>(a, xs.data(), xsum_g.data(), n0, y); break;
+        case 3: fwd_m1_groups<3>(a, xs.data(), xsum_g.data(), n0, y); break;
+        case 2: fwd_m1_groups<2>(a, xs.data(), xsum_g.data(), n0, y); break;
+        default: fwd_m1_groups<1>(a, xs.data(), xsum_g.data(), n0, y); break;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// M > 1: dequantize a block into a small row-major buffer B, then a register-blocked GEMM
+//   C[m, c] (+)= sum_r A[m, r] * B[r, c]
+// Forward: r = input k, c = output n (B = W^T block). Transposed: r = output n, c = input k
+// (B = W block, W's own row layout). One micro-kernel serves both.
+// ---------------------------------------------------------------------------------------------
+template <int MR, int NV>
+inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t kk, float* C,
+                  int64_t ldc, bool first) {
+  v8f acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = first ? splat(0.f) : ld(C + m * ldc + 8 * v);
+  for (int64_t r = 0; r < kk; ++r) {
+    v8f b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = ld(B + r * ldb + 8 * v);
+    for (int m = 0; m < MR; ++m) {
+      const v8f am = splat(A[m * lda + r]);
+      for (int v = 0; v < NV; ++v) acc[m][v] += am * b[v];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) st(C + m * ldc + 8 * v, acc[m][v]);
+}
+
+template <int NV>
+inline void micro_m(int mr, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t kk,
+                    float* C, int64_t ldc, bool first) {
+  switch (mr) {
+    case 6: micro<6, NV>(A, lda, B, ldb, kk, C, ldc, first); break;
+    case 5: micro<5, NV>(A, lda, B, ldb, kk, C, ldc, first); break;
+    case 4: micro<4, NV>(A, lda, B, ldb, kk, C, ldc, first); break;
+    case 3: micro<3, NV>(A, lda, B, ldb, kk, C, ldc, first); break;
+    case 2: micro<2, NV>(A, lda, B, ldb, kk, C, ldc, first); break;
+    default: micro<1, NV>(A, lda, B, ldb, kk, C, ldc, first); break;
+  }
+}
+
+// C[0:M, 0:ncols] (+)= A[0:M, 0:kk] @ B[0:kk, 0:ncols]; ncols a multiple of 8.
+void gemm_block(int64_t M, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t kk,
+                float* C, int64_t ldc, int64_t ncols, bool first) {
+  constexpr int MR = 6;
+  for (int64_t m0 = 0; m0 < M; m0 += MR) {
+    const int mr = int(std::min<int64_t>(MR, M - m0));
+    int64_t c = 0;
+    for (; c + 16 <= ncols; c += 16)
+      micro_m<2>(mr, A + m0 * lda, lda, B + c, ldb, kk, C + m0 * ldc + c, ldc, first);
+    for (; c < ncols; c += 8)
+      micro_m<1>(mr, A + m0 * lda, lda, B + c, ldb, kk, C + m0 * ldc + c, ldc, first);
+  }
+}
+
+// Float tables S[g, n] = scale and ZS[g, n] = zero * scale, so that W = code * S - ZS (one fma).
+void build_tables(const Int4Args& a, float* S, float* ZS) {
+  const int64_t N = a.N;
+  parallel_for(a.nthreads, a.G, [&](int64_t g, int) {
+    for (int64_t n = 0; n < N; n += 8) {
+      const v8f s = load8_scales(a.scales, a.scales_dtype, g * N + n);
+      const v8f z = zeros8(a.qzeros[g * (N / 8) + n / 8]);
+      st(S + g * N + n, s);
+      st(ZS + g * N + n, z * s);
+    }
+  });
+}
+
+// Forward block: B[8*(r-r0)+j, c] = W[n0+c, 8r+j] for qweight rows [r0, r1), columns [n0, n0+nc).
+void dequant_fwd(const Int4Args& a, const int32_t* rowg, const float* S, const float* ZS,
+                 int64_t r0, int64_t r1, int64_t n0, int64_t nc, float* B, int64_t ldb) {
+  const int64_t N = a.N;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t g = rowg[r];
+    float* brow = B + 8 * (r - r0) * ldb;
+    for (int64_t c = 0; c < nc; c += 8) {
+      const v8i q = ldi(a.qweight + r * N + n0 + c);
+      if (g >= 0) {
+        const v8f s = ld(S + g * N + n0 + c), zs = ld(ZS + g * N + n0 + c);
+        st(brow + 0 * ldb + c, codes<0>(q) * s - zs);
+        st(brow + 1 * ldb + c, codes<1>(q) * s - zs);
+        st(brow + 2 * ldb + c, codes<2>(q) * s - zs);
+        st(brow + 3 * ldb + c, codes<3>(q) * s - zs);
+        st(brow + 4 * ldb + c, codes<4>(q) * s - zs);
+        st(brow + 5 * ldb + c, codes<5>(q) * s - zs);
+        st(brow + 6 * ldb + c, codes<6>(q) * s - zs);
+        st(brow + 7 * ldb + c, codes<7>(q) * s - zs);
+      } else {
+        const int32_t* gr = a.g_idx + 8 * r;
+#define MOPS_DEQ_J(J)                                                                   \
+  st(brow + J * ldb + c,                                                                \
+     codes<J>(q) * ld(S + gr[J] * N + n0 + c) - ld(ZS + gr[J] * N + n0 + c));
+        MOPS_DEQ_J(0) MOPS_DEQ_J(1) MOPS_DEQ_J(2) MOPS_DEQ_J(3)
+        MOPS_DEQ_J(4) MOPS_DEQ_J(5) MOPS_DEQ_J(6) MOPS_DEQ_J(7)
+#undef MOPS_DEQ_J
+      }
+    }
+  }
+}
+
+// Transposed block: B[n-n0, 8*(r-r0)+j] = W[n, 8r+j] (W's own layout) for the same ranges.
+void dequant_t(const Int4Args& a, const int32_t* rowg, const float* S, const float* ZS,
+               int64_t r0, int64_t r1, int64_t n0, int64_t nn, float* B, int64_t ldb) {
+  const int64_t N = a.N;
+  const v8u shifts = {0, 4, 8, 12, 16, 20, 24, 28};
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t g = rowg[r];
+    const int32_t* gr = a.g_idx + 8 * r;
+    const int32_t* qrow = a.qweight + r * N;
+    float* bcol = B + 8 * (r - r0);
+    for (int64_t n = n0; n < n0 + nn; ++n) {
+      v8u u = (splatu(uint32_t(qrow[n])) >> shifts) & 15u;
+      const v8f cd = cvt((v8i)u);
+      v8f s, zs;
+      if (g >= 0) {
+        s = splat(S[g * N + n]);
+        zs = splat(ZS[g * N + n]);
+      } else {
+        for (int j = 0; j < 8; ++j) {
+          s[j] = S[gr[j] * N + n];
+          zs[j] = ZS[gr[j] * N + n];
+        }
+      }
+      st(bcol + (n - n0) * ldb, cd * s - zs);
+    }
+  }
+}
+
+// Activations as float rows (converted once when bf16/fp16) and a float output to accumulate in.
+struct FloatIO {
+  const float* X;
+  int64_t ldx;
+  float* Y;
+  int64_t ldy;
+  std::vector<float> xbuf, ybuf;
+
+  FloatIO(const Int4Args& a, int64_t xlen, int64_t ylen) {
+    if (a.x_dtype == kF32) {
+      X = static_cast<const float*>(a.x);
+      ldx = a.x_stride;
+    } else {
+      xbuf.resize(size_t(a.M * xlen));
+      const uint16_t* src = static_cast<const uint16_t*>(a.x);
+      const int dt = a.x_dtype;
+      float* dst = xbuf.data();
+      const int64_t stride = a.x_stride;
+      parallel_for(a.nthreads, a.M, [&](int64_t m, int) {
+        const uint16_t* s = src + m * stride;
+        float* d = dst + m * xlen;
+        if (dt == kBF16)
+          for (int64_t i = 0; i < xlen; ++i) d[i] = bf16_to_f32(s[i]);
+        else
+          for (int64_t i = 0; i < xlen; ++i) d[i] = f16_to_f32(s[i]);
+      });
+      X = xbuf.data();
+      ldx = xlen;
+    }
+    if (a.x_dtype == kF32) {
+      Y = static_cast<float*>(a.y);
+      ldy = a.y_stride;
+    } else {
+      ybuf.resize(size_t(a.M * ylen));
+      Y = ybuf.data();
+      ldy = ylen;
+    }
+  }
+
+  void finish(const Int4Args& a, int64_t ylen) {
+    if (a.x_dtype == kF32) return;
+    uint16_t* dst = static_cast<uint16_t*>(a.y);
+    const int dt = a.x_dtype;
+    const int64_t stride = a.y_stride;
+    const float* src = ybuf.data();
+    parallel_for(a.nthreads, a.M, [&](int64_t m, int) {
+      const float* s = src + m * ylen;
+      uint16_t* d = dst + m * stride;
+      if (dt == kBF16)
+        for (int64_t i = 0; i < ylen; ++i) d[i] = f32_to_bf16(s[i]);
+      else
+        for (int64_t i = 0; i < ylen; ++i) d[i] = f32_to_f16(s[i]);
+    });
+  }
+};
+
+void check(const Int4Args& a) {
+  if (a.K <= 0 || a.N <= 0 || a.G <= 0 || a.M < 0 || a.K % 8 || a.N % 8)
+    throw std::invalid_argument("int4 matmul: need K, N > 0 and multiples of 8, G > 0");
+}
+
+}  // namespace
+
+void int4_matmul(const Int4Args& a) {
+  check(a);
+  if (a.M == 0) return;
+  const int64_t K = a.K, N = a.N, K8 = K / 8;
+  FloatIO io(a, K, N);
+  if (a.M == 1) {
+    fwd_m1(a, io.X, io.Y);
+    io.finish(a, N);
+    return;
+  }
+  std::vector<float> S(size_t(a.G * N)), ZS(size_t(a.G * N));
+  build_tables(a, S.data(), ZS.data());
+  std::vector<int32_t> rowg;
+  row_groups(a.g_idx, K8, rowg);
+  constexpr int64_t NT = 64, KB = 128;  // B block = 32 KiB, stays in L1/L2
+  const int64_t ntiles = (N + NT - 1) / NT;
+  parallel_for(a.nthreads, ntiles, [&](int64_t t, int) {
+    const int64_t n0 = t * NT, nc = std::min(NT, N - n0);
+    float* B = scratch(size_t(KB * NT));
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      const int64_t kb = std::min(KB, K - k0);
+      dequant_fwd(a, rowg.data(), S.data(), ZS.data(), k0 / 8, (k0 + kb) / 8, n0, nc, B, NT);
+      gemm_block(a.M, io.X + k0, io.ldx, B, NT, kb, io.Y + n0, io.ldy, nc, k0 == 0);
+    }
+  });
+  io.finish(a, N);
+}
+
+void int4_matmul_t(const Int4Args& a) {
+  check(a);
+  if (a.M == 0) return;
+  const int64_t K = a.K, N = a.N, G = a.G, K8 = K / 8;
+  FloatIO io(a, N, K);
+  std::vector<int32_t> rowg;
+  row_groups(a.g_idx, K8, rowg);
+  if (a.M == 1) {
+    // dx[k] = sum_n dy[n] s[g,n] code(k,n) - sum_n dy[n] s[g,n] z[g,n], with g = g_idx[k]:
+    // DS[g, n] = dy[n] s[g, n] and c[g] are tiny next to qweight, which is then read once.
+    const float* dy = io.X;
+    std::vector<float> DS(static_cast<size_t>(G * N)), cg(static_cast<size_t>(G));
+    parallel_for(a.nthreads, G, [&](int64_t g, int) {
+      v8f acc = splat(0.f);
+      for (int64_t n = 0; n < N; n += 8) {
+        const v8f ds = ld(dy + n) * load8_scales(a.scales, a.scales_dtype, g * N + n);
+        st(DS.data() + g * N + n, ds);
+        acc += ds * zeros8(a.qzeros[g * (N / 8) + n / 8]);
+      }
+      cg[size_t(g)] = hsum(acc);
+    });
+    float* dx = io.Y;
+    constexpr int64_t RB = 4;  // qweight rows per task
+    parallel_for(a.nthreads, (K8 + RB - 1) / RB, [&](int64_t t, int) {
+      for (int64_t r = t * RB; r < std::min(K8, (t + 1) * RB); ++r) {
+        const int32_t* qrow = a.qweight + r * N;
+        const int32_t* gr = a.g_idx + 8 * r;
+        v8f acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = splat(0.f);
+        if (rowg[size_t(r)] >= 0) {
+          const float* d = DS.data() + int64_t(rowg[size_t(r)]) * N;
+          for (int64_t n = 0; n < N; n += 8) {
+            const v8i q = ldi(qrow + n);
+            const v8f ds = ld(d + n);
+            acc[0] += codes<0>(q) * ds; acc[1] += codes<1>(q) * ds;
+            acc[2] += codes<2>(q) * ds; acc[3] += codes<3>(q) * ds;
+            acc[4] += codes<4>(q) * ds; acc[5] += codes<5>(q) * ds;
+            acc[6] += codes<6>(q) * ds; acc[7] += codes<7>(q) * ds;
+          }
+        } else {
+          const float* d[8];
+          for (int j = 0; j < 8; ++j) d[j] = DS.data() + int64_t(gr[j]) * N;
+          for (int64_t n = 0; n < N; n += 8) {
+            const v8i q = ldi(qrow + n);
+            acc[0] += codes<0>(q) * ld(d[0] + n); acc[1] += codes<1>(q) * ld(d[1] + n);
+            acc[2] += codes<2>(q) * ld(d[2] + n); acc[3] += codes<3>(q) * ld(d[3] + n);
+            acc[4] += codes<4>(q) * ld(d[4] + n); acc[5] += codes<5>(q) * ld(d[5] + n);
+            acc[6] += codes<6>(q) * ld(d[6] + n); acc[7] += codes<7>(q) * ld(d[7] + n);
+          }
+        }
+        for (int j = 0; j < 8; ++j) dx[8 * r + j] = hsum(acc[j]) - cg[size_t(gr[j])];
+      }
+    });
+    io.finish(a, K);
+    return;
+  }
+  std::vector<float> S(size_t(G * N)), ZS(size_t(G * N));
+  build_tables(a, S.data(), ZS.data());
+  constexpr int64_t KT = 64, NC = 128;  // B block (NC x KT floats) = 32 KiB
+  const int64_t ntiles = (K + KT - 1) / KT;
+  parallel_for(a.nthreads, ntiles, [&](int64_t t, int) {
+    const int64_t k0 = t * KT, kt = std::min(KT, K - k0);
+    float* B = scratch(size_t(NC * KT));
+    for (int64_t n0 = 0; n0 < N; n0 += NC) {
+      const int64_t nn = std::min(NC, N - n0);
+      dequant_t(a, rowg.data(), S.data(), ZS.data(), k0 / 8, (k0 + kt) / 8, n0, nn, B, KT);
+      gemm_block(a.M, io.X + n0, io.ldx, B, KT, nn, io.Y + k0, io.ldy, kt, n0 == 0);
+    }
+  });
+  io.finish(a, K);
+}
+
+}  // namespace MOPS_ISA
+}  // namespace mops

@@ -1,0 +1,250 @@
+"""Python side of the native extension: validation, then calls into mops_fast._C / _C_cuda.
+
+The compiled modules take raw pointers, sizes and strides (no libtorch linkage, so one binary works
+with any torch). Every check lives here and raises ValueError naming the problem and the fix.
+
+Int4 weight format (standard GPTQ in the `gptq_v2` convention: true zero points, DESIGN §3):
+  qweight int32 (K/8, N)  code of (k, n) at bits 4*(k%8) of qweight[k//8, n]
+  qzeros  int32 (G, N/8)  zero of column n at bits 4*(n%8) of qzeros[g, n//8]
+  scales  fp16/bf16/fp32 (G, N);  g_idx int32 (K,), group of input k (any order: act-order works)
+  W[n, k] = (code(k, n) - zero(g_idx[k], n)) * scale(g_idx[k], n)
+
+API:
+  available()                 the CPU extension is built and not disabled (MOPS_FAST_DISABLE_NATIVE=1)
+  int4_matmul_cpu(x, ...)     y = x W^T,  x (M, K) fp32/bf16/fp16 -> (M, N) in x's dtype
+  int4_matmul_t_cpu(dy, ...)  dx = dy W,  dy (M, N) -> (M, K) in dy's dtype
+  cuda_available()            a CUDA device is present and mops_fast._C_cuda loads (lazily)
+  int4_matmul_cuda_small_m(x, ...)  y = x W^T on CUDA for M <= 16, x fp16/bf16
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "int4_matmul_cpu",
+    "int4_matmul_t_cpu",
+    "cuda_available",
+    "cuda_unavailable_reason",
+    "int4_matmul_cuda_small_m",
+    "CUDA_SMALL_M_MAX",
+]
+
+# dtype codes shared with csrc/common.h
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+CUDA_SMALL_M_MAX = 16
+
+_NOT_LOADED = object()
+_cpu_mod: object = _NOT_LOADED
+_cpu_err: str = ""
+_cuda_mod: object = _NOT_LOADED
+_cuda_err: str = ""
+
+
+def _disabled() -> bool:
+    return os.environ.get("MOPS_FAST_DISABLE_NATIVE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _load(name: str) -> tuple[ModuleType | None, str]:
+    if _disabled():
+        return None, "disabled by MOPS_FAST_DISABLE_NATIVE=1"
+    try:
+        return importlib.import_module(f"mops_fast.{name}"), ""
+    except ImportError as e:  # not built (source checkout) or built for another Python
+        return None, (
+            f"mops_fast.{name} could not be imported ({e}); build it with `pip install -e .` or "
+            "`python setup.py build_ext --inplace`"
+        )
+
+
+def _cpu() -> ModuleType | None:
+    global _cpu_mod, _cpu_err
+    if _cpu_mod is _NOT_LOADED:
+        _cpu_mod, _cpu_err = _load("_C")
+    return _cpu_mod  # type: ignore[return-value]
+
+
+def _cuda() -> ModuleType | None:
+    # Loaded only on first use, so a wheel with CUDA code imports fine on a machine without a GPU.
+    global _cuda_mod, _cuda_err
+    if _cuda_mod is _NOT_LOADED:
+        _cuda_mod, _cuda_err = _load("_C_cuda")
+        if _cuda_mod is None and not _disabled():
+            _cuda_err += " with MOPS_FAST_CUDA=1 (needs nvcc)"
+    return _cuda_mod  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernels can be used (False: callers use the PyTorch reference)."""
+    return _cpu() is not None
+
+
+def unavailable_reason() -> str:
+    """Why available() is False ('' when it is True)."""
+    _cpu()
+    return _cpu_err
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device is present and the compiled CUDA kernels load."""
+    if _disabled() or not torch.cuda.is_available():
+        return False
+    return _cuda() is not None
+
+
+def cuda_unavailable_reason() -> str:
+    if _disabled():
+        return "disabled by MOPS_FAST_DISABLE_NATIVE=1"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    _cuda()
+    return _cuda_err
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def _check_weight(op: str, qweight, qzeros, scales, g_idx, device: torch.device) -> tuple[int, int, int]:
+    """Check the packed weight; returns (K, N, G)."""
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales), ("g_idx", g_idx)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but the activations are on {device}; move all "
+                "tensors to one device"
+            )
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous; pass {name}.contiguous()")
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("g_idx", g_idx)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{op}: {name} must be int32 (GPTQ packing), got {t.dtype}; "
+                             f"use {name}.to(torch.int32)")
+    if scales.dtype not in _DTYPE_CODE:
+        raise ValueError(f"{op}: scales must be float16, bfloat16 or float32, got {scales.dtype}")
+    if qweight.dim() != 2:
+        raise ValueError(f"{op}: qweight must be 2-D (K/8, N), got shape {tuple(qweight.shape)}")
+    K8, N = qweight.shape
+    K = 8 * K8
+    if K == 0 or N == 0:
+        raise ValueError(f"{op}: empty weight, qweight shape {tuple(qweight.shape)}")
+    if N % 8 != 0:
+        raise ValueError(f"{op}: N={N} (out_features) must be a multiple of 8 (qzeros packs 8 "
+                         "zero points per int32); pad the layer's output dim")
+    if scales.dim() != 2 or scales.shape[1] != N:
+        raise ValueError(f"{op}: scales must be (G, N={N}), got {tuple(scales.shape)}")
+    G = scales.shape[0]
+    if G == 0:
+        raise ValueError(f"{op}: scales has no groups (shape {tuple(scales.shape)})")
+    if tuple(qzeros.shape) != (G, N // 8):
+        raise ValueError(f"{op}: qzeros must be (G, N/8) = ({G}, {N // 8}) to match scales, "
+                         f"got {tuple(qzeros.shape)}")
+    if tuple(g_idx.shape) != (K,):
+        raise ValueError(f"{op}: g_idx must be (K,) = ({K},) for qweight {tuple(qweight.shape)}, "
+                         f"got {tuple(g_idx.shape)}")
+    return K, N, G
+
+
+def _check_act(op: str, x, width: int, width_name: str, allowed) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{op}: activations must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: activations must be 2-D (M, {width_name}); got shape "
+                         f"{tuple(x.shape)} (flatten leading dims with x.reshape(-1, x.shape[-1]))")
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise ValueError(f"{op}: activations must be {names}, got {x.dtype}")
+    if x.shape[1] != width:
+        raise ValueError(f"{op}: activations have {x.shape[1]} columns but the weight needs "
+                         f"{width_name}={width}")
+    if x.shape[0] > 0 and x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{op}: activations need unit stride along the last dim (got strides "
+                         f"{x.stride()}); pass x.contiguous()")
+
+
+def _check_g_idx_range_cpu(op: str, g_idx: torch.Tensor, G: int) -> None:
+    lo, hi = int(g_idx.min()), int(g_idx.max())
+    if lo < 0 or hi >= G:
+        raise ValueError(f"{op}: g_idx values must lie in [0, G={G}), got range [{lo}, {hi}]")
+
+
+def _require_cpu_module(op: str) -> ModuleType:
+    mod = _cpu()
+    if mod is None:
+        raise RuntimeError(f"{op}: native CPU kernels unavailable: {_cpu_err}. "
+                           "Check mops_fast.native.available() first or use the PyTorch reference.")
+    return mod
+
+
+def _int4_cpu(op: str, a, qweight, qzeros, scales, g_idx, transposed: bool) -> torch.Tensor:
+    if not isinstance(a, torch.Tensor) or a.device.type != "cpu":
+        dev = a.device if isinstance(a, torch.Tensor) else None
+        raise ValueError(f"{op}: CPU kernel got activations on {dev}; use the CUDA path for GPU tensors")
+    K, N, G = _check_weight(op, qweight, qzeros, scales, g_idx, a.device)
+    width, width_name, out_w = (N, "N", K) if transposed else (K, "K", N)
+    _check_act(op, a, width, width_name, (torch.float32, torch.bfloat16, torch.float16))
+    _check_g_idx_range_cpu(op, g_idx, G)
+    mod = _require_cpu_module(op)
+    M = a.shape[0]
+    y = torch.empty((M, out_w), dtype=a.dtype, device=a.device)
+    if M == 0:
+        return y
+    mod.int4_matmul(
+        a.data_ptr(), _DTYPE_CODE[a.dtype], a.stride(0), qweight.data_ptr(), qzeros.data_ptr(),
+        scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G,
+        y.data_ptr(), y.stride(0), torch.get_num_threads(), transposed,
+    )
+    return y
+
+
+def int4_matmul_cpu(x, qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """y = x W^T on the CPU straight from the packed weight; x (M, K) -> y (M, N), x's dtype."""
+    return _int4_cpu("int4_matmul_cpu", x, qweight, qzeros, scales, g_idx, transposed=False)
+
+
+def int4_matmul_t_cpu(dy, qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """dx = dy W (the backward to the input); dy (M, N) -> dx (M, K), dy's dtype."""
+    return _int4_cpu("int4_matmul_t_cpu", dy, qweight, qzeros, scales, g_idx, transposed=True)
+
+
+def int4_matmul_cuda_small_m(x, qweight, qzeros, scales, g_idx) -> torch.Tensor:
+    """y = x W^T on CUDA for M <= 16 (decode); x (M, K) fp16/bf16 -> y (M, N), x's dtype.
+
+    Tensor-core kernel, fp32 accumulation, on torch's current stream. g_idx values are not range
+    checked here (that would need a device sync on every call): out-of-range groups are clamped.
+    """
+    op = "int4_matmul_cuda_small_m"
+    if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+        dev = x.device if isinstance(x, torch.Tensor) else None
+        raise ValueError(f"{op}: needs CUDA activations, got {dev}; use int4_matmul_cpu on the CPU")
+    K, N, G = _check_weight(op, qweight, qzeros, scales, g_idx, x.device)
+    _check_act(op, x, K, "K", (torch.float16, torch.bfloat16))
+    M = x.shape[0]
+    if M > CUDA_SMALL_M_MAX:
+        raise ValueError(f"{op}: M={M} rows; this kernel handles M <= {CUDA_SMALL_M_MAX} "
+                         "(use the Triton/GEMM path for larger batches)")
+    if M > 0 and not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous; pass x.contiguous()")
+    for name, t in (("x", x), ("qweight", qweight)):
+        if t.data_ptr() % 16 != 0:
+            raise ValueError(f"{op}: {name} must be 16-byte aligned (the kernel uses 16-byte "
+                             f"loads); pass {name}.clone()")
+    mod = _cuda()
+    if mod is None:
+        raise RuntimeError(f"{op}: CUDA kernels unavailable: {_cuda_err}")
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        mod.int4_matmul_small_m(
+            x.data_ptr(), _DTYPE_CODE[x.dtype], qweight.data_ptr(), qzeros.data_ptr(),
+            scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G,
+            y.data_ptr(), x.device.index, stream,
+        )
+    return y
