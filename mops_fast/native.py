@@ -230,8 +230,8 @@ def int4_matmul_cuda_small_m(x, qweight, qzeros, scales, g_idx) -> torch.Tensor:
                          "(use the Triton/GEMM path for larger batches)")
     if M > 0 and not x.is_contiguous():
         raise ValueError(f"{op}: x must be contiguous; pass x.contiguous()")
-    for name, t in (("x", x), ("qweight", qweight)):
-        if t.data_ptr() % 16 != 0:
+    for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("g_idx", g_idx)):
+        if M > 0 and t.data_ptr() % 16 != 0:
             raise ValueError(f"{op}: {name} must be 16-byte aligned (the kernel uses 16-byte "
                              f"loads); pass {name}.clone()")
     mod = _cuda()

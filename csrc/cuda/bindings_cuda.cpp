@@ -1,0 +1,38 @@
+// mops_fast._C_cuda: CUDA kernels bound with pybind11 (plain C++; the kernels sit behind a C
+// interface in int4_small_m.h). Loaded lazily by mops_fast/native.py on the first CUDA op, so a
+// wheel carrying it still imports on machines without a GPU.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "int4_small_m.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "mops_fast CUDA kernels (int4 GPTQ small-M matmul); called through mops_fast.native";
+  m.def(
+      "int4_matmul_small_m",
+      [](uintptr_t x, int x_dtype, uintptr_t qweight, uintptr_t qzeros, uintptr_t scales,
+         int scales_dtype, uintptr_t g_idx, int M, int K, int N, int G, uintptr_t y, int device,
+         uintptr_t stream) {
+        char err[256] = {0};
+        int rc;
+        {
+          py::gil_scoped_release nogil;
+          rc = mops_int4_small_m(reinterpret_cast<const void*>(x), x_dtype,
+                                 reinterpret_cast<const int32_t*>(qweight),
+                                 reinterpret_cast<const int32_t*>(qzeros),
+                                 reinterpret_cast<const void*>(scales), scales_dtype,
+                                 reinterpret_cast<const int32_t*>(g_idx), M, K, N, G,
+                                 reinterpret_cast<void*>(y), device,
+                                 reinterpret_cast<void*>(stream), err, int(sizeof err));
+        }
+        if (rc != 0) throw std::runtime_error(std::string("int4_matmul_small_m: ") + err);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"),
+      py::arg("scales_dtype"), py::arg("g_idx"), py::arg("M"), py::arg("K"), py::arg("N"),
+      py::arg("G"), py::arg("y"), py::arg("device"), py::arg("stream"),
+      "y (M,N) = x (M,K) W^T on CUDA for M <= 16; pointers and the stream as integers");
+}

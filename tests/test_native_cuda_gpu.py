@@ -1,0 +1,93 @@
+"""CUDA small-M int4 kernel (mops_fast._C_cuda) against a float64 dequantization, on a GPU.
+
+Build first: MOPS_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace
+(benchmarks/run_gpu.sh does). With a GPU present but the extension missing these tests fail, so a
+broken CUDA build cannot pass as skipped.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mops_fast import native
+from test_native_cpu import dequant_f64, make_weight
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def need_extension():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not native.cuda_available():
+        pytest.fail(f"mops_fast._C_cuda unavailable: {native.cuda_unavailable_reason()}. Build it with "
+                    "MOPS_FAST_CUDA=1 python3 setup.py build_ext --inplace")
+
+
+def _weight(K, N, group, dev, **kw):
+    qw, qz, s, g, _, _ = make_weight(K, N, group, **kw)
+    return [t.to(dev) for t in (qw, qz, s, g)]
+
+
+def _check(x, qw, qz, s, g, what):
+    y = native.int4_matmul_cuda_small_m(x, qw, qz, s, g)
+    torch.cuda.synchronize()
+    W = dequant_f64(qw, qz, s, g)  # on the GPU, float64
+    ref = x.double() @ W.t()
+    assert y.shape == ref.shape and y.dtype == x.dtype, what
+    assert torch.isfinite(y).all(), f"{what}: non-finite output"
+    err = (y.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= TOL[x.dtype] * scale, f"{what}: max abs error {err:.3e}, output scale {scale:.3e}"
+
+
+@pytest.mark.parametrize("M", [1, 4, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_llama_up_proj(M, dtype):
+    dev = torch.device("cuda")
+    qw, qz, s, g = _weight(4096, 11008, 128, dev, seed=M)
+    x = torch.randn(M, 4096, device=dev, dtype=dtype)
+    _check(x, qw, qz, s, g, f"4096x11008 M={M} {dtype}")
+
+
+@pytest.mark.parametrize(
+    "K, N, group, kw",
+    [
+        (576, 40, 128, {}),                                       # short last group, one CTA
+        (576, 200, 128, {"act_order": True}),                     # act-order, partial column tile
+        (11008, 4096, 128, {"sym": True}),                        # down_proj, 1376 rows
+        (4096, 4096, 32, {"scales_dtype": torch.float32}),        # fp32 scales, many groups
+        (1024, 72, None, {"scales_dtype": torch.bfloat16}),       # one group, bf16 scales
+        (4104, 264, 64, {"act_order": True}),                     # K not a multiple of 32
+    ],
+    ids=["K576N40", "K576N200act", "down_proj", "fp32scales", "onegroup", "K4104act"],
+)
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_awkward_shapes(K, N, group, kw, M):
+    dev = torch.device("cuda")
+    qw, qz, s, g = _weight(K, N, group, dev, seed=K + N + M, **kw)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        _check(x, qw, qz, s, g, f"K={K} N={N} g={group} {kw} M={M} {dtype}")
+
+
+def test_stream_and_empty_and_errors():
+    dev = torch.device("cuda")
+    qw, qz, s, g = _weight(512, 64, 128, dev, seed=1)
+    x = torch.randn(2, 512, device=dev, dtype=torch.float16)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        y = native.int4_matmul_cuda_small_m(x, qw, qz, s, g)
+    side.synchronize()
+    ref = native.int4_matmul_cuda_small_m(x, qw, qz, s, g)
+    torch.cuda.synchronize()
+    assert torch.equal(y, ref)
+    assert native.int4_matmul_cuda_small_m(x[:0], qw, qz, s, g).shape == (0, 64)
+    with pytest.raises(ValueError, match="M <= 16"):
+        native.int4_matmul_cuda_small_m(torch.randn(17, 512, device=dev, dtype=torch.float16), qw, qz, s, g)
+    with pytest.raises(ValueError, match="float16, bfloat16"):
+        native.int4_matmul_cuda_small_m(x.float(), qw, qz, s, g)
+    with pytest.raises(ValueError, match="is on cpu"):
+        native.int4_matmul_cuda_small_m(x, qw.cpu(), qz, s, g)
