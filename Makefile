@@ -26,5 +26,15 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest tests -q
 
+# Wheel of the package with its native extension, under dist/. Offline build (no isolation): the
+# build requirements come from the venv. For GPU clusters: MOPS_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX".
+wheel:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q setuptools wheel pybind11 cmake ninja
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_quant_cpu.py
+
 clean:
 	rm -rf build dist *.egg-info runs .pytest_cache

@@ -164,7 +164,7 @@ void fwd_m1_runs(const Int4Args& a, const float* x, const Run* runs, size_t nrun
       out[v] += s * (hsum8x8(acc) - z * run.xsum);
     }
   }
-  for (int v = 0; v < V; ++v) st(y + n0 + 8 * v, out[v]);
+  for (int v = 0; v < V; ++v) st(y + n0 + 8 * v, ld(y + n0 + 8 * v) + out[v]);
 }
 
 // Act-order variant: inputs of one qweight row belong to different groups, so partial sums are
@@ -234,25 +234,40 @@ void fwd_m1(const Int4Args& a, const float* x, float* y) {
     for (int64_t k = 0; k < K; ++k) sx[size_t(a.g_idx[k])] += x[k];
     xsum_g.assign(sx.begin(), sx.end());
   }
-  constexpr int64_t kTile = 32;  // 4 vectors of 8 columns; 8 accumulator chains
+  constexpr int64_t kTile = 32;  // 4 vectors of 8 columns
   const int64_t ntiles = (N + kTile - 1) / kTile;
+  if (uniform) {
+    // Threads split K (one run of rows per task) and sweep all columns of their run, so qweight is
+    // read as a few long sequential streams (a column-tile split would hop pages on every row);
+    // each thread sums into its own copy of y, added up at the end.
+    const int nt = int(std::max<int64_t>(1, std::min<int64_t>(a.nthreads, int64_t(runs.size()))));
+    std::vector<float> part(size_t(nt) * size_t(N), 0.f);
+    parallel_for(nt, int64_t(runs.size()), [&](int64_t ri, int tid) {
+      float* yp = part.data() + int64_t(tid) * N;
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t n0 = t * kTile;
+        switch (int(std::min<int64_t>(kTile, N - n0) / 8)) {
+          case 4: fwd_m1_runs<4>(a, x, &runs[size_t(ri)], 1, n0, yp); break;
+          case 3: fwd_m1_runs<3>(a, x, &runs[size_t(ri)], 1, n0, yp); break;
+          case 2: fwd_m1_runs<2>(a, x, &runs[size_t(ri)], 1, n0, yp); break;
+          default: fwd_m1_runs<1>(a, x, &runs[size_t(ri)], 1, n0, yp); break;
+        }
+      }
+    });
+    for (int64_t n = 0; n < N; ++n) {
+      float acc = 0.f;
+      for (int t = 0; t < nt; ++t) acc += part[size_t(t) * size_t(N) + size_t(n)];
+      y[n] = acc;
+    }
+    return;
+  }
   parallel_for(a.nthreads, ntiles, [&](int64_t t, int) {
     const int64_t n0 = t * kTile;
-    const int nv = int(std::min<int64_t>(kTile, N - n0) / 8);
-    if (uniform) {
-      switch (nv) {
-        case 4: fwd_m1_runs<4>(a, x, runs.data(), runs.size(), n0, y); break;
-        case 3: fwd_m1_runs<3>(a, x, runs.data(), runs.size(), n0, y); break;
-        case 2: fwd_m1_runs<2>(a, x, runs.data(), runs.size(), n0, y); break;
-        default: fwd_m1_runs<1>(a, x, runs.data(), runs.size(), n0, y); break;
-      }
-    } else {
-      switch (nv) {
-        case 4: fwd_m1_groups<4>(a, xs.data(), xsum_g.data(), n0, y); break;
-        case 3: fwd_m1_groups<3>(a, xs.data(), xsum_g.data(), n0, y); break;
-        case 2: fwd_m1_groups<2>(a, xs.data(), xsum_g.data(), n0, y); break;
-        default: fwd_m1_groups<1>(a, xs.data(), xsum_g.data(), n0, y); break;
-      }
+    switch (int(std::min<int64_t>(kTile, N - n0) / 8)) {
+      case 4: fwd_m1_groups<4>(a, xs.data(), xsum_g.data(), n0, y); break;
+      case 3: fwd_m1_groups<3>(a, xs.data(), xsum_g.data(), n0, y); break;
+      case 2: fwd_m1_groups<2>(a, xs.data(), xsum_g.data(), n0, y); break;
+      default: fwd_m1_groups<1>(a, xs.data(), xsum_g.data(), n0, y); break;
     }
   });
 }

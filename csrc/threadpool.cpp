@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -19,47 +18,61 @@
 namespace mops {
 namespace {
 
+// One parallel_for call. Lives on the caller's stack; workers reach it only through Pool::current_
+// (under the mutex) and the caller does not return before every worker that joined has left it.
+struct Job {
+  const std::function<void(int64_t, int)>* fn;
+  int64_t ntasks;
+  int nthreads;
+  std::atomic<int64_t> next{0};  // next task to hand out
+  std::atomic<int64_t> done{0};  // tasks finished
+  std::atomic<int> active{0};    // workers inside drain()
+};
+
 class Pool {
  public:
-  explicit Pool() : pid_(getpid()) {}
+  Pool() : pid_(getpid()) {}
   pid_t pid() const { return pid_; }
 
   void run(int nthreads, int64_t ntasks, const std::function<void(int64_t, int)>& fn) {
     std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel call at a time
-    int nworkers = nthreads - 1;
-    while (int(workers_.size()) < nworkers) {
-      int id = int(workers_.size()) + 1;
+    while (int(workers_.size()) < nthreads - 1) {
+      const int id = int(workers_.size()) + 1;
       workers_.emplace_back([this, id] { worker_loop(id); });
     }
+    Job job;
+    job.fn = &fn;
+    job.ntasks = ntasks;
+    job.nthreads = nthreads;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      fn_ = &fn;
-      ntasks_ = ntasks;
-      next_.store(0, std::memory_order_relaxed);
-      wanted_ = nworkers;
-      finished_.store(0, std::memory_order_relaxed);
+      current_ = &job;
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    drain(0);
-    // Wait for the helpers; they are usually done by now, so spin briefly before sleeping.
-    for (int spin = 0; finished_.load(std::memory_order_acquire) < nworkers; ++spin) {
-      if (spin < 4096) {
-        MOPS_PAUSE();
-      } else {
-        std::unique_lock<std::mutex> lk(mu_);
-        done_cv_.wait(lk, [&] { return finished_.load(std::memory_order_acquire) >= nworkers; });
-      }
+    drain(job, 0);
+    // Wait for tasks still running on helpers, never for helpers that have not woken up yet: on a
+    // busy machine a sleeping thread can take milliseconds to get a core, and the caller does its
+    // share of the work instead.
+    for (int spin = 0; job.done.load(std::memory_order_acquire) < ntasks; ++spin) {
+      if (spin < 4096) MOPS_PAUSE(); else std::this_thread::yield();
     }
-    fn_ = nullptr;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      current_ = nullptr;  // late helpers find no job
+    }
+    for (int spin = 0; job.active.load(std::memory_order_acquire) > 0; ++spin) {
+      if (spin < 4096) MOPS_PAUSE(); else std::this_thread::yield();
+    }
   }
 
  private:
-  void drain(int tid) {
+  static void drain(Job& job, int tid) {
     for (;;) {
-      int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-      if (t >= ntasks_) break;
-      (*fn_)(t, tid);
+      const int64_t t = job.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= job.ntasks) break;
+      (*job.fn)(t, tid);
+      job.done.fetch_add(1, std::memory_order_acq_rel);
     }
   }
 
@@ -69,33 +82,25 @@ class Pool {
       // Spin a little (back-to-back calls are common: one per layer), then sleep.
       for (int spin = 0; spin < 2048 && generation_.load(std::memory_order_acquire) == seen; ++spin)
         MOPS_PAUSE();
-      int wanted;
+      Job* job;
       {
-        // Read the generation and its thread count together, so that a worker that lags behind
-        // one call never joins the next one twice.
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
         seen = generation_.load(std::memory_order_relaxed);
-        wanted = wanted_;
+        job = current_;
+        if (job == nullptr || id >= job->nthreads) continue;
+        job->active.fetch_add(1, std::memory_order_acq_rel);
       }
-      if (id > wanted) continue;  // this call uses fewer threads
-      drain(id);
-      if (finished_.fetch_add(1, std::memory_order_acq_rel) + 1 == wanted) {
-        std::lock_guard<std::mutex> lk(mu_);
-        done_cv_.notify_one();
-      }
+      drain(*job, id);
+      job->active.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
 
   pid_t pid_;
   std::mutex call_mu_, mu_;
-  std::condition_variable cv_, done_cv_;
+  std::condition_variable cv_;
   std::vector<std::thread> workers_;
-  const std::function<void(int64_t, int)>* fn_ = nullptr;
-  int64_t ntasks_ = 0;
-  int wanted_ = 0;
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> finished_{0};
+  Job* current_ = nullptr;
   std::atomic<uint64_t> generation_{0};
 };
 
