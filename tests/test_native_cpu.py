@@ -54,11 +54,12 @@ def dequant_f64(qweight, qzeros, scales, g_idx) -> torch.Tensor:
     """W (N, K) float64 from the packed tensors, following the format description literally."""
     K8, N = qweight.shape
     K = 8 * K8
+    dev = qweight.device
     q = qweight.to(torch.int64) & 0xFFFFFFFF
-    k = torch.arange(K)
+    k = torch.arange(K, device=dev)
     codes = (q[k // 8, :] >> (4 * (k % 8)).unsqueeze(1)) & 0xF  # (K, N)
     z = qzeros.to(torch.int64) & 0xFFFFFFFF
-    n = torch.arange(N)
+    n = torch.arange(N, device=dev)
     zeros = (z[:, n // 8] >> (4 * (n % 8))) & 0xF  # (G, N)
     g = g_idx.long()
     w = (codes - zeros[g, :]).double() * scales.double()[g, :]  # (K, N)
