@@ -1,0 +1,201 @@
+"""The round loop of one method, shared by every transport, and the in-process transport (the default).
+
+`FederatedRun` owns the schedule: stage A (federated gate pretraining, mops only), then stage B rounds of
+local training; per-round evaluation on the test subset; a checkpoint after every round. A dispatcher
+delivers each round's work to the clients and returns their updates: `InProcessDispatcher` runs the
+clients one after another on the one backbone in memory; the Flower dispatcher (flower_app.py) sends
+them to SuperNodes. A run killed at any moment resumes from its last finished round and ends with the
+same state as an uninterrupted run: every round is a pure function of (global state, seed, round).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from mops_fast.federated.client import STAGE_GATE, STAGE_TRAIN, ClientUpdate, set_state
+from mops_fast.federated.server import FederatedServer
+from mops_fast.hf.adapter import save_adapter
+
+CKPT = "fed_checkpoint.pt"
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write to a temporary file, flush it to disk, then rename: a kill leaves the old file or the new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class InProcessDispatcher:
+    """Simulated clients on the shared backbone, one after another (the adapter is reloaded per client)."""
+
+    name = "simulation"
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def run_round(self, method: str, stage: str, rnd: int, clients: list[int], state: dict, spec: dict):
+        updates = []
+        for cid in clients:
+            c = self.ctx.client(cid, method, lr=spec.get("lr"))
+            if stage == STAGE_GATE:
+                updates.append(c.fit_gate(state, rnd, spec["gate_local_steps"], spec["gate_samples"]))
+            else:
+                updates.append(c.fit(state, rnd, spec["local_steps"], spec["prox_mu"]))
+        return updates, {}
+
+
+class FederatedRun:
+    """One method trained federatedly; `run()` returns its result dict (resuming from `out_dir` if present)."""
+
+    def __init__(self, ctx, method: str, dispatcher=None, out_dir: str | Path | None = None,
+                 lr: float | None = None, rounds: int | None = None, eval_records=None,
+                 round_eval_records=None, log=print):
+        self.ctx, self.method, self.lr = ctx, method, lr
+        self.fed = ctx.fed
+        self.rounds = int(rounds if rounds is not None else self.fed.rounds)
+        self.gate_rounds = self.fed.gate_rounds if method == "mops" and ctx.method_config(method).gate else 0
+        self.dispatcher = dispatcher or InProcessDispatcher(ctx)
+        self.out = Path(out_dir) if out_dir else None
+        self.eval_records = ctx.test if eval_records is None else eval_records
+        self.round_eval_records = ctx.round_test if round_eval_records is None else round_eval_records
+        self.log = log
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def fingerprint(self) -> str:
+        """Everything that determines the result; a checkpoint from another config is refused."""
+        c = self.ctx.cfg
+        key = {"method": self.method, "lr": self.lr, "rounds": self.rounds, "model": c.get("model"),
+               "seed": self.ctx.seed, "mops": self.ctx.method_config(self.method).to_dict(),
+               "train": self.ctx.method_train(self.method, self.lr), "federated": c["federated"],
+               "data": c["data"], "init": c.get("init"), "eval": self.ctx.eval_cfg}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def ckpt_path(self) -> Path | None:
+        return self.out / CKPT if self.out else None
+
+    def _save(self, server, progress: dict, history: list, final: dict | None = None) -> None:
+        if self.ckpt_path is None:
+            return
+        atomic_torch_save({"fingerprint": self.fingerprint(), "progress": dict(progress), "server": server.state_dict(),
+                           "history": history, "final": final}, self.ckpt_path)
+
+    def _load(self):
+        p = self.ckpt_path
+        if p is None or not p.is_file():
+            return None
+        try:
+            ck = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupt file must not be silently trained over
+            raise ValueError(f"checkpoint {p} is corrupt ({e}); delete it to start this method over") from e
+        if ck.get("fingerprint") != self.fingerprint():
+            raise ValueError(f"checkpoint {p} was written by a different config (method, data, schedule or "
+                             "hyperparameters changed); delete it or choose another run name")
+        return ck
+
+    # -------------------------------------------------------------------------------- the loop
+    def _spec(self) -> dict:
+        f = self.fed
+        return {"local_steps": f.local_steps, "prox_mu": f.strategy.mu, "gate_local_steps": f.gate_local_steps,
+                "gate_samples": f.gate_samples, "lr": self.lr}
+
+    def _evaluate(self, server, records) -> dict:
+        set_state(self.ctx.model.mops, server.state)
+        t0 = time.perf_counter()
+        res = self.ctx.evaluate(records)
+        return {"ppl": res["ppl"], "eval_s": time.perf_counter() - t0}
+
+    def _round(self, server, stage: str, rnd: int, per_round: int) -> dict:
+        t0 = time.perf_counter()
+        clients = server.sample(stage, rnd, per_round)
+        keys = server.keys(stage)
+        updates, timing = self.dispatcher.run_round(self.method, stage, rnd, clients,
+                                                    {k: server.state[k] for k in keys}, self._spec())
+        t1 = time.perf_counter()
+        failed = timing.pop("failed", [])  # clients that returned an error or nothing (transport level)
+        rec = server.finish_round(stage, rnd, updates)
+        rec["dropped"].extend(failed)
+        rec.update(sampled=clients, dispatch_s=t1 - t0, round_s=time.perf_counter() - t0, **timing)
+        return rec
+
+    def run(self) -> dict:
+        ctx, fed, name = self.ctx, self.fed, self.method
+        init_state = ctx.attach(name, init=True)
+        try:
+            server = FederatedServer(init_state, fed.strategy, ctx.seed, fed.partition.num_clients)
+            progress, history = {"A": 0, "B": 0, "evaluated": -1}, []
+            ck = self._load()
+            if ck is not None:
+                if ck.get("final") is not None:
+                    self.log(f"[{name}] finished earlier; results from {self.ckpt_path}")
+                    server.load_state_dict(ck["server"])
+                    set_state(ctx.model.mops, server.state)
+                    return {**ck["final"], "history": ck["history"], "final_state": dict(server.state)}
+                server.load_state_dict(ck["server"])
+                progress, history = dict(ck["progress"]), list(ck["history"])
+                self.log(f"[{name}] resuming after stage A round {progress['A']}, stage B round {progress['B']}")
+
+            for rnd in range(progress["A"], self.gate_rounds):
+                rec = self._round(server, STAGE_GATE, rnd + 1, fed.gate_per_round)
+                history.append(rec)
+                progress["A"] = rnd + 1
+                self._save(server, progress, history)
+                self.log(f"[{name}] gate round {rnd + 1}/{self.gate_rounds}: clients {rec['clients']} "
+                         f"loss {rec.get('gate_loss', float('nan')):.3f} routing acc "
+                         f"{rec.get('routing_acc', float('nan')):.2f} ({rec['round_s']:.1f} s)")
+
+            for rnd in range(progress["B"], self.rounds + 1):
+                if rnd > progress["B"]:  # round 0 is the initial state: evaluated, not trained
+                    rec = self._round(server, STAGE_TRAIN, rnd, fed.clients_per_round)
+                    progress["B"] = rnd
+                    history.append(rec)
+                    self.log(f"[{name}] round {rnd}/{self.rounds}: clients {rec['clients']} loss "
+                             f"{rec.get('loss_first', float('nan')):.3f} -> {rec.get('loss_last', float('nan')):.3f} "
+                             f"({rec['round_s']:.1f} s)" + (f", dropped {len(rec['dropped'])}" if rec["dropped"] else ""))
+                due = fed.eval_every and rnd % fed.eval_every == 0 and rnd < self.rounds
+                if due and progress["evaluated"] < rnd and self.round_eval_records:
+                    ev = self._evaluate(server, self.round_eval_records)
+                    history.append({"stage": "eval", "round": rnd, **ev})
+                    progress["evaluated"] = rnd
+                    self.log(f"[{name}] round {rnd}: test ppl (round subset) {ev['ppl']['mean']:.3f} "
+                             f"({ev['eval_s']:.0f} s)")
+                self._save(server, progress, history)
+
+            ev = self._evaluate(server, self.eval_records)
+            history.append({"stage": "eval", "round": self.rounds, "final": True, **ev})
+            if self.round_eval_records is not self.eval_records and self.round_eval_records:
+                sub = self._evaluate(server, self.round_eval_records)
+                history.append({"stage": "eval", "round": self.rounds, **sub})
+            train_s = sum(m["train_s"] for h in history if h.get("stage") == STAGE_TRAIN
+                          for m in h.get("client_metrics", {}).values())
+            tokens = sum(m.get("tokens", 0.0) for h in history if h.get("stage") == STAGE_TRAIN
+                         for m in h.get("client_metrics", {}).values())
+            final = {"ppl": ev["ppl"], "train_tokens_per_s": tokens / train_s if train_s else None,
+                     "lr": float(ctx.method_train(name, self.lr)["lr"]), "rounds": self.rounds,
+                     "gate_rounds": self.gate_rounds}
+            if self.out is not None:
+                save_adapter(ctx.model, self.out / "adapter")  # the trained global adapter, loadable as usual
+            self._save(server, progress, history, final=final)
+            self.log(f"[{name}] final test ppl {ev['ppl']['mean']:.3f}")
+            return {**final, "history": history, "final_state": dict(server.state)}
+        finally:
+            ctx.detach()
