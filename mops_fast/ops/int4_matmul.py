@@ -136,14 +136,20 @@ def act_order_repack(qweight, g_idx, group_size: int):
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    # Plain functions, jitted lazily by _kernels(): Triton decides at decoration time whether a kernel is
+    # compiled or interpreted (TRITON_INTERPRET), so decorating here would freeze the mode at import.
+    #
+    # Dequantization, MODE 1 (fp16) and 2 (bf16): OR-ing a 4-bit code into the bits of 1024.0 (fp16
+    # 0x6400) or 128.0 (bf16 0x4300) gives 1024 + code (128 + code) exactly, with no int->float conversion
+    # (a slow instruction on GPUs); (v - (1024 + zero)) is then an exact small integer and one multiply by
+    # the scale rounds once, as the reference does. MODE 0 (fp32 activations) converts plainly.
 
-    @triton.jit
     def _int4_fwd_kernel(
         x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr,
-        M, N, K, GS,
+        M, N, K, GS, n_split,
         stride_xm, stride_xk, stride_ym, stride_yn,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-        SPLIT_K: tl.constexpr, GROUPED: tl.constexpr, DOT_F32: tl.constexpr,
+        ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         # y[m, n] = sum_k x[m, k] * W[n, k]; program = one (BM, BN) tile and one K slice (split-K)
         pid = tl.program_id(0)
@@ -168,7 +174,7 @@ if HAS_TRITON:
         N8 = N // 8
 
         k_tiles = tl.cdiv(K, BK)
-        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        per_split = tl.cdiv(k_tiles, n_split)
         k_begin = pid_k * per_split * BK
         k_end = tl.minimum(k_begin + per_split * BK, K)
 
@@ -184,38 +190,45 @@ if HAS_TRITON:
                          mask=(rows[:, None] < K // 8) & n_mask[None, :], other=0)
             codes = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BK, BN))
             if GROUPED:
-                # the whole K tile lies in group k0 // GS (GS is a multiple of BK)
+                # the whole K tile lies in group k0 // GS (GS is a multiple of BK): one row of scales
                 g = k0 // GS
-                s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0)[None, :]
                 zw = tl.load(qz_ptr + g * N8 + offs_n // 8, mask=n_mask, other=0)
-                z = (zw >> zshift) & 0xF
-                w = (codes - z[None, :]).to(tl.float32) * s[None, :]
+                z = ((zw >> zshift) & 0xF)[None, :]
             else:
                 g = tl.load(gi_ptr + offs_k, mask=k_mask, other=0)
                 kn_mask = k_mask[:, None] & n_mask[None, :]
-                s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
+                s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0)
                 zw = tl.load(qz_ptr + g[:, None] * N8 + (offs_n // 8)[None, :], mask=kn_mask, other=0)
                 z = (zw >> zshift[None, :]) & 0xF
-                w = (codes - z).to(tl.float32) * s
-            if DOT_F32:
-                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            if MODE == 1:
+                v = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                zf = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                w = (v - zf) * s.to(tl.float16)
+            elif MODE == 2:
+                v = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                zf = (z | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                w = (v - zf) * s.to(tl.bfloat16)
             else:
-                acc += tl.dot(x, w.to(x.dtype))
+                w = (codes - z).to(tl.float32) * s.to(tl.float32)
+            if DOT_F32:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x, w)
 
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
         mask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT_K == 1:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
+        if ATOMIC:
             tl.atomic_add(y_ptrs, acc, mask=mask)
+        else:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
     def _int4_bwd_kernel(
         dy_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, dx_ptr,
-        M, N, K, GS,
+        M, N, K, GS, n_split,
         stride_dym, stride_dyn, stride_dxm, stride_dxk,
         BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-        SPLIT_N: tl.constexpr, GROUPED: tl.constexpr, DOT_F32: tl.constexpr,
+        ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         # dx[m, k] = sum_n dy[m, n] * W[n, k]; program = one (BM, BK) tile and one N slice (split-N)
         pid = tl.program_id(0)
@@ -242,7 +255,7 @@ if HAS_TRITON:
             gk = tl.load(gi_ptr + offs_k, mask=k_mask, other=0)
 
         n_tiles = tl.cdiv(N, BN)
-        per_split = tl.cdiv(n_tiles, SPLIT_N)
+        per_split = tl.cdiv(n_tiles, n_split)
         n_begin = pid_s * per_split * BN
         n_end = tl.minimum(n_begin + per_split * BN, N)
 
@@ -257,27 +270,93 @@ if HAS_TRITON:
             codes = tl.reshape((qw[:, :, None] >> shifts[None, None, :]) & 0xF, (BN, BK))
             zshift = (offs_n % 8) * 4
             if GROUPED:
-                s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0)[:, None]
                 zw = tl.load(qz_ptr + g * N8 + offs_n // 8, mask=n_mask, other=0)
-                z = (zw >> zshift) & 0xF
-                w = (codes - z[:, None]).to(tl.float32) * s[:, None]
+                z = ((zw >> zshift) & 0xF)[:, None]
             else:
                 nk_mask = n_mask[:, None] & k_mask[None, :]
-                s = tl.load(sc_ptr + gk[None, :] * N + offs_n[:, None], mask=nk_mask, other=0.0).to(tl.float32)
+                s = tl.load(sc_ptr + gk[None, :] * N + offs_n[:, None], mask=nk_mask, other=0.0)
                 zw = tl.load(qz_ptr + gk[None, :] * N8 + (offs_n // 8)[:, None], mask=nk_mask, other=0)
                 z = (zw >> zshift[:, None]) & 0xF
-                w = (codes - z).to(tl.float32) * s
-            if DOT_F32:
-                acc += tl.dot(dy.to(tl.float32), w, input_precision="ieee")
+            if MODE == 1:
+                v = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                zf = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                w = (v - zf) * s.to(tl.float16)
+            elif MODE == 2:
+                v = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                zf = (z | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                w = (v - zf) * s.to(tl.bfloat16)
             else:
-                acc += tl.dot(dy, w.to(dy.dtype))
+                w = (codes - z).to(tl.float32) * s.to(tl.float32)
+            if DOT_F32:
+                acc += tl.dot(dy.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(dy, w)
 
         dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
         mask = m_mask[:, None] & k_mask[None, :]
-        if SPLIT_N == 1:
-            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
-        else:
+        if ATOMIC:
             tl.atomic_add(dx_ptrs, acc, mask=mask)
+        else:
+            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    def _int4_dequant_kernel(
+        qw_ptr, qz_ptr, sc_ptr, gi_ptr, out_ptr,
+        N, K, k0, k1, n0, n1, GS, stride_o,
+        BK: tl.constexpr, BN: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr,
+    ):
+        # out[k - k0, n - n0] = W[n, k] for k in [k0, k1), n in [n0, n1): one slice of W^T (chunked path)
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        kt = k0 + pid_k * BK
+        offs_k = kt + tl.arange(0, BK)
+        offs_i = kt // 8 + tl.arange(0, BK // 8)
+        offs_n = n0 + pid_n * BN + tl.arange(0, BN)
+        k_mask = offs_k < k1
+        n_mask = offs_n < n1
+        shifts = tl.arange(0, 8) * 4
+        N8 = N // 8
+        zshift = (offs_n % 8) * 4
+        qw = tl.load(qw_ptr + offs_i[:, None] * N + offs_n[None, :],
+                     mask=(offs_i < k1 // 8)[:, None] & n_mask[None, :], other=0)
+        codes = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BK, BN))
+        if GROUPED:
+            g = kt // GS
+            s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0)[None, :]
+            zw = tl.load(qz_ptr + g * N8 + offs_n // 8, mask=n_mask, other=0)
+            z = ((zw >> zshift) & 0xF)[None, :]
+        else:
+            g = tl.load(gi_ptr + offs_k, mask=k_mask, other=0)
+            kn_mask = k_mask[:, None] & n_mask[None, :]
+            s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0)
+            zw = tl.load(qz_ptr + g[:, None] * N8 + (offs_n // 8)[None, :], mask=kn_mask, other=0)
+            z = (zw >> zshift[None, :]) & 0xF
+        if MODE == 1:
+            v = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            zf = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            w = (v - zf) * s.to(tl.float16)
+        elif MODE == 2:
+            v = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            zf = (z | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            w = (v - zf) * s.to(tl.bfloat16)
+        else:
+            w = (codes - z).to(tl.float32) * s.to(tl.float32)
+        o_ptrs = out_ptr + (offs_k - k0)[:, None] * stride_o + (offs_n - n0)[None, :]
+        tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
+
+
+_JIT: dict = {}
+
+
+def _kernels():
+    """(forward, backward) kernels, decorated for the current mode (compiled, or interpreted on the CPU)."""
+    mode = _interpreting()
+    if mode not in _JIT:
+        # M varies call to call: not specializing on it (M == 1, M % 16) saves compiles
+        _JIT[mode] = (triton.jit(_int4_fwd_kernel, do_not_specialize=["M", "n_split"]),
+                      triton.jit(_int4_bwd_kernel, do_not_specialize=["M", "n_split"]),
+                      triton.jit(_int4_dequant_kernel, do_not_specialize=["k0", "k1", "n0", "n1"]))
+    return _JIT[mode]
 
 
 _SM_COUNT: dict = {}
@@ -351,6 +430,17 @@ def _check_act(x, K, name):
         raise ValueError(f"int4 matmul: {name} dtype {x.dtype} is not supported; use fp16, bf16 or fp32")
 
 
+def _mode(dtype) -> int:
+    """Dequantization mode of the kernels: 1 fp16 and 2 bf16 exponent tricks, 0 plain fp32 math. The
+    Triton interpreter computes bf16 arithmetic wrongly (only loads, stores and casts are right), so bf16
+    takes the fp32 math there; compiled, the bf16 path is checked by tests/test_int4_matmul_gpu.py."""
+    if dtype == torch.float16:
+        return 1
+    if dtype == torch.bfloat16 and not _interpreting():
+        return 2
+    return 0
+
+
 def _dot_f32(dtype) -> bool:
     # fp32 inputs use an exact fp32 dot; bf16 dots are wrong under the Triton interpreter (PITFALLS.md)
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
@@ -375,11 +465,11 @@ def int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size: int = 0, c
     if M == 0:
         return y.to(x.dtype)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]), split)
-    _int4_fwd_kernel[grid](
-        x, qweight, qzeros, scales, g_idx, y, M, N, K, cfg["GS"],
+    _kernels()[0][grid](
+        x, qweight, qzeros, scales, g_idx, y, M, N, K, cfg["GS"], split,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
-        GROUPED=cfg["GROUPED"], DOT_F32=_dot_f32(x.dtype),
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], ATOMIC=split > 1,
+        GROUPED=cfg["GROUPED"], MODE=_mode(x.dtype), DOT_F32=_dot_f32(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -403,14 +493,65 @@ def int4_matmul_t_triton(dy, qweight, qzeros, scales, g_idx, group_size: int = 0
     if M == 0:
         return dx.to(dy.dtype)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(K, cfg["BK"]), split)
-    _int4_bwd_kernel[grid](
-        dy, qweight, qzeros, scales, g_idx, dx, M, N, K, cfg["GS"],
+    _kernels()[1][grid](
+        dy, qweight, qzeros, scales, g_idx, dx, M, N, K, cfg["GS"], split,
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
-        BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], SPLIT_N=split,
-        GROUPED=cfg["GROUPED"], DOT_F32=_dot_f32(dy.dtype),
+        BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], ATOMIC=split > 1,
+        GROUPED=cfg["GROUPED"], MODE=_mode(dy.dtype), DOT_F32=_dot_f32(dy.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dx if dx.dtype == dy.dtype else dx.to(dy.dtype)
+
+
+def dequantize_int4_slice_triton(qweight, qzeros, scales, g_idx, k0: int, k1: int, n0: int, n1: int,
+                                 dtype: torch.dtype, group_size: int = 0, out: torch.Tensor | None = None):
+    """W^T[k0:k1, n0:n1] (a (k1-k0, n1-n0) slice, in `dtype`) dequantized by a Triton kernel. k0 must be a
+    multiple of 128 so that tiles never straddle a group."""
+    K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
+    if k0 % 128 or not (0 <= k0 < k1 <= K and 0 <= n0 < n1 <= N):
+        raise ValueError(f"bad slice [{k0}:{k1}, {n0}:{n1}] of W^T ({K}, {N}); k0 must be a multiple of 128")
+    BK, GS, grouped = _pick_bk(group_size, K, (128, 64, 32))  # k0 % 128 == 0: tiles stay in one group
+    BN = 128
+    if out is None:
+        out = torch.empty((k1 - k0, n1 - n0), device=qweight.device, dtype=dtype)
+    grid = (triton.cdiv(k1 - k0, BK), triton.cdiv(n1 - n0, BN))
+    _kernels()[2][grid](qweight, qzeros, scales, g_idx, out, N, K, k0, k1, n0, n1, GS, out.stride(0),
+                        BK=BK, BN=BN, GROUPED=grouped, MODE=_mode(dtype), num_warps=4)
+    return out
+
+
+CHUNK = 2048  # weight columns (or rows) dequantized at a time by the chunked path
+
+
+def int4_matmul_chunked(x, qweight, qzeros, scales, g_idx, group_size: int = 0, chunk: int = CHUNK):
+    """y = x W^T by dequantizing CHUNK output columns of W^T at a time into a scratch buffer and calling
+    the vendor GEMM on each: the whole float weight never exists, only a (K, CHUNK) slice. An alternative
+    for large M, measured beside the fused kernel by benchmarks/bench_gptq_matmul.py."""
+    K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
+    _check_act(x, K, "x")
+    y = torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype)
+    buf = torch.empty((K, min(chunk, N)), device=x.device, dtype=x.dtype)
+    for n0 in range(0, N, chunk):
+        n1 = min(n0 + chunk, N)
+        wt = dequantize_int4_slice_triton(qweight, qzeros, scales, g_idx, 0, K, n0, n1, x.dtype, group_size,
+                                          out=buf[:, : n1 - n0])
+        torch.mm(x, wt, out=y[:, n0:n1])
+    return y
+
+
+def int4_matmul_t_chunked(dy, qweight, qzeros, scales, g_idx, group_size: int = 0, chunk: int = CHUNK):
+    """dx = dy W, dequantizing CHUNK rows of W^T (input features) at a time (see int4_matmul_chunked)."""
+    K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
+    _check_act(dy, N, "dy")
+    chunk = max(128, chunk // 128 * 128)
+    dx = torch.empty((dy.shape[0], K), device=dy.device, dtype=dy.dtype)
+    buf = torch.empty((min(chunk, K), N), device=dy.device, dtype=dy.dtype)
+    for k0 in range(0, K, chunk):
+        k1 = min(k0 + chunk, K)
+        wt = dequantize_int4_slice_triton(qweight, qzeros, scales, g_idx, k0, k1, 0, N, dy.dtype, group_size,
+                                          out=buf[: k1 - k0])
+        torch.mm(dy, wt.t(), out=dx[:, k0:k1])
+    return dx
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -450,6 +591,18 @@ def _native_cuda_small_m():
 
 
 SMALL_M_NATIVE = 16  # the native CUDA kernel covers M <= 16 (decode and small batches)
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _native_small_m_fits(x, qweight, scales, g_idx) -> bool:
+    # its contract: fp16/bf16 activations, 1 <= M <= 16, contiguous 16-byte aligned tensors
+    if x.dtype not in (torch.float16, torch.bfloat16) or not 1 <= x.shape[0] <= SMALL_M_NATIVE:
+        return False
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x, qweight, scales, g_idx))
+
+
+def _native_cpu_fits(a, tensors) -> bool:
+    return a.dtype in _NATIVE_DTYPES and all(t.is_contiguous() for t in tensors)
 
 
 def _forward(x, qweight, qzeros, scales, g_idx, group_size):
@@ -459,14 +612,15 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
     if x.is_cuda:
         if impl in ("auto", "native") and x.shape[0] <= SMALL_M_NATIVE:
             nat = _native_cuda_small_m()
-            if nat is not None:
-                return nat.int4_matmul_cuda_small_m(x.contiguous(), qweight, qzeros, scales, g_idx)
+            xc = x.contiguous()
+            if nat is not None and _native_small_m_fits(xc, qweight, scales, g_idx):
+                return nat.int4_matmul_cuda_small_m(xc, qweight, qzeros, scales, g_idx)
         if HAS_TRITON:
             return int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size)
         return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
     if impl in ("auto", "native"):
         nat = _native_cpu()
-        if nat is not None:
+        if nat is not None and _native_cpu_fits(x, (qweight, qzeros, scales, g_idx)):
             return nat.int4_matmul_cpu(x.contiguous(), qweight, qzeros, scales, g_idx)
     return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
 
@@ -481,7 +635,8 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
         return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
     if impl in ("auto", "native"):
         nat = _native_cpu()
-        if nat is not None and hasattr(nat, "int4_matmul_t_cpu"):
+        if (nat is not None and hasattr(nat, "int4_matmul_t_cpu")
+                and _native_cpu_fits(dy, (qweight, qzeros, scales, g_idx))):
             return nat.int4_matmul_t_cpu(dy.contiguous(), qweight, qzeros, scales, g_idx)
     return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
 

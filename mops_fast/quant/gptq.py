@@ -17,8 +17,22 @@ from __future__ import annotations
 
 import torch
 
+import contextlib
+
 from mops_fast.quant.pack import num_groups
 from mops_fast.quant.quantizer import QuantizedWeight, check_quant_args, find_params, quantize_codes
+
+
+@contextlib.contextmanager
+def small_op_threads():
+    """One intra-op thread for the column loops: their ops are small (N x block), and splitting them over
+    threads costs more in synchronization than it gains (20x slower seen on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +66,10 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float = 0.01, max_tr
     for _ in range(max_tries):
         L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            # H^-1 = L^-T L^-1 through a triangular solve and a product (BLAS-3; cholesky_inverse is
+            # several times slower on the CPU)
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            U, info = torch.linalg.cholesky_ex(Linv.t() @ Linv, upper=True)
             if int(info) == 0:
                 return U.float(), damp
         damp += 0.01
@@ -102,7 +119,26 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
 
     codes = torch.empty(N, K, dtype=torch.int64, device=dev)
     loss = torch.zeros((), dtype=torch.float64, device=dev)
-    scale = zero = None
+    with small_op_threads() if dev.type == "cpu" else contextlib.nullcontext():
+        _gptq_columns(W, U, keep, scales, zeros, codes, loss, col_group_list, dynamic, gs, K, bits, sym,
+                      block_size)
+
+    if perm is not None:
+        unperm = torch.empty_like(codes)
+        unperm[:, perm] = codes
+        codes = unperm
+        g_idx = torch.empty(K, dtype=torch.int32, device=dev)
+        g_idx[perm] = col_group.to(torch.int32)
+    else:
+        g_idx = col_group.to(torch.int32)
+    qw = QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym, desc_act)
+    return qw, float(loss)
+
+
+def _gptq_columns(W, U, keep, scales, zeros, codes, loss, col_group_list, dynamic, gs, K, bits, sym, block_size):
+    """The GPTQ column loop (in place on W, scales, zeros, codes, loss); see gptq_quantize."""
+    N = W.shape[0]
+    dev = W.device
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         cnt = i2 - i1
@@ -131,18 +167,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
             codes[:, j] = c
             d = U1[i, i]
             err = (w - q) / d
-            loss += (err.double() ** 2).sum() / 2
-            W1[:, i:] -= torch.outer(err, U1[i, i:])
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             E1[:, i] = err
+        loss += (E1.double() ** 2).sum() / 2
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-
-    if perm is not None:
-        unperm = torch.empty_like(codes)
-        unperm[:, perm] = codes
-        codes = unperm
-        g_idx = torch.empty(K, dtype=torch.int32, device=dev)
-        g_idx[perm] = col_group.to(torch.int32)
-    else:
-        g_idx = col_group.to(torch.int32)
-    qw = QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym, desc_act)
-    return qw, float(loss)

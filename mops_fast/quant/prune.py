@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from mops_fast.quant.gptq import inverse_hessian_cholesky, prepare_hessian
+import contextlib
+
+from mops_fast.quant.gptq import inverse_hessian_cholesky, prepare_hessian, small_op_threads
 
 
 def parse_nm(nm) -> tuple[int, int] | None:
@@ -106,6 +108,14 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, nm=
     U, _ = inverse_hessian_cholesky(H, damp_percent)
     del H
     mask = torch.zeros(N, K, dtype=torch.bool, device=W.device)
+    with small_op_threads() if W.device.type == "cpu" else contextlib.nullcontext():
+        _sparsegpt_columns(W, U, mask, sparsity, nm, block_size)
+    return W, mask
+
+
+def _sparsegpt_columns(W, U, mask, sparsity, nm, block_size):
+    """The SparseGPT column loop (in place on W and mask); see sparsegpt_prune."""
+    N, K = W.shape
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         cnt = i2 - i1
@@ -125,10 +135,9 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, nm=
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0.0)
             err = (w - q) / d[i]
-            W1[:, i:] -= torch.outer(err, U1[i, i:])
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             W1[:, i] = q  # exactly zero where pruned (the update leaves rounding residue)
             E1[:, i] = err
         W[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return W, mask

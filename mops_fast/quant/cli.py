@@ -1,0 +1,215 @@
+"""`mops-fast compress`: GPTQ / RTN quantization and magnitude / Wanda / SparseGPT pruning of a model.
+
+  mops-fast compress --model smollm2-135m --method gptq --bits 4 --group-size 128 --out runs/smollm2-gptq4
+  mops-fast compress --method sparsegpt --sparsity 0.5 --then-gptq --out runs/smollm2-sp50-gptq4
+  mops-fast compress --config configs/compress.yaml      (same keys as the options; options given win)
+
+Writes a model directory that `mops_fast.load_model(DIR)` reads: a standard GPTQ checkpoint for
+quantization, an ordinary safetensors checkpoint for pruning alone. Also runnable as
+`python -m mops_fast.quant.cli compress ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mops_fast.quant.compress import METHODS, PRUNE_METHODS
+
+DEFAULTS = {
+    "model": "smollm2-135m",
+    "method": "gptq",
+    "bits": 4,
+    "group_size": 128,
+    "sym": True,
+    "desc_act": False,
+    "damp_percent": 0.01,
+    "static_groups": False,
+    "true_sequential": True,
+    "block_size": 128,
+    "sparsity": None,
+    "nm": None,
+    "then_gptq": False,
+    "calib_data": "../shared/data/dolly15k/train.jsonl",
+    "calib_samples": 128,
+    "calib_seqlen": 256,
+    "seed": 0,
+    "batch_size": 8,
+    "format": "gptq",
+    "dtype": "float16",
+    "threads": None,
+    "out": None,
+}
+
+
+def add_compress_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of `compress`. Every default is None here, so that run_compress can tell options given on
+    the command line (which win) from those left to the --config file or the built-in defaults."""
+    d = DEFAULTS
+    p.add_argument("--config", default=None, help="YAML file with the same keys as these options")
+    p.add_argument("--model", default=None, help=f"model name or directory (default {d['model']})")
+    p.add_argument("--method", default=None, choices=METHODS, help=f"compression method (default {d['method']})")
+    p.add_argument("--bits", type=int, default=None, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None, help="inputs per quantization group; -1 = one "
+                   "group per row (default 128)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sym", dest="sym", action="store_const", const=True, default=None,
+                   help="symmetric grid, zero point 2**(bits-1) (default)")
+    g.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric grid")
+    p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
+                   help="act-order: quantize inputs by decreasing Hessian diagonal (default off)")
+    p.add_argument("--damp-percent", type=float, default=None, help="Hessian damping, fraction of the mean "
+                   "diagonal (default 0.01)")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="fix group grids before GPTQ updates (default off)")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate each sub-layer group on the already compressed earlier ones (default on)")
+    p.add_argument("--block-size", type=int, default=None, help="GPTQ/SparseGPT column block (default 128)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights pruned (default 0.5)")
+    p.add_argument("--nm", default=None, help="N:M structured sparsity, e.g. 2:4 (keep N of every M)")
+    p.add_argument("--then-gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="after pruning each layer, GPTQ-quantize it (pruned weights stay zero)")
+    p.add_argument("--calib-data", default=None, help=f"JSON Lines records (default {d['calib_data']})")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per calibration forward (default 8)")
+    p.add_argument("--format", default=None, choices=("gptq", "gptq_v2"),
+                   help="checkpoint zero-point convention (default gptq: zeros stored minus one)")
+    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
+                   help="dtype of the saved non-quantized tensors (default float16)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's "
+                   "choice; 1 is faster on a busy machine)")
+    p.add_argument("--out", default=None, help="output model directory (required)")
+    return p
+
+
+def _read_yaml(path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {p} does not exist")
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping of option names to values")
+    if isinstance(data.get("compress"), dict):  # a shared config file may nest the section
+        data = data["compress"]
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in DEFAULTS:
+            raise ValueError(f"{p}: unknown key {k!r}; compress takes {sorted(DEFAULTS)}")
+        out[key] = v
+    return out
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    """Built-in defaults < --config file < options given on the command line; then validated."""
+    s = dict(DEFAULTS)
+    if getattr(args, "config", None):
+        s.update(_read_yaml(args.config))
+    for k in DEFAULTS:
+        v = getattr(args, k, None)
+        if v is not None:
+            s[k] = v
+    if s["method"] not in METHODS:
+        raise ValueError(f"method {s['method']!r} is unknown; choose one of {METHODS}")
+    if not s["out"]:
+        raise ValueError("compress needs --out DIR (where the compressed model is written)")
+    pruning = s["method"] in PRUNE_METHODS
+    if not pruning and (s["sparsity"] is not None or s["nm"] or s["then_gptq"]):
+        raise ValueError(f"--sparsity, --nm and --then-gptq apply to pruning methods {PRUNE_METHODS}, not "
+                         f"{s['method']!r}")
+    if pruning:
+        from mops_fast.quant.prune import parse_nm
+
+        nm = parse_nm(s["nm"])
+        if nm is not None:
+            implied = 1 - nm[0] / nm[1]
+            if s["sparsity"] is not None and abs(float(s["sparsity"]) - implied) > 1e-9:
+                raise ValueError(f"--sparsity {s['sparsity']} contradicts --nm {s['nm']} (which prunes {implied:g})")
+            s["sparsity"] = implied
+        elif s["sparsity"] is None:
+            s["sparsity"] = 0.5
+    return s
+
+
+def run_compress(args: argparse.Namespace) -> Path:
+    """Run `compress` with parsed options; returns the output directory."""
+    from mops_fast.hf.loading import load_model, resolve_model_path
+    from mops_fast.quant.calibration import calibration_windows
+    from mops_fast.quant.checkpoint import make_quant_config, save_dense, save_quantized
+    from mops_fast.quant.compress import (
+        QuantSettings,
+        prune_model,
+        quantize_model,
+        replace_with_quant_linear,
+        sparsity_report,
+    )
+
+    s = resolve_settings(args)
+    if s["threads"]:
+        torch.set_num_threads(int(s["threads"]))
+    t0 = time.time()
+    src = resolve_model_path(str(s["model"]))
+    with open(src / "config.json") as f:
+        if "quantization_config" in json.load(f):
+            raise ValueError(f"{src} is already quantized; compress a dense model")
+    model, tok = load_model(str(s["model"]), dtype=torch.float32)
+    qs = QuantSettings(bits=int(s["bits"]), group_size=int(s["group_size"]), sym=bool(s["sym"]),
+                       desc_act=bool(s["desc_act"]), damp_percent=float(s["damp_percent"]),
+                       static_groups=bool(s["static_groups"]), true_sequential=bool(s["true_sequential"]),
+                       block_size=int(s["block_size"])).validate()
+    method = s["method"]
+    quantizing = method in ("gptq", "rtn") or bool(s["then_gptq"])
+    needs_calib = method in ("gptq", "wanda", "sparsegpt") or bool(s["then_gptq"])
+    calib = None
+    if needs_calib:
+        calib = calibration_windows(tok, s["calib_data"], int(s["calib_samples"]), int(s["calib_seqlen"]),
+                                    int(s["seed"]))
+        print(f"[compress] calibration: {calib.shape[0]} windows x {calib.shape[1]} tokens from {s['calib_data']}")
+    t1 = time.time()
+    if method in ("gptq", "rtn"):
+        quants = quantize_model(model, calib, method, qs, batch_size=int(s["batch_size"]))
+    else:
+        _, quants = prune_model(model, calib, method, float(s["sparsity"]), s["nm"],
+                                then_gptq=qs if s["then_gptq"] else None, damp_percent=qs.damp_percent,
+                                block_size=qs.block_size, true_sequential=qs.true_sequential,
+                                batch_size=int(s["batch_size"]))
+    t_compress = time.time() - t1
+    summary = {"settings": {k: v for k, v in s.items() if k != "out"}, "source": str(src),
+               "compress_seconds": round(t_compress, 1)}
+    if method in PRUNE_METHODS:
+        summary["sparsity"] = round(sparsity_report(model)["overall"], 6)
+    out = Path(s["out"])
+    if quantizing:
+        algorithm = method if not s["then_gptq"] else f"{method}+gptq"
+        qcfg = make_quant_config(qs.bits, qs.group_size, qs.sym, qs.desc_act, s["format"], qs.damp_percent,
+                                 qs.true_sequential, qs.static_groups, algorithm=algorithm)
+        replace_with_quant_linear(model, quants)
+        save_quantized(model, out, qcfg, tokenizer=tok, source_dir=src, dtype=s["dtype"])
+    else:
+        save_dense(model, out, tokenizer=tok, source_dir=src, dtype=s["dtype"],
+                   compression={"method": method, "sparsity": s["sparsity"], "nm": s["nm"]})
+    summary["total_seconds"] = round(time.time() - t0, 1)
+    with open(out / "compression.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"[compress] {method} done in {t_compress:.0f}s (total {summary['total_seconds']:.0f}s) -> {out}")
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="mops-fast")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_compress_args(sub.add_parser("compress", help="quantize or prune a model"))
+    args = parser.parse_args(argv)
+    run_compress(args)
+
+
+if __name__ == "__main__":
+    main()
