@@ -186,7 +186,8 @@ class Trainer:
             fs, cs = [torch.empty_like(feats) for _ in range(self.world)], [torch.empty_like(cats) for _ in range(self.world)]
             dist.all_gather(fs, feats)
             dist.all_gather(cs, cats)
-            feats, cats = torch.cat(fs), torch.cat(cs)
+            # rank r held idx[r::world]: interleave back to the order of idx
+            feats, cats = torch.stack(fs, 1).flatten(0, 1), torch.stack(cs, 1).flatten(0, 1)
         target = self.gate_targets(cats)
         opt = torch.optim.AdamW(self.mops.gate.parameters(), lr=cfg.gate_pretrain_lr)
         g = torch.Generator().manual_seed(cfg.seed + 17)
@@ -200,7 +201,7 @@ class Trainer:
         with torch.no_grad():
             acc = (self.mops.gate(feats.to(self.mops.gate.fc1.weight.dtype)).argmax(-1) == target).float().mean().item()
         self.gate_pretrained = True
-        info = {"stage": "A", "loss": float(loss), "routing_acc": acc}
+        info = {"stage": "A", "loss": loss.item(), "routing_acc": acc}
         self.history.append(info)
         return info
 
@@ -239,7 +240,7 @@ class Trainer:
                 loss = loss + cfg.load_balance * lb * b["input_ids"].shape[0] / cfg.batch_size
                 lb_sum += float(lb)
             loss.backward()
-            loss_sum += float(nll)
+            loss_sum += nll.item()
         if self.world > 1:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
             dist.all_reduce(flat)

@@ -1,0 +1,64 @@
+"""results.json -> Markdown table and bar plot (per-category perplexity of each method)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def reduction(results: dict, method: str = "mops", baseline: str = "prompt") -> float | None:
+    """Relative reduction of the mean perplexity of `method` against `baseline` (0.05 = 5% lower)."""
+    m = results["methods"]
+    if method not in m or baseline not in m:
+        return None
+    return 1.0 - m[method]["ppl"]["mean"] / m[baseline]["ppl"]["mean"]
+
+
+def markdown_table(results: dict) -> str:
+    methods = list(results["methods"])
+    cats = [c for c in results["methods"][methods[0]]["ppl"] if c != "mean"]
+    lines = [
+        f"**{results.get('model')}** on **{results.get('data')}**, {results.get('setting')}, "
+        f"compression {results.get('compression')}, {results.get('steps')} steps, seed {results.get('seed')}",
+        "",
+        "| category | " + " | ".join(methods) + " |",
+        "| --- | " + " | ".join("---:" for _ in methods) + " |",
+    ]
+    for c in cats + ["mean"]:
+        vals = [results["methods"][m]["ppl"].get(c) for m in methods]
+        best = min(v for v in vals if v is not None)
+        cells = [("**%.3f**" if v == best else "%.3f") % v if v is not None else "-" for v in vals]
+        name = "**mean**" if c == "mean" else c
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tps = [results["methods"][m].get("train_tokens_per_s") for m in methods]
+    lines.append("| train tokens/s | " + " | ".join("%.0f" % t if t else "-" for t in tps) + " |")
+    r = reduction(results)
+    if r is not None:
+        lines += ["", f"mops vs prompt: mean perplexity {100 * r:+.2f}% lower" if r >= 0 else
+                  f"mops vs prompt: mean perplexity {100 * -r:.2f}% HIGHER (mops does not win here)"]
+    return "\n".join(lines) + "\n"
+
+
+def bar_plot(results: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    methods = list(results["methods"])
+    cats = [c for c in results["methods"][methods[0]]["ppl"] if c != "mean"] + ["mean"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cats)), 3.8))
+    w = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        ys = [results["methods"][m]["ppl"][c] for c in cats]
+        ax.bar([x + i * w for x in range(len(cats))], ys, width=w, label=m)
+    ax.set_xticks([x + w * (len(methods) - 1) / 2 for x in range(len(cats))])
+    ax.set_xticklabels(cats, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("response perplexity")
+    ax.set_title(f"{results.get('model')} / {results.get('data')} / {results.get('setting')} / "
+                 f"{results.get('compression')}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random LLaMA-family models and the real SmolLM2-135M (session-scoped)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DOLLY = SHARED / "data" / "dolly15k"
+
+
+def tiny_config(model_type="llama", layers=4, hidden=48, heads=6, kv_heads=2, vocab=128, **kw):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=layers, num_attention_heads=heads,
+                                num_key_value_heads=kv_heads, max_position_embeddings=256, **kw)
+
+
+def tiny_model(model_type="llama", seed=0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(tiny_config(model_type, **kw))
+    return m.eval()
+
+
+class CharTok:
+    """A tiny deterministic tokenizer (one id per character, ids 1..97) with no chat template."""
+
+    eos_token = "$"
+    pad_token_id = 0
+    model_max_length = 256
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 97 + 1 for c in text]}
+
+
+def synthetic_records(n=40, seed=0):
+    """Records of 4 categories whose responses depend on the category (learnable by a tiny model)."""
+    import random
+
+    rnd = random.Random(seed)
+    cats = ["alpha", "beta", "gamma", "delta"]
+    out = []
+    for i in range(n):
+        c = cats[i % 4]
+        out.append({"instruction": f"{c} task {rnd.randint(0, 99)}", "context": "",
+                    "response": (c[0] * rnd.randint(3, 9)), "category": c})
+    return out
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct; tests must detach what they attach."""
+    if not DOLLY.is_dir():
+        pytest.skip("../shared/data is not present")
+    import mops_fast
+
+    return mops_fast.load_model("smollm2-135m")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

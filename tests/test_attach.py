@@ -1,0 +1,158 @@
+"""Attaching MoPs to tiny LLaMA-family models: masks, identity, generate, detach, frozen backbone."""
+import pytest
+import torch
+
+import mops_fast
+from mops_fast import MoPsConfig
+from mops_fast.hf.attach import get_mops
+from tests.conftest import tiny_model
+
+
+def batch(B=3, S=9, vocab=128, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, S), generator=g)
+    am = torch.ones(B, S, dtype=torch.long)
+    am[1, :3] = 0  # left padded
+    am[B - 1, -2:] = 0  # right padded
+    return ids, am
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_attach_changes_outputs_and_detach_restores_exactly(model_type):
+    m = tiny_model(model_type)
+    ids, am = batch()
+    base = m(input_ids=ids, attention_mask=am).logits
+    mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=1, init="random"))
+    out = m(input_ids=ids, attention_mask=am).logits
+    assert not torch.allclose(out, base)
+    mops_fast.detach(m)
+    after = m(input_ids=ids, attention_mask=am).logits
+    assert torch.equal(after, base)
+    assert not hasattr(m, "mops")
+
+
+def test_padded_batch_matches_unpadded_rows(tiny_llama):
+    """Each row of a padded batch equals that sample run alone (the mask function is registered)."""
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=2, prompt_len=3, gate_layer=1, init="random"))
+    ids, am = batch()
+    pos_full = (am.cumsum(1) - 1).clamp(min=0)  # left padding shifts positions
+    full = m(input_ids=ids, attention_mask=am, position_ids=pos_full).logits
+    for b in range(ids.shape[0]):
+        keep = am[b].bool()
+        pos = torch.arange(int(keep.sum()))[None]
+        alone = m(input_ids=ids[b:b + 1, keep], position_ids=pos).logits[0]
+        torch.testing.assert_close(full[b, keep], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_identity_equal_experts_in_model(tiny_llama):
+    """All experts equal: MoPs output equals the one-prompt model, whatever the gate says."""
+    m = tiny_llama
+    ids, am = batch()
+    mops_fast.attach(m, MoPsConfig(num_experts=4, prompt_len=2, gate_layer=1, init="random", top_k=2))
+    mops = get_mops(m)
+    with torch.no_grad():
+        mops.prompt_k.copy_(mops.prompt_k[:, :1].expand_as(mops.prompt_k))
+        mops.prompt_v.copy_(mops.prompt_v[:, :1].expand_as(mops.prompt_v))
+        pk, pv = mops.prompt_k[:, 0].clone(), mops.prompt_v[:, 0].clone()
+    a = m(input_ids=ids, attention_mask=am).logits
+    assert (mops.state.logw == float("-inf")).any()  # top-k really zeroed experts
+    mops_fast.detach(m)
+    mops_fast.attach(m, MoPsConfig(num_experts=1, prompt_len=2, gate=False, gate_layer=1, init="random"))
+    with torch.no_grad():
+        get_mops(m).prompt_k.copy_(pk[:, None])
+        get_mops(m).prompt_v.copy_(pv[:, None])
+    b = m(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["scale", "mix"])
+def test_generate_with_cache_matches_full_forward(tiny_llama, mode):
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=1, init="random", mode=mode))
+    ids, am = batch(B=2)
+    am[1] = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1])  # generate wants left padding
+    am[0] = 1
+    n = 5
+    g = m.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, do_sample=False, output_logits=True,
+                   return_dict_in_generate=True, pad_token_id=0)
+    seq = g.sequences
+    am2 = torch.cat([am, torch.ones(2, n, dtype=am.dtype)], 1)
+    gm = torch.cat([am, torch.zeros(2, n, dtype=am.dtype)], 1)  # the gate reads the prompt only
+    pos = (am2.cumsum(1) - 1).clamp(min=0)
+    full = m(input_ids=seq, attention_mask=am2, position_ids=pos, gate_mask=gm).logits
+    for t in range(n):
+        torch.testing.assert_close(g.logits[t], full[:, ids.shape[1] + t - 1], rtol=1e-4, atol=1e-4)
+
+
+def test_only_prompts_and_gate_get_gradients_and_backbone_unchanged(tiny_llama):
+    m = tiny_llama
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    mops_fast.attach(m, MoPsConfig(num_experts=2, prompt_len=2, gate_layer=1, init="random"))
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    ids, am = batch()
+    for _ in range(3):
+        loss = m(input_ids=ids, attention_mask=am, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("mops.") for n in trainable)
+    assert all(p.grad is None for n, p in m.named_parameters() if not n.startswith("mops."))
+    mops_fast.detach(m)
+    after = m.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in m.parameters())  # flags restored as they were
+
+
+def test_gate_mask_changes_gate_and_empty_gate_mask_is_an_error(tiny_llama):
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=2, init="random"))
+    ids, am = batch()
+    gm = am.clone()
+    gm[:, 5:] = 0
+    m(input_ids=ids, attention_mask=am, gate_mask=gm)
+    w1 = get_mops(m).state.logw.clone()
+    m(input_ids=ids, attention_mask=am)
+    assert not torch.allclose(w1, get_mops(m).state.logw)
+    gm[1] = 0
+    with pytest.raises(ValueError, match="gate mask is empty for sample"):
+        m(input_ids=ids, attention_mask=am, gate_mask=gm)
+
+
+def test_bad_configs_and_models(tiny_llama):
+    for kw, msg in [(dict(num_experts=0), "num_experts"), (dict(prompt_len=0), "prompt_len"),
+                    (dict(temperature=0.0), "temperature"), (dict(num_experts=2, top_k=3), "top_k"),
+                    (dict(mode="avg"), "mode")]:
+        with pytest.raises(ValueError, match=msg):
+            MoPsConfig(**kw)
+    with pytest.raises(ValueError, match="gate_layer=7 is outside"):
+        mops_fast.attach(tiny_llama, MoPsConfig(gate_layer=7))
+    assert not hasattr(tiny_llama, "mops")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="supports model types.*'gpt2'"):
+        mops_fast.attach(gpt2, MoPsConfig())
+    mops_fast.attach(tiny_llama, MoPsConfig(gate_layer=1))
+    with pytest.raises(ValueError, match="already has MoPs"):
+        mops_fast.attach(tiny_llama, MoPsConfig(gate_layer=1))
+
+
+def test_kv_init_takes_backbone_keys(tiny_llama):
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=2, prompt_len=3, gate_layer=1, init="kv"))
+    ids, am = batch()
+    mops_fast.init_prompts_from_kv(m, ids, am, seed=0)
+    pk = get_mops(m).prompt_k
+    # every prompt key of layer 1 must be a real post-RoPE key of the batch at layer 1
+    mops_fast.detach(m)
+    out = m(input_ids=ids, attention_mask=am, use_cache=True)
+    cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+    keys = cache.layers[1].keys if hasattr(cache, "layers") else cache.key_cache[1]  # (B, Hkv, S, d)
+    real = keys.permute(0, 2, 1, 3)[am.bool()]  # (n, Hkv, d)
+    for e in range(2):
+        for t in range(3):
+            dist = (real - pk[0, e, t]).abs().amax((-1, -2))
+            assert dist.min().item() < 1e-5

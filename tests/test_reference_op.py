@@ -1,0 +1,121 @@
+"""The reference gated-prefix attention against a naive float64 loop, forward and backward."""
+import math
+
+import pytest
+import torch
+
+from mops_fast.ops.gated_prefix_attention import gated_prefix_attention, gated_prefix_attention_with_lse
+
+
+def naive(q, k, v, pk, pv, logw, key_valid, causal=True):
+    B, Hq, Sq, d = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    rows = []
+    for b in range(B):
+        P = pk if pk.dim() == 4 else pk[b]
+        PV = pv if pv.dim() == 4 else pv[b]
+        J, L = P.shape[:2]
+        for h in range(Hq):
+            hk = h // G
+            for i in range(Sq):
+                scores, vals = [], []
+                for e in range(J):
+                    for t in range(L):
+                        bias = logw[b, e] if logw is not None else 0.0
+                        scores.append(q[b, h, i] @ P[e, t, hk] / math.sqrt(d) + bias)
+                        vals.append(PV[e, t, hk])
+                for j in range(Sk):
+                    ok = key_valid is None or bool(key_valid[b, j])
+                    ok = ok and (not causal or j <= Sk - Sq + i)
+                    if ok:
+                        scores.append(q[b, h, i] @ k[b, hk, j] / math.sqrt(d))
+                        vals.append(v[b, hk, j])
+                p = torch.softmax(torch.stack(scores), 0)
+                rows.append(p @ torch.stack(vals))
+    return torch.stack(rows).view(B, Hq, Sq, d)
+
+
+def make(B=2, Hq=6, Hkv=2, Sq=7, Sk=7, d=8, J=3, L=2, per_sample=False, pad=True, topk_zero=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    q, k, v = r(B, Hq, Sq, d), r(B, Hkv, Sk, d), r(B, Hkv, Sk, d)
+    shape = (B, J, L, Hkv, d) if per_sample else (J, L, Hkv, d)
+    pk, pv = r(*shape), r(*shape)
+    logw = torch.log_softmax(r(B, J), -1)
+    if topk_zero and J > 1:
+        logw[0, 0] = float("-inf")
+        logw[0] = logw[0] - torch.logsumexp(logw[0], 0)
+    kv = torch.ones(B, Sk, dtype=torch.bool)
+    if pad:
+        kv[0, :2] = False  # left padding
+        kv[-1, -3:] = False  # right padding
+    return q, k, v, pk, pv, logw, kv
+
+
+@pytest.mark.parametrize("case", [
+    dict(), dict(Sq=1, Sk=9), dict(J=5, L=3, Hq=3, Hkv=1), dict(J=1, L=1), dict(per_sample=True, J=1, L=4),
+    dict(Sq=5, Sk=11, d=4, B=3),
+])
+def test_reference_matches_naive_forward_and_backward(case):
+    q, k, v, pk, pv, logw, kv = make(**case)
+    ts = [t.requires_grad_() for t in (q, k, v, pk, pv, logw)]
+    out = gated_prefix_attention(*ts, kv)
+    ref = naive(*ts, kv)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    go = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, ts, go, allow_unused=True)
+    g2 = torch.autograd.grad(ref, ts, go, allow_unused=True)
+    for a, b in zip(g1, g2):
+        # -inf log weights give zero (or nan-free) gradients in both
+        torch.testing.assert_close(torch.nan_to_num(a, 0.0, 0.0, 0.0), torch.nan_to_num(b, 0.0, 0.0, 0.0),
+                                   rtol=1e-9, atol=1e-9)
+
+
+def test_all_padding_but_one_and_lse():
+    q, k, v, pk, pv, logw, kv = make(pad=False)
+    kv[1] = False
+    kv[1, 3] = True
+    o, lse = gated_prefix_attention_with_lse(q, k, v, pk, pv, logw, kv)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(o, naive(q, k, v, pk, pv, logw, kv))
+
+
+def test_identity_equal_experts_equals_single_prompt():
+    """If all experts hold the same prompt, `scale` is plain prefix attention whatever the gate says."""
+    q, k, v, pk, pv, logw, kv = make(J=4, L=3, topk_zero=True)
+    one_k, one_v = pk[:1], pv[:1]
+    same_k, same_v = one_k.expand_as(pk).clone(), one_v.expand_as(pv).clone()
+    a = gated_prefix_attention(q, k, v, same_k, same_v, logw, kv)
+    b = gated_prefix_attention(q, k, v, one_k, one_v, None, kv)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_zero_weight_expert_contributes_nothing():
+    q, k, v, pk, pv, logw, kv = make(J=3)
+    logw[:, 1] = float("-inf")
+    a = gated_prefix_attention(q, k, v, pk, pv, logw, kv)
+    pk2, pv2 = pk.clone(), pv.clone()
+    pk2[1] += 100.0
+    pv2[1] -= 50.0
+    b = gated_prefix_attention(q, k, v, pk2, pv2, logw, kv)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad", ["qdim", "gqa", "prompt_heads", "logw_shape", "mask_dtype", "short_k"])
+def test_bad_inputs_raise_clear_errors(bad):
+    q, k, v, pk, pv, logw, kv = make()
+    if bad == "qdim":
+        q = q[0]
+    elif bad == "gqa":
+        q = q[:, :5]
+    elif bad == "prompt_heads":
+        pk, pv = pk[:, :, :1], pv[:, :, :1]
+    elif bad == "logw_shape":
+        logw = logw[:, :2]
+    elif bad == "mask_dtype":
+        kv = kv.long()
+    elif bad == "short_k":
+        k, v, kv = k[:, :, :3], v[:, :, :3], kv[:, :3]
+    with pytest.raises(ValueError, match="gated_prefix_attention"):
+        gated_prefix_attention(q, k, v, pk, pv, logw, kv)
