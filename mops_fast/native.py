@@ -33,11 +33,13 @@ __all__ = [
     "cuda_unavailable_reason",
     "int4_matmul_cuda_small_m",
     "CUDA_SMALL_M_MAX",
+    "CUDA_SMALL_M_DTYPES",
 ]
 
 # dtype codes shared with csrc/common.h
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-CUDA_SMALL_M_MAX = 16
+CUDA_SMALL_M_MAX = 16  # rows the CUDA small-M kernel takes (decode and small batches)
+CUDA_SMALL_M_DTYPES = (torch.float16, torch.bfloat16)  # tensor-core inputs; fp32 goes elsewhere
 
 _NOT_LOADED = object()
 _cpu_mod: object = _NOT_LOADED
@@ -223,7 +225,7 @@ def int4_matmul_cuda_small_m(x, qweight, qzeros, scales, g_idx) -> torch.Tensor:
         dev = x.device if isinstance(x, torch.Tensor) else None
         raise ValueError(f"{op}: needs CUDA activations, got {dev}; use int4_matmul_cpu on the CPU")
     K, N, G = _check_weight(op, qweight, qzeros, scales, g_idx, x.device)
-    _check_act(op, x, K, "K", (torch.float16, torch.bfloat16))
+    _check_act(op, x, K, "K", CUDA_SMALL_M_DTYPES)
     M = x.shape[0]
     if M > CUDA_SMALL_M_MAX:
         raise ValueError(f"{op}: M={M} rows; this kernel handles M <= {CUDA_SMALL_M_MAX} "
