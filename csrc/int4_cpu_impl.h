@@ -123,18 +123,27 @@ struct Run {
   float xsum;      // sum of x over the run's inputs
 };
 
+// Two-input lane shuffle with a constant index list (clang and GCC >= 12 spell it
+// __builtin_shufflevector; older GCC only has __builtin_shuffle with a mask vector).
+#if defined(__clang__)
+#define MOPS_SHUF(a, b, i0, i1, i2, i3, i4, i5, i6, i7) \
+  __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define MOPS_SHUF(a, b, i0, i1, i2, i3, i4, i5, i6, i7) \
+  __builtin_shuffle(a, b, v8i{i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
 // Lane-sums of eight vectors: out[c] = sum over lanes of v[c].
 inline v8f hsum8x8(const v8f* v) {
-  const v8i ev = {0, 8, 2, 10, 4, 12, 6, 14}, od = {1, 9, 3, 11, 5, 13, 7, 15};
-  const v8f u01 = __builtin_shuffle(v[0], v[1], ev) + __builtin_shuffle(v[0], v[1], od);
-  const v8f u23 = __builtin_shuffle(v[2], v[3], ev) + __builtin_shuffle(v[2], v[3], od);
-  const v8f u45 = __builtin_shuffle(v[4], v[5], ev) + __builtin_shuffle(v[4], v[5], od);
-  const v8f u67 = __builtin_shuffle(v[6], v[7], ev) + __builtin_shuffle(v[6], v[7], od);
-  const v8i lo = {0, 1, 8, 9, 4, 5, 12, 13}, hi = {2, 3, 10, 11, 6, 7, 14, 15};
-  const v8f w0 = __builtin_shuffle(u01, u23, lo) + __builtin_shuffle(u01, u23, hi);
-  const v8f w1 = __builtin_shuffle(u45, u67, lo) + __builtin_shuffle(u45, u67, hi);
-  const v8i a = {0, 1, 2, 3, 8, 9, 10, 11}, b = {4, 5, 6, 7, 12, 13, 14, 15};
-  return __builtin_shuffle(w0, w1, a) + __builtin_shuffle(w0, w1, b);
+  const v8f u01 = MOPS_SHUF(v[0], v[1], 0, 8, 2, 10, 4, 12, 6, 14) + MOPS_SHUF(v[0], v[1], 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f u23 = MOPS_SHUF(v[2], v[3], 0, 8, 2, 10, 4, 12, 6, 14) + MOPS_SHUF(v[2], v[3], 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f u45 = MOPS_SHUF(v[4], v[5], 0, 8, 2, 10, 4, 12, 6, 14) + MOPS_SHUF(v[4], v[5], 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f u67 = MOPS_SHUF(v[6], v[7], 0, 8, 2, 10, 4, 12, 6, 14) + MOPS_SHUF(v[6], v[7], 1, 9, 3, 11, 5, 13, 7, 15);
+  // u01 = [a01, b01, a23, b23, a45, b45, a67, b67] (pairwise sums of v[0] = a and v[1] = b)
+  const v8f w0 = MOPS_SHUF(u01, u23, 0, 1, 8, 9, 4, 5, 12, 13) + MOPS_SHUF(u01, u23, 2, 3, 10, 11, 6, 7, 14, 15);
+  const v8f w1 = MOPS_SHUF(u45, u67, 0, 1, 8, 9, 4, 5, 12, 13) + MOPS_SHUF(u45, u67, 2, 3, 10, 11, 6, 7, 14, 15);
+  // w0 = [a_lo, b_lo, c_lo, d_lo, a_hi, b_hi, c_hi, d_hi] (lo: lanes 0-3, hi: lanes 4-7)
+  return MOPS_SHUF(w0, w1, 0, 1, 2, 3, 8, 9, 10, 11) + MOPS_SHUF(w0, w1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 template <int V>
