@@ -19,13 +19,18 @@ or float32 in IEEE mode (no TF32 unless torch.backends.cuda.matmul.allow_tf32 sa
 """
 from __future__ import annotations
 
-import math
 import os
+import warnings
 from contextlib import contextmanager
 
 import torch
 import triton
 import triton.language as tl
+
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - older layouts
+    from triton.runtime.autotuner import OutOfResources
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -83,10 +88,9 @@ def _key_bias(KVM, LWb, offs_n, n_ok, L, IS_PROMPT: tl.constexpr, HAS_KVM: tl.co
     else:
         if HAS_KVM:
             if BOUND:
-                valid = tl.load(KVM + offs_n, mask=n_ok, other=0)
+                bias = tl.load(KVM + offs_n, mask=n_ok, other=float("-inf"))
             else:
-                valid = tl.load(KVM + offs_n)
-            bias = tl.where(valid != 0, 0.0, float("-inf"))
+                bias = tl.load(KVM + offs_n)
         else:
             if BOUND:
                 bias = tl.where(n_ok, 0.0, float("-inf"))
@@ -111,35 +115,43 @@ def _fwd_step(acc, l_i, m_i, s, v, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, lo, hi, N, q_pos, offs_d,
-               LWb, L, KVM, qk_scale,
-               IS_PROMPT: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND: tl.constexpr,
-               HAS_KVM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
+def _fwd_prompts(acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, P, LWb, L, offs_d, qk_scale,
+                 BOUND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # num_stages=1: the loop body sits under a data-dependent `if`, keep the pipeliner out of it.
+    for start_n in tl.range(0, P, BLOCK_N, num_stages=1):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        bias = _key_bias(KVM, LWb, offs_n, n_ok, L, IS_PROMPT, HAS_KVM, BOUND)
-        if IS_PROMPT:
-            # Skip tiles whose experts all have weight 0 (log weight -inf): top-k gating.
-            if tl.max(bias, 0) > float("-inf"):
-                k = _load_2d(Kb + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, offs_d,
-                             BOUND, HEAD_DIM, BLOCK_D)
-                s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale + bias[None, :]
-                v = _load_2d(Vb + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, offs_d,
-                             BOUND, HEAD_DIM, BLOCK_D)
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, s, v, IEEE, UPCAST)
-        else:
+        n_ok = offs_n < P
+        bias = _key_bias(LWb, LWb, offs_n, n_ok, L, True, False, BOUND)
+        # Skip tiles whose experts all have weight 0 (log weight -inf): top-k gating.
+        if tl.max(bias, 0) > float("-inf"):
             k = _load_2d(Kb + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, offs_d,
                          BOUND, HEAD_DIM, BLOCK_D)
-            s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale
-            if HAS_KVM or BOUND:
-                s = s + bias[None, :]
-            if CAUSAL_MASK:
-                s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+            s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale + bias[None, :]
             v = _load_2d(Vb + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, offs_d,
                          BOUND, HEAD_DIM, BLOCK_D)
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, s, v, IEEE, UPCAST)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_own(acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, lo, hi, N, q_pos, offs_d, KVM, qk_scale,
+             CAUSAL_MASK: tl.constexpr, BOUND: tl.constexpr, HAS_KVM: tl.constexpr,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+             IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        k = _load_2d(Kb + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, offs_d,
+                     BOUND, HEAD_DIM, BLOCK_D)
+        s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale
+        if HAS_KVM or BOUND:
+            s = s + _key_bias(KVM, KVM, offs_n, n_ok, 1, False, HAS_KVM, BOUND)[None, :]
+        if CAUSAL_MASK:
+            s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+        v = _load_2d(Vb + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, offs_d,
+                     BOUND, HEAD_DIM, BLOCK_D)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, s, v, IEEE, UPCAST)
     return acc, l_i, m_i
 
 
@@ -191,10 +203,10 @@ def _gpa_fwd_kernel(
     KVMb = KVM + b64 * skvmb
 
     # 1) prompt tokens: shared by the batch (spkb == 0) or per sample; always visible.
-    acc, l_i, m_i = _fwd_inner(
+    acc, l_i, m_i = _fwd_prompts(
         acc, l_i, m_i, q, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkp, spvp,
-        0, P, P, q_pos, offs_d, LW + b64 * slwb, L, KVMb, qk_scale,
-        True, False, not EVEN_P, False, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+        P, LW + b64 * slwb, L, offs_d, qk_scale,
+        not EVEN_P, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
 
     # 2) own keys: [0, mid) is visible to every row of the block (no causal or bounds mask),
     #    [mid, hi) straddles the diagonal or the end of the sequence.
@@ -206,12 +218,12 @@ def _gpa_fwd_kernel(
         mid = Sk // BLOCK_N * BLOCK_N
     Kb = K + b64 * skb + hk64 * skh
     Vb = V + b64 * svb + hk64 * svh
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, Kb, Vb, skn, svn, 0, mid, Sk, q_pos, offs_d, LW, L, KVMb, qk_scale,
-        False, False, False, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, Kb, Vb, skn, svn, mid, hi, Sk, q_pos, offs_d, LW, L, KVMb, qk_scale,
-        False, IS_CAUSAL, True, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+    acc, l_i, m_i = _fwd_own(
+        acc, l_i, m_i, q, Kb, Vb, skn, svn, 0, mid, Sk, q_pos, offs_d, KVMb, qk_scale,
+        False, False, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+    acc, l_i, m_i = _fwd_own(
+        acc, l_i, m_i, q, Kb, Vb, skn, svn, mid, hi, Sk, q_pos, offs_d, KVMb, qk_scale,
+        IS_CAUSAL, True, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
 
     # A row that sees nothing (every expert dropped and every own key hidden) gets o = 0, lse = -inf.
     empty = l_i == 0.0
@@ -386,34 +398,41 @@ def _bwd_q_step(dq, q, do, lse, delta, k, v, s, IEEE: tl.constexpr, UPCAST: tl.c
 
 
 @triton.jit
-def _bwd_q_inner(dq, q, do, lse, delta, Kb, Vb, stride_kn, stride_vn, lo, hi, N, q_pos, offs_d,
-                 LWb, L, KVM, qk_scale,
-                 IS_PROMPT: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND: tl.constexpr,
-                 HAS_KVM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
+def _bwd_q_prompts(dq, q, do, lse, delta, Kb, Vb, stride_kn, stride_vn, P, LWb, L, offs_d, qk_scale,
+                   BOUND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    for start_n in tl.range(0, P, BLOCK_N, num_stages=1):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        bias = _key_bias(KVM, LWb, offs_n, n_ok, L, IS_PROMPT, HAS_KVM, BOUND)
-        if IS_PROMPT:
-            if tl.max(bias, 0) > float("-inf"):  # every expert of the tile dropped: skip
-                k = _load_2d(Kb + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, offs_d, BOUND,
-                             HEAD_DIM, BLOCK_D)
-                v = _load_2d(Vb + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, offs_d, BOUND,
-                             HEAD_DIM, BLOCK_D)
-                s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale + bias[None, :]
-                dq = _bwd_q_step(dq, q, do, lse, delta, k, v, s, IEEE, UPCAST)
-        else:
+        n_ok = offs_n < P
+        bias = _key_bias(LWb, LWb, offs_n, n_ok, L, True, False, BOUND)
+        if tl.max(bias, 0) > float("-inf"):  # every expert of the tile dropped: skip
             k = _load_2d(Kb + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, offs_d, BOUND,
                          HEAD_DIM, BLOCK_D)
             v = _load_2d(Vb + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, offs_d, BOUND,
                          HEAD_DIM, BLOCK_D)
-            s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale
-            if HAS_KVM or BOUND:
-                s = s + bias[None, :]
-            if CAUSAL_MASK:
-                s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+            s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale + bias[None, :]
             dq = _bwd_q_step(dq, q, do, lse, delta, k, v, s, IEEE, UPCAST)
+    return dq
+
+
+@triton.jit
+def _bwd_q_own(dq, q, do, lse, delta, Kb, Vb, stride_kn, stride_vn, lo, hi, N, q_pos, offs_d, KVM,
+               qk_scale, CAUSAL_MASK: tl.constexpr, BOUND: tl.constexpr, HAS_KVM: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        k = _load_2d(Kb + offs_n[:, None] * stride_kn + offs_d[None, :], n_ok, offs_d, BOUND,
+                     HEAD_DIM, BLOCK_D)
+        v = _load_2d(Vb + offs_n[:, None] * stride_vn + offs_d[None, :], n_ok, offs_d, BOUND,
+                     HEAD_DIM, BLOCK_D)
+        s = _dot(q, tl.trans(k), IEEE, UPCAST) * qk_scale
+        if HAS_KVM or BOUND:
+            s = s + _key_bias(KVM, KVM, offs_n, n_ok, 1, False, HAS_KVM, BOUND)[None, :]
+        if CAUSAL_MASK:
+            s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+        dq = _bwd_q_step(dq, q, do, lse, delta, k, v, s, IEEE, UPCAST)
     return dq
 
 
@@ -452,10 +471,10 @@ def _gpa_bwd_dq_kernel(
     q_pos = off + offs_m
     KVMb = KVM + b64 * skvmb
 
-    dq = _bwd_q_inner(
+    dq = _bwd_q_prompts(
         dq, q, do, lse, delta, PK + b64 * spkb + hk64 * spkh, PV + b64 * spvb + hk64 * spvh, spkp, spvp,
-        0, P, P, q_pos, offs_d, LW + b64 * slwb, L, KVMb, qk_scale,
-        True, False, not EVEN_P, False, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+        P, LW + b64 * slwb, L, offs_d, qk_scale,
+        not EVEN_P, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
     if IS_CAUSAL:
         hi = tl.minimum(Sk, off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq))
         mid = (off + pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
@@ -464,12 +483,12 @@ def _gpa_bwd_dq_kernel(
         mid = Sk // BLOCK_N * BLOCK_N
     Kb = K + b64 * skb + hk64 * skh
     Vb = V + b64 * svb + hk64 * svh
-    dq = _bwd_q_inner(
-        dq, q, do, lse, delta, Kb, Vb, skn, svn, 0, mid, Sk, q_pos, offs_d, LW, L, KVMb, qk_scale,
-        False, False, False, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
-    dq = _bwd_q_inner(
-        dq, q, do, lse, delta, Kb, Vb, skn, svn, mid, hi, Sk, q_pos, offs_d, LW, L, KVMb, qk_scale,
-        False, IS_CAUSAL, True, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+    dq = _bwd_q_own(
+        dq, q, do, lse, delta, Kb, Vb, skn, svn, 0, mid, Sk, q_pos, offs_d, KVMb, qk_scale,
+        False, False, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
+    dq = _bwd_q_own(
+        dq, q, do, lse, delta, Kb, Vb, skn, svn, mid, hi, Sk, q_pos, offs_d, KVMb, qk_scale,
+        IS_CAUSAL, True, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
     dq = dq * sm_scale
     _store_2d(DQ + b64 * sdqb + head64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
               dq.to(DQ.dtype.element_ty), m_ok, offs_d, HEAD_DIM, BLOCK_D)
@@ -483,20 +502,22 @@ INTERPRETED = type(_gpa_fwd_kernel).__name__ == "InterpretedFunction"
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the query tile, BLOCK_N the key tile, in every
 # kernel (in dK/dV the key tile is the program's fixed block and queries stream). See docs/kernels.md.
-_BIG_SMEM = {  # sm80 / sm90 (>= 160 KB shared memory per block), fp16 / bf16 operands
+# Chosen so that nothing spills to local memory (sm_90 compile reports, docs/kernels.md).
+_SM90 = {  # H100 / H200 (and sm_100): 227 KB shared memory per block, wgmma
     "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-    "dkdv": {64: (64, 128, 8, 2), 128: (64, 128, 8, 2), 256: (32, 64, 8, 1)},
-    "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 8, 1)},
+    "dkdv": {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
+    "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (32, 32, 8, 1)},
 }
+_SM80 = {**_SM90, "dq": {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 32, 8, 1)}}  # A100: mma.sync
 _SMALL_SMEM = {  # consumer parts (~100 KB shared memory per block), fp16 / bf16 operands
     "fwd": {64: (128, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 4, 1)},
-    "dkdv": {64: (64, 64, 4, 2), 128: (64, 64, 4, 1), 256: (32, 32, 4, 1)},
-    "dq": {64: (64, 64, 4, 2), 128: (64, 64, 4, 1), 256: (32, 32, 4, 1)},
+    "dkdv": {64: (32, 64, 4, 2), 128: (32, 64, 8, 1), 256: (32, 32, 8, 1)},
+    "dq": {64: (64, 64, 4, 2), 128: (64, 64, 4, 1), 256: (32, 32, 8, 1)},
 }
-_FP32 = {  # IEEE fp32 dots run on the FMA units: small tiles keep registers in check
-    "fwd": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
-    "dkdv": {64: (32, 64, 4, 1), 128: (32, 64, 4, 1), 256: (32, 32, 4, 1)},
-    "dq": {64: (64, 32, 4, 1), 128: (64, 32, 4, 1), 256: (32, 32, 4, 1)},
+_FP32 = {  # IEEE fp32 dots run on the FMA units: small tiles keep the operands in registers
+    "fwd": {64: (32, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 16, 8, 1)},
+    "dkdv": {64: (32, 16, 8, 1), 128: (32, 16, 8, 1), 256: (16, 16, 8, 1)},
+    "dq": {64: (32, 16, 8, 1), 128: (32, 16, 8, 1), 256: (16, 16, 8, 1)},
 }
 _INTERP = {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
 _OVERRIDE: dict = {}
@@ -529,9 +550,11 @@ def _env_override():
     return out
 
 
-def _big_smem(device) -> bool:
-    major, minor = torch.cuda.get_device_capability(device)
-    return (major, minor) in ((8, 0), (9, 0), (10, 0))
+def _arch(device) -> str:
+    cap = torch.cuda.get_device_capability(device)
+    if cap in ((9, 0), (10, 0)):
+        return "sm90"
+    return "sm80" if cap == (8, 0) else "small"
 
 
 def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int = 0):
@@ -540,7 +563,8 @@ def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int 
         cfg = _INTERP["fwd" if kind == "fwd_pack" else kind]
     if cfg is None:
         dkey = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
-        big = _big_smem(device)
+        arch = _arch(device)
+        big = arch != "small"
         if kind == "fwd_pack":
             # Decode: one tile holds the group's G * Sq query rows (<= 64); keys stream in tiles of 64
             # (32 for fp32 or d = 256), so one K/V read serves every query head of the group.
@@ -548,7 +572,7 @@ def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int 
             bn = 32 if (dtype == torch.float32 or dkey == 256) else 64
             cfg = (bm, bn, 4, 3 if big else 2)
         else:
-            table = _FP32 if dtype == torch.float32 else (_BIG_SMEM if big else _SMALL_SMEM)
+            table = _FP32 if dtype == torch.float32 else {"sm90": _SM90, "sm80": _SM80}.get(arch, _SMALL_SMEM)
             cfg = table[kind][dkey]
     bm, bn, warps, stages = cfg
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
@@ -563,14 +587,18 @@ def _last_dim_contig(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _check_device(q):
+    if not q.is_cuda and not INTERPRETED:
+        raise ValueError("gated_prefix_attention (Triton): CPU tensors run the kernels only under "
+                         "TRITON_INTERPRET=1 (set before this module is imported); use the reference")
+
+
 def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
     """Shared argument preparation: dtype/layout normalization and the flat prompt views."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"gated_prefix_attention (Triton): dtype {q.dtype} not supported; use fp16, "
                          "bf16 or fp32 (float64 goes through the reference)")
-    if not q.is_cuda and not INTERPRETED:
-        raise ValueError("gated_prefix_attention (Triton): CPU tensors run the kernels only under "
-                         "TRITON_INTERPRET=1 (set before this module is imported); use the reference")
+    _check_device(q)
     d = q.shape[-1]
     if d > MAX_HEAD_DIM:
         raise ValueError(f"gated_prefix_attention (Triton): head dim {d} > {MAX_HEAD_DIM} not supported")
@@ -589,7 +617,10 @@ def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
         lw = gate_logw.detach().to(torch.float32).contiguous()
     kvm = None
     if key_valid is not None:
-        kvm = key_valid.contiguous().view(torch.uint8)
+        # An additive fp32 bias (0 / -inf) rather than bytes: it pipelines through shared memory like
+        # the K/V tiles (a byte mask cost ~70 registers per thread in the forward on sm_90).
+        kvm = torch.zeros(key_valid.shape, device=q.device, dtype=torch.float32).masked_fill_(
+            ~key_valid, float("-inf"))
     return dict(
         q=_last_dim_contig(q), k=_last_dim_contig(k), v=_last_dim_contig(v), pk=pk, pv=pv, lw=lw,
         kvm=kvm, B=B, Hq=Hq, Hkv=Hkv, G=Hq // Hkv, Sq=Sq, Sk=Sk, d=d, J=J, L=L, P=P, Bp=Bp,
@@ -607,6 +638,35 @@ def _prompt_strides(t, per_sample):
     return (t.stride(0) if per_sample else 0), t.stride(1), t.stride(2)
 
 
+_RESOLVED: dict = {}
+
+
+def _fallbacks(cfg):
+    bm, bn, w, st = cfg
+    out = [cfg, (bm, bn, w, 1), (bm, max(16, bn // 2), w, 1), (max(16, bm // 2), max(16, bn // 2), 4, 1)]
+    return list(dict.fromkeys(out))
+
+
+def _launch(kind, key, cfg, launch):
+    """launch(cfg); if the compiled tile does not fit the chip (shared memory), retry with smaller
+    ones and remember what worked for this key. A safety net: the tables should fit as they are."""
+    rk = (kind, key, cfg)
+    if rk in _RESOLVED:
+        return launch(_RESOLVED[rk])
+    cands = _fallbacks(cfg)
+    for n, c in enumerate(cands):
+        try:
+            out = launch(c)
+        except OutOfResources as e:
+            if n == len(cands) - 1:
+                raise
+            warnings.warn(f"gated_prefix_attention: {kind} config {c} does not fit ({e}); trying "
+                          f"{cands[n + 1]}", RuntimeWarning, stacklevel=3)
+            continue
+        _RESOLVED[rk] = c
+        return out
+
+
 def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float, causal: bool):
     """Fused forward: returns (o (B, Hq, Sq, d) in q's dtype, lse (B, Hq, Sq) float32)."""
     a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
@@ -617,25 +677,27 @@ def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float,
         return o, lse
     q_, k_, v_, pk, pv, kvm = a["q"], a["k"], a["v"], a["pk"], a["pv"], a["kvm"]
     pack = G * Sq <= 64
-    if pack:
-        bm, bn, warps, stages = _config("fwd_pack", q.dtype, a["block_d"], q.device, G * Sq)
-        grid = (B * Hkv, triton.cdiv(G * Sq, bm))
-    else:
-        bm, bn, warps, stages = _config("fwd", q.dtype, a["block_d"], q.device)
-        grid = (B * Hq, triton.cdiv(Sq, bm))
+    kind = "fwd_pack" if pack else "fwd"
     ieee, upcast = _flags(q.dtype)
-    _gpa_fwd_kernel[grid](
-        q_, k_, v_, pk, pv, a["lw"], kvm if kvm is not None else a["lw"], o, lse,
-        q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
-        v_.stride(0), v_.stride(1), v_.stride(2),
-        *_prompt_strides(pk, a["per_sample"]), *_prompt_strides(pv, a["per_sample"]),
-        a["lw"].stride(0), kvm.stride(0) if kvm is not None else 0,
-        o.stride(0), o.stride(1), o.stride(2),
-        Hq, Hkv, G, Sq, Sk, a["P"], a["L"], scale * LOG2E,
-        IS_CAUSAL=causal, HAS_KVM=kvm is not None, PACK=pack, EVEN_P=a["P"] % bn == 0,
-        HEAD_DIM=d, BLOCK_D=a["block_d"], BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
-        num_warps=warps, num_stages=stages,
-    )
+
+    def launch(cfg):
+        bm, bn, warps, stages = cfg
+        grid = (B * Hkv, triton.cdiv(G * Sq, bm)) if pack else (B * Hq, triton.cdiv(Sq, bm))
+        _gpa_fwd_kernel[grid](
+            q_, k_, v_, pk, pv, a["lw"], kvm if kvm is not None else a["lw"], o, lse,
+            q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
+            v_.stride(0), v_.stride(1), v_.stride(2),
+            *_prompt_strides(pk, a["per_sample"]), *_prompt_strides(pv, a["per_sample"]),
+            a["lw"].stride(0), kvm.stride(0) if kvm is not None else 0,
+            o.stride(0), o.stride(1), o.stride(2),
+            Hq, Hkv, G, Sq, Sk, a["P"], a["L"], scale * LOG2E,
+            IS_CAUSAL=causal, HAS_KVM=kvm is not None, PACK=pack, EVEN_P=a["P"] % bn == 0,
+            HEAD_DIM=d, BLOCK_D=a["block_d"], BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
+            num_warps=warps, num_stages=stages,
+        )
+
+    cfg = _config(kind, q.dtype, a["block_d"], q.device, G * Sq)
+    _launch(kind, (q.dtype, d, causal, kvm is not None), cfg, launch)
     return o, lse
 
 
@@ -681,27 +743,35 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
             do_.stride(0), do_.stride(1), do_.stride(2),
         )
         kvm_arg = kvm if kvm is not None else a["lw"]
-        bm, bn, warps, stages = _config("dkdv", q.dtype, bd, dev)
-        npb = triton.cdiv(P, bn)
-        _gpa_bwd_dkdv_kernel[(B * Hkv, npb + triton.cdiv(Sk, bn))](
-            q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dk, dv, dpk, dpv, dlw,
-            *common,
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            dpk.stride(0) if a["per_sample"] else 0, dpk.stride(1), dpk.stride(2),
-            Hq, Hkv, G, Sq, Sk, P, L, npb, scale, scale * LOG2E,
-            IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0,
-            HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
-            num_warps=warps, num_stages=stages,
-        )
-        bm, bn, warps, stages = _config("dq", q.dtype, bd, dev)
-        _gpa_bwd_dq_kernel[(B * Hq, triton.cdiv(Sq, bm))](
-            q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dq,
-            *common, dq.stride(0), dq.stride(1), dq.stride(2),
-            Hq, Hkv, G, Sq, Sk, P, L, scale, scale * LOG2E,
-            IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0,
-            HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
-            num_warps=warps, num_stages=stages,
-        )
+        key = (q.dtype, d, causal, kvm is not None)
+
+        def launch_dkdv(cfg):
+            bm, bn, warps, stages = cfg
+            npb = triton.cdiv(P, bn)
+            _gpa_bwd_dkdv_kernel[(B * Hkv, npb + triton.cdiv(Sk, bn))](
+                q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dk, dv, dpk, dpv, dlw,
+                *common,
+                dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                dpk.stride(0) if a["per_sample"] else 0, dpk.stride(1), dpk.stride(2),
+                Hq, Hkv, G, Sq, Sk, P, L, npb, scale, scale * LOG2E,
+                IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0,
+                HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
+                num_warps=warps, num_stages=stages,
+            )
+
+        def launch_dq(cfg):
+            bm, bn, warps, stages = cfg
+            _gpa_bwd_dq_kernel[(B * Hq, triton.cdiv(Sq, bm))](
+                q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dq,
+                *common, dq.stride(0), dq.stride(1), dq.stride(2),
+                Hq, Hkv, G, Sq, Sk, P, L, scale, scale * LOG2E,
+                IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0,
+                HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
+                num_warps=warps, num_stages=stages,
+            )
+
+        _launch("dkdv", key, _config("dkdv", q.dtype, bd, dev), launch_dkdv)
+        _launch("dq", key, _config("dq", q.dtype, bd, dev), launch_dq)
     dlogw = dlw.sum(1).view(B, J, L).sum(-1)
     dpk = dpk.view(prompt_k.shape).to(prompt_k.dtype)
     dpv = dpv.view(prompt_v.shape).to(prompt_v.dtype)
