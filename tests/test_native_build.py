@@ -68,15 +68,20 @@ def _run(cmd, **kw):
     return p
 
 
-def test_wheel_installs_into_fresh_venv_and_runs(tmp_path):
-    src = _copy_sources(tmp_path)
-    wheels = tmp_path / "wheels"
-    env = {**os.environ, "MOPS_FAST_CUDA": "0"}
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(src)]
+def _build_wheel(src: Path, out: Path, cuda: bool) -> Path:
+    env = {**os.environ, "MOPS_FAST_CUDA": "1" if cuda else "0"}
+    env.pop("TORCH_CUDA_ARCH_LIST", None)  # the default list is what these tests check
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(src)]
     if _have_build_deps():
         cmd.insert(4, "--no-build-isolation")  # offline: use this environment's cmake/pybind11
-    _run(cmd, env=env)
-    (wheel,) = wheels.glob("mops_fast-*.whl")
+    _run(cmd, env=env)  # without them, pip fetches the build requirements from PyPI
+    (wheel,) = out.glob("mops_fast-*.whl")
+    return wheel
+
+
+def test_wheel_installs_into_fresh_venv_and_runs(tmp_path):
+    src = _copy_sources(tmp_path)
+    wheel = _build_wheel(src, tmp_path / "wheels", cuda=False)
     assert "linux" in wheel.name or "macosx" in wheel.name or "win" in wheel.name, wheel.name
 
     venv = tmp_path / "venv"
@@ -95,23 +100,26 @@ def test_wheel_installs_into_fresh_venv_and_runs(tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
                     reason="nvcc not found")
-@pytest.mark.skipif(not _have_build_deps(), reason=f"needs {BUILD_DEPS} in this environment")
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     """MOPS_FAST_CUDA=1 builds _C_cuda for the default arch list (sm_80, sm_90, compute_90 PTX).
 
     About 1 minute on 2 cores; compile only (no GPU here). The module must import without a GPU.
     """
-    env = {**os.environ, "MOPS_FAST_CUDA": "1"}
-    env.pop("TORCH_CUDA_ARCH_LIST", None)
-    lib = tmp_path / "lib"
-    p = _run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "tmp"),
-              "--build-lib", str(lib)], cwd=ROOT, env=env)
+    import zipfile
+
+    src = _copy_sources(tmp_path)
+    wheel = _build_wheel(src, tmp_path / "wheels", cuda=True)
+    names = zipfile.ZipFile(wheel).namelist()
+    (so_name,) = [n for n in names if n.startswith("mops_fast/_C_cuda")]
+    assert any(n.startswith("mops_fast/_C.") for n in names), names
+    flags = "".join(f.read_text() for f in src.rglob("build.ninja")) + "".join(
+        f.read_text() for f in src.rglob("flags.make"))
     for arch in ("arch=compute_80,code=[sm_80]", "arch=compute_90,code=[sm_90]",
                  "arch=compute_90,code=[compute_90]"):
-        ninja_files = list((tmp_path / "tmp").rglob("build.ninja")) + list((tmp_path / "tmp").rglob("flags.make"))
-        assert any(arch in f.read_text() for f in ninja_files), f"{arch} missing from the CUDA flags"
-    (so,) = (lib / "mops_fast").glob("_C_cuda*")
-    (cpu_so,) = (lib / "mops_fast").glob("_C.*")
+        assert arch in flags, f"{arch} missing from the CUDA flags"
+    so = tmp_path / "so" / Path(so_name).name
+    so.parent.mkdir()
+    so.write_bytes(zipfile.ZipFile(wheel).read(so_name))
     # Loads on a GPU-less machine: nothing touches the driver until a kernel is launched.
     code = ("import importlib.util as u, sys; s = u.spec_from_file_location('mops_fast._C_cuda', sys.argv[1]); "
             "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.int4_matmul_small_m.__doc__)")
@@ -121,7 +129,6 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     if ldd:
         deps = _run([ldd, str(so)]).stdout
         assert "libcudart" not in deps, f"_C_cuda should link cudart statically:\n{deps}"
-    assert cpu_so.exists() and "error" not in p.stdout.lower().replace("-werror", "")
 
 
 def test_cuda_arch_list_mapping():
