@@ -14,22 +14,34 @@ using mops::Int4Args;
 
 namespace {
 
-bool cpu_has_avx2() {
+// Whether this CPU (and this build) can run a copy of the kernels.
+bool cpu_supports(const std::string& isa) {
+  if (isa == "generic") return true;
 #if (defined(__x86_64__) || defined(__i386__)) && defined(MOPS_HAVE_AVX2_TU)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-#else
-  return false;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  if (isa == "avx2") return avx2;
+#if defined(MOPS_HAVE_AVX512_TU)
+  if (isa == "avx512")
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
 #endif
+#endif
+  return false;
 }
 
-// Chosen once at import; MOPS_FAST_CPU_ISA=generic forces the portable path (tests use it to cover
-// both copies on an AVX2 machine), set_isa() switches at run time.
+// Chosen once at import: the widest copy the CPU runs. MOPS_FAST_CPU_ISA=avx2|generic caps it
+// (tests use set_isa() to cover every copy on one machine).
 std::string g_isa = [] {
   const char* env = std::getenv("MOPS_FAST_CPU_ISA");
-  if (env != nullptr && std::strcmp(env, "generic") == 0) return std::string("generic");
-  return std::string(cpu_has_avx2() ? "avx2" : "generic");
+  const std::string cap = env ? env : "";
+  bool allowed = cap != "avx512" && cap != "avx2" && cap != "generic";  // no (valid) cap
+  for (const char* isa : {"avx512", "avx2", "generic"}) {
+    if (cap == isa) allowed = true;
+    if (allowed && cpu_supports(isa)) return std::string(isa);
+  }
+  return std::string("generic");
 }();
 
 Int4Args make_args(uintptr_t x, int x_dtype, int64_t x_stride, uintptr_t qweight, uintptr_t qzeros,
@@ -71,6 +83,12 @@ PYBIND11_MODULE(_C, m) {
          int64_t G, uintptr_t y, int64_t y_stride, int nthreads, bool transposed) {
         Int4Args a = make_args(x, x_dtype, x_stride, qweight, qzeros, scales, scales_dtype, g_idx,
                                M, K, N, G, y, y_stride, nthreads);
+#ifdef MOPS_HAVE_AVX512_TU
+        if (g_isa == "avx512") {
+          transposed ? mops::avx512::int4_matmul_t(a) : mops::avx512::int4_matmul(a);
+          return;
+        }
+#endif
 #ifdef MOPS_HAVE_AVX2_TU
         if (g_isa == "avx2") {
           transposed ? mops::avx2::int4_matmul_t(a) : mops::avx2::int4_matmul(a);
@@ -85,15 +103,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("nthreads"), py::arg("transposed"), py::call_guard<py::gil_scoped_release>(),
       "Forward: y (M,N) = x (M,K) W^T. Transposed: y (M,K) = x (M,N) W. Pointers as integers.");
 
-  m.def("isa", [] { return g_isa; }, "Instruction set of the active CPU kernels: avx2 or generic");
-  m.def("cpu_has_avx2", &cpu_has_avx2, "Whether this CPU and build can run the AVX2/FMA kernels");
+  m.def("isa", [] { return g_isa; }, "Active copy of the CPU kernels: avx512, avx2 or generic");
+  m.def("cpu_supports", &cpu_supports, py::arg("isa"),
+        "Whether this CPU and build can run the given copy (avx512, avx2, generic)");
   m.def(
       "set_isa",
       [](const std::string& isa) {
-        if (isa != "avx2" && isa != "generic")
-          throw std::invalid_argument("set_isa: expected 'avx2' or 'generic', got '" + isa + "'");
-        if (isa == "avx2" && !cpu_has_avx2())
-          throw std::invalid_argument("set_isa: this CPU or build has no AVX2/FMA/F16C path");
+        if (isa != "avx512" && isa != "avx2" && isa != "generic")
+          throw std::invalid_argument("set_isa: expected 'avx512', 'avx2' or 'generic', got '" + isa + "'");
+        if (!cpu_supports(isa))
+          throw std::invalid_argument("set_isa: this CPU or build cannot run the " + isa + " copy");
         g_isa = isa;
       },
       "Switch the CPU kernels between the AVX2 and the portable copy (for tests)");

@@ -102,5 +102,9 @@ namespace avx2 {
 void int4_matmul(const Int4Args& a);
 void int4_matmul_t(const Int4Args& a);
 }  // namespace avx2
+namespace avx512 {
+void int4_matmul(const Int4Args& a);
+void int4_matmul_t(const Int4Args& a);
+}  // namespace avx512
 
 }  // namespace mops

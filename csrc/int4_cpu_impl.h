@@ -219,12 +219,80 @@ void fwd_m1_groups(const Int4Args& a, const float* xs, const float* xsum_g, int6
   for (int v = 0; v < V; ++v) st(y + n0 + 8 * v, out[v]);
 }
 
+#if defined(__AVX512F__)
+// AVX-512 copy only: vectorise along n, 16 columns per register. The masked lanes hold
+// code * 16^(k%4) (nibbles 0-3 need no shift, nibbles 4-7 one 16-bit shift), so x comes pre-scaled
+// by 16^-(k%4) (exact: a power of two) and each 16 weights cost one and, one convert and one fma.
+// With 32 registers the 8 accumulators, 8 broadcast inputs and 4 masks all stay in registers.
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+inline v16f ld16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline v16f splat16(float f) { return v16f{} + f; }
+inline v16i splati16(int32_t i) { return v16i{} + i; }
+inline v16f cvt16(v16i v) { return __builtin_convertvector(v, v16f); }
+inline v16f pair8(v8f lo, v8f hi) {
+  float t[16];
+  st(t, lo);
+  st(t + 8, hi);
+  return ld16(t);
+}
+
+template <int V>
+void fwd_m1_runs16(const Int4Args& a, const float* xs, const Run& run, int64_t n0, float* y) {
+  const int64_t N = a.N;
+  const v16i m0 = splati16(0xF), m1 = splati16(0xF0), m2 = splati16(0xF00), m3 = splati16(0xF000);
+  v16f acc0[V], acc1[V];
+  for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = splat16(0.f);
+  for (int64_t r = run.r0; r < run.r1; ++r) {
+    const int32_t* qrow = a.qweight + r * N + n0;
+    const float* xr = xs + 8 * r;
+    const v16f x0 = splat16(xr[0]), x1 = splat16(xr[1]), x2 = splat16(xr[2]), x3 = splat16(xr[3]);
+    const v16f x4 = splat16(xr[4]), x5 = splat16(xr[5]), x6 = splat16(xr[6]), x7 = splat16(xr[7]);
+    for (int v = 0; v < V; ++v) {
+      v16i q;
+      std::memcpy(&q, qrow + 16 * v, sizeof q);
+      const v16i h = (v16i)((v16u)q >> 16);
+      acc0[v] += cvt16(q & m0) * x0;
+      acc1[v] += cvt16(q & m1) * x1;
+      acc0[v] += cvt16(q & m2) * x2;
+      acc1[v] += cvt16(q & m3) * x3;
+      acc0[v] += cvt16(h & m0) * x4;
+      acc1[v] += cvt16(h & m1) * x5;
+      acc0[v] += cvt16(h & m2) * x6;
+      acc1[v] += cvt16(h & m3) * x7;
+    }
+  }
+  const int64_t g = run.g;
+  for (int v = 0; v < V; ++v) {
+    const int64_t n = n0 + 16 * v;
+    const v16f s = pair8(load8_scales(a.scales, a.scales_dtype, g * N + n),
+                         load8_scales(a.scales, a.scales_dtype, g * N + n + 8));
+    const int32_t* zw = a.qzeros + g * (N / 8) + n / 8;
+    const v16f z = pair8(zeros8(zw[0]), zeros8(zw[1]));
+    float* o = y + n;
+    const v16f out = ld16(o) + s * ((acc0[v] + acc1[v]) - z * run.xsum);
+    std::memcpy(o, &out, sizeof out);
+  }
+}
+#endif
+
 void fwd_m1(const Int4Args& a, const float* x, float* y) {
   const int64_t K = a.K, N = a.N, K8 = K / 8;
   std::vector<int32_t> rowg;
   const bool uniform = row_groups(a.g_idx, K8, rowg);
   std::vector<Run> runs;
   std::vector<float> xsum_g, xs;
+  static const float kPre[4] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096};
+#if defined(__AVX512F__)
+  xs.resize(size_t(K));
+  for (int64_t k = 0; k < K; ++k) xs[size_t(k)] = x[k] * kPre[k & 3];
+#endif
   if (uniform) {
     for (int64_t r = 0; r < K8;) {
       // Runs of at most 32 rows keep a 32-column tile's slice of qweight in L1 between slices.
@@ -237,7 +305,6 @@ void fwd_m1(const Int4Args& a, const float* x, float* y) {
     }
   } else {
     xs.resize(size_t(K));
-    static const float kPre[4] = {1.f, 1.f / 16, 1.f / 256, 1.f / 4096};
     for (int64_t k = 0; k < K; ++k) xs[size_t(k)] = x[k] * kPre[k & 3];
     std::vector<double> sx(size_t(a.G), 0.0);
     for (int64_t k = 0; k < K; ++k) sx[size_t(a.g_idx[k])] += x[k];
@@ -253,6 +320,19 @@ void fwd_m1(const Int4Args& a, const float* x, float* y) {
     std::vector<float> part(size_t(nt) * size_t(N), 0.f);
     parallel_for(nt, int64_t(runs.size()), [&](int64_t ri, int tid) {
       float* yp = part.data() + int64_t(tid) * N;
+#if defined(__AVX512F__)
+      const Run& run = runs[size_t(ri)];
+      int64_t n0 = 0;
+      for (; n0 + 64 <= N; n0 += 64) fwd_m1_runs16<4>(a, xs.data(), run, n0, yp);
+      switch (int((N - n0) / 16)) {
+        case 3: fwd_m1_runs16<3>(a, xs.data(), run, n0, yp); n0 += 48; break;
+        case 2: fwd_m1_runs16<2>(a, xs.data(), run, n0, yp); n0 += 32; break;
+        case 1: fwd_m1_runs16<1>(a, xs.data(), run, n0, yp); n0 += 16; break;
+        default: break;
+      }
+      if (n0 < N) fwd_m1_runs<1>(a, x, &run, 1, n0, yp);  // last 8 columns
+      return;
+#endif
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t n0 = t * kTile;
         switch (int(std::min<int64_t>(kTile, N - n0) / 8)) {

@@ -1,8 +1,8 @@
 """C++ int4 GPTQ kernels (mops_fast._C) against an independent float64 dequantization.
 
 The reference here is written from the format alone (DESIGN §3), not imported from mops_fast.ops,
-so a packing mistake shared by both sides cannot hide. Every case runs the AVX2 copy of the kernels
-(when the CPU has it) and the portable copy.
+so a packing mistake shared by both sides cannot hide. Every case runs each copy of the kernels the CPU
+can run: AVX-512, AVX2 and the portable one.
 """
 from __future__ import annotations
 
@@ -77,12 +77,12 @@ def assert_matches(out, ref, dtype, what):
     assert err <= tol_for(dtype) * scale, f"{what}: max abs error {err:.3e} vs output scale {scale:.3e}"
 
 
-@pytest.fixture(params=["avx2", "generic"])
+@pytest.fixture(params=["avx512", "avx2", "generic"])
 def isa(request):
     from mops_fast import _C
 
-    if request.param == "avx2" and not _C.cpu_has_avx2():
-        pytest.skip("CPU has no AVX2/FMA/F16C")
+    if not _C.cpu_supports(request.param):
+        pytest.skip(f"this CPU or build cannot run the {request.param} kernels")
     old = _C.isa()
     _C.set_isa(request.param)
     yield request.param
