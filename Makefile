@@ -33,8 +33,15 @@ wheel:
 	$(PY) -m pip install -q setuptools wheel pybind11 cmake ninja
 	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
 
+# CPU benchmark suites (~6-8 min on an idle 2-core machine): pytest-benchmark over every benchmarks/bench_*.py
+# (GPU-only scripts collect nothing here), then the CPU scripts' DESIGN §6 JSON, then docs/benchmarks.md.
 bench: $(STAMP)
+	$(PY) -m pytest benchmarks/ -q -p no:cacheprovider -o python_files="bench_*.py" --benchmark-only \
+		--benchmark-json=benchmarks/results/pytest-benchmark-cpu.json
+	$(PY) benchmarks/bench_train_step_cpu.py --reps 3
+	$(PY) benchmarks/bench_e2e_cpu.py --reps 2
 	$(PY) benchmarks/bench_quant_cpu.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf build dist *.egg-info runs .pytest_cache

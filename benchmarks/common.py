@@ -1,0 +1,168 @@
+"""Shared helpers of the end-to-end benchmarks: device slug, timing statistics, the result JSON (DESIGN §6).
+
+A result file is benchmarks/results/<benchmark>-<device slug>.json:
+  {"benchmark", "device", "torch", "triton", "cuda", "rows": [{"shape", "impl", "mode", "median_ms",
+   "p20_ms", "p80_ms", "peak_mem_bytes", "tokens_per_s"}], ...extra keys}
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+DOLLY_TRAIN = ROOT.parent / "shared" / "data" / "dolly15k" / "train.jsonl"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def device_name(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def device_slug(device: str = "cpu") -> str:
+    """Same convention as the kernel benchmarks: the GPU name, or cpu-<model>-<threads>t."""
+    if device.startswith("cuda"):
+        return slug(torch.cuda.get_device_name())
+    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", " ", cpu_name(), flags=re.IGNORECASE)
+    return f"cpu-{slug(name) or 'cpu'}-{torch.get_num_threads()}t"
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear-interpolated quantile (q in [0, 1]) of a non-empty list."""
+    s = sorted(xs)
+    if not s:
+        raise ValueError("quantile of an empty list")
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def stats_ms(times_s: list[float]) -> dict:
+    ms = [t * 1e3 for t in times_s]
+    return {"median_ms": statistics.median(ms), "p20_ms": quantile(ms, 0.2), "p80_ms": quantile(ms, 0.8),
+            "n": len(ms)}
+
+
+def make_row(shape: dict, impl: str, mode: str, times_s: list[float], tokens: int | None = None,
+             peak_mem_bytes: int | None = None, **extra) -> dict:
+    """One §6 row; tokens_per_s = tokens / median time when `tokens` (per timed call) is given."""
+    row = {"shape": shape, "impl": impl, "mode": mode, **stats_ms(times_s), "peak_mem_bytes": peak_mem_bytes}
+    if tokens is not None:
+        row["tokens_per_s"] = tokens / (row["median_ms"] / 1e3)
+    row.update(extra)
+    return row
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def result_doc(benchmark: str, rows: list[dict], device: str = "cpu", **extra) -> dict:
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = None
+    doc = {"benchmark": benchmark, "device": device_name(device), "torch": torch.__version__, "triton": triton_v,
+           "cuda": torch.version.cuda, "rows": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "cpu_threads": torch.get_num_threads()}
+    if not device.startswith("cuda"):
+        doc["load_average"] = load_average()  # the CPU here may be shared: say how busy it was
+    doc.update(extra)
+    return doc
+
+
+def write_result(doc: dict, out_dir: str | Path | None = None, device: str = "cpu") -> Path:
+    out = Path(out_dir) if out_dir else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{doc['benchmark']}-{device_slug(device)}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def time_interleaved(fns: dict, reps: int, warmup: int = 1, sync=None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, the implementations alternating rep by rep, so that load from other
+    processes on a shared machine falls on all of them alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+            if sync:
+                sync()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            if sync:
+                sync()
+            t = time.perf_counter()
+            f()
+            if sync:
+                sync()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def maxrss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def dolly_windows(tokenizer, batch: int, seq: int, seed: int = 0, path: Path | None = None) -> dict:
+    """B fixed-length windows of real dolly text (records in chat format, concatenated), the first half of
+    each window labelled as prompt (gate mask, no loss) and the second half as response (loss): every
+    implementation then trains on the same tokens with the same number of loss positions."""
+    from mops_fast.train.data import load_records, prompt_text
+
+    recs = load_records(path or DOLLY_TRAIN, limit=400)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(recs), generator=g).tolist()
+    stream: list[int] = []
+    need = batch * seq
+    for i in order:
+        r = recs[i]
+        text = prompt_text(tokenizer, r) + r["response"].strip() + (tokenizer.eos_token or "")
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise ValueError(f"not enough text for {batch} x {seq} tokens")
+    ids = torch.tensor(stream[:need]).view(batch, seq)
+    half = seq // 2
+    labels = ids.clone()
+    labels[:, :half] = -100
+    gate = torch.zeros_like(ids)
+    gate[:, :half] = 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "gate_mask": gate}
