@@ -1,0 +1,267 @@
+"""The experiment grid: expansion, merging, resumability, backbone caching, failures, the results report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mops_fast import experiments as ex
+
+CATS = ["closed_qa", "open_qa"]
+
+
+def _write(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(obj))
+    return path
+
+
+@pytest.fixture
+def grid_file(tmp_path):
+    central = _write(tmp_path / "central.yaml", {
+        "name": "c", "model": "smollm2-135m", "data": {"train": "t.jsonl", "test": "s.jsonl", "test_per_category": 20},
+        "lr_search": {"candidates": [1e-3], "steps": 5, "heldout_per_category": 1},
+        "train": {"steps": 100, "batch_size": 4}, "mops": {"num_experts": 8, "prompt_len": 8}})
+    fed = _write(tmp_path / "fed.yaml", {
+        "name": "f", "model": "smollm2-135m", "data": {"train": "t.jsonl", "test": "s.jsonl"},
+        "train": {"batch_size": 4}, "federated": {"rounds": 10, "partition": {"num_clients": 4}}})
+    grid = {
+        "name": "g", "out_dir": str(tmp_path / "runs"), "backbone_dir": str(tmp_path / "backbones"),
+        "report": str(tmp_path / "docs" / "results.md"), "report_images": str(tmp_path / "docs" / "img"),
+        "settings": {
+            "centralized": {"runner": "centralized", "base": str(central),
+                            "overrides": {"train": {"steps": 60}}, "quick": {"train": {"steps": 2}, "lr_search": None}},
+            "fed": {"runner": "federated", "base": str(fed), "overrides": {"federated": {"rounds": 6}},
+                    "quick": {"federated": {"rounds": 1}}},
+        },
+        "compressions": {"dense": None, "gptq4": {"method": "gptq", "bits": 4}},
+        "compress_defaults": {"calib_samples": 128},
+        "quick": {"out_dir": str(tmp_path / "runs_quick"), "compress_defaults": {"calib_samples": 8}},
+    }
+    return _write(tmp_path / "grid.yaml", grid)
+
+
+def fake_results(cell: ex.Cell, ppl: dict[str, float], methods=None) -> dict:
+    methods = methods or cell.methods
+    res = {"model": cell.config["model"], "data": "dolly15k", "setting": cell.runner, "compression": cell.compression,
+           "steps": 2, "seed": 0, "eval": {"test_records": 4}, "methods": {}}
+    for m in methods:
+        per = {c: ppl[m] + i for i, c in enumerate(CATS)}
+        per["mean"] = sum(per.values()) / len(per)
+        entry = {"ppl": per, "train_tokens_per_s": None if m == "none" else 100.0, "lr": None if m == "none" else 3e-3}
+        if cell.runner == "federated" and m != "none":
+            entry["history"] = [{"stage": "eval", "round": r, "ppl": {"mean": ppl[m] + 3 - r}} for r in (1, 2)]
+            entry["history"].append({"stage": "eval", "round": 2, "final": True, "ppl": per})
+        res["methods"][m] = entry
+    return res
+
+
+class StubRunner:
+    def __init__(self, fail: set[str] = frozenset()):
+        self.calls, self.fail = [], set(fail)
+
+    def __call__(self, cell, log):
+        self.calls.append(cell.name)
+        if cell.name in self.fail:
+            raise RuntimeError("boom")
+        cell.out.mkdir(parents=True, exist_ok=True)
+        (cell.out / "results.json").write_text(json.dumps(fake_results(cell, {"none": 20.0, "prompt": 18.0, "mops": 16.2})))
+
+
+class StubCompress:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, opts, out, log):
+        self.calls.append((model, dict(opts), Path(out)))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "config.json").write_text("{}")
+        return out
+
+
+def test_expand_cells_names_and_merged_configs(grid_file, tmp_path):
+    g = ex.load_grid(grid_file)
+    cells = ex.expand(g)
+    assert [c.name for c in cells] == ["centralized-dense", "centralized-gptq4", "fed-dense", "fed-gptq4"]
+    c = cells[1]
+    assert c.runner == "centralized" and c.compression == "gptq4" and c.compress == {"method": "gptq", "bits": 4}
+    assert c.config["train"] == {"steps": 60, "batch_size": 4}  # override merged, other keys kept
+    assert c.config["name"] == "centralized-gptq4" and c.config["compression"] == "gptq4"
+    assert c.out == tmp_path / "runs" / "centralized-gptq4"
+    assert c.config["lr_search"]["candidates"] == [1e-3]
+    assert cells[2].config["federated"]["rounds"] == 6 and cells[2].runner == "federated"
+    assert c.methods == ["none", "prompt", "mops"]
+
+
+def test_quick_mode_merges_quick_blocks_and_null_deletes(grid_file, tmp_path):
+    g = ex.load_grid(grid_file, quick=True)
+    cells = ex.expand(g)
+    assert cells[0].config["train"]["steps"] == 2
+    assert "lr_search" not in cells[0].config  # `null` deletes the key
+    assert cells[2].config["federated"]["rounds"] == 1
+    assert cells[0].out.parent == tmp_path / "runs_quick"
+    assert g["compress_defaults"] == {"calib_samples": 8}
+
+
+def test_merge_semantics():
+    base = {"a": {"x": 1, "y": 2}, "b": [1, 2], "c": 3}
+    out = ex.merge(base, {"a": {"y": 5, "z": 6}, "b": [9], "c": None})
+    assert out == {"a": {"x": 1, "y": 5, "z": 6}, "b": [9]}
+    assert base == {"a": {"x": 1, "y": 2}, "b": [1, 2], "c": 3}  # not modified
+
+
+def test_variants_and_duplicate_names(tmp_path, grid_file):
+    g = yaml.safe_load(grid_file.read_text())
+    g["variants"] = {"default": {}, "mix": {"methods": ["mops"], "mops": {"mode": "mix"}}}
+    g["compressions"] = {"dense": None}
+    cells = ex.expand(ex.load_grid(_write(tmp_path / "v.yaml", g)))
+    names = [c.name for c in cells]
+    assert names == ["centralized-dense-default", "centralized-dense-mix", "fed-dense-default", "fed-dense-mix"]
+    mix = cells[1]
+    assert mix.methods == ["mops"] and mix.config["mops"]["mode"] == "mix" and mix.config["mops"]["num_experts"] == 8
+
+
+@pytest.mark.parametrize("patch, msg", [
+    ({"bogus": 1}, "unknown keys"),
+    ({"settings": {"centralized": {"runner": "x", "base": "b"}}}, "runner must be one of"),
+    ({"settings": {"centralized": {"runner": "centralized"}}}, "base"),
+    ({"compressions": {"q": {"bits": 4}}}, "needs a `method`"),
+])
+def test_load_grid_errors(tmp_path, grid_file, patch, msg):
+    g = yaml.safe_load(grid_file.read_text())
+    g.update(patch)
+    with pytest.raises(ValueError, match=msg):
+        ex.load_grid(_write(tmp_path / "bad.yaml", g))
+
+
+def test_quick_needs_quick_block(tmp_path, grid_file):
+    g = yaml.safe_load(grid_file.read_text())
+    del g["quick"]
+    with pytest.raises(ValueError, match="quick"):
+        ex.load_grid(_write(tmp_path / "noquick.yaml", g), quick=True)
+
+
+def test_check_cell_config_names_the_cell(grid_file):
+    cells = ex.expand(ex.load_grid(grid_file))
+    cells[0].config["bogus"] = 1
+    with pytest.raises(ValueError, match="cell centralized-dense: unknown keys"):
+        ex.check_cell_config(cells[0])
+    cells[2].config["train"]["steps"] = 5  # set by the federated schedule: the federated validator refuses it
+    with pytest.raises(ValueError, match="cell fed-dense"):
+        ex.check_cell_config(cells[2])
+
+
+def test_run_grid_resumes_and_caches_backbones(grid_file, tmp_path):
+    g = ex.load_grid(grid_file)
+    runner, comp = StubRunner(), StubCompress()
+    cells = ex.expand(g)
+    # one cell finished earlier; another has a results.json lacking a method (unfinished)
+    StubRunner()(cells[0], print)
+    partial = cells[2]
+    partial.out.mkdir(parents=True)
+    (partial.out / "results.json").write_text(json.dumps(fake_results(partial, {"none": 1.0}, methods=["none"])))
+    st = ex.run_grid(g, cell_runner=runner, compress_fn=comp, log=lambda *_: None)
+    assert runner.calls == ["centralized-gptq4", "fed-dense", "fed-gptq4"]
+    assert all(v["state"] == "done" for v in st.values()) and len(st) == 4
+    # the gptq4 backbone was made once, with the grid's compress defaults, and both gptq4 cells used it
+    assert len(comp.calls) == 1
+    model, opts, out = comp.calls[0]
+    assert model == "smollm2-135m" and opts == {"calib_samples": 128, "method": "gptq", "bits": 4}
+    assert out.name.endswith(".partial")
+    bb = out.with_name(out.name[: -len(".partial")])
+    assert (bb / "config.json").is_file() and not out.exists()
+    res = json.loads((tmp_path / "runs" / "fed-gptq4" / "results.json").read_text())
+    assert res["model"] == str(bb)
+    # everything finished: a second run calls nothing
+    runner2, comp2 = StubRunner(), StubCompress()
+    ex.run_grid(g, cell_runner=runner2, compress_fn=comp2, log=lambda *_: None)
+    assert runner2.calls == [] and comp2.calls == []
+
+
+def test_run_grid_records_failures_and_keeps_going(grid_file, tmp_path):
+    g = ex.load_grid(grid_file)
+    runner = StubRunner(fail={"centralized-dense"})
+    st = ex.run_grid(g, cell_runner=runner, compress_fn=StubCompress(), log=lambda *_: None)
+    assert st["centralized-dense"]["state"] == "failed" and "boom" in st["centralized-dense"]["error"]
+    assert st["fed-dense"]["state"] == "done"
+    status = json.loads((tmp_path / "runs" / "grid_status.json").read_text())
+    assert status["cells"]["centralized-dense"]["state"] == "failed"
+    with pytest.raises(RuntimeError, match="boom"):
+        ex.run_grid(g, cell_runner=StubRunner(fail={"centralized-dense"}), compress_fn=StubCompress(),
+                    log=lambda *_: None, keep_going=False)
+
+
+def test_run_grid_only_and_stale_partial_backbone(grid_file, tmp_path):
+    g = ex.load_grid(grid_file)
+    cell = [c for c in ex.expand(g) if c.name == "fed-gptq4"][0]
+    key = ex.backbone_key("smollm2-135m", "gptq4", ex.compress_options(g, cell.compress))
+    stale = tmp_path / "backbones" / (key + ".partial")
+    stale.mkdir(parents=True)
+    (stale / "junk").write_text("x")
+    runner = StubRunner()
+    ex.run_grid(g, only=["fed-*"], cell_runner=runner, compress_fn=StubCompress(), log=lambda *_: None)
+    assert runner.calls == ["fed-dense", "fed-gptq4"]
+    assert not stale.exists() and (tmp_path / "backbones" / key / "config.json").is_file()
+    with pytest.raises(ValueError, match="matches no cell"):
+        ex.run_grid(g, only=["nope*"], cell_runner=runner, log=lambda *_: None)
+
+
+def test_backbone_key_depends_on_settings():
+    a = ex.backbone_key("smollm2-135m", "gptq4", {"method": "gptq", "calib_samples": 128})
+    b = ex.backbone_key("smollm2-135m", "gptq4", {"method": "gptq", "calib_samples": 8})
+    assert a != b and a.startswith("smollm2-135m-gptq4-")
+
+
+def test_default_compress_rejects_unknown_options(tmp_path):
+    with pytest.raises(ValueError, match="not options of `mops-fast compress`"):
+        ex.default_compress("smollm2-135m", {"method": "gptq", "bogus_option": 1}, tmp_path / "x")
+
+
+def test_report_tables_reductions_plots_and_missing(grid_file, tmp_path):
+    g = ex.load_grid(grid_file)
+    cells = ex.expand(g)
+    for c, ppl in zip(cells[:3], ({"none": 20.0, "prompt": 18.0, "mops": 16.2},
+                                  {"none": 30.0, "prompt": 25.0, "mops": 26.0},
+                                  {"none": 22.0, "prompt": 20.0, "mops": 15.0})):
+        c.out.mkdir(parents=True)
+        (c.out / "results.json").write_text(json.dumps(fake_results(c, ppl)))
+    ex._write_status(ex._status_path(g), {"cells": {"fed-gptq4": {"state": "failed", "error": "RuntimeError: no GPU"}}})
+    grids, rep, img = ex.report_targets(grid_file)
+    assert [x["_mode"] for x in grids] == ["full"]  # the quick folder has no results: not reported
+    path = ex.write_report(grids, rep, img)
+    text = path.read_text()
+    # summary row: means are (p + p+1)/2; reduction 1 - 16.7/18.5 = 9.73%
+    assert "| centralized-dense | centralized | dense | 20.500 | 18.500 | 16.700 | +9.73% |" in text
+    assert "| centralized-gptq4 | centralized | gptq4 | 30.500 | 25.500 | 26.500 | -3.92% |" in text
+    assert "HIGHER (mops does not win here)" in text
+    # per-category table of a cell, best value in bold
+    assert "| closed_qa | 20.000 | 18.000 | **16.200** |" in text
+    assert "`fed-gptq4`: failed: RuntimeError: no GPU" in text
+    assert (img / "g-full-centralized-dense-ppl.png").is_file()
+    assert (img / "g-full-fed-dense-rounds.png").is_file()  # federated: curve per round
+    assert "![g-full-fed-dense-rounds](img/g-full-fed-dense-rounds.png)" in text
+
+
+def test_round_curves_skip_final_eval():
+    res = {"methods": {"mops": {"history": [{"stage": "B"}, {"stage": "eval", "round": 2, "ppl": {"mean": 3.0}},
+                                            {"stage": "eval", "round": 1, "ppl": {"mean": 4.0}},
+                                            {"stage": "eval", "round": 2, "final": True, "ppl": {"mean": 9.0}}]},
+                       "none": {"ppl": {"mean": 1.0}}}}
+    assert ex.round_curves(res) == {"mops": [(1, 4.0), (2, 3.0)]}
+
+
+def test_shipped_grid_configs_expand():
+    root = Path(__file__).resolve().parents[1]
+    for name, n in (("paper_grid.yaml", 8), ("ablations.yaml", 8)):
+        for quick in (False, True):
+            cells = ex.expand(ex.load_grid(root / "configs" / name, quick=quick))
+            assert len(cells) == n
+            for c in cells:
+                ex.check_cell_config(c)
+    full = ex.expand(ex.load_grid(root / "configs" / "paper_grid.yaml"))
+    assert {c.compression for c in full} == {"dense", "gptq4", "sparsegpt50", "sparsegpt50_gptq4"}
+    assert {c.runner for c in full} == {"centralized", "federated"}
+    fed = [c for c in full if c.runner == "federated"][0]
+    assert fed.config["federated"]["partition"]["alpha"] == 0.1
