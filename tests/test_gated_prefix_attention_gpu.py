@@ -1,0 +1,192 @@
+"""Fused gated-prefix attention on a CUDA device, at realistic sizes, against the float64 reference.
+
+The same cases as the interpreter tests (awkward lengths, padding on both sides, top-k zeros, a sample
+with one valid token, decode with Sq < Sk, per-sample prompts, GQA 4 and 3), in fp16, bf16 and fp32,
+plus torch.compile(fullgraph=True). Shapes are picked so that few kernel variants get compiled.
+"""
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+pytest.importorskip("triton")
+
+from mops_fast.ops.gated_prefix_attention import (  # noqa: E402
+    gated_prefix_attention,
+    gated_prefix_attention_ref,
+    gated_prefix_attention_with_lse,
+)
+
+DEV = "cuda"
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """The kernel module compiled for the GPU, even if another test module set TRITON_INTERPRET=1."""
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        from mops_fast.ops import triton_gated_prefix_attention as m
+
+        if m.INTERPRETED:
+            m = importlib.reload(m)
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+    assert not m.INTERPRETED
+    return m
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # fp32 runs IEEE dots unless TF32 is allowed; keep another test's global setting out of ours.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def make_inputs(B=2, Hq=32, Hkv=8, Sq=1000, Sk=None, d=128, J=8, L=16, dtype=torch.bfloat16,
+                per_sample=False, pad="both", drop=True, gate=True, seed=0):
+    Sk = Sq if Sk is None else Sk
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    rnd = lambda *s, dt=dtype: torch.randn(*s, generator=g, device=DEV).to(dt)  # noqa: E731
+    q, k, v = rnd(B, Hq, Sq, d), rnd(B, Hkv, Sk, d), rnd(B, Hkv, Sk, d)
+    pshape = (B, J, L, Hkv, d) if per_sample else (J, L, Hkv, d)
+    pk, pv = rnd(*pshape, dt=torch.float32), rnd(*pshape, dt=torch.float32)  # fp32 parameters
+    logw = None
+    if gate:
+        logw = torch.log_softmax(rnd(B, J, dt=torch.float32) * 2, -1)
+        if drop and J > 1:  # top-k: exact zeros
+            logw[0, 1::2] = -math.inf
+            logw[B - 1, 0] = -math.inf
+    kv = None
+    if pad is not None:
+        kv = torch.ones(B, Sk, dtype=torch.bool, device=DEV)
+        if pad in ("both", "left"):
+            kv[0, : Sk // 3] = False
+        if pad in ("both", "right"):
+            kv[B - 1, Sk - Sk // 4:] = False
+        if pad == "one_valid":
+            kv[0] = False
+            kv[0, Sk // 2] = True
+    return q, k, v, pk, pv, logw, kv
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(inputs, tol, causal=True, seed=1):
+    q, k, v, pk, pv, logw, kv = inputs
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    lw = logw.clone().requires_grad_() if logw is not None else None
+    o, lse = gated_prefix_attention_with_lse(*leaves, lw, kv, causal=causal)
+    assert "mops_fast" in type(o.grad_fn).__name__  # CUDA tensors take the fused path
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    # Upstream gradients representable in the compute dtype, so both sides see the same numbers.
+    do = torch.randn(o.shape, generator=g, device=DEV).to(q.dtype).double()
+    dl = torch.randn(lse.shape, generator=g, device=DEV).double()
+    ((o.double() * do).sum() + (lse.double() * dl).sum()).backward()
+
+    r_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
+    r_lw = logw.detach().double().requires_grad_() if logw is not None else None
+    ro, rlse = gated_prefix_attention_ref(*r_leaves, r_lw, kv, causal=causal)
+    ((ro * do).sum() + (rlse * dl).sum()).backward()
+
+    errs = {"o": rel(o, ro), "lse": rel(lse, rlse)}
+    for name, a, b in zip(("dq", "dk", "dv", "dprompt_k", "dprompt_v"), leaves, r_leaves):
+        assert a.grad.dtype == a.dtype and torch.isfinite(a.grad).all(), name
+        errs[name] = rel(a.grad, b.grad)
+    if lw is not None:
+        assert torch.isfinite(lw.grad).all()
+        errs["dlogw"] = rel(lw.grad, r_lw.grad)
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"relative errors over {tol}: {bad} (all: {errs})"
+    return leaves, lw
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_main_shape(tk, dtype):
+    # S=1000 (not a multiple of any tile), padding left and right, top-k zeros, GQA 4.
+    check(make_inputs(dtype=dtype), TOL[dtype])
+
+
+def test_backward_is_repeatable(tk):
+    # dq, dk, dv come from plain stores: bitwise equal across runs; the prompt gradients use fp32
+    # atomics over the batch, so only their summation order may differ.
+    q, k, v, pk, pv, logw, kv = make_inputs(B=4, Sq=512, seed=2)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, logw)]
+    do = torch.randn_like(q)
+    grads = []
+    for _ in range(2):
+        o = gated_prefix_attention(*leaves[:5], leaves[5], kv)
+        grads.append(torch.autograd.grad(o, leaves, do))
+    for i in range(3):
+        assert torch.equal(grads[0][i], grads[1][i])
+    for i in range(3, 6):
+        assert rel(grads[0][i], grads[1][i]) < 1e-5
+
+
+@pytest.mark.parametrize("Sq,Sk", [(1, 1000), (300, 1000)])
+def test_decode_and_chunked_prefill(tk, Sq, Sk):
+    # Sq=1: packed GQA forward (one program per KV head); 300: per-head tiles with an offset diagonal.
+    check(make_inputs(Sq=Sq, Sk=Sk, seed=3), TOL[torch.bfloat16])
+
+
+def test_awkward_gqa3_one_valid_token(tk):
+    # J*L = 15 (prompt tiles ragged), Hq/Hkv = 3, S = 777, sample 0 has a single valid token.
+    check(make_inputs(Hq=24, Hkv=8, Sq=777, J=5, L=3, pad="one_valid", seed=4), TOL[torch.bfloat16])
+
+
+def test_per_sample_prompts(tk):
+    check(make_inputs(Sq=640, J=1, L=16, per_sample=True, seed=5), TOL[torch.bfloat16])
+
+
+def test_not_causal_no_padding(tk):
+    check(make_inputs(Sq=500, pad=None, seed=6), TOL[torch.bfloat16], causal=False)
+
+
+def test_head_dim_64(tk):
+    check(make_inputs(Hq=16, Hkv=4, Sq=700, d=64, seed=7), TOL[torch.bfloat16])
+
+
+def test_nothing_visible_is_zero_not_nan(tk):
+    q, k, v, pk, pv, logw, kv = make_inputs(Sq=400, seed=8)
+    logw[0] = -math.inf  # sample 0: every expert dropped, and its first third is padding
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, logw)]
+    o, lse = gated_prefix_attention_with_lse(*leaves[:5], leaves[5], kv)
+    assert torch.isfinite(o).all()
+    hidden = torch.arange(400, device=DEV) < 400 // 3  # causal rows before sample 0's first valid key
+    assert hidden.any()
+    assert (o[0][:, hidden] == 0).all() and torch.isneginf(lse[0][:, hidden]).all()
+    grads = torch.autograd.grad(o.float().square().sum(), leaves)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[5][0] == 0).all()
+
+
+def test_torch_compile_fullgraph(tk):
+    q, k, v, pk, pv, logw, kv = make_inputs(Sq=256, seed=9)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, logw)]
+
+    def f(q, k, v, pk, pv, logw):
+        return gated_prefix_attention(q, k, v, pk, pv, logw, kv)
+
+    torch._dynamo.reset()
+    o_c = torch.compile(f, fullgraph=True)(*leaves)
+    g_c = torch.autograd.grad(o_c.float().sum(), leaves)
+    o_e = f(*leaves)
+    g_e = torch.autograd.grad(o_e.float().sum(), leaves)
+    assert torch.equal(o_c, o_e)
+    for a, b in zip(g_c[:3], g_e[:3]):
+        assert torch.equal(a, b)
+    for a, b in zip(g_c[3:], g_e[3:]):
+        assert rel(a, b) < 1e-5
