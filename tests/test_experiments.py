@@ -265,3 +265,50 @@ def test_shipped_grid_configs_expand():
     assert {c.runner for c in full} == {"centralized", "federated"}
     fed = [c for c in full if c.runner == "federated"][0]
     assert fed.config["federated"]["partition"]["alpha"] == 0.1
+
+
+def test_real_runners_on_a_tiny_llama(tmp_path):
+    """Both real runners end to end on a 2-layer random Llama: cells run, resume, and report."""
+    from mops_fast.federated.backbone import tiny_llama
+
+    model, tok = tiny_llama("tiny-llama")
+    mdir = tmp_path / "tiny"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    recs = [{"instruction": f"question {i} about {c}?", "context": "", "response": f"answer {i}", "category": c}
+            for c in CATS for i in range(12)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    data = {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl"), "test_per_category": 2}
+    common = {"dtype": "float32", "seed": 0, "data": data, "mops": {"num_experts": 2, "prompt_len": 2, "gate_hidden": 8},
+              "init": {"kv_samples": 2}, "eval": {"batch_size": 4}}
+    central = _write(tmp_path / "c.yaml", {**common, "model": str(mdir), "train": {
+        "steps": 2, "batch_size": 2, "max_length": 64, "warmup_steps": 0, "gate_pretrain_steps": 2,
+        "gate_pretrain_samples": 4, "log_every": 1, "progress": False}})
+    fed = _write(tmp_path / "f.yaml", {**common, "model": "tiny-llama",
+                                       "data": {**data, "round_test_per_category": 1},
+                                       "train": {"batch_size": 2, "max_length": 64, "lr": 3.0e-3},
+                                       "federated": {"rounds": 1, "clients_per_round": 2, "local_steps": 1,
+                                                     "gate_rounds": 1, "gate_local_steps": 2, "gate_samples": 2,
+                                                     "eval_every": 1, "partition": {"num_clients": 2, "min_examples": 2}}})
+    grid = _write(tmp_path / "grid.yaml", {
+        "name": "tiny", "out_dir": str(tmp_path / "runs"), "report": str(tmp_path / "results.md"),
+        "report_images": str(tmp_path / "img"),
+        "settings": {"centralized": {"runner": "centralized", "base": str(central)},
+                     "federated": {"runner": "federated", "base": str(fed)}},
+        "compressions": {"dense": None}})
+    g = ex.load_grid(grid)
+    st = ex.run_grid(g, log=lambda *_: None)
+    assert {k: v["state"] for k, v in st.items()} == {"centralized-dense": "done", "federated-dense": "done"}
+    for name, setting in (("centralized-dense", "centralized"), ("federated-dense", "federated")):
+        res = json.loads((tmp_path / "runs" / name / "results.json").read_text())
+        assert res["setting"] == setting and set(res["methods"]) == {"none", "prompt", "mops"}
+        assert res["compression"] == "dense"
+    before = (tmp_path / "runs" / "centralized-dense" / "results.json").stat().st_mtime_ns
+    ex.run_grid(g, log=lambda *_: None)  # finished: nothing is recomputed
+    assert (tmp_path / "runs" / "centralized-dense" / "results.json").stat().st_mtime_ns == before
+    grids, rep, img = ex.report_targets(grid)
+    text = ex.write_report(grids, rep, img).read_text()
+    res = json.loads((tmp_path / "runs" / "centralized-dense" / "results.json").read_text())
+    assert f"| {res['methods']['mops']['ppl']['mean']:.3f} |" in text
+    assert "2 of 2 cells have results" in text
