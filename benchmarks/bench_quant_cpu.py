@@ -3,8 +3,9 @@
 LLaMA-7B layer shapes (K x N = 4096x4096, 4096x11008, 11008x4096) at M = 1 (decode), 8 and 256;
 forward y = x W^T, plus the backward to the input dx = dy W for M = 1 and 8.
 
-  python benchmarks/bench_quant_cpu.py [--out DIR] [--quick]
-      writes DIR/quant_cpu-<device slug>.json (DESIGN §6 schema); default DIR benchmarks/results
+  python benchmarks/bench_quant_cpu.py [--out DIR] [--quick] [--threads T]
+      writes DIR/quant_cpu-<device slug>.json (DESIGN §6 schema; the slug ends in the thread
+      count); default DIR benchmarks/results
   pytest benchmarks/bench_quant_cpu.py            pytest-benchmark functions, same kernels
 
 Timings interleave the implementations rep by rep, so that load from other processes on a shared
@@ -99,7 +100,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
         packed, W = make_layer(K, N)
         for M in MS:
             x = torch.randn(M, K)
-            reps = 30 if M == 1 else (12 if M == 8 else 4)
+            reps = 60 if M == 1 else (15 if M == 8 else 4)
             fwd = time_interleaved(
                 {"int4_cpp": lambda: native.int4_matmul_cpu(x, *packed), "fp32_matmul": lambda: x @ W.t()},
                 reps=3 if quick else reps,
@@ -192,5 +193,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--quick", action="store_true", help="one shape, 3 reps (smoke test)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads for both implementations (default: torch's own)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     run(args.out, args.quick)

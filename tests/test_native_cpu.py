@@ -98,10 +98,11 @@ LAYOUTS = [
     (576, 40, 128, True),
     (192, 40, None, False),
     (512, 72, 128, False),
+    (512, 48, 64, False),  # N % 16 == 0: the AVX-512 small-M path (32- and 16-column tiles)
 ]
 
 
-@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("M", [1, 3, 8, 17])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"K{l[0]}N{l[1]}g{l[2]}{'act' if l[3] else ''}")
 @pytest.mark.parametrize("transposed", [False, True], ids=["fwd", "dx"])
 def test_layouts(isa, M, layout, transposed):
