@@ -51,7 +51,7 @@ def mem_probe(impl: str) -> dict:
 
 
 def peak_memory(impl: str) -> int | None:
-    cmd = [sys.executable, __file__, "--mem-probe", impl]
+    cmd = [sys.executable, __file__, "--mem-probe", impl, "--threads", str(torch.get_num_threads())]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         print(f"memory probe for {impl} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
@@ -143,7 +143,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-mem", action="store_true", help="skip the peak-memory probes (fresh processes)")
     ap.add_argument("--mem-probe", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.mem_probe:
         print(json.dumps(mem_probe(a.mem_probe)))
         return 0

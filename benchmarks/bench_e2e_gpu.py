@@ -6,7 +6,7 @@ on a LLaMA-shaped random model in bf16.
   train step  B=4, S=1024 random tokens, the second half labelled; J=8 x L=8 = 64 prompt tokens for
               both; mops through mops_fast's Trainer loss path (`response_nll`), PEFT through the HF loss;
               tokens/s (implementations alternating step by step, CUDA-synchronized) and peak allocated memory
-  generate    greedy, 128-token prompt, 64 new tokens, B in {1, 8}: tokens/s for `dense`, `mops`, `peft`
+  generate    greedy, 128-token prompt, 32 new tokens, B in {1, 8}: tokens/s for `dense`, `mops`, `peft`
   4-bit       the same model RTN-quantized in memory (mops_fast.quant, group 128, sym) into QuantLinear
               layers: `rtn4+mops` train step and `rtn4` / `rtn4+mops` generate, as time allows
 
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("bench_e2e_gpu needs a CUDA GPU (use --smoke-cpu to check the code path on the CPU)", file=sys.stderr)
             return 2
-        device, dtype, shape, B, S, P, NEW, GEN_B = "cuda", torch.bfloat16, a.shape, 4, 1024, 128, 64, (1, 8)
+        device, dtype, shape, B, S, P, NEW, GEN_B = "cuda", torch.bfloat16, a.shape, 4, 1024, 128, 32, (1, 8)
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     reset_peak = torch.cuda.reset_peak_memory_stats if cuda else (lambda: None)
@@ -175,12 +175,32 @@ def main(argv=None) -> int:
     def gshape(b):
         return {"model": f"llama-{shape}-random", "B": b, "prompt": P, "new_tokens": NEW}
 
+    def write(final=False):
+        tps = {(r["impl"], r["mode"], r["shape"]["B"]): r["tokens_per_s"] for r in rows}
+        summary = {}
+        if ("mops", "step", B) in tps and ("peft", "step", B) in tps:
+            summary["mops_vs_peft_train_tokens_per_s"] = tps[("mops", "step", B)] / tps[("peft", "step", B)]
+        for b in GEN_B:
+            if ("mops", "generate", b) in tps and ("peft", "generate", b) in tps:
+                summary[f"mops_vs_peft_generate_B{b}_tokens_per_s"] = tps[("mops", "generate", b)] / tps[("peft", "generate", b)]
+        doc = common.result_doc(
+            "e2e_gpu" if cuda else "e2e_gpu_smoke", rows, device=device, baseline_impl="peft",
+            model_shape=shape, parameters=nparams, skipped=budget.skipped, errors=errors, complete=final,
+            wall_s=round(time.time() - budget.t0, 1), timing=f"median of {a.reps} (train) / {min(a.reps, 2)} "
+            "(generate) after 1 warm-up, synchronized",
+            notes="Random LLaMA-shaped weights (speed only). mops: fused Triton gated-prefix attention on CUDA, "
+                  "prompts in layers g..N-1; peft: PrefixTuningConfig(64 virtual tokens), all layers, HF loss over "
+                  "all positions; rtn4: round-to-nearest 4-bit g128 QuantLinear (int4 GPTQ matmul kernels).",
+            **summary)
+        return common.write_result(doc, a.out, device=device), doc
+
     def record(label, fn):
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - one failing part must not lose the others' numbers
             errors[label] = f"{type(e).__name__}: {e}"
             print(f"{label} failed: {errors[label]}", flush=True)
+        write()  # a run killed by its time limit still leaves every finished part on disk
 
     def bench_train(impl, step):
         ts, pk = timed(step, a.reps, sync, reset_peak, peak)
@@ -191,7 +211,7 @@ def main(argv=None) -> int:
         for b in GEN_B:
             if not budget.allow(f"generate {impl} B={b}", 8 if cuda else 0):
                 continue
-            ts, pk = timed(gen_fn(m, prompts[b], NEW), a.reps, sync, reset_peak, peak)
+            ts, pk = timed(gen_fn(m, prompts[b], NEW), min(a.reps, 2), sync, reset_peak, peak)
             rows.append(common.make_row(gshape(b), impl, "generate", ts, tokens=b * NEW, peak_mem_bytes=pk))
             print(f"generate {impl:>10} B={b}: {rows[-1]['median_ms']:8.1f} ms  {rows[-1]['tokens_per_s']:8.0f} tokens/s",
                   flush=True)
@@ -226,15 +246,10 @@ def main(argv=None) -> int:
             bench_train("peft", peft_step(pm, batch))
         pm.eval()
         bench_gen("peft", pm)
-        return pm
 
-    holder = {}
-    record("peft", lambda: holder.setdefault("pm", peft_part()))
-    if "pm" in holder:  # unwrap: the quantized part below uses the plain model
-        try:
-            holder["pm"].base_model.__class__  # keep a reference until here
-        finally:
-            holder.clear()
+    # PEFT prefix tuning feeds its prefix as past_key_values and leaves the wrapped model's modules as they
+    # are, so the plain model below is unchanged by it.
+    record("peft", peft_part)
     if cuda:
         torch.cuda.empty_cache()
 
@@ -264,21 +279,8 @@ def main(argv=None) -> int:
     if budget.allow("4-bit part", 25 if cuda else 0):
         record("rtn4", quant_part)
 
-    tps = {(r["impl"], r["mode"], r["shape"]["B"]): r["tokens_per_s"] for r in rows}
-    summary = {}
-    if ("mops", "step", B) in tps and ("peft", "step", B) in tps:
-        summary["mops_vs_peft_train_tokens_per_s"] = tps[("mops", "step", B)] / tps[("peft", "step", B)]
-    for b in GEN_B:
-        if ("mops", "generate", b) in tps and ("peft", "generate", b) in tps:
-            summary[f"mops_vs_peft_generate_B{b}_tokens_per_s"] = tps[("mops", "generate", b)] / tps[("peft", "generate", b)]
-    doc = common.result_doc(
-        "e2e_gpu" if cuda else "e2e_gpu_smoke", rows, device=device, baseline_impl="peft",
-        model_shape=shape, parameters=nparams, skipped=budget.skipped, errors=errors,
-        wall_s=round(time.time() - budget.t0, 1), timing=f"median of {a.reps} after 1 warm-up, synchronized",
-        notes="Random LLaMA-shaped weights (speed only). mops: fused Triton gated-prefix attention on CUDA, "
-              "prompts in layers g..N-1; peft: PrefixTuningConfig(64 virtual tokens), all layers, HF loss over all "
-              "positions; rtn4: round-to-nearest 4-bit g128 QuantLinear (int4 GPTQ matmul kernels).", **summary)
-    path = common.write_result(doc, a.out, device=device)
+    path, doc = write(final=True)
+    summary = {k: v for k, v in doc.items() if "_vs_" in k}
     for k, v in summary.items():
         print(f"{k} = {v:.3f}")
     print(f"wrote {path} in {doc['wall_s']} s", flush=True)

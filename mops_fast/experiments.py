@@ -292,14 +292,12 @@ def run_grid(grid: dict, only: list[str] | None = None, cell_runner=None, compre
     for c in cells:
         check_cell_config(c)  # fail before hours of work, not in the middle
     sp = _status_path(grid)
-    status = json.loads(sp.read_text()) if sp.is_file() else {}
-    status.setdefault("cells", {})
-    status["mode"] = grid["_mode"]
     runner = cell_runner or default_cell_runner
+    mine = {}
     for c in cells:
         if cell_done(c):
             log(f"[grid] {c.name}: finished earlier, skipped")
-            status["cells"].setdefault(c.name, {})["state"] = "done"
+            mine[c.name] = _update_status(sp, grid, c.name, {"state": "done"})
             continue
         t0 = time.time()
         log(f"[grid] {c.name} ({c.runner}, {c.compression}{', ' + c.variant if c.variant else ''}) ...")
@@ -308,22 +306,29 @@ def run_grid(grid: dict, only: list[str] | None = None, cell_runner=None, compre
             runner(c, log)
             if not cell_done(c):
                 raise RuntimeError(f"the runner finished but {c.out / 'results.json'} lacks methods {c.methods}")
-            status["cells"][c.name] = {"state": "done", "wall_s": round(time.time() - t0, 1)}
+            mine[c.name] = _update_status(sp, grid, c.name, {"state": "done", "wall_s": round(time.time() - t0, 1)})
         except Exception as e:  # noqa: BLE001 - recorded per cell, re-raised unless keep_going
-            status["cells"][c.name] = {"state": "failed", "error": f"{type(e).__name__}: {e}",
-                                       "wall_s": round(time.time() - t0, 1)}
+            mine[c.name] = _update_status(sp, grid, c.name, {"state": "failed", "error": f"{type(e).__name__}: {e}",
+                                                             "wall_s": round(time.time() - t0, 1)})
             log(f"[grid] {c.name} FAILED: {type(e).__name__}: {e}")
             if not keep_going:
-                _write_status(sp, status)
                 raise
             log(traceback.format_exc())
-        _write_status(sp, status)
-    return status["cells"]
+    return mine
+
+
+def _update_status(path: Path, grid: dict, name: str, entry: dict) -> dict:
+    """Read-modify-write of one cell's entry, so that grid processes running other cells (--only) keep theirs."""
+    status = json.loads(path.read_text()) if path.is_file() else {}
+    status.setdefault("cells", {})[name] = entry
+    status["mode"] = grid["_mode"]
+    _write_status(path, status)
+    return entry
 
 
 def _write_status(path: Path, status: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(status, indent=1))
     os.replace(tmp, path)
 
