@@ -12,8 +12,8 @@ Impls (rows of the JSON):
 Modes: fwd, bwd (backward only, from a retained graph), fwd+bwd. bf16, d = 128, GQA 32/8.
 Shapes: B=8 Hq=32 Hkv=8 d=128 S=2048 J=8 L=16 (main), S in {512, 1024, 4096}, J*L in {16, 128, 512}.
 tflops counts the useful work: 4*d per visible (query, key) pair forward, 2.5x that backward, the prompt
-keys included (so sdpa_noprefix does less work for the same sequence). peak_mem_bytes is what one call
-allocates beyond its inputs.
+keys included (so sdpa_noprefix does less work for the same sequence); tokens_per_s = B*S / median.
+peak_mem_bytes is what one call allocates beyond its inputs.
 
   python benchmarks/bench_gated_prefix_attention.py --out DIR  -> DIR/gated_prefix_attention-<gpu slug>.json
   python benchmarks/bench_gated_prefix_attention.py --sweep    time all alternative tile configs (main shape;
@@ -310,6 +310,7 @@ def main(argv=None) -> int:
                                              grad_to_none=leaves)
                 row.update(median_ms=med, p20_ms=p20, p80_ms=p80)
                 row["tflops"] = useful_flops(shape, mode, prefix=impl != "sdpa_noprefix") / (med * 1e-3) / 1e12
+                row["tokens_per_s"] = shape["B"] * shape["S"] / (med * 1e-3)
             except Exception as e:  # keep going: one failing impl must not lose the other rows
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
                 print(f"ERROR {impl} {mode} {shape}: {row['error']}", flush=True)

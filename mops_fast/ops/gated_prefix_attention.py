@@ -21,7 +21,6 @@ shapes of CPU training) and the public entry point that dispatches by device:
 which works under TRITON_INTERPRET=1 (the interpreter tests); `backend="reference"` forces the
 reference.
 """
-from __future__ import annotations
 
 import importlib.util
 import math
