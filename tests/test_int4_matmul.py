@@ -10,6 +10,15 @@ from mops_fast.quant.pack import default_g_idx, pack_cols, pack_rows
 from mops_fast.quant.quantizer import QuantizedWeight
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: one intra-op thread is faster, and far faster on a busy machine (no thread handoffs)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_weight(K, N, group_size, act_order=False, sym=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     G = 1 if group_size == -1 else -(-K // group_size)

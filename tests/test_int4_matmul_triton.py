@@ -20,6 +20,15 @@ from mops_fast.quant.pack import default_g_idx, pack_cols, pack_rows  # noqa: E4
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on CPU machines")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: one intra-op thread is faster, and far faster on a busy machine (no thread handoffs)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels are decorated lazily, per mode

@@ -139,8 +139,14 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     return s
 
 
-def run_compress(args: argparse.Namespace) -> Path:
-    """Run `compress` with parsed options; returns the output directory."""
+def run_compress(args: argparse.Namespace) -> int:
+    """Run `compress` with parsed options (the `mops-fast compress` entry); returns the exit status 0."""
+    compress_with_settings(resolve_settings(args))
+    return 0
+
+
+def compress_with_settings(s: dict) -> Path:
+    """Compress as `s` (resolved settings, see resolve_settings) says; returns the output directory."""
     from mops_fast.hf.loading import load_model, resolve_model_path
     from mops_fast.quant.calibration import calibration_windows
     from mops_fast.quant.checkpoint import make_quant_config, save_dense, save_quantized
@@ -152,7 +158,6 @@ def run_compress(args: argparse.Namespace) -> Path:
         sparsity_report,
     )
 
-    s = resolve_settings(args)
     if s["threads"]:
         torch.set_num_threads(int(s["threads"]))
     t0 = time.time()

@@ -1,0 +1,104 @@
+"""Quality of compressed backbones: dolly15k test response perplexity of SmolLM2-135M, dense against GPTQ,
+RTN, Wanda, SparseGPT and SparseGPT + GPTQ, each made with the `compress` CLI code path.
+
+  python -m mops_fast.quant.quality --work-dir runs/compression \
+      --out benchmarks/results/compression_quality-cpu.json [--per-category 30] [--only gptq4_g128 ...]
+
+Each compressed model is written to WORK_DIR/<name> (reused when it is already there) and loaded back with
+mops_fast.load_model, so the numbers are those of the saved checkpoints. Perplexity is
+mops_fast.train.evaluate.evaluate_perplexity (response tokens only, chat-template prompt, max 256 tokens).
+The JSON is rewritten after every model, so an interrupted run keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from mops_fast.quant.cli import DEFAULTS
+
+RUNS = {
+    "dense": None,
+    "gptq4_g128": {"method": "gptq", "bits": 4, "group_size": 128},
+    "rtn4_g128": {"method": "rtn", "bits": 4, "group_size": 128},
+    "wanda50": {"method": "wanda", "sparsity": 0.5},
+    "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
+    "sparsegpt50_gptq4": {"method": "sparsegpt", "sparsity": 0.5, "then_gptq": True, "bits": 4,
+                          "group_size": 128},
+}
+
+
+def main(argv=None) -> int:
+    from mops_fast.hf.loading import load_model
+    from mops_fast.quant.cli import compress_with_settings
+    from mops_fast.train.data import load_records, per_category
+    from mops_fast.train.evaluate import evaluate_perplexity
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--work-dir", type=Path, default=Path("runs/compression"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/compression_quality-cpu.json"))
+    ap.add_argument("--test-data", default="../shared/data/dolly15k/test.jsonl")
+    ap.add_argument("--calib-data", default=DEFAULTS["calib_data"])
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--per-category", type=int, default=None, help="test records per category (default all)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", nargs="*", default=None, choices=list(RUNS))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    records = per_category(load_records(args.test_data), args.per_category, seed=0)
+    result = {"benchmark": "compression_quality", "device": f"cpu {platform.processor() or platform.machine()}",
+              "torch": torch.__version__, "model": args.model, "data": args.test_data,
+              "eval": {"records": len(records), "per_category": args.per_category, "max_length": 256,
+                       "metric": "response-token perplexity per category (evaluate_perplexity), mean over "
+                                 "categories"},
+              "calibration": {"data": args.calib_data, "samples": args.calib_samples, "seq_len": args.calib_seqlen},
+              "runs": {}}
+    if args.out.is_file():  # keep earlier measurements of runs not repeated now
+        old = json.loads(args.out.read_text())
+        if old.get("eval") == result["eval"]:
+            result["runs"] = old.get("runs", {})
+    names = args.only or list(RUNS)
+    for name in names:
+        spec = RUNS[name]
+        entry = {"settings": spec}
+        if spec is None:
+            path = args.model
+        else:
+            path = args.work_dir / name
+            if not (path / "config.json").is_file():
+                s = dict(DEFAULTS)
+                s.update(model=args.model, calib_data=args.calib_data, calib_samples=args.calib_samples,
+                         calib_seqlen=args.calib_seqlen, out=str(path), threads=args.threads)
+                s.update(spec)
+                if s["method"] in ("magnitude", "wanda", "sparsegpt") and s["sparsity"] is None:
+                    s["sparsity"] = 0.5
+                compress_with_settings(s)
+            info = json.loads((path / "compression.json").read_text())
+            entry["compress_seconds"] = info.get("compress_seconds")
+            entry["sparsity"] = info.get("sparsity")
+        t0 = time.time()
+        model, tok = load_model(str(path))
+        ev = evaluate_perplexity(model, tok, records, batch_size=8, max_length=256)
+        entry.update(ppl=ev["ppl"], tokens=ev["tokens"], eval_seconds=round(time.time() - t0, 1))
+        result["runs"][name] = entry
+        dense = result["runs"].get("dense")
+        for e in result["runs"].values():
+            if dense is not None:
+                e["mean_ppl_vs_dense"] = round(e["ppl"]["mean"] / dense["ppl"]["mean"] - 1, 5)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[quality] {name}: mean ppl {ev['ppl']['mean']:.3f} ({entry['eval_seconds']:.0f}s eval)", flush=True)
+        del model
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
