@@ -174,6 +174,7 @@ def _gpa_fused(
     q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor,
     gate_logw: Optional[Tensor], key_valid: Optional[Tensor], scale: float, causal: bool,
 ) -> tuple[Tensor, Tensor]:
+    check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)  # also for direct torch.ops callers
     return _kernels().gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
 
 
