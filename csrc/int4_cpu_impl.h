@@ -313,13 +313,16 @@ void fwd_m1(const Int4Args& a, const float* x, float* y) {
   constexpr int64_t kTile = 32;  // 4 vectors of 8 columns
   const int64_t ntiles = (N + kTile - 1) / kTile;
   if (uniform) {
-    // Threads split K (one run of rows per task) and sweep all columns of their run, so qweight is
-    // read as a few long sequential streams (a column-tile split would hop pages on every row);
-    // each thread sums into its own copy of y, added up at the end.
-    const int nt = int(std::max<int64_t>(1, std::min<int64_t>(a.nthreads, int64_t(runs.size()))));
-    std::vector<float> part(size_t(nt) * size_t(N), 0.f);
-    parallel_for(nt, int64_t(runs.size()), [&](int64_t ri, int tid) {
-      float* yp = part.data() + int64_t(tid) * N;
+    // Threads split K and sweep all columns of their rows, so qweight is read as a few long
+    // sequential streams (a column-tile split would hop pages on every row). The runs form a fixed
+    // number of chunks, each summed into its own copy of y and added up in chunk order: the result
+    // does not depend on the thread count or on which thread took which chunk.
+    const int64_t nruns = int64_t(runs.size());
+    const int64_t nchunks = std::min<int64_t>(nruns, 8);
+    std::vector<float> part(size_t(nchunks) * size_t(N), 0.f);
+    parallel_for(a.nthreads, nchunks, [&](int64_t ch, int) {
+     float* yp = part.data() + ch * N;
+     for (int64_t ri = ch * nruns / nchunks; ri < (ch + 1) * nruns / nchunks; ++ri) {
 #if defined(__AVX512F__)
       const Run& run = runs[size_t(ri)];
       int64_t n0 = 0;
@@ -331,8 +334,7 @@ void fwd_m1(const Int4Args& a, const float* x, float* y) {
         default: break;
       }
       if (n0 < N) fwd_m1_runs<1>(a, x, &run, 1, n0, yp);  // last 8 columns
-      return;
-#endif
+#else
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t n0 = t * kTile;
         switch (int(std::min<int64_t>(kTile, N - n0) / 8)) {
@@ -342,10 +344,12 @@ void fwd_m1(const Int4Args& a, const float* x, float* y) {
           default: fwd_m1_runs<1>(a, x, &runs[size_t(ri)], 1, n0, yp); break;
         }
       }
+#endif
+     }
     });
     for (int64_t n = 0; n < N; ++n) {
       float acc = 0.f;
-      for (int t = 0; t < nt; ++t) acc += part[size_t(t) * size_t(N) + size_t(n)];
+      for (int64_t c = 0; c < nchunks; ++c) acc += part[size_t(c * N + n)];
       y[n] = acc;
     }
     return;
@@ -434,10 +438,13 @@ bool fwd_small_m(const Int4Args& a, const float* X, int64_t ldx, float* Y, int64
     }
     r = e;
   }
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(a.nthreads, int64_t(runs.size()))));
-  std::vector<float> part(size_t(nt) * size_t(M * N), 0.f);
-  parallel_for(nt, int64_t(runs.size()), [&](int64_t ri, int tid) {
-    float* yp = part.data() + int64_t(tid) * M * N;
+  // Fixed chunks of runs with their own partial outputs, summed in order (see fwd_m1).
+  const int64_t nruns = int64_t(runs.size());
+  const int64_t nchunks = std::min<int64_t>(nruns, 8);
+  std::vector<float> part(size_t(nchunks) * size_t(M * N), 0.f);
+  parallel_for(a.nthreads, nchunks, [&](int64_t ch, int) {
+   float* yp = part.data() + ch * M * N;
+   for (int64_t ri = ch * nruns / nchunks; ri < (ch + 1) * nruns / nchunks; ++ri) {
     const Run& run = runs[size_t(ri)];
     const float* xsr = xsum.data() + ri * M;
     switch (M) {
@@ -449,11 +456,12 @@ bool fwd_small_m(const Int4Args& a, const float* X, int64_t ldx, float* Y, int64
       case 7: fwd_small_tile<7>(a, xs.data(), run, xsr, yp); break;
       default: fwd_small_tile<8>(a, xs.data(), run, xsr, yp); break;
     }
+   }
   });
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
       float acc = 0.f;
-      for (int t = 0; t < nt; ++t) acc += part[size_t(t) * size_t(M * N) + size_t(m * N + n)];
+      for (int64_t c = 0; c < nchunks; ++c) acc += part[size_t(c * M * N + m * N + n)];
       Y[m * ldy + n] = acc;
     }
   return true;
