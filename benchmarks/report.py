@@ -161,8 +161,10 @@ def plot_tokens_vs_batch(doc: dict, path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, pts in series.items():
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+    colors = plt.cm.tab20.colors  # more series than the default 10-colour cycle
+    for i, (name, pts) in enumerate(series.items()):
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name, color=colors[i % 20],
+                ls="--" if " bwd" in name else "-")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch (" + batch_key(doc["rows"][0].get("shape")) + ")" if batch_key(doc["rows"][0].get("shape")) else "batch")
