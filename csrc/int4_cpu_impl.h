@@ -648,15 +648,21 @@ struct FloatIO {
   }
 };
 
-void check(const Int4Args& a) {
+// Validates the sizes and returns the arguments with the thread count to use: a small product
+// (under ~4M multiply-adds, e.g. a SmolLM2 layer at decode) runs on the calling thread alone,
+// because waking helpers costs more than they save, and far more on a busy machine.
+Int4Args prepare(const Int4Args& a) {
   if (a.K <= 0 || a.N <= 0 || a.G <= 0 || a.M < 0 || a.K % 8 || a.N % 8)
     throw std::invalid_argument("int4 matmul: need K, N > 0 and multiples of 8, G > 0");
+  Int4Args b = a;
+  if (double(a.K) * double(a.N) * double(std::max<int64_t>(a.M, 1)) < double(1 << 22)) b.nthreads = 1;
+  return b;
 }
 
 }  // namespace
 
-void int4_matmul(const Int4Args& a) {
-  check(a);
+void int4_matmul(const Int4Args& args) {
+  const Int4Args a = prepare(args);
   if (a.M == 0) return;
   const int64_t K = a.K, N = a.N, K8 = K / 8;
   FloatIO io(a, K, N);
@@ -689,8 +695,8 @@ void int4_matmul(const Int4Args& a) {
   io.finish(a, N);
 }
 
-void int4_matmul_t(const Int4Args& a) {
-  check(a);
+void int4_matmul_t(const Int4Args& args) {
+  const Int4Args a = prepare(args);
   if (a.M == 0) return;
   const int64_t K = a.K, N = a.N, G = a.G, K8 = K / 8;
   FloatIO io(a, N, K);
