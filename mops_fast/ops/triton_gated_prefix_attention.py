@@ -17,7 +17,6 @@ backward  Delta = rowsum(o * do) - dlse; then
 Everything is computed in float32 inside the kernels; matrix products take the input dtype (bf16/fp16)
 or float32 in IEEE mode (no TF32 unless torch.backends.cuda.matmul.allow_tf32 says so).
 """
-from __future__ import annotations
 
 import os
 import warnings
