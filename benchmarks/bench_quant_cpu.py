@@ -58,16 +58,18 @@ def make_layer(K: int, N: int, group: int = GROUP, seed: int = 0):
     return (qweight, qzeros, scales, g_idx), W
 
 
-def device_slug() -> str:
-    name = platform.processor() or "cpu"
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                name = line.split(":", 1)[1]
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", " ", name, flags=re.IGNORECASE)
+    return platform.processor() or "cpu"
+
+
+def device_slug() -> str:
+    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", " ", cpu_name(), flags=re.IGNORECASE)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu"
     return f"cpu-{slug}-{torch.get_num_threads()}t"
 
@@ -122,7 +124,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                       f"fp32_matmul {res['fp32_matmul']['median_ms']:8.3f} ms  speedup {ratio:5.2f}x", flush=True)
     result = {
         "benchmark": "quant_cpu",
-        "device": f"{platform.processor() or platform.machine()} ({device_slug()}, isa={native_isa()})",
+        "device": f"{cpu_name()} ({torch.get_num_threads()} threads, isa={native_isa()})",
         "torch": torch.__version__,
         "triton": _version("triton"),
         "cuda": torch.version.cuda,
