@@ -12,6 +12,7 @@ a built _C still works: mops_fast.native reports available() == False and the op
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -63,6 +64,8 @@ def find_nvcc() -> str | None:
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
             candidates.append(os.path.join(home, "bin", "nvcc"))
+    # versioned installs (/usr/local/cuda-13.0), newest first
+    candidates += sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"), reverse=True)
     for c in candidates:
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
