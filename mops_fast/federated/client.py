@@ -57,6 +57,16 @@ def set_state(mops, state: dict[str, torch.Tensor]) -> None:
         sd[k].copy_(v)
 
 
+@torch.no_grad()
+def add_proximal_grad(anchors: list[tuple[torch.Tensor, torch.Tensor]], mu: float) -> None:
+    """FedProx: p.grad += mu * (p - w_global) for each (parameter, global value), the gradient of
+    mu/2 ||w - w_global||^2."""
+    for p, w0 in anchors:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.add_(p - w0, alpha=mu)
+
+
 def local_train_config(train: dict, **fixed) -> TrainConfig:
     """TrainConfig for local steps: constant lr (no warmup/decay inside a round), no checkpoints."""
     d = dict(train)
@@ -90,17 +100,9 @@ class LocalClient:
         handle = None
         if prox_mu > 0:
             anchors = [(p, global_state[k].to(p)) for k, p in mops.named_parameters() if p.requires_grad]
-
-            # The gradient of mu/2 ||w - w_global||^2 is added just before the optimizer step, after
-            # the data gradient was clipped: clipping must not weaken the pull toward the global model.
-            def prox(_opt, _args, _kwargs):
-                with torch.no_grad():
-                    for p, w0 in anchors:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                        p.grad.add_(p - w0, alpha=prox_mu)
-
-            handle = trainer.opt.register_step_pre_hook(prox)
+            # Added just before the optimizer step, after the data gradient was clipped: clipping must not
+            # weaken the pull toward the global model.
+            handle = trainer.opt.register_step_pre_hook(lambda *_: add_proximal_grad(anchors, prox_mu))
         losses, tokens = [], 0
         self.model.train()
         try:

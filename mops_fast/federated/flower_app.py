@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -108,7 +109,7 @@ class FlowerDispatcher:
         wall = time.perf_counter() - t0
         by_node = {n: c for c, n in self.nodes.items()}
         updates, failed, seen = [], [], set()
-        handler, train, setup = [], [], []
+        handler, train, setup, startup = [], [], [], []
         for r in replies:
             cid = by_node.get(r.metadata.src_node_id)
             seen.add(cid)
@@ -123,6 +124,7 @@ class FlowerDispatcher:
                     handler.append(float(met.get("handler_s", 0.0)))
                     train.append(float(met.get("train_s", 0.0)))
                     setup.append(float(met.get("setup_s", 0.0)))
+                    startup.append(float(met.get("startup_s", 0.0)) + handler[-1])
                     updates.append(ClientUpdate(cid, from_array_record(r.content["update"]), n, met))
                     continue
                 except Exception as e:  # garbage from a client must not stop the round
@@ -136,8 +138,12 @@ class FlowerDispatcher:
                   "client_handler_max_s": max(handler, default=0.0), "client_train_max_s": max(train, default=0.0),
                   "client_setup_max_s": max(setup, default=0.0),
                   # what the round waited for beyond the slowest client's own work: serialization, the
-                  # SuperLink/SuperNode hops, ClientApp process start-up and imports
-                  "transport_overhead_s": wall - max(handler, default=0.0)}
+                  # SuperLink/SuperNode hops and polling, ClientApp process start-up and imports ...
+                  "transport_overhead_s": wall - max(handler, default=0.0),
+                  # ... of which the ClientApp process start-up (spawn, imports) of the slowest client
+                  "client_startup_max_s": max((s - h for s, h in zip(startup, handler)), default=0.0),
+                  # ... and the rest: messages and polling between ServerApp, SuperLink and SuperNodes
+                  "network_polling_s": wall - max(startup, default=0.0)}
         return updates, timing
 
 
@@ -204,9 +210,22 @@ def client_query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": ConfigRecord({"client-id": cid})}), reply_to=msg)
 
 
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; 0 elsewhere): the ClientApp start-up cost."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
+    startup = _process_age_s()
     ctx = _fed_context(context)
     cid = _client_id(context, ctx)
     conf = msg.content["config"]
@@ -228,7 +247,8 @@ def client_train(msg: Message, context: Context) -> Message:
     finally:
         ctx.detach()
     metrics = {k: float(v) for k, v in upd.metrics.items()}
-    metrics.update({"num-examples": int(upd.num_examples), "setup_s": setup, "handler_s": time.perf_counter() - t0})
+    metrics.update({"num-examples": int(upd.num_examples), "setup_s": setup, "startup_s": startup,
+                    "handler_s": time.perf_counter() - t0})
     return Message(RecordDict({"update": to_array_record(upd.tensors), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 

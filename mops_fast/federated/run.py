@@ -71,7 +71,12 @@ def markdown_table(results: dict) -> str:
 
 
 def _curve(history: list[dict]) -> list[tuple[int, float]]:
-    return [(h["round"], h["ppl"]["mean"]) for h in history if h.get("stage") == "eval" and not h.get("final")]
+    """Mean ppl on the round subset per round (the final full-test entry counts when it is that subset)."""
+    pts: dict[int, float] = {}
+    for h in history:
+        if h.get("stage") == "eval" and (not h.get("final") or h["round"] not in pts):
+            pts[h["round"]] = h["ppl"]["mean"]
+    return sorted(pts.items())
 
 
 def _cached_eval(ctx: FedContext, records, path: Path) -> dict:
@@ -98,9 +103,10 @@ def federate(cfg: dict, out_dir: str | Path | None = None, make_dispatcher=None,
     results = {
         "model": cfg.get("model", "smollm2-135m"), "data": cfg["data"].get("name", Path(cfg["data"]["train"]).parent.name),
         "setting": "federated", "compression": cfg.get("compression", "dense"),
-        "steps": fed.rounds * fed.local_steps, "seed": ctx.seed, "methods": {},
+        # optimizer steps of all clients together (the compute a centralized run of `steps` would spend)
+        "steps": fed.rounds * fed.clients_per_round * fed.local_steps, "seed": ctx.seed, "methods": {},
         "partition": desc, "federated": fed.to_dict(), "batch_size": ctx.train_cfg.get("batch_size", 4),
-        "total_client_steps": fed.rounds * fed.clients_per_round * fed.local_steps,
+        "local_steps_per_client_round": fed.local_steps,
         "transport": getattr(dispatcher, "name", "simulation"),
         "eval": {"test_records": len(ctx.test), "round_test_records": len(ctx.round_test),
                  "categories": ctx.categories},

@@ -137,6 +137,15 @@ class FederatedRun:
         rec.update(sampled=clients, dispatch_s=t1 - t0, round_s=time.perf_counter() - t0, **timing)
         return rec
 
+    @staticmethod
+    def _split(rec: dict) -> str:
+        """'12.3 s' or, for a networked round, where the time went."""
+        if "transport_overhead_s" not in rec:
+            return f"{rec['round_s']:.1f} s"
+        return (f"{rec['round_s']:.1f} s: local training {rec['client_train_max_s']:.2f} s, client setup "
+                f"{rec['client_setup_max_s']:.2f} s, aggregation {rec['aggregate_s']:.3f} s, transport "
+                f"{rec['transport_overhead_s']:.2f} s")
+
     def run(self) -> dict:
         ctx, fed, name = self.ctx, self.fed, self.method
         init_state = ctx.attach(name, init=True)
@@ -161,7 +170,7 @@ class FederatedRun:
                 self._save(server, progress, history)
                 self.log(f"[{name}] gate round {rnd + 1}/{self.gate_rounds}: clients {rec['clients']} "
                          f"loss {rec.get('gate_loss', float('nan')):.3f} routing acc "
-                         f"{rec.get('routing_acc', float('nan')):.2f} ({rec['round_s']:.1f} s)")
+                         f"{rec.get('routing_acc', float('nan')):.2f} ({self._split(rec)})")
 
             for rnd in range(progress["B"], self.rounds + 1):
                 if rnd > progress["B"]:  # round 0 is the initial state: evaluated, not trained
@@ -170,7 +179,7 @@ class FederatedRun:
                     history.append(rec)
                     self.log(f"[{name}] round {rnd}/{self.rounds}: clients {rec['clients']} loss "
                              f"{rec.get('loss_first', float('nan')):.3f} -> {rec.get('loss_last', float('nan')):.3f} "
-                             f"({rec['round_s']:.1f} s)" + (f", dropped {len(rec['dropped'])}" if rec["dropped"] else ""))
+                             f"({self._split(rec)})" + (f", dropped {len(rec['dropped'])}" if rec["dropped"] else ""))
                 due = fed.eval_every and rnd % fed.eval_every == 0 and rnd < self.rounds
                 if due and progress["evaluated"] < rnd and self.round_eval_records:
                     ev = self._evaluate(server, self.round_eval_records)

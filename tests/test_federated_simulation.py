@@ -1,0 +1,147 @@
+"""In-process simulation: resume after a kill (in-process and a real SIGKILL) equals the uninterrupted run;
+checkpoints are atomic and refused when corrupt or foreign; `federate` writes the DESIGN §6 results."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mops_fast.federated.client import LocalClient
+from mops_fast.federated.config import validate_config
+from mops_fast.federated.context import FedContext
+from mops_fast.federated.run import federate
+from mops_fast.federated.simulation import CKPT, FederatedRun
+from tests._federated import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg_for(tmp_path, **fed):
+    fed.setdefault("rounds", 3)
+    fed.setdefault("eval_every", 1)
+    fed.setdefault("strategy", {"name": "fedadam"})  # server optimizer moments must survive the restart
+    return validate_config(tiny_config(tmp_path, **fed))
+
+
+def run(cfg, out):
+    return FederatedRun(FedContext(cfg), "mops", out_dir=out, log=lambda m: None).run()
+
+
+def assert_same(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_after_a_kill_mid_round_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path)
+    ref = run(cfg, tmp_path / "ref")
+
+    real_fit, calls = LocalClient.fit, []
+
+    def dying_fit(self, *a, **k):  # killed while the 2nd client of round 2 trains
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(LocalClient, "fit", dying_fit)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "b")
+    monkeypatch.setattr(LocalClient, "fit", real_fit)
+    ck = torch.load(tmp_path / "b" / CKPT, weights_only=True)
+    assert ck["progress"]["A"] == 1 and ck["progress"]["B"] == 1  # round 1 was saved, round 2 was not
+    resumed = run(cfg, tmp_path / "b")
+    assert_same(resumed["final_state"], ref["final_state"])
+    assert resumed["ppl"] == ref["ppl"]
+    strip = lambda h: [{k: v for k, v in x.items() if not k.endswith("_s") and k not in ("client_metrics", "tokens_per_s")}
+                       for x in h]
+    assert strip(resumed["history"]) == strip(ref["history"])  # nothing lost, nothing done twice
+    again = run(cfg, tmp_path / "b")  # a finished run only reports
+    assert_same(again["final_state"], ref["final_state"])
+
+
+def test_sigkill_at_any_moment_then_resume(tmp_path):
+    """A real process killed with SIGKILL after its first checkpoint, then resumed here."""
+    cfg = cfg_for(tmp_path, rounds=25, eval_every=0, local_steps=2, strategy={"name": "fedavg"})
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "killed"
+    code = ("import json,sys; from mops_fast.federated.context import FedContext;"
+            "from mops_fast.federated.simulation import FederatedRun;"
+            "cfg=json load".replace("json load", "json.load(open(sys.argv[1]))") + ";"
+            "FederatedRun(FedContext(cfg),'mops',out_dir=sys.argv[2],log=lambda m:None).run()")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cfg.json"), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / CKPT).is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the simulation wrote no checkpoint in time"
+            time.sleep(0.05)
+        time.sleep(0.3)  # somewhere inside a later round (or inside a checkpoint write)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ck = torch.load(out / CKPT, weights_only=True)
+    assert ck["final"] is None and ck["progress"]["B"] < 25, "the process finished before the kill"
+    resumed = run(cfg, out)
+    ref = run(cfg, tmp_path / "ref")
+    assert_same(resumed["final_state"], ref["final_state"])
+
+
+def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
+    cfg = cfg_for(tmp_path, rounds=1)
+    run(cfg, tmp_path / "a")
+    other = cfg_for(tmp_path, rounds=2)
+    with pytest.raises(ValueError, match="different config"):
+        run(other, tmp_path / "a")
+    (tmp_path / "a" / CKPT).write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="corrupt"):
+        run(cfg, tmp_path / "a")
+
+
+def test_federate_writes_results_table_and_plots(tmp_path):
+    c = tiny_config(tmp_path, rounds=2, eval_every=1)
+    c["methods"] = ["none", "prompt", "mops"]
+    c["data"]["round_test_per_category"] = 2
+    c["lr_search"] = {"methods": ["prompt"], "candidates": [1e-3, 1e-2], "rounds": 1, "heldout_per_category": 2}
+    res = federate(validate_config(c), tmp_path / "run", log=lambda m: None)
+    out = tmp_path / "run"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["setting"] == "federated" and saved["methods"].keys() == {"none", "prompt", "mops"}
+    for key in ("model", "data", "compression", "steps", "seed", "partition"):
+        assert key in saved
+    assert saved["partition"]["scheme"] == "dominant" and sum(saved["partition"]["sizes"]) == 96 - 8
+    for m in ("none", "prompt", "mops"):
+        ppl = saved["methods"][m]["ppl"]
+        assert set(ppl) == {"lower", "repeat", "reverse", "upper", "mean"} and "train_tokens_per_s" in saved["methods"][m]
+    assert saved["methods"]["prompt"]["lr"] in (1e-3, 1e-2) and set(saved["methods"]["prompt"]["lr_search"]) == {"0.001", "0.01"}
+    rounds = [h["round"] for h in saved["methods"]["mops"]["history"] if h["stage"] == "eval" and not h.get("final")]
+    assert rounds == [0, 1, 2]
+    md = (out / "results.md").read_text()
+    assert "| **mean** |" in md and "federated (scheme=dominant, num_clients=3" in md
+    for f in ("ppl_per_round.png", "partition.png", "partition.csv", "partition.md", "mops/adapter/adapter.safetensors"):
+        assert (out / f).is_file(), f
+    assert res["methods"]["mops"]["ppl"] == saved["methods"]["mops"]["ppl"]
+
+
+def test_config_errors_name_the_fix(tmp_path):
+    base = tiny_config(tmp_path)
+    with pytest.raises(ValueError, match=r"clients_per_round=5 must be in 1..partition.num_clients=3"):
+        validate_config({**base, "federated": {**base["federated"], "clients_per_round": 5}})
+    with pytest.raises(ValueError, match="set by the federated schedule"):
+        validate_config({**base, "train": {"steps": 10}})
+    with pytest.raises(ValueError, match="unknown keys \\['rounds'\\]"):
+        validate_config({**base, "rounds": 3})
+    with pytest.raises(ValueError, match="federated: unknown keys"):
+        validate_config({**base, "federated": {"round": 3}})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FedContext(validate_config({**base, "data": {"train": str(tmp_path / "nope.jsonl"), "test": "x"}})).train
