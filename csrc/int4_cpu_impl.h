@@ -1,12 +1,13 @@
-// Int4 GPTQ matmul on the CPU, written once over GCC/Clang vector extensions and compiled twice:
-// int4_cpu_avx2.cpp (-mavx2 -mfma -mf16c) and int4_cpu_generic.cpp (baseline flags). The including
-// file defines MOPS_ISA, the namespace that receives this copy. The dispatcher (bindings_cpu.cpp)
-// picks one at run time with __builtin_cpu_supports.
+// Int4 GPTQ matmul on the CPU, written once over GCC/Clang vector extensions and compiled three
+// times: int4_cpu_avx512.cpp (adds 16-lane decode paths), int4_cpu_avx2.cpp (-mavx2 -mfma -mf16c)
+// and int4_cpu_generic.cpp (baseline flags). The including file defines MOPS_ISA, the namespace
+// that receives this copy; bindings_cpu.cpp picks one at run time with __builtin_cpu_supports.
 //
 // Layout (DESIGN §3): qweight (K/8, N) int32, code of (k, n) at bits 4*(k%8) of qweight[k/8, n];
 // qzeros (G, N/8) int32 packed the same way along n; scales (G, N); g_idx (K,).
 // W[n, k] = (code - zero[g_idx[k], n]) * scale[g_idx[k], n]. The float weight is never built whole:
-// M == 1 streams qweight once; M > 1 dequantizes one K-block x N-tile into a small buffer at a time.
+// M == 1 (and, with AVX-512, M <= 8) streams qweight once; larger M dequantizes one K-block x
+// N-tile into a small buffer at a time.
 #ifndef MOPS_ISA
 #error "define MOPS_ISA before including int4_cpu_impl.h"
 #endif
@@ -112,9 +113,10 @@ bool row_groups(const int32_t* g_idx, int64_t K8, std::vector<int32_t>& rowg) {
 
 // ---------------------------------------------------------------------------------------------
 // Forward, M == 1 (decode): y[n] = sum_k x[k] (code - z) s, streaming qweight exactly once.
-// In-order groups: vectorise along k. One qweight word holds 8 consecutive k of one column, so
-// broadcast it, shift lanes by 0,4,..,28 and multiply by x[8r .. 8r+7] (one plain load): one
-// accumulator per column, one fma per row each, so 8 independent chains and no register spills.
+// In-order groups, AVX2/portable: vectorise along k. One qweight word holds 8 consecutive k of one
+// column, so broadcast it, shift lanes by 0,4,..,28 and multiply by x[8r .. 8r+7] (one plain
+// load): one accumulator per column, one fma per row each, 8 independent chains, fits 16 registers.
+// (The AVX-512 copy vectorises along n instead, see fwd_m1_runs16.)
 // Per run of rows sharing group g: y += s * (sum_k x_k code_k - z * sum_k x_k).
 // ---------------------------------------------------------------------------------------------
 struct Run {
