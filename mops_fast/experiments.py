@@ -441,7 +441,7 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
             out += ["Quick mode runs a handful of steps on a few test records: it shows that every cell runs "
                     "end to end, not how the methods compare.", ""]
         out += ["| cell | setting | compression | " + ("variant | " if any(c.variant for c in cells) else "")
-                + "none | prompt | mops | mops vs prompt |",
+                + "none | prompt | mops | reduction, mops vs prompt |",
                 "| --- | --- | --- | " + ("--- | " if any(c.variant for c in cells) else "") + "---: | ---: | ---: | ---: |"]
         for c in cells:
             res = found.get(c.name)
