@@ -74,6 +74,20 @@ def main() -> int:
     t_start = time.time()
     dev = torch.device("cuda")
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"int4_cuda_small_m-{slug(torch.cuda.get_device_name())}.json"
+
+    def write():  # after every shape, so a run cut short by a time limit still leaves its rows
+        result = {
+            "benchmark": "int4_cuda_small_m",
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+            "cuda": torch.version.cuda,
+            "rows": rows,
+        }
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
     for K, N in SHAPES:
         packed, W16 = make_layer(K, N, dev)
         for M in MS:
@@ -106,17 +120,9 @@ def main() -> int:
             if "int4_cuda" in res:
                 sp = "  ".join(f"vs {k}: {v / res['int4_cuda']:.2f}x" for k, v in res.items() if k != "int4_cuda")
             print(f"K={K:5d} N={N:5d} M={M:2d}  {line}  {sp}", flush=True)
-    result = {
-        "benchmark": "int4_cuda_small_m",
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "cuda": torch.version.cuda,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"int4_cuda_small_m-{slug(torch.cuda.get_device_name())}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+            write()
+        del packed, W16
+    write()
     print(f"wrote {path} in {time.time() - t_start:.0f} s")
     return 0
 
