@@ -87,6 +87,7 @@ def test_stream_and_empty_and_errors():
     qw, qz, s, g = _weight(512, 64, 128, dev, seed=1)
     x = torch.randn(2, 512, device=dev, dtype=torch.float16)
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # x was written on the default stream
     with torch.cuda.stream(side):
         y = native.int4_matmul_cuda_small_m(x, qw, qz, s, g)
     side.synchronize()
