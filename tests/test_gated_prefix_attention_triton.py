@@ -161,7 +161,7 @@ def test_head_dims(tk, d):
     check(make_inputs(B=1, Hq=2, Hkv=1, Sq=19, d=d, J=2, L=5, seed=10 + d), FP32)
 
 
-@pytest.mark.parametrize("cfg", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("cfg", [(32, 16), (16, 32), (16, 64)])
 def test_block_shapes(tk, cfg):
     # Query and key tiles of different sizes move the diagonal and sequence ends inside tiles.
     bm, bn = cfg

@@ -505,7 +505,7 @@ INTERPRETED = type(_gpa_fwd_kernel).__name__ == "InterpretedFunction"
 # Chosen so that nothing spills to local memory (sm_90 compile reports, docs/kernels.md).
 _SM90 = {  # H100 / H200 (and sm_100): 227 KB shared memory per block, wgmma
     "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-    "dkdv": {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
+    "dkdv": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (32, 32, 8, 1)},
     "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (32, 32, 8, 1)},
 }
 _SM80 = {**_SM90, "dq": {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 32, 8, 1)}}  # A100: mma.sync
@@ -540,7 +540,7 @@ def override_configs(**cfgs):
 
 
 def _env_override():
-    # MOPS_FAST_GPA_CONFIG="fwd=128,64,8,3;dkdv=64,128,8,2;dq=128,64,8,2" (for tuning on a GPU).
+    # MOPS_FAST_GPA_CONFIG="fwd=128,64,8,3;dkdv=16,128,8,2;dq=128,64,8,2" (for tuning on a GPU).
     spec = os.environ.get("MOPS_FAST_GPA_CONFIG", "").strip()
     out = {}
     if spec:
