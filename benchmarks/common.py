@@ -95,7 +95,7 @@ def result_doc(benchmark: str, rows: list[dict], device: str = "cpu", **extra) -
         triton_v = None
     doc = {"benchmark": benchmark, "device": device_name(device), "torch": torch.__version__, "triton": triton_v,
            "cuda": torch.version.cuda, "rows": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "cpu_threads": torch.get_num_threads()}
+           "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     if not device.startswith("cuda"):
         doc["load_average"] = load_average()  # the CPU here may be shared: say how busy it was
     doc.update(extra)
