@@ -299,6 +299,10 @@ def run_grid(grid: dict, only: list[str] | None = None, cell_runner=None, compre
             log(f"[grid] {c.name}: finished earlier, skipped")
             mine[c.name] = _update_status(sp, grid, c.name, {"state": "done"})
             continue
+        lock = _take_lock(c.out)
+        if lock is None:
+            log(f"[grid] {c.name}: running in another process ({c.out / '.lock'}), skipped")
+            continue
         t0 = time.time()
         log(f"[grid] {c.name} ({c.runner}, {c.compression}{', ' + c.variant if c.variant else ''}) ...")
         try:
@@ -314,7 +318,33 @@ def run_grid(grid: dict, only: list[str] | None = None, cell_runner=None, compre
             if not keep_going:
                 raise
             log(traceback.format_exc())
+        finally:
+            lock.unlink(missing_ok=True)
     return mine
+
+
+def _take_lock(out: Path) -> Path | None:
+    """An exclusive per-cell lock file holding our pid, so two grid processes never run one cell at once.
+    A lock whose process is gone (killed run) is taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return None  # alive: the other process owns the cell
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale
+                continue
+            except PermissionError:
+                return None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    return None
 
 
 def _update_status(path: Path, grid: dict, name: str, entry: dict) -> dict:

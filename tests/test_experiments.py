@@ -312,3 +312,28 @@ def test_real_runners_on_a_tiny_llama(tmp_path):
     res = json.loads((tmp_path / "runs" / "centralized-dense" / "results.json").read_text())
     assert f"| {res['methods']['mops']['ppl']['mean']:.3f} |" in text
     assert "2 of 2 cells have results" in text
+
+
+def test_cell_locked_by_a_live_process_is_skipped_and_stale_lock_taken_over(grid_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    g = ex.load_grid(grid_file)
+    cells = ex.expand(g)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cells[0].out.mkdir(parents=True)
+        (cells[0].out / ".lock").write_text(str(live.pid))
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        cells[2].out.mkdir(parents=True)
+        (cells[2].out / ".lock").write_text(str(dead.pid))
+        runner = StubRunner()
+        ex.run_grid(g, only=["*-dense"], cell_runner=runner, log=lambda *_: None)
+        assert runner.calls == ["fed-dense"]  # centralized-dense belongs to the live process
+        assert not (cells[2].out / ".lock").exists() and (cells[0].out / ".lock").read_text() == str(live.pid)
+    finally:
+        live.kill()
+        live.wait()
+    assert os.path.isfile(cells[2].out / "results.json")
