@@ -3,13 +3,13 @@ Llama. The aggregated adapter must equal the in-process simulation's with the sa
 and the round-time split (local training / aggregation / transport) is measured and logged."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,31 +30,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _children() -> dict[int, list[int]]:
+    """ppid -> child pids, from /proc (Linux)."""
+    out: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            out.setdefault(ppid, []).append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
 def stop_all(procs: list[subprocess.Popen]) -> None:
     """Terminate every process this test started and their descendants (SuperExec, ClientApps), by PID."""
-    tree = []
-    for p in procs:
-        try:
-            tree += [psutil.Process(p.pid)] + psutil.Process(p.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
-    for p in tree:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    kids, tree, todo = _children(), [], [p.pid for p in procs]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += kids.get(pid, [])
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in tree:
+            if _alive(pid):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
     for p in procs:
         try:
             p.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+    assert not [pid for pid in tree if _alive(pid)], "processes survived SIGKILL"
 
 
 def tail(path: Path, n: int = 3000) -> str:
@@ -113,7 +132,7 @@ def test_flower_loopback_run_equals_the_simulation(tmp_path):
             time.sleep(1)
     finally:
         stop_all(procs)
-    assert all(not psutil.pid_exists(p.pid) or psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE for p in procs)
+    assert not [p.pid for p in procs if _alive(p.pid)]
     wall = time.perf_counter() - t_start
 
     federate(cfg, out_sim, log=lambda m: None)  # the same run in-process
