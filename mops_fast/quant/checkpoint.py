@@ -55,10 +55,11 @@ def as_dtype(dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------
 def make_quant_config(bits: int, group_size: int, sym: bool, desc_act: bool, fmt: str = "gptq",
                       damp_percent: float = 0.01, true_sequential: bool = True, static_groups: bool = False,
-                      lm_head: bool = False, algorithm: str = "gptq") -> dict:
+                      lm_head: bool = False, algorithm: str = "gptq", mse: bool = False) -> dict:
     fmt = check_format(fmt)
     meta = {"quantizer": [QUANTIZER_TAG], "uri": "https://github.com/mops-fast", "damp_percent": damp_percent,
-            "true_sequential": true_sequential, "static_groups": static_groups, "algorithm": algorithm}
+            "true_sequential": true_sequential, "static_groups": static_groups, "algorithm": algorithm,
+            "mse": 2.4 if mse else 0.0}  # the error norm of the range search, 0 = off (GPTQModel's meaning)
     return {
         "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "lm_head": lm_head,
         "quant_method": "gptq", "method": "gptq", "checkpoint_format": fmt, "format": fmt, "pack_dtype": "int32",

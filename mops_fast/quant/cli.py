@@ -30,6 +30,7 @@ DEFAULTS = {
     "static_groups": False,
     "true_sequential": True,
     "block_size": 128,
+    "mse": False,
     "sparsity": None,
     "nm": None,
     "then_gptq": False,
@@ -68,6 +69,8 @@ def add_compress_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate each sub-layer group on the already compressed earlier ones (default on)")
     p.add_argument("--block-size", type=int, default=None, help="GPTQ/SparseGPT column block (default 128)")
+    p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
+                   help="per group, search a clipped range that lowers the rounding error (default off)")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights pruned (default 0.5)")
     p.add_argument("--nm", default=None, help="N:M structured sparsity, e.g. 2:4 (keep N of every M)")
     p.add_argument("--then-gptq", action=argparse.BooleanOptionalAction, default=None,
@@ -169,7 +172,7 @@ def compress_with_settings(s: dict) -> Path:
     qs = QuantSettings(bits=int(s["bits"]), group_size=int(s["group_size"]), sym=bool(s["sym"]),
                        desc_act=bool(s["desc_act"]), damp_percent=float(s["damp_percent"]),
                        static_groups=bool(s["static_groups"]), true_sequential=bool(s["true_sequential"]),
-                       block_size=int(s["block_size"])).validate()
+                       block_size=int(s["block_size"]), mse=bool(s["mse"])).validate()
     method = s["method"]
     quantizing = method in ("gptq", "rtn") or bool(s["then_gptq"])
     needs_calib = method in ("gptq", "wanda", "sparsegpt") or bool(s["then_gptq"])
@@ -195,7 +198,7 @@ def compress_with_settings(s: dict) -> Path:
     if quantizing:
         algorithm = method if not s["then_gptq"] else f"{method}+gptq"
         qcfg = make_quant_config(qs.bits, qs.group_size, qs.sym, qs.desc_act, s["format"], qs.damp_percent,
-                                 qs.true_sequential, qs.static_groups, algorithm=algorithm)
+                                 qs.true_sequential, qs.static_groups, algorithm=algorithm, mse=qs.mse)
         replace_with_quant_linear(model, quants)
         save_quantized(model, out, qcfg, tokenizer=tok, source_dir=src, dtype=s["dtype"])
     else:

@@ -34,6 +34,7 @@ class QuantSettings:
     static_groups: bool = False
     true_sequential: bool = True
     block_size: int = 128
+    mse: bool = False  # search a clipped range per group (see quantizer.find_params)
 
     def validate(self):
         check_bits(self.bits)
@@ -79,7 +80,7 @@ def quantize_model(model, calib: torch.Tensor | None, method: str = "gptq", sett
     if method == "rtn":
         out = {}
         for name, lin in block_linears(model).items():
-            q = quantize_weight_rtn(lin.weight.detach(), s.bits, s.group_size, s.sym)
+            q = quantize_weight_rtn(lin.weight.detach(), s.bits, s.group_size, s.sym, s.mse)
             _write_weight(lin, q.dequantize())
             out[name] = q
         return out
@@ -90,7 +91,7 @@ def quantize_model(model, calib: torch.Tensor | None, method: str = "gptq", sett
 
     def fn(name, lin, stats):
         q, _ = gptq_quantize(lin.weight.detach(), stats.hessian, s.bits, s.group_size, s.sym, s.desc_act,
-                             s.damp_percent, s.block_size, s.static_groups, keep_zeros=keep_zeros)
+                             s.damp_percent, s.block_size, s.static_groups, keep_zeros=keep_zeros, mse=s.mse)
         _write_weight(lin, q.dequantize())
         return q
 
@@ -116,7 +117,7 @@ def prune_model(model, calib: torch.Tensor | None, method: str = "sparsegpt", sp
         if then_gptq is not None:
             s = then_gptq
             q, _ = gptq_quantize(lin.weight.detach(), stats.hessian, s.bits, s.group_size, s.sym, s.desc_act,
-                                 s.damp_percent, s.block_size, s.static_groups, keep_zeros=True)
+                                 s.damp_percent, s.block_size, s.static_groups, keep_zeros=True, mse=s.mse)
             _write_weight(lin, q.dequantize())
             quants[name] = q
 

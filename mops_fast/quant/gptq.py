@@ -11,7 +11,8 @@ Options: damping (a percentage of the mean diagonal added to H), act-order (desc
 order of decreasing H diagonal, i.e. most-activated inputs first, and record each input's group in g_idx),
 group sizes (-1 = one group per row), sym/asym, 2/3/4/8 bits, static groups (group grids fixed from the
 original weight before any update; off by default), and keep_zeros (pruned weights stay exactly zero: their
-code is the zero point and their removal error is compensated like any rounding error).
+code is the zero point and their removal error is compensated like any rounding error), and mse (each
+group's range may shrink to clip outliers when that lowers its rounding error).
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float = 0.01, max_tr
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
                   desc_act: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-                  static_groups: bool = False, keep_zeros: bool = False) -> tuple[QuantizedWeight, float]:
+                  static_groups: bool = False, keep_zeros: bool = False,
+                  mse: bool = False) -> tuple[QuantizedWeight, float]:
     """Quantize W (N, K) given the Hessian H (K, K). Returns the quantized weight and the OBS loss
     sum((w - q)^2 / U_jj^2) / 2 (the proxy error GPTQ minimizes)."""
     N, K = W.shape
@@ -99,7 +101,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
             cols = W[:, g * gs:(g + 1) * gs]
             if keep is not None:
                 cols = cols * ~keep[:, g * gs:(g + 1) * gs]
-            scales[g], zeros[g] = find_params(cols, bits, sym)
+            scales[g], zeros[g] = find_params(cols, bits, sym, mse)
 
     perm = None
     if desc_act:
@@ -121,7 +123,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     loss = torch.zeros((), dtype=torch.float64, device=dev)
     with small_op_threads() if dev.type == "cpu" else contextlib.nullcontext():
         _gptq_columns(W, U, keep, scales, zeros, codes, loss, col_group_list, dynamic, gs, K, bits, sym,
-                      block_size)
+                      block_size, mse)
 
     if perm is not None:
         unperm = torch.empty_like(codes)
@@ -135,7 +137,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     return qw, float(loss)
 
 
-def _gptq_columns(W, U, keep, scales, zeros, codes, loss, col_group_list, dynamic, gs, K, bits, sym, block_size):
+def _gptq_columns(W, U, keep, scales, zeros, codes, loss, col_group_list, dynamic, gs, K, bits, sym, block_size,
+                  mse=False):
     """The GPTQ column loop (in place on W, scales, zeros, codes, loss); see gptq_quantize."""
     N = W.shape[0]
     dev = W.device
@@ -156,7 +159,7 @@ def _gptq_columns(W, U, keep, scales, zeros, codes, loss, col_group_list, dynami
                     grp = torch.cat([grp, beyond], 1)
                 if keep is not None:
                     grp = grp * ~keep[:, j:e]
-                scales[j // gs], zeros[j // gs] = find_params(grp, bits, sym)
+                scales[j // gs], zeros[j // gs] = find_params(grp, bits, sym, mse)
             g = col_group_list[j]
             scale, zero = scales[g], zeros[g]
             w = W1[:, i]

@@ -21,14 +21,18 @@ import torch
 
 from mops_fast.quant.cli import DEFAULTS
 
+ACT = {"bits": 4, "group_size": 128, "sym": False, "desc_act": True}  # the best 4-bit g128 settings found
 RUNS = {
     "dense": None,
-    "gptq4_g128": {"method": "gptq", "bits": 4, "group_size": 128},
-    "rtn4_g128": {"method": "rtn", "bits": 4, "group_size": 128},
+    "gptq4_g128_asym_act": {"method": "gptq", **ACT},
+    "rtn4_g128_asym": {"method": "rtn", "bits": 4, "group_size": 128, "sym": False},
+    "gptq4_g128_sym": {"method": "gptq", "bits": 4, "group_size": 128, "sym": True},
+    "rtn4_g128_sym": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True},
     "wanda50": {"method": "wanda", "sparsity": 0.5},
     "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
-    "sparsegpt50_gptq4": {"method": "sparsegpt", "sparsity": 0.5, "then_gptq": True, "bits": 4,
-                          "group_size": 128},
+    "sparsegpt50_gptq4": {"method": "sparsegpt", "sparsity": 0.5, "then_gptq": True, **ACT},
+    # an outside reference: GPTQModel 7.7's own 4-bit g128 sym checkpoint of the same model
+    "gptqmodel_fixture_sym": "../shared/fixtures/gptqmodel-smollm2-135m-4bit-g128-sym",
 }
 
 
@@ -71,6 +75,11 @@ def main(argv=None) -> int:
         entry = {"settings": spec}
         if spec is None:
             path = args.model
+        elif isinstance(spec, str):
+            path = Path(spec)
+            if not path.is_dir():
+                print(f"[quality] {name}: {path} is not present, skipped")
+                continue
         else:
             path = args.work_dir / name
             if not (path / "config.json").is_file():

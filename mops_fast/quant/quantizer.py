@@ -16,9 +16,22 @@ from mops_fast.quant.pack import check_bits, num_groups, pack_gptq
 _FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): a scale must not round to zero
 
 
-def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point for each row of w (rows, cols): returns (scale (rows,) fp32, zero (rows,) int64)."""
+def _grid(xmin, xmax, bits, sym):
     maxq = 2**bits - 1
+    scale = ((xmax - xmin) / maxq).clamp(min=_FP16_TINY, max=65504.0).half().float()
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2, dtype=torch.int64)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq).to(torch.int64)
+    return scale, zero
+
+
+def find_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, grid: int = 100,
+                max_shrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of w (rows, cols): returns (scale (rows,) fp32, zero (rows,) int64).
+
+    mse: also try ranges shrunk by 1 - i/grid (i < max_shrink * grid) and keep, per row, the one with the
+    least sum |w - q|^norm: clipping a few outliers buys a finer grid for all other weights."""
     w = w.float()
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
@@ -28,11 +41,18 @@ def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     flat = (xmin == 0) & (xmax == 0)  # an all-zero row (e.g. pruned) still needs a valid grid
     xmin = torch.where(flat, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(flat, torch.full_like(xmax, 1.0), xmax)
-    scale = ((xmax - xmin) / maxq).clamp(min=_FP16_TINY, max=65504.0).half().float()
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2, dtype=torch.int64)
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq).to(torch.int64)
+    scale, zero = _grid(xmin, xmax, bits, sym)
+    if not mse:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(max_shrink * grid)):
+        p = 1 - i / grid
+        s1, z1 = _grid(p * xmin, p * xmax, bits, sym)
+        err = (dequant_codes(quantize_codes(w, s1, z1, bits), s1, z1) - w).abs_().pow_(norm).sum(1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
     return scale, zero
 
 
