@@ -209,6 +209,7 @@ def good_checkpoint(tmp_path_factory):
 
 
 def _variant(src: Path, dst: Path, tensors=None, qcfg_update=None):
+    dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.name not in ("model.safetensors", "config.json"):
             shutil.copy(f, dst / f.name)
@@ -251,6 +252,20 @@ BAD = {
     "format": (dict(qcfg_update={"checkpoint_format": "marlin", "format": "marlin"}), "unknown checkpoint_format"),
     "method": (dict(qcfg_update={"quant_method": "awq"}), "not GPTQ"),
 }
+
+
+def test_older_writers_without_g_idx_and_with_zero_biases(good_checkpoint, tmp_path):
+    def older(t):
+        for k in [k for k in t if k.endswith(".g_idx")]:
+            del t[k]
+        t[f"{L0}.bias"] = torch.zeros(64, dtype=torch.float16)
+    back = load_gptq_model(_variant(good_checkpoint, tmp_path / "a", tensors=older))
+    assert torch.equal(logits(back, IDS), logits(load_gptq_model(good_checkpoint), IDS))
+    with pytest.raises(CheckpointError, match="bias is non-zero"):
+        load_gptq_model(_variant(good_checkpoint, tmp_path / "b", tensors=_set(f"{L0}.bias", torch.ones(64))))
+    act = _variant(good_checkpoint, tmp_path / "c", tensors=_set(f"{L0}.g_idx", None), qcfg_update={"desc_act": True})
+    with pytest.raises(CheckpointError, match="misses 1 tensor"):
+        load_gptq_model(act)  # act-order needs its g_idx
 
 
 @pytest.mark.parametrize("case", list(BAD))

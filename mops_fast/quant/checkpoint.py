@@ -24,6 +24,7 @@ from mops_fast.quant.pack import (
     FORMATS,
     SUPPORTED_BITS,
     check_format,
+    default_g_idx,
     num_groups,
     packed_rows,
     qzeros_from_format,
@@ -230,6 +231,16 @@ def load_gptq_model(path, dtype: torch.dtype | str = torch.float32, device: str 
     tied = bool(getattr(config, "tie_word_embeddings", False)) and lm_name is not None and not q["lm_head"]
     if tied:
         expected.pop(f"{lm_name}.weight", None)
+    for full in targets:
+        # older GPTQ writers: no g_idx without act-order, and all-zero biases on bias-free layers
+        if f"{full}.g_idx" not in tensors and not q["desc_act"]:
+            tensors[f"{full}.g_idx"] = default_g_idx(targets[full].in_features, gs)
+        b = tensors.get(f"{full}.bias")
+        if b is not None and f"{full}.bias" not in expected:
+            if b.count_nonzero():
+                raise CheckpointError(f"{path}: {full}.bias is non-zero but the model config has no bias for "
+                                      "this layer (attention_bias / mlp_bias); the config does not match")
+            del tensors[f"{full}.bias"]
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected and not k.endswith(_IGNORED_UNEXPECTED)
                   and not (tied and k == f"{lm_name}.weight")]
