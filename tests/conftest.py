@@ -2,8 +2,15 @@
 import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run in the interpreter. The flag must be set before any test module
+# imports triton (kernels are bound to the interpreter when their module is first imported), so it is
+# set here, once, for the whole session rather than in individual test modules.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
