@@ -30,50 +30,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, ..., starttime at index 19), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _children() -> dict[int, list[int]]:
     """ppid -> child pids, from /proc (Linux)."""
     out: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            out.setdefault(ppid, []).append(int(d.name))
+        st = _stat(int(d.name)) if d.name.isdigit() else None
+        if st is not None:
+            out.setdefault(int(st[1]), []).append(int(d.name))
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+def _alive(pid: int, start: str | None = None) -> bool:
+    """Running (not a zombie) and, when `start` is given, still the same process (no PID reuse)."""
+    st = _stat(pid)
+    return st is not None and st[0] != "Z" and (start is None or st[19] == start)
 
 
 def stop_all(procs: list[subprocess.Popen]) -> None:
-    """Terminate every process this test started and their descendants (SuperExec, ClientApps), by PID."""
-    kids, tree, todo = _children(), [], [p.pid for p in procs]
+    """Terminate every process this test started and their descendants (SuperExec, ClientApps), by PID.
+    Each PID is remembered with its start time, so a PID reused by an unrelated process is never signalled."""
+    kids, tree = _children(), []
+    todo = [p.pid for p in procs if p.poll() is None]  # a reaped child's PID may already be reused
     while todo:
         pid = todo.pop()
-        tree.append(pid)
-        todo += kids.get(pid, [])
+        st = _stat(pid)
+        if st is not None:
+            tree.append((pid, st[19]))
+            todo += kids.get(pid, [])
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in tree:
-            if _alive(pid):
+        for pid, start in tree:
+            if _alive(pid, start):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        while any(_alive(pid, start) for pid, start in tree) and time.monotonic() < deadline:
             time.sleep(0.1)
     for p in procs:
         try:
             p.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-    assert not [pid for pid in tree if _alive(pid)], "processes survived SIGKILL"
+    assert not [pid for pid, start in tree if _alive(pid, start)], "processes survived SIGKILL"
 
 
 def tail(path: Path, n: int = 3000) -> str:
@@ -93,7 +100,10 @@ def test_flower_loopback_run_equals_the_simulation(tmp_path):
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     out_flower, out_sim = tmp_path / "out_flower", tmp_path / "out_sim"
     app = write_flower_app(tmp_path / "app", cfg, out_flower)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1",
+    # The SuperNode starts `flower-superexec` by name: the venv's bin must be on PATH even when the
+    # tests run as `.venv/bin/python -m pytest` without an activated venv (as `make test` does).
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": str(ROOT), "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1",
            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     procs: list[subprocess.Popen] = []
 
@@ -132,7 +142,7 @@ def test_flower_loopback_run_equals_the_simulation(tmp_path):
             time.sleep(1)
     finally:
         stop_all(procs)
-    assert not [p.pid for p in procs if _alive(p.pid)]
+    assert all(p.returncode is not None for p in procs)
     wall = time.perf_counter() - t_start
 
     federate(cfg, out_sim, log=lambda m: None)  # the same run in-process
