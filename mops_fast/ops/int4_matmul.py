@@ -42,7 +42,6 @@ __all__ = [
     "check_int4_args",
 ]
 
-_SHIFTS = None
 
 
 def _interpreting() -> bool:

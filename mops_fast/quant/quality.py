@@ -25,12 +25,14 @@ ACT = {"bits": 4, "group_size": 128, "sym": False, "desc_act": True}  # the best
 RUNS = {
     "dense": None,
     "gptq4_g128_asym_act": {"method": "gptq", **ACT},
+    "gptq4_g128_asym_act_mse": {"method": "gptq", **ACT, "mse": True},
     "rtn4_g128_asym": {"method": "rtn", "bits": 4, "group_size": 128, "sym": False},
     "gptq4_g128_sym": {"method": "gptq", "bits": 4, "group_size": 128, "sym": True},
     "rtn4_g128_sym": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True},
     "wanda50": {"method": "wanda", "sparsity": 0.5},
     "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
     "sparsegpt50_gptq4": {"method": "sparsegpt", "sparsity": 0.5, "then_gptq": True, **ACT},
+    "gptq4_g32_asym_act": {"method": "gptq", **ACT, "group_size": 32},
     # an outside reference: GPTQModel 7.7's own 4-bit g128 sym checkpoint of the same model
     "gptqmodel_fixture_sym": "../shared/fixtures/gptqmodel-smollm2-135m-4bit-g128-sym",
 }
