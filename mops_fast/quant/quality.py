@@ -3,6 +3,7 @@ RTN, Wanda, SparseGPT and SparseGPT + GPTQ, each made with the `compress` CLI co
 
   python -m mops_fast.quant.quality --work-dir runs/compression \
       --out benchmarks/results/compression_quality-cpu.json [--per-category 30] [--only gptq4_g128 ...]
+  python -m mops_fast.quant.quality --table --out benchmarks/results/compression_quality-cpu.json
 
 Each compressed model is written to WORK_DIR/<name> (reused when it is already there) and loaded back with
 mops_fast.load_model, so the numbers are those of the saved checkpoints. Perplexity is
@@ -33,9 +34,48 @@ RUNS = {
     "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
     "sparsegpt50_gptq4": {"method": "sparsegpt", "sparsity": 0.5, "then_gptq": True, **ACT},
     "gptq4_g32_asym_act": {"method": "gptq", **ACT, "group_size": 32},
+    "rtn4_g32_asym": {"method": "rtn", "bits": 4, "group_size": 32, "sym": False},  # RTN at the same grid
     # an outside reference: GPTQModel 7.7's own 4-bit g128 sym checkpoint of the same model
     "gptqmodel_fixture_sym": "../shared/fixtures/gptqmodel-smollm2-135m-4bit-g128-sym",
 }
+
+
+def describe(spec) -> str:
+    if spec is None:
+        return "dense fp32 (the baseline)"
+    if isinstance(spec, str):
+        return f"outside checkpoint `{Path(spec).name}`"
+    parts = [spec["method"].upper() if spec["method"] in ("gptq", "rtn") else spec["method"].capitalize()]
+    if spec.get("sparsity"):
+        parts.append(f"{spec['sparsity']:.0%} unstructured")
+    if spec["method"] in ("gptq", "rtn") or spec.get("then_gptq"):
+        if spec.get("then_gptq"):
+            parts.append("then GPTQ")
+        parts.append(f"{spec.get('bits', 4)}-bit g{spec.get('group_size', 128)} {'sym' if spec.get('sym', True) else 'asym'}")
+        if spec.get("desc_act"):
+            parts.append("act-order")
+        if spec.get("mse"):
+            parts.append("clipped range (mse)")
+    return ", ".join(parts)
+
+
+def markdown_table(result: dict) -> str:
+    """One row per measured run: mean and per-category perplexity, change against dense."""
+    runs = result["runs"]
+    cats = [c for c in next(iter(runs.values()))["ppl"] if c != "mean"]
+    short = {c: "".join(w[0] for w in c.split("_")) if "_" in c else c[:5] for c in cats}
+    lines = ["| run | settings | mean ppl | vs dense | " + " | ".join(short[c] for c in cats) + " |",
+             "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in cats) + " |"]
+    for name, e in sorted(runs.items(), key=lambda kv: kv[1]["ppl"]["mean"]):
+        d = e.get("mean_ppl_vs_dense")
+        lines.append(f"| `{name}` | {describe(e.get('settings'))} | {e['ppl']['mean']:.3f} | "
+                     + ("-" if name == "dense" or d is None else f"{100 * d:+.1f}%") + " | "
+                     + " | ".join(f"{e['ppl'][c]:.2f}" for c in cats) + " |")
+    ev = result["eval"]
+    lines += ["", f"{ev['records']} dolly15k test records ({ev['per_category']} per category), response-token "
+              f"perplexity, max {ev['max_length']} tokens; {result['device']}, torch {result['torch']}. Columns: "
+              + ", ".join(f"{short[c]} = {c}" for c in cats) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -55,7 +95,11 @@ def main(argv=None) -> int:
     ap.add_argument("--per-category", type=int, default=None, help="test records per category (default all)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", nargs="*", default=None, choices=list(RUNS))
+    ap.add_argument("--table", action="store_true", help="only print the markdown table of the --out JSON")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())), end="")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -32,7 +32,7 @@ def markdown_table(results: dict) -> str:
     lines.append("| train tokens/s | " + " | ".join("%.0f" % t if t else "-" for t in tps) + " |")
     r = reduction(results)
     if r is not None:
-        lines += ["", f"mops vs prompt: mean perplexity {100 * r:+.2f}% lower" if r >= 0 else
+        lines += ["", f"mops vs prompt: mean perplexity {100 * r:.2f}% lower" if r >= 0 else
                   f"mops vs prompt: mean perplexity {100 * -r:.2f}% HIGHER (mops does not win here)"]
     return "\n".join(lines) + "\n"
 
