@@ -2,6 +2,7 @@
 
     mops-fast federate --config configs/dolly_federated.yaml           # in-process simulation (default)
     mops-fast federate --config ... --write-flower-app DIR              # the same run as a Flower App
+    mops-fast federate --config ... --flower-loopback                   # through Flower on this machine
 
 Writes under runs/<name>/: partition.{md,csv,json,png}, results.json (DESIGN.md §6, "setting":
 "federated"), results.md, ppl_per_round.png, and per method a round checkpoint (resumable) and the final
@@ -167,6 +168,10 @@ def add_federate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--methods", nargs="+", choices=["none", "prompt", "mops"], help="override the config's methods")
     parser.add_argument("--write-flower-app", metavar="DIR",
                         help="instead of simulating, write a Flower App for this run to DIR (see docs/federated.md)")
+    parser.add_argument("--flower-loopback", action="store_true",
+                        help="run through Flower on this machine: a SuperLink and one SuperNode per client on "
+                             "loopback, then the round-time split (local training / aggregation / transport)")
+    parser.add_argument("--timeout-s", type=float, default=3600.0, help="--flower-loopback: give up after this long")
     return parser
 
 
@@ -189,6 +194,18 @@ def run_federate(args) -> int:
         app = write_flower_app(args.write_flower_app, cfg, out)
         print(f"Flower App written to {app}; run it with `flwr run {app} <superlink-connection>` "
               "(docs/federated.md shows the SuperLink and SuperNode commands)")
+        return 0
+    if getattr(args, "flower_loopback", False):
+        from mops_fast.federated.loopback import round_split_table, run_loopback
+
+        path = run_loopback(cfg, out, out / "flower", timeout_s=args.timeout_s, log=_log)
+        results = json.loads(path.read_text())
+        split = round_split_table(results)
+        atomic_write_text(out / "round_split.md", split)
+        print()
+        print(markdown_table(results))
+        print("Where each Flower round's time went (seconds; clients of a round train in parallel):\n")
+        print(split)
         return 0
     results = federate(cfg, out)
     print()
