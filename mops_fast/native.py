@@ -170,9 +170,15 @@ def _check_act(op: str, x, width: int, width_name: str, allowed) -> None:
 
 
 def _check_g_idx_range_cpu(op: str, g_idx: torch.Tensor, G: int) -> None:
+    # A frozen layer passes the same g_idx tensor on every call: check it once and mark the tensor itself
+    # (the mark dies with it); an in-place change bumps its version and is checked again.
+    mark = (g_idx._version, G)
+    if getattr(g_idx, "_mops_range_ok", None) == mark:
+        return
     lo, hi = int(g_idx.min()), int(g_idx.max())
     if lo < 0 or hi >= G:
         raise ValueError(f"{op}: g_idx values must lie in [0, G={G}), got range [{lo}, {hi}]")
+    g_idx._mops_range_ok = mark
 
 
 def _require_cpu_module(op: str) -> ModuleType:

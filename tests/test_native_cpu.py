@@ -226,3 +226,26 @@ def test_cuda_entry_rejects_cpu_tensors():
     x, qw, qz, s, g = _good()
     with pytest.raises(ValueError, match="needs CUDA activations"):
         native.int4_matmul_cuda_small_m(x.half(), qw, qz, s, g)
+
+
+def test_g_idx_range_rechecked_after_in_place_change():
+    # The range check runs once per g_idx tensor; an in-place edit (new version) must be caught again.
+    x, qw, qz, s, g = _good()
+    native.int4_matmul_cpu(x, qw, qz, s, g)
+    native.int4_matmul_cpu(x, qw, qz, s, g)
+    g[5] = 9
+    with pytest.raises(ValueError, match=r"g_idx values must lie in \[0, G=2\)"):
+        native.int4_matmul_cpu(x, qw, qz, s, g)
+
+
+def test_int4_matmul_eager_no_grad_path_equals_the_custom_op():
+    from mops_fast.ops.int4_matmul import _int4_matmul_op, int4_matmul
+
+    x, qw, qz, s, g = _good()
+    with torch.no_grad():
+        fast = int4_matmul(x.view(1, 2, 64), qw, qz, s, g, 32)
+    via_op = _int4_matmul_op(x, qw, qz, s, g, 32)
+    torch.testing.assert_close(fast.view(2, 16), via_op, rtol=0, atol=0)
+    xr = x.clone().requires_grad_(True)  # with autograd the op runs and gives dx
+    int4_matmul(xr, qw, qz, s, g, 32).sum().backward()
+    assert xr.grad is not None and xr.grad.shape == x.shape

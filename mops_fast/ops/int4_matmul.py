@@ -688,8 +688,19 @@ def int4_matmul(x, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch
     if x.device != qweight.device:
         raise ValueError(f"int4_matmul: x is on {x.device}, the weight on {qweight.device}; move one of them")
     lead = x.shape[:-1]
-    y = _int4_matmul_op(x.reshape(-1, K), qweight, qzeros, scales, g_idx, int(group_size))
+    x2 = x.reshape(-1, K)
+    if _eager_without_grad(x2):
+        # Decoding calls this hundreds of times per token at tiny shapes, where the custom op's dispatch
+        # costs about as much as the kernel; outside autograd and compilation the op adds nothing.
+        y = _forward(x2, qweight, qzeros, scales, g_idx, int(group_size))
+    else:
+        y = _int4_matmul_op(x2, qweight, qzeros, scales, g_idx, int(group_size))
     return y.reshape(*lead, N)
+
+
+def _eager_without_grad(x: torch.Tensor) -> bool:
+    return (not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
+            and x.device.type != "meta" and not isinstance(x, torch._subclasses.FakeTensor))
 
 
 def int4_matmul_t(dy, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
