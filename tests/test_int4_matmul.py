@@ -10,13 +10,7 @@ from mops_fast.quant.pack import default_g_idx, pack_cols, pack_rows
 from mops_fast.quant.quantizer import QuantizedWeight
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is faster, and far faster on a busy machine (no thread handoffs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_weight(K, N, group_size, act_order=False, sym=False, seed=0):

@@ -17,16 +17,8 @@ pytest.importorskip("triton")
 from mops_fast.ops import int4_matmul as op  # noqa: E402
 from mops_fast.quant.pack import default_g_idx, pack_cols, pack_rows  # noqa: E402
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on CPU machines")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is faster, and far faster on a busy machine (no thread handoffs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on CPU machines"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(autouse=True)

@@ -24,13 +24,7 @@ FIXTURE = ROOT.parent / "shared" / "fixtures" / "gptqmodel-smollm2-135m-4bit-g12
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason="../shared/fixtures is not present")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is faster, and far faster on a busy machine (no thread handoffs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed=0, **kw):

@@ -13,13 +13,7 @@ from mops_fast.quant.cli import add_compress_args, compress_with_settings, resol
 TOK_DIR = Path.home() / ".cache" / "mops_fast" / "smollm2-135m-instruct"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: one intra-op thread is faster, and far faster on a busy machine (no thread handoffs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def parse(*argv):

@@ -10,13 +10,7 @@ from mops_fast.quant.rtn import quantize_weight_rtn
 from mops_fast.quant.sequential import Stats, compress_sequential, find_blocks, linear_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: one intra-op thread is faster, and far faster on a busy machine (no thread handoffs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_problem(N=64, K=256, n=2048, seed=0):

@@ -19,14 +19,7 @@ DOLLY = ROOT.parent / "shared" / "data" / "dolly15k"
 CATS = ["classification", "brainstorming"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: one intra-op thread is faster, and far faster on a busy machine (no thread handoffs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mops_trains_through_a_gptq_quantized_tiny_backbone():

@@ -19,13 +19,7 @@ from mops_fast.quant.quantizer import QuantizedWeight
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "gptqmodel-smollm2-135m-4bit-g128-sym"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is faster, and far faster on a busy machine (no thread handoffs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _u32(t):

@@ -7,13 +7,7 @@ from mops_fast.quant.prune import magnitude_prune, parse_nm, sparsegpt_prune, wa
 from mops_fast.quant.sequential import Stats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: one intra-op thread is faster, and far faster on a busy machine (no thread handoffs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(N=48, K=128, n=1024, seed=0):
