@@ -29,6 +29,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mops_fast.train.report import reduction
+
 ROOT = Path(__file__).resolve().parents[1]
 GRID_KEYS = {"name", "description", "out_dir", "backbone_dir", "report", "report_images", "model", "threads",
              "settings", "compressions", "variants", "compress_defaults", "quick"}
@@ -364,13 +366,6 @@ def _write_status(path: Path, status: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------- report
-def reduction(res: dict) -> float | None:
-    m = res.get("methods", {})
-    if "mops" not in m or "prompt" not in m:
-        return None
-    return 1.0 - m["mops"]["ppl"]["mean"] / m["prompt"]["ppl"]["mean"]
-
-
 def _fmt(v, spec="%.3f"):
     return "-" if v is None else spec % v
 

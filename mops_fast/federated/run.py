@@ -20,17 +20,11 @@ from mops_fast.federated.config import load_federated_config, resolve_path, vali
 from mops_fast.federated.context import FedContext
 from mops_fast.federated.partition import write_summary
 from mops_fast.federated.simulation import FederatedRun, atomic_write_text
+from mops_fast.train.report import reduction, reduction_lines
 
 
 def _log(msg: str) -> None:
     print(time.strftime("%H:%M:%S ") + msg, flush=True)
-
-
-def reduction(results: dict) -> float | None:
-    m = results["methods"]
-    if "mops" not in m or "prompt" not in m:
-        return None
-    return 1.0 - m["mops"]["ppl"]["mean"] / m["prompt"]["ppl"]["mean"]
 
 
 def markdown_table(results: dict) -> str:
@@ -59,10 +53,7 @@ def markdown_table(results: dict) -> str:
     lines.append("| learning rate | " + " | ".join("%g" % v if v else "-" for v in lrs) + " |")
     tps = [results["methods"][m].get("train_tokens_per_s") for m in methods]
     lines.append("| train tokens/s | " + " | ".join("%.0f" % t if t else "-" for t in tps) + " |")
-    r = reduction(results)
-    if r is not None:
-        lines += ["", f"mops vs prompt: mean perplexity {100 * r:.2f}% lower" if r >= 0 else
-                  f"mops vs prompt: mean perplexity {100 * -r:.2f}% HIGHER (mops does not win here)"]
+    lines += reduction_lines(results)
     for m in methods:
         s = results["methods"][m].get("lr_search")
         if s:

@@ -6,10 +6,19 @@ from pathlib import Path
 
 def reduction(results: dict, method: str = "mops", baseline: str = "prompt") -> float | None:
     """Relative reduction of the mean perplexity of `method` against `baseline` (0.05 = 5% lower)."""
-    m = results["methods"]
+    m = results.get("methods", {})
     if method not in m or baseline not in m:
         return None
     return 1.0 - m[method]["ppl"]["mean"] / m[baseline]["ppl"]["mean"]
+
+
+def reduction_lines(results: dict) -> list[str]:
+    """The verdict under a results table: how much lower (or higher) mops is than prompt."""
+    r = reduction(results)
+    if r is None:
+        return []
+    return ["", f"mops vs prompt: mean perplexity {100 * r:.2f}% lower" if r >= 0 else
+            f"mops vs prompt: mean perplexity {100 * -r:.2f}% HIGHER (mops does not win here)"]
 
 
 def markdown_table(results: dict) -> str:
@@ -30,10 +39,7 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     tps = [results["methods"][m].get("train_tokens_per_s") for m in methods]
     lines.append("| train tokens/s | " + " | ".join("%.0f" % t if t else "-" for t in tps) + " |")
-    r = reduction(results)
-    if r is not None:
-        lines += ["", f"mops vs prompt: mean perplexity {100 * r:.2f}% lower" if r >= 0 else
-                  f"mops vs prompt: mean perplexity {100 * -r:.2f}% HIGHER (mops does not win here)"]
+    lines += reduction_lines(results)
     return "\n".join(lines) + "\n"
 
 
