@@ -129,3 +129,15 @@ def test_compressing_a_quantized_model_is_refused(tiny_dir, tmp_path):
     s = resolve_settings(parse("--model", str(out), "--method", "rtn", "--out", str(tmp_path / "again")))
     with pytest.raises(ValueError, match="already quantized"):
         compress_with_settings(s)
+
+
+def test_rtn_zero_search_end_to_end(tiny_dir, tmp_path):
+    """--zero-search calibrates (RTN alone does not) and writes an ordinary asymmetric GPTQ checkpoint."""
+    import mops_fast
+
+    out = _run(tiny_dir, tmp_path, "--method", "rtn", "--asym", "--zero-search", "--group-size", "32")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["sym"], qc["group_size"], qc["meta"]["algorithm"]) == (False, 32, "rtn+zero_search")
+    model, tok = mops_fast.load_model(str(out))
+    with torch.no_grad():
+        assert torch.isfinite(model(tok("Hi", return_tensors="pt")["input_ids"]).logits).all()

@@ -11,8 +11,8 @@ def q41_like(n, k, block=32, integer_zero=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (n, k // block, block), generator=g)
     codes[..., 0], codes[..., 1] = 0, 15
-    d = torch.rand(n, k // block, 1, generator=g) * 0.01 + 1e-3
-    z = torch.randint(0, 16, (n, k // block, 1), generator=g).double()
+    d = (torch.rand(n, k // block, 1, generator=g) * 0.01 + 1e-3).half().double()  # fp16 steps, as in GGUF
+    z = torch.randint(1, 15, (n, k // block, 1), generator=g).double()  # blocks spanning zero
     if not integer_zero:
         z = z + torch.rand(n, k // block, 1, generator=g, dtype=torch.float64) * 0.8 + 0.1  # never near an integer
     return ((codes - z) * d).reshape(n, k)

@@ -31,6 +31,7 @@ DEFAULTS = {
     "true_sequential": True,
     "block_size": 128,
     "mse": False,
+    "zero_search": False,
     "sparsity": None,
     "nm": None,
     "then_gptq": False,
@@ -71,6 +72,9 @@ def add_compress_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="GPTQ/SparseGPT column block (default 128)")
     p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
                    help="per group, search a clipped range that lowers the rounding error (default off)")
+    p.add_argument("--zero-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="rtn --asym only: choose each group's grid and integer zero point to minimize the layer's "
+                        "output error on the calibration data (default off; see mops_fast/quant/zero_search.py)")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights pruned (default 0.5)")
     p.add_argument("--nm", default=None, help="N:M structured sparsity, e.g. 2:4 (keep N of every M)")
     p.add_argument("--then-gptq", action=argparse.BooleanOptionalAction, default=None,
@@ -172,10 +176,11 @@ def compress_with_settings(s: dict) -> Path:
     qs = QuantSettings(bits=int(s["bits"]), group_size=int(s["group_size"]), sym=bool(s["sym"]),
                        desc_act=bool(s["desc_act"]), damp_percent=float(s["damp_percent"]),
                        static_groups=bool(s["static_groups"]), true_sequential=bool(s["true_sequential"]),
-                       block_size=int(s["block_size"]), mse=bool(s["mse"])).validate()
+                       block_size=int(s["block_size"]), mse=bool(s["mse"]),
+                       zero_search=bool(s["zero_search"])).validate()
     method = s["method"]
     quantizing = method in ("gptq", "rtn") or bool(s["then_gptq"])
-    needs_calib = method in ("gptq", "wanda", "sparsegpt") or bool(s["then_gptq"])
+    needs_calib = method in ("gptq", "wanda", "sparsegpt") or bool(s["then_gptq"]) or qs.zero_search
     calib = None
     if needs_calib:
         calib = calibration_windows(tok, s["calib_data"], int(s["calib_samples"]), int(s["calib_seqlen"]),
@@ -196,7 +201,7 @@ def compress_with_settings(s: dict) -> Path:
         summary["sparsity"] = round(sparsity_report(model)["overall"], 6)
     out = Path(s["out"])
     if quantizing:
-        algorithm = method if not s["then_gptq"] else f"{method}+gptq"
+        algorithm = f"{method}+gptq" if s["then_gptq"] else (f"{method}+zero_search" if qs.zero_search else method)
         qcfg = make_quant_config(qs.bits, qs.group_size, qs.sym, qs.desc_act, s["format"], qs.damp_percent,
                                  qs.true_sequential, qs.static_groups, algorithm=algorithm, mse=qs.mse)
         replace_with_quant_linear(model, quants)

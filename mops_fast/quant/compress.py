@@ -18,6 +18,7 @@ from mops_fast.quant.prune import magnitude_prune, parse_nm, sparsegpt_prune, wa
 from mops_fast.quant.quantizer import QuantizedWeight
 from mops_fast.quant.rtn import quantize_weight_rtn
 from mops_fast.quant.sequential import compress_sequential, find_blocks
+from mops_fast.quant.zero_search import zero_search_quantize
 
 QUANT_METHODS = ("gptq", "rtn")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -35,9 +36,15 @@ class QuantSettings:
     true_sequential: bool = True
     block_size: int = 128
     mse: bool = False  # search a clipped range per group (see quantizer.find_params)
+    zero_search: bool = False  # RTN only: grids and zeros chosen by output error (see zero_search.py)
 
     def validate(self):
         check_bits(self.bits)
+        if self.zero_search and self.sym:
+            raise ValueError("zero_search chooses asymmetric zero points: use it with --asym (the symmetric grid's "
+                             "zero point is fixed)")
+        if self.zero_search and self.mse:
+            raise ValueError("zero_search and mse both choose the group grids: use one of them")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
             raise ValueError(f"group_size must be -1 or a positive integer, got {self.group_size!r}")
         if self.block_size < 1:
@@ -77,6 +84,18 @@ def quantize_model(model, calib: torch.Tensor | None, method: str = "gptq", sett
     Returns {layer name: QuantizedWeight}; call replace_with_quant_linear to swap the modules."""
     s = (settings or QuantSettings()).validate()
     check_quantizable(model, s)
+    if s.zero_search and method != "rtn":
+        raise ValueError(f"zero_search is a round-to-nearest variant (method 'rtn'), not a {method!r} option")
+    if method == "rtn" and s.zero_search:
+        if calib is None:
+            raise ValueError("RTN with zero_search needs calibration data (it weighs the error by the inputs)")
+
+        def zs(name, lin, stats):
+            q, _ = zero_search_quantize(lin.weight.detach(), stats.hessian, s.bits, s.group_size)
+            _write_weight(lin, q.dequantize())
+            return q
+
+        return compress_sequential(model, calib, zs, "hessian", s.true_sequential, batch_size, log)
     if method == "rtn":
         out = {}
         for name, lin in block_linears(model).items():
@@ -108,6 +127,8 @@ def prune_model(model, calib: torch.Tensor | None, method: str = "sparsegpt", sp
     nm = parse_nm(nm)
     if then_gptq is not None:
         then_gptq.validate()
+        if then_gptq.zero_search:
+            raise ValueError("zero_search is a round-to-nearest option; it does not apply to --then-gptq")
         check_quantizable(model, then_gptq)
     masks, quants = {}, {}
 

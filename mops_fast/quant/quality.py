@@ -35,6 +35,9 @@ RUNS = {
     "sparsegpt50_gptq4": {"method": "sparsegpt", "sparsity": 0.5, "then_gptq": True, **ACT},
     "gptq4_g32_asym_act": {"method": "gptq", **ACT, "group_size": 32},
     "rtn4_g32_asym": {"method": "rtn", "bits": 4, "group_size": 32, "sym": False},  # RTN at the same grid
+    # RTN codes with grids and zero points chosen by output error (quant/zero_search.py)
+    "rtn4_g32_asym_zs": {"method": "rtn", "bits": 4, "group_size": 32, "sym": False, "zero_search": True},
+    "rtn4_g128_asym_zs": {"method": "rtn", "bits": 4, "group_size": 128, "sym": False, "zero_search": True},
     # an outside reference: GPTQModel 7.7's own 4-bit g128 sym checkpoint of the same model
     "gptqmodel_fixture_sym": "../shared/fixtures/gptqmodel-smollm2-135m-4bit-g128-sym",
 }
@@ -56,6 +59,8 @@ def describe(spec) -> str:
             parts.append("act-order")
         if spec.get("mse"):
             parts.append("clipped range (mse)")
+        if spec.get("zero_search"):
+            parts.append("zero search")
     return ", ".join(parts)
 
 
