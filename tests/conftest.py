@@ -84,6 +84,20 @@ def smollm2():
     return mops_fast.load_model("smollm2-135m")
 
 
+def smollm2_blocks(smollm2, n_blocks: int, n_samples: int):
+    """A copy of the real SmolLM2 cut to its first `n_blocks` decoder blocks, and `n_samples` calibration
+    windows of 128 dolly15k training tokens (for layer-level compression tests)."""
+    import copy
+
+    from mops_fast.quant.calibration import calibration_windows
+
+    model, tok = smollm2
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:n_blocks]
+    small.config.num_hidden_layers = n_blocks
+    return small, calibration_windows(tok, DOLLY / "train.jsonl", n_samples=n_samples, seq_len=128, seed=0)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

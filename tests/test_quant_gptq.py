@@ -1,6 +1,5 @@
 """GPTQ against round-to-nearest: lower output error on correlated synthetic data and on real SmolLM2
 layers; act-order, static groups, group sizes, bit widths, pruned zeros, dead inputs, the sequential engine."""
-import copy
 
 import pytest
 import torch
@@ -132,15 +131,9 @@ def test_sequential_engine_sees_compressed_earlier_layers(true_sequential):
 def test_gptq_beats_rtn_on_real_smollm2_layers(smollm2, tmp_path):
     """Two decoder blocks of SmolLM2-135M, 16 calibration windows of 128 dolly tokens: the output error
     sum ||(W - Q) X||^2 = n/2 tr((W-Q) H (W-Q)^T) of every linear layer is lower with GPTQ than with RTN."""
-    from conftest import DOLLY
+    from conftest import smollm2_blocks
 
-    from mops_fast.quant.calibration import calibration_windows
-
-    model, tok = smollm2
-    small = copy.deepcopy(model)
-    small.model.layers = small.model.layers[:2]
-    small.config.num_hidden_layers = 2
-    calib = calibration_windows(tok, DOLLY / "train.jsonl", n_samples=16, seq_len=128, seed=0)
+    small, calib = smollm2_blocks(smollm2, n_blocks=2, n_samples=16)
     ratios = {}
 
     def fn(name, lin, stats):

@@ -8,7 +8,7 @@ from mops_fast.quant.compress import QuantSettings, quantize_model
 from mops_fast.quant.pack import dequantize
 from mops_fast.quant.rtn import quantize_weight_rtn
 from mops_fast.quant.zero_search import zero_search_quantize
-from tests.conftest import DOLLY, tiny_model
+from tests.conftest import smollm2_blocks, tiny_model
 from tests.test_quant_grid_check import q41_like
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,16 +97,9 @@ def test_quantize_model_lowers_output_error_against_rtn():
 def test_real_smollm2_layers_lower_error_than_rtn(smollm2):
     """Two blocks of the real SmolLM2 (Q4_1 blocks in every layer), g32: the search lowers every layer's
     output error below RTN's on the calibration data."""
-    if not DOLLY.is_dir():
-        pytest.skip("../shared/data is not present")
-    from mops_fast.quant.calibration import calibration_windows
     from mops_fast.quant.sequential import compress_sequential
 
-    model, tok = smollm2
-    small = copy.deepcopy(model)
-    small.model.layers = small.model.layers[:2]
-    small.config.num_hidden_layers = 2
-    calib = calibration_windows(tok, DOLLY / "train.jsonl", n_samples=8, seq_len=128, seed=0)
+    small, calib = smollm2_blocks(smollm2, n_blocks=2, n_samples=8)
     ratios = {}
 
     def fn(name, lin, stats):
