@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 MS = [1, 4, 16, 64, 512, 4096]
@@ -43,10 +43,6 @@ CHUNKED_MS = [512, 4096]
 GROUP = 128
 SYM_ZEROS = -2004318072  # 0x88888888: zero point 8 in every field
 BUDGET_S = 85.0
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def make_weight(K, N, sym, act_order, seed, dev="cuda"):

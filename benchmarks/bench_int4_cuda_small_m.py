@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_quant_cpu import pack_rows  # noqa: E402
+from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 MS = [1, 4, 8, 16]
@@ -45,10 +45,6 @@ def make_layer(K, N, device, group=GROUP, seed=0):
     qzeros = pack_rows(zeros.t().contiguous()).t().contiguous()
     W16 = ((codes - zeros[g_idx.long()]).float() * scales.float()[g_idx.long()]).t().contiguous().half()
     return [t.to(device) for t in (qweight, qzeros, scales, g_idx)], W16.to(device)
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def main() -> int:

@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mops_fast import native  # noqa: E402
+from mops_fast.machine import cpu_name, device_slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N): q/o proj, up/gate proj, down proj
 MS = [1, 8, 256]
@@ -56,22 +54,6 @@ def make_layer(K: int, N: int, group: int = GROUP, seed: int = 0):
     qzeros = pack_rows(zeros.t().contiguous()).t().contiguous()
     W = ((codes - zeros[g_idx.long()]).float() * scales.float()[g_idx.long()]).t().contiguous()
     return (qweight, qzeros, scales, g_idx), W
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def device_slug() -> str:
-    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", " ", cpu_name(), flags=re.IGNORECASE)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu"
-    return f"cpu-{slug}-{torch.get_num_threads()}t"
 
 
 def time_interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -20,36 +18,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from mops_fast.machine import cpu_name, device_name, device_slug, slug  # noqa: E402,F401 (re-exported)
+
 RESULTS = ROOT / "benchmarks" / "results"
 DOLLY_TRAIN = ROOT.parent / "shared" / "data" / "dolly15k" / "train.jsonl"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def device_name(device: str = "cpu") -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def device_slug(device: str = "cpu") -> str:
-    """Same convention as the kernel benchmarks: the GPU name, or cpu-<model>-<threads>t."""
-    if device.startswith("cuda"):
-        return slug(torch.cuda.get_device_name())
-    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", " ", cpu_name(), flags=re.IGNORECASE)
-    return f"cpu-{slug(name) or 'cpu'}-{torch.get_num_threads()}t"
 
 
 def quantile(xs: list[float], q: float) -> float:

@@ -299,7 +299,7 @@ def run_grid(grid: dict, only: list[str] | None = None, cell_runner=None, compre
     for c in cells:
         if cell_done(c):
             log(f"[grid] {c.name}: finished earlier, skipped")
-            mine[c.name] = _update_status(sp, grid, c.name, {"state": "done"})
+            mine[c.name] = _update_status(sp, grid, c.name, {"state": "done"}, keep=True)
             continue
         lock = _take_lock(c.out)
         if lock is None:
@@ -349,10 +349,14 @@ def _take_lock(out: Path) -> Path | None:
     return None
 
 
-def _update_status(path: Path, grid: dict, name: str, entry: dict) -> dict:
-    """Read-modify-write of one cell's entry, so that grid processes running other cells (--only) keep theirs."""
+def _update_status(path: Path, grid: dict, name: str, entry: dict, keep: bool = False) -> dict:
+    """Read-modify-write of one cell's entry, so that grid processes running other cells (--only) keep theirs.
+    keep: merge into the cell's earlier entry (a finished cell skipped later keeps its wall time)."""
     status = json.loads(path.read_text()) if path.is_file() else {}
-    status.setdefault("cells", {})[name] = entry
+    cells = status.setdefault("cells", {})
+    if keep and isinstance(cells.get(name), dict):
+        entry = {**cells[name], **entry}
+    cells[name] = entry
     status["mode"] = grid["_mode"]
     _write_status(path, status)
     return entry
@@ -444,6 +448,22 @@ def _describe(res: dict) -> str:
     return "; ".join(bits)
 
 
+def _machine_lines(found: dict, status: dict) -> list[str]:
+    """Where the cells ran (as their results.json recorded it) and their total wall time."""
+    machines = sorted({f"{r['machine']['device']}, torch {r['machine']['torch']}" for r in found.values()
+                       if isinstance(r.get("machine"), dict) and "device" in r["machine"]})
+    unrecorded = sum(1 for r in found.values() if not isinstance(r.get("machine"), dict))
+    walls = [status.get(n, {}).get("wall_s") for n in found]
+    lines = []
+    if machines:
+        lines.append("Measured on: " + "; ".join(machines) + "."
+                     + (f" {unrecorded} cell(s) ran before results.json recorded the machine." if unrecorded else ""))
+    if walls and all(w is not None for w in walls):
+        lines.append(f"Wall time of these cells: {sum(walls) / 60:.0f} min in total (each cell's own time, from "
+                     "grid_status.json, including the compression of a backbone that was not cached yet).")
+    return lines + [""] if lines else []
+
+
 def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None = None) -> Path:
     """docs/results.md from every cell's results.json of the given grids (missing cells are listed)."""
     path, img_dir = Path(path), Path(img_dir)
@@ -465,9 +485,11 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
         if grid["_mode"] == "quick":
             out += ["Quick mode runs a handful of steps on a few test records: it shows that every cell runs "
                     "end to end, not how the methods compare.", ""]
-        out += ["| cell | setting | compression | " + ("variant | " if any(c.variant for c in cells) else "")
-                + "none | prompt | mops | reduction, mops vs prompt |",
-                "| --- | --- | --- | " + ("--- | " if any(c.variant for c in cells) else "") + "---: | ---: | ---: | ---: |"]
+        out += _machine_lines(found, status)
+        var = any(c.variant for c in cells)
+        out += ["| cell | setting | compression | " + ("variant | " if var else "")
+                + "none | prompt | mops | reduction, mops vs prompt | wall |",
+                "| --- | --- | --- | " + ("--- | " if var else "") + "---: | ---: | ---: | ---: | ---: |"]
         for c in cells:
             res = found.get(c.name)
             if res is None:
@@ -475,8 +497,14 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
             m = res["methods"]
             r = reduction(res)
             vals = [_fmt(m[k]["ppl"]["mean"]) if k in m else "-" for k in METHODS]
-            out.append(f"| {c.name} | {c.setting} | {c.compression} | " + (f"{c.variant or '-'} | " if any(
-                x.variant for x in cells) else "") + " | ".join(vals) + f" | {_fmt(None if r is None else 100 * r, '%+.2f%%')} |")
+            wall = status.get(c.name, {}).get("wall_s")
+            out.append(f"| {c.name} | {c.setting} | {c.compression} | " + (f"{c.variant or '-'} | " if var else "")
+                       + " | ".join(vals) + f" | {_fmt(None if r is None else 100 * r, '%+.2f%%')} | "
+                       + ("-" if wall is None else f"{wall / 60:.1f} min") + " |")
+        wins = [reduction(found[c.name]) for c in cells if c.name in found and reduction(found[c.name]) is not None]
+        if wins:
+            out += ["", f"mops has the lower mean perplexity than prompt in {sum(r > 0 for r in wins)} of {len(wins)} "
+                    "cells."]
         missing = [c for c in cells if c.name not in found]
         if missing:
             out += ["", "Cells without results yet:", ""]

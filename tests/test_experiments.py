@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mops_fast import experiments as ex
@@ -236,6 +237,8 @@ def test_report_tables_reductions_plots_and_missing(grid_file, tmp_path):
     assert "| centralized-dense | centralized | dense | 20.500 | 18.500 | 16.700 | +9.73% |" in text
     assert "| centralized-gptq4 | centralized | gptq4 | 30.500 | 25.500 | 26.500 | -3.92% |" in text
     assert "HIGHER (mops does not win here)" in text
+    assert "mops has the lower mean perplexity than prompt in 2 of 3 cells." in text
+    assert "Measured on" not in text  # these results record no machine: nothing is claimed
     # per-category table of a cell, best value in bold
     assert "| closed_qa | 20.000 | 18.000 | **16.200** |" in text
     assert "`fed-gptq4`: failed: RuntimeError: no GPU" in text
@@ -312,6 +315,10 @@ def test_real_runners_on_a_tiny_llama(tmp_path):
     res = json.loads((tmp_path / "runs" / "centralized-dense" / "results.json").read_text())
     assert f"| {res['methods']['mops']['ppl']['mean']:.3f} |" in text
     assert "2 of 2 cells have results" in text
+    # each runner records where it ran; the report names it and the cells' wall time
+    assert res["machine"]["device"].endswith("threads)") and res["machine"]["torch"] == torch.__version__
+    assert f"Measured on: {res['machine']['device']}, torch {torch.__version__}." in text
+    assert "Wall time of these cells:" in text and " min |" in text
 
 
 def test_cell_locked_by_a_live_process_is_skipped_and_stale_lock_taken_over(grid_file, tmp_path):

@@ -20,6 +20,7 @@ from mops_fast.federated.config import load_federated_config, resolve_path, vali
 from mops_fast.federated.context import FedContext
 from mops_fast.federated.partition import write_summary
 from mops_fast.federated.simulation import FederatedRun, atomic_write_text
+from mops_fast.machine import machine_record
 from mops_fast.train.report import reduction, reduction_lines
 
 
@@ -100,6 +101,7 @@ def federate(cfg: dict, out_dir: str | Path | None = None, make_dispatcher=None,
         "partition": desc, "federated": fed.to_dict(), "batch_size": ctx.train_cfg.get("batch_size", 4),
         "local_steps_per_client_round": fed.local_steps,
         "transport": getattr(dispatcher, "name", "simulation"),
+        "machine": machine_record(str(next(ctx.model.parameters()).device)),
         "eval": {"test_records": len(ctx.test), "round_test_records": len(ctx.round_test),
                  "categories": ctx.categories},
         "mops_config": ctx.mops_cfg.to_dict(),

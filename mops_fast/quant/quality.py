@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from mops_fast.machine import device_name
 from mops_fast.quant.cli import DEFAULTS
 
 ACT = {"bits": 4, "group_size": 128, "sym": False, "desc_act": True}  # the best 4-bit g128 settings found
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     records = per_category(load_records(args.test_data), args.per_category, seed=0)
-    result = {"benchmark": "compression_quality", "device": f"cpu {platform.processor() or platform.machine()}",
+    result = {"benchmark": "compression_quality", "device": device_name("cpu"),
               "torch": torch.__version__, "model": args.model, "data": args.test_data,
               "eval": {"records": len(records), "per_category": args.per_category, "max_length": 256,
                        "metric": "response-token perplexity per category (evaluate_perplexity), mean over "

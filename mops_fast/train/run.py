@@ -17,6 +17,7 @@ from mops_fast.config import MoPsConfig
 from mops_fast.hf.adapter import load_adapter, save_adapter
 from mops_fast.hf.attach import attach, detach, init_prompts_from_kv
 from mops_fast.hf.loading import load_model
+from mops_fast.machine import machine_record
 from mops_fast.train.data import Formatter, collate, load_records, per_category, select_categories
 from mops_fast.train.evaluate import evaluate_perplexity
 from mops_fast.train.report import bar_plot, markdown_table, reduction
@@ -194,6 +195,7 @@ def run(cfg: dict, log=print) -> dict:
         "seed": ctx.seed, "methods": {},
         "eval": {"test_records": len(ctx.test), "categories": ctx.categories},
         "mops_config": ctx.mops_cfg.to_dict(),
+        "machine": machine_record(str(next(ctx.model.parameters()).device)),
     }
     for method in cfg.get("methods", list(METHODS)):
         log(f"[{ctx.name}] {method} ...")
