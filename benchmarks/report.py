@@ -17,6 +17,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # mops_fast.quant.quality renders the compression-quality table
+    sys.path.insert(0, str(ROOT))
 # Known benchmarks, the script that writes each, and where it runs; listed as "no results yet" when absent.
 KNOWN = OrderedDict([
     ("train_step_cpu", ("benchmarks/bench_train_step_cpu.py", "CPU")),
@@ -32,9 +34,10 @@ BASELINES = ("peft", "fp16", "fp16_matmul", "fp32_matmul", "torch_fp16", "materi
              "sdpa_materialize", "dense", "reference", "ref")
 
 
-def load_results(results_dir: Path) -> tuple[list[dict], list[dict], list[str]]:
-    """(DESIGN §6 docs, pytest-benchmark docs, problems). Unreadable or foreign files are reported, not fatal."""
-    docs, pyb, problems = [], [], []
+def load_results(results_dir: Path) -> tuple[list[dict], list[dict], list[dict], list[str]]:
+    """(DESIGN §6 docs, pytest-benchmark docs, quality docs, problems). Unreadable or foreign files are
+    reported, not fatal. Quality docs (`"benchmark": "compression_quality"`) hold perplexities, not timings."""
+    docs, pyb, quality, problems = [], [], [], []
     for p in sorted(Path(results_dir).glob("*.json")):
         try:
             d = json.loads(p.read_text())
@@ -44,12 +47,15 @@ def load_results(results_dir: Path) -> tuple[list[dict], list[dict], list[str]]:
         if isinstance(d, dict) and "benchmarks" in d and "machine_info" in d:
             d["_file"] = p.name
             pyb.append(d)
+        elif isinstance(d, dict) and d.get("benchmark") == "compression_quality" and isinstance(d.get("runs"), dict):
+            d["_file"] = p.name
+            quality.append(d)
         elif isinstance(d, dict) and isinstance(d.get("rows"), list) and "benchmark" in d:
             d["_file"] = p.name
             docs.append(d)
         else:
             problems.append(f"{p.name}: neither a DESIGN §6 result nor a pytest-benchmark file")
-    return docs, pyb, problems
+    return docs, pyb, quality, problems
 
 
 def shape_label(shape) -> str:
@@ -208,7 +214,7 @@ def headline(doc: dict) -> list[str]:
 
 
 def render(results_dir: Path, out: Path, img_dir: Path) -> str:
-    docs, pyb, problems = load_results(results_dir)
+    docs, pyb, quality, problems = load_results(results_dir)
     img_dir.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(img_dir, out.parent)
     lines = ["# Benchmarks", "",
@@ -240,6 +246,12 @@ def render(results_dir: Path, out: Path, img_dir: Path) -> str:
             if p is not None:
                 lines += [f"![{doc['benchmark']} {what} on {doc.get('device')}]({rel}/{p.name})", "",
                           f"*{what}, {doc.get('device')}*", ""]
+    for d in quality:
+        from mops_fast.quant.quality import markdown_table
+
+        lines += [f"## Compression quality (`{d['_file']}`) on {d.get('device')}", "",
+                  "Perplexity of compressed SmolLM2-135M backbones (what each method costs in quality; discussion in "
+                  "[compression](compression.md)).", "", markdown_table(d), ""]
     for d in pyb:
         mi = d.get("machine_info", {})
         dev = (mi.get("cpu") or {}).get("brand_raw") or mi.get("processor") or "unknown CPU"

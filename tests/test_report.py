@@ -36,6 +36,13 @@ def results(tmp_path):
            "benchmarks": [{"name": "test_train_step_cpu[mops]", "group": "train", "stats": {"rounds": 3, "median": 3.2,
                                                                                           "min": 3.0, "max": 3.5}}]}
     (d / "pytest-benchmark-cpu.json").write_text(json.dumps(pyb))
+    cats = {"closed_qa": 8.0, "open_qa": 20.0}
+    qual = {"benchmark": "compression_quality", "device": "Test CPU (2 threads)", "torch": "2.13",
+            "eval": {"records": 4, "per_category": 2, "max_length": 256},
+            "runs": {"dense": {"settings": None, "ppl": {**cats, "mean": 14.0}},
+                     "rtn4_g32_asym": {"settings": {"method": "rtn", "bits": 4, "group_size": 32, "sym": False},
+                                       "ppl": {**cats, "mean": 15.4}, "mean_ppl_vs_dense": 0.1}}}
+    (d / "compression_quality-cpu.json").write_text(json.dumps(qual))
     return d
 
 
@@ -56,6 +63,10 @@ def test_report_tables_speedups_missing_and_plots(results, tmp_path):
     assert "- `gptq_matmul` (" not in text
     assert "broken.json: unreadable" in text
     assert "| test_train_step_cpu[mops] | train | 3 | 3.2000 |" in text
+    # the compression-quality file is a table of perplexities, not an unusable file
+    assert "## Compression quality (`compression_quality-cpu.json`) on Test CPU (2 threads)" in text
+    assert "| `rtn4_g32_asym` | RTN, 4-bit g32 asym | 15.400 | +10.0% |" in text
+    assert "compression_quality-cpu.json: neither" not in text
     # figures name their device
     assert (img / "gptq_matmul-nvidia-h100-speedup.png").is_file()
     assert (img / "gptq_matmul-nvidia-h100-tokens.png").is_file()
