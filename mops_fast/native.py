@@ -15,6 +15,8 @@ API:
   int4_matmul_t_cpu(dy, ...)  dx = dy W,  dy (M, N) -> (M, K) in dy's dtype
   cuda_available()            a CUDA device is present and mops_fast._C_cuda loads (lazily)
   int4_matmul_cuda_small_m(x, ...)  y = x W^T on CUDA for M <= 16, x fp16/bf16
+  int4_cpu_validated, int4_cuda_small_m_validated  the same calls without the checks, for mops_fast.ops,
+                              which validates each call once itself
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ __all__ = [
     "cuda_available",
     "cuda_unavailable_reason",
     "int4_matmul_cuda_small_m",
+    "int4_cpu_validated",
+    "int4_cuda_small_m_validated",
     "CUDA_SMALL_M_MAX",
     "CUDA_SMALL_M_DTYPES",
 ]
@@ -194,10 +198,19 @@ def _int4_cpu(op: str, a, qweight, qzeros, scales, g_idx, transposed: bool) -> t
         dev = a.device if isinstance(a, torch.Tensor) else None
         raise ValueError(f"{op}: CPU kernel got activations on {dev}; use the CUDA path for GPU tensors")
     K, N, G = _check_weight(op, qweight, qzeros, scales, g_idx, a.device)
-    width, width_name, out_w = (N, "N", K) if transposed else (K, "K", N)
+    width, width_name = (N, "N") if transposed else (K, "K")
     _check_act(op, a, width, width_name, (torch.float32, torch.bfloat16, torch.float16))
+    return int4_cpu_validated(a, qweight, qzeros, scales, g_idx, K, N, G, transposed)
+
+
+def int4_cpu_validated(a, qweight, qzeros, scales, g_idx, K: int, N: int, G: int, transposed: bool):
+    """The CPU kernel call for a caller that has already validated what _int4_cpu checks (mops_fast.ops does,
+    once per call, instead of twice): shapes, dtypes, one device, contiguity, unit stride of `a`. Only the
+    g_idx range, which decides memory safety and is cached per tensor version, is checked here."""
+    op = "int4_matmul_t_cpu" if transposed else "int4_matmul_cpu"
     _check_g_idx_range_cpu(op, g_idx, G)
     mod = _require_cpu_module(op)
+    out_w = K if transposed else N
     M = a.shape[0]
     y = torch.empty((M, out_w), dtype=a.dtype, device=a.device)
     if M == 0:
@@ -242,17 +255,24 @@ def int4_matmul_cuda_small_m(x, qweight, qzeros, scales, g_idx) -> torch.Tensor:
         if M > 0 and t.data_ptr() % 16 != 0:
             raise ValueError(f"{op}: {name} must be 16-byte aligned (the kernel uses 16-byte "
                              f"loads); pass {name}.clone()")
+    return int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K, N, G)
+
+
+def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: int, G: int) -> torch.Tensor:
+    """The CUDA small-M kernel call for a caller that has already validated what int4_matmul_cuda_small_m
+    checks (mops_fast.ops does, once per call): at decode the kernel takes microseconds, so every check
+    repeated in Python shows in the token rate."""
     mod = _cuda()
     if mod is None:
-        raise RuntimeError(f"{op}: CUDA kernels unavailable: {_cuda_err}")
+        raise RuntimeError(f"int4_matmul_cuda_small_m: CUDA kernels unavailable: {_cuda_err}")
+    M = x.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    with torch.cuda.device(x.device):
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        mod.int4_matmul_small_m(
-            x.data_ptr(), _DTYPE_CODE[x.dtype], qweight.data_ptr(), qzeros.data_ptr(),
-            scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G,
-            y.data_ptr(), x.device.index, stream,
-        )
+    # the kernel sets the device itself; the stream is the one torch uses on x's device
+    mod.int4_matmul_small_m(
+        x.data_ptr(), _DTYPE_CODE[x.dtype], qweight.data_ptr(), qzeros.data_ptr(),
+        scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G,
+        y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream,
+    )
     return y

@@ -95,6 +95,32 @@ def test_dispatch_cpu_native_or_reference_agree(impl, monkeypatch):
     assert rel(op.int4_matmul_t(dy, qw, qz, sc, gi), dy.double() @ W) < 1e-4
 
 
+def test_native_cpu_path_validates_once_and_keeps_its_safety_checks(monkeypatch):
+    """ops.int4_matmul validates each call once: the native kernel is called without a second weight
+    check, yet what only the native side checks still holds (g_idx range, scales dtype, one device)."""
+    from mops_fast import native
+
+    if not native.available():
+        pytest.skip(f"native CPU kernels not built: {native.unavailable_reason()}")
+    calls = []
+    monkeypatch.setattr(native, "_check_weight", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
+        AssertionError("second validation")))
+    qw, qz, sc, gi = make_weight(96, 24, 32, seed=7)
+    W = op.dequantize_int4(qw, qz, sc, gi, torch.float64)
+    x, dy = torch.randn(3, 96), torch.randn(3, 24)
+    assert rel(op.int4_matmul(x, qw, qz, sc, gi), x.double() @ W.t()) < 1e-5
+    assert rel(op.int4_matmul_t(dy, qw, qz, sc, gi), dy.double() @ W) < 1e-5
+    assert calls == []
+    bad = gi.clone()
+    bad[5] = 3  # only 3 groups: index 3 would read past the scales
+    with pytest.raises(ValueError, match=r"g_idx values must lie in \[0, G=3\)"):
+        op.int4_matmul(x, qw, qz, sc, bad)
+    # fp64 scales are not a native dtype: the reference takes the call, still exact
+    assert rel(op.int4_matmul(x.double(), qw, qz, sc.double(), gi), x.double() @ W.t()) < 1e-12
+    with pytest.raises(ValueError, match="move one of them"):
+        op.int4_matmul_t(dy.to("meta"), qw, qz, sc, gi)
+
+
 def test_bad_impl_override_and_shapes(monkeypatch):
     qw, qz, sc, gi = make_weight(64, 16, 32, seed=6)
     with pytest.raises(ValueError, match="expects K=64"):

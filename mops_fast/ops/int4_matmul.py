@@ -567,7 +567,7 @@ def _impl_override() -> str:
 
 
 def _native():
-    """The C++ extension module, or None when it is not built (the reference/Triton paths take over)."""
+    """The native module, or None when mops_fast.native cannot be imported (reference/Triton take over)."""
     try:
         from mops_fast import native
     except ImportError:
@@ -577,50 +577,56 @@ def _native():
 
 def _native_cpu():
     nat = _native()
-    if nat is None or not hasattr(nat, "int4_matmul_cpu"):
-        return None
-    return nat if nat.available() else None
+    return nat if nat is not None and nat.available() else None
 
 
 def _native_cuda_small_m():
     nat = _native()
-    if nat is None or not hasattr(nat, "int4_matmul_cuda_small_m") or not hasattr(nat, "cuda_available"):
-        return None
-    return nat if nat.cuda_available() else None
+    return nat if nat is not None and nat.cuda_available() else None
 
 
 SMALL_M_NATIVE = 16  # the native CUDA kernel covers M <= 16 (decode and small batches)
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _weight_fits_native(qweight, qzeros, scales, g_idx) -> bool:
+    # what check_int4_args leaves to the native kernels: contiguous tensors and a scales dtype they read
+    return (scales.dtype in _NATIVE_DTYPES and qweight.is_contiguous() and qzeros.is_contiguous()
+            and scales.is_contiguous() and g_idx.is_contiguous())
+
+
 def _native_small_m_fits(x, qweight, scales, g_idx) -> bool:
     # its contract: fp16/bf16 activations, 1 <= M <= 16, contiguous 16-byte aligned tensors
     if x.dtype not in (torch.float16, torch.bfloat16) or not 1 <= x.shape[0] <= SMALL_M_NATIVE:
         return False
-    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x, qweight, scales, g_idx))
+    return all(t.data_ptr() % 16 == 0 for t in (x, qweight, scales, g_idx))
 
 
-def _native_cpu_fits(a, tensors) -> bool:
-    return a.dtype in _NATIVE_DTYPES and all(t.is_contiguous() for t in tensors)
+def _dims(qweight, scales) -> tuple[int, int, int]:
+    return qweight.shape[0] * 8, qweight.shape[1], scales.shape[0]
 
 
 def _forward(x, qweight, qzeros, scales, g_idx, group_size):
+    """y = x W^T on the best path for x's device and shape. The caller (int4_matmul) has run
+    check_int4_args; the native kernels get the remaining checks here and no second validation."""
     impl = _impl_override()
     if impl == "ref":
         return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
     if x.is_cuda:
         if impl in ("auto", "native") and x.shape[0] <= SMALL_M_NATIVE:
             nat = _native_cuda_small_m()
-            xc = x.contiguous()
-            if nat is not None and _native_small_m_fits(xc, qweight, scales, g_idx):
-                return nat.int4_matmul_cuda_small_m(xc, qweight, qzeros, scales, g_idx)
+            if nat is not None and _weight_fits_native(qweight, qzeros, scales, g_idx):
+                xc = x.contiguous()
+                if _native_small_m_fits(xc, qweight, scales, g_idx):
+                    return nat.int4_cuda_small_m_validated(xc, qweight, qzeros, scales, g_idx, *_dims(qweight, scales))
         if HAS_TRITON:
             return int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size)
         return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
-    if impl in ("auto", "native"):
+    if impl in ("auto", "native") and x.dtype in _NATIVE_DTYPES:
         nat = _native_cpu()
-        if nat is not None and _native_cpu_fits(x, (qweight, qzeros, scales, g_idx)):
-            return nat.int4_matmul_cpu(x.contiguous(), qweight, qzeros, scales, g_idx)
+        if nat is not None and _weight_fits_native(qweight, qzeros, scales, g_idx):
+            return nat.int4_cpu_validated(x.contiguous(), qweight, qzeros, scales, g_idx, *_dims(qweight, scales),
+                                          transposed=False)
     return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
 
 
@@ -632,11 +638,11 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
         if HAS_TRITON:
             return int4_matmul_t_triton(dy, qweight, qzeros, scales, g_idx, group_size)
         return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
-    if impl in ("auto", "native"):
+    if impl in ("auto", "native") and dy.dtype in _NATIVE_DTYPES:
         nat = _native_cpu()
-        if (nat is not None and hasattr(nat, "int4_matmul_t_cpu")
-                and _native_cpu_fits(dy, (qweight, qzeros, scales, g_idx))):
-            return nat.int4_matmul_t_cpu(dy.contiguous(), qweight, qzeros, scales, g_idx)
+        if nat is not None and _weight_fits_native(qweight, qzeros, scales, g_idx):
+            return nat.int4_cpu_validated(dy.contiguous(), qweight, qzeros, scales, g_idx, *_dims(qweight, scales),
+                                          transposed=True)
     return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
 
 
@@ -708,6 +714,8 @@ def int4_matmul_t(dy, qweight, qzeros, scales, g_idx, group_size: int = 0) -> to
     K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
     if dy.shape[-1] != N:
         raise ValueError(f"int4_matmul_t: dy has {dy.shape[-1]} features, the weight has N={N}")
+    if dy.device != qweight.device:
+        raise ValueError(f"int4_matmul_t: dy is on {dy.device}, the weight on {qweight.device}; move one of them")
     lead = dy.shape[:-1]
     dx = _int4_matmul_t_op(dy.reshape(-1, N), qweight, qzeros, scales, g_idx, int(group_size))
     return dx.reshape(*lead, K)
