@@ -12,6 +12,8 @@ run written to <out_dir>/<cell>/ (results.json as in DESIGN.md §6). Compressed 
 through the compress code and cached under `backbone_dir`, keyed by their settings. A cell whose
 results.json holds all its methods is not recomputed; an unfinished cell resumes (the runners keep
 per-method checkpoints). The report (Markdown + PNG) is written from the results.json files alone.
+`reuse: {<cell>: {grid: <config>, cell: <name>}}` takes a cell's results from an identical finished cell
+of another grid (run configs and compress options compared key by key; a difference is an error).
 
 Merging: mappings merge key by key; any other value replaces; `null` deletes the key.
 """
@@ -33,7 +35,7 @@ from mops_fast.train.report import reduction
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_KEYS = {"name", "description", "out_dir", "backbone_dir", "report", "report_images", "model", "threads",
-             "settings", "compressions", "variants", "compress_defaults", "quick"}
+             "settings", "compressions", "variants", "compress_defaults", "quick", "reuse"}
 SETTING_KEYS = {"runner", "base", "overrides", "quick"}
 RUNNERS = ("centralized", "federated")
 METHODS = ("none", "prompt", "mops")
@@ -118,6 +120,10 @@ def load_grid(path, quick: bool = False) -> dict:
     if not isinstance(variants, dict):
         raise ValueError(f"grid {path}: `variants` must map variant names to run-config overrides")
     g["variants"] = {k: (v or {}) for k, v in variants.items()}
+    reuse = g.setdefault("reuse", {}) or {}
+    if not isinstance(reuse, dict) or not all(isinstance(v, dict) and {"grid", "cell"} <= set(v) for v in reuse.values()):
+        raise ValueError(f"grid {path}: `reuse` must map cell names to {{grid: <config path>, cell: <cell name>}}")
+    g["reuse"] = reuse
     names = list(g["settings"]) + list(comps) + [v for v in g["variants"] if v]
     for n in names:
         if not n or any(ch in n for ch in "/\\ "):
@@ -197,6 +203,37 @@ def check_cell_config(cell: Cell) -> dict:
         return validate_config(cell.config)
     except ValueError as e:
         raise ValueError(f"cell {cell.name}: {e}") from None
+
+
+def _run_identity(grid: dict, cell: Cell) -> dict:
+    """What decides a cell's results: runner, run config (less its name, folder and thread count) and the
+    backbone's compress options."""
+    cfg = {k: v for k, v in cell.config.items() if k not in ("name", "out_dir", "threads")}
+    comp = None if cell.compress is None else compress_options(grid, cell.compress)
+    return {"runner": cell.runner, "config": cfg, "compress": comp}
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def reuse_source(grid: dict, cell: Cell) -> tuple[dict, Cell] | None:
+    """The (grid, cell) this cell takes its results from (`reuse:`), checked to be the same run."""
+    spec = grid.get("reuse", {}).get(cell.name)
+    if spec is None:
+        return None
+    src_path = _resolve(spec["grid"], Path(grid["_path"]).resolve().parent)
+    src_grid = load_grid(src_path, quick=grid["_mode"] == "quick")
+    src = next((c for c in expand(src_grid) if c.name == spec["cell"]), None)
+    if src is None:
+        raise ValueError(f"cell {cell.name}: reuse names cell {spec['cell']!r}, which {src_path} does not have")
+    diff = _diff(_run_identity(grid, cell), _run_identity(src_grid, src))
+    if diff:
+        raise ValueError(f"cell {cell.name}: cannot reuse {src_path}:{src.name}, the runs differ in {diff}; "
+                         "drop the `reuse` entry or make the configs equal")
+    return src_grid, src
 
 
 def cell_done(cell: Cell) -> bool:
@@ -291,8 +328,10 @@ def run_grid(grid: dict, only: list[str] | None = None, cell_runner=None, compre
         cells = [c for c in cells if any(fnmatch.fnmatch(c.name, pat) for pat in only)]
         if not cells:
             raise ValueError(f"--only {only} matches no cell; cells are {[c.name for c in expand(grid)]}")
+    sources = {}
     for c in cells:
         check_cell_config(c)  # fail before hours of work, not in the middle
+        sources[c.name] = reuse_source(grid, c)
     sp = _status_path(grid)
     runner = cell_runner or default_cell_runner
     mine = {}
@@ -300,6 +339,16 @@ def run_grid(grid: dict, only: list[str] | None = None, cell_runner=None, compre
         if cell_done(c):
             log(f"[grid] {c.name}: finished earlier, skipped")
             mine[c.name] = _update_status(sp, grid, c.name, {"state": "done"}, keep=True)
+            continue
+        src = sources[c.name]
+        if src is not None and cell_done(src[1]):
+            c.out.mkdir(parents=True, exist_ok=True)
+            for f in ("results.json", "results.md", "ppl_by_category.png"):
+                if (src[1].out / f).is_file():
+                    shutil.copyfile(src[1].out / f, c.out / f)
+            where = f"{src[0]['_path']}:{src[1].name}"
+            log(f"[grid] {c.name}: the same run as {where}, results taken from it")
+            mine[c.name] = _update_status(sp, grid, c.name, {"state": "done", "reused_from": where})
             continue
         lock = _take_lock(c.out)
         if lock is None:
@@ -453,7 +502,7 @@ def _machine_lines(found: dict, status: dict) -> list[str]:
     machines = sorted({f"{r['machine']['device']}, torch {r['machine']['torch']}" for r in found.values()
                        if isinstance(r.get("machine"), dict) and "device" in r["machine"]})
     unrecorded = sum(1 for r in found.values() if not isinstance(r.get("machine"), dict))
-    walls = [status.get(n, {}).get("wall_s") for n in found]
+    walls = [status.get(n, {}).get("wall_s") for n in found if not status.get(n, {}).get("reused_from")]
     lines = []
     if machines:
         lines.append("Measured on: " + "; ".join(machines) + "."
@@ -497,10 +546,13 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
             m = res["methods"]
             r = reduction(res)
             vals = [_fmt(m[k]["ppl"]["mean"]) if k in m else "-" for k in METHODS]
-            wall = status.get(c.name, {}).get("wall_s")
+            st = status.get(c.name, {})
+            wall = st.get("wall_s")
+            wall_txt = f"same run as `{st['reused_from']}`" if st.get("reused_from") else (
+                "-" if wall is None else f"{wall / 60:.1f} min")
             out.append(f"| {c.name} | {c.setting} | {c.compression} | " + (f"{c.variant or '-'} | " if var else "")
                        + " | ".join(vals) + f" | {_fmt(None if r is None else 100 * r, '%+.2f%%')} | "
-                       + ("-" if wall is None else f"{wall / 60:.1f} min") + " |")
+                       + wall_txt + " |")
         wins = [reduction(found[c.name]) for c in cells if c.name in found and reduction(found[c.name]) is not None]
         if wins:
             out += ["", f"mops has the lower mean perplexity than prompt in {sum(r > 0 for r in wins)} of {len(wins)} "

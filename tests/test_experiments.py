@@ -181,6 +181,40 @@ def test_run_grid_resumes_and_caches_backbones(grid_file, tmp_path):
     assert runner2.calls == [] and comp2.calls == []
 
 
+def test_reuse_takes_an_identical_finished_cell_and_refuses_a_different_one(grid_file, tmp_path):
+    src = ex.load_grid(grid_file)
+    central = yaml.safe_load(grid_file.read_text())["settings"]["centralized"]
+    abl = {"name": "abl", "out_dir": str(tmp_path / "abl_runs"), "report": str(tmp_path / "abl.md"),
+           "settings": {"centralized": central}, "compressions": {"dense": None},
+           "variants": {"default": {}, "J1": {"mops": {"num_experts": 1, "prompt_len": 64}}},
+           "reuse": {"centralized-dense-default": {"grid": str(grid_file), "cell": "centralized-dense"}}}
+    g = ex.load_grid(_write(tmp_path / "abl.yaml", abl))
+    runner = StubRunner()
+    ex.run_grid(g, cell_runner=runner, log=lambda *_: None)  # the source has not run: both cells run
+    assert sorted(runner.calls) == ["centralized-dense-J1", "centralized-dense-default"]
+    for c in ex.expand(g):
+        (c.out / "results.json").unlink()
+    StubRunner()(ex.expand(src)[0], print)  # now the source cell is finished
+    runner = StubRunner()
+    st = ex.run_grid(g, cell_runner=runner, log=lambda *_: None)
+    assert runner.calls == ["centralized-dense-J1"]
+    assert st["centralized-dense-default"]["reused_from"].endswith("grid.yaml:centralized-dense")
+    copied = tmp_path / "abl_runs" / "centralized-dense-default" / "results.json"
+    assert copied.read_text() == (tmp_path / "runs" / "centralized-dense" / "results.json").read_text()
+    grids, rep, img = ex.report_targets(tmp_path / "abl.yaml")
+    assert "same run as `" in ex.write_report(grids, rep, img).read_text()
+    # a reuse entry whose runs differ is refused before anything runs
+    abl["settings"]["centralized"] = {**central, "overrides": {"train": {"steps": 61}}}
+    g2 = ex.load_grid(_write(tmp_path / "abl2.yaml", {**abl, "out_dir": str(tmp_path / "abl2_runs")}))
+    runner = StubRunner()
+    with pytest.raises(ValueError, match=r"runs differ in \['config.train.steps'\]"):
+        ex.run_grid(g2, cell_runner=runner, log=lambda *_: None)
+    assert runner.calls == []
+    with pytest.raises(ValueError, match="does not have"):
+        ex.reuse_source({**g, "reuse": {"centralized-dense-default": {"grid": str(grid_file), "cell": "nope"}}},
+                        next(c for c in ex.expand(g) if c.variant == "default"))
+
+
 def test_run_grid_records_failures_and_keeps_going(grid_file, tmp_path):
     g = ex.load_grid(grid_file)
     runner = StubRunner(fail={"centralized-dense"})
