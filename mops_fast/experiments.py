@@ -219,6 +219,12 @@ def _diff(a, b, prefix="") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _rel(path: str) -> str:
+    """A path under the repository as a relative one (reports do not name the checkout's location)."""
+    root = str(ROOT) + os.sep
+    return path[len(root):] if str(path).startswith(root) else str(path)
+
+
 def reuse_source(grid: dict, cell: Cell) -> tuple[dict, Cell] | None:
     """The (grid, cell) this cell takes its results from (`reuse:`), checked to be the same run."""
     spec = grid.get("reuse", {}).get(cell.name)
@@ -346,7 +352,7 @@ def run_grid(grid: dict, only: list[str] | None = None, cell_runner=None, compre
             for f in ("results.json", "results.md", "ppl_by_category.png"):
                 if (src[1].out / f).is_file():
                     shutil.copyfile(src[1].out / f, c.out / f)
-            where = f"{src[0]['_path']}:{src[1].name}"
+            where = f"{_rel(src[0]['_path'])}:{src[1].name}"
             log(f"[grid] {c.name}: the same run as {where}, results taken from it")
             mine[c.name] = _update_status(sp, grid, c.name, {"state": "done", "reused_from": where})
             continue
@@ -548,7 +554,7 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
             vals = [_fmt(m[k]["ppl"]["mean"]) if k in m else "-" for k in METHODS]
             st = status.get(c.name, {})
             wall = st.get("wall_s")
-            wall_txt = f"same run as `{st['reused_from']}`" if st.get("reused_from") else (
+            wall_txt = f"same run as `{_rel(st['reused_from'])}`" if st.get("reused_from") else (
                 "-" if wall is None else f"{wall / 60:.1f} min")
             out.append(f"| {c.name} | {c.setting} | {c.compression} | " + (f"{c.variant or '-'} | " if var else "")
                        + " | ".join(vals) + f" | {_fmt(None if r is None else 100 * r, '%+.2f%%')} | "
