@@ -545,20 +545,33 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
         out += ["| cell | setting | compression | " + ("variant | " if var else "")
                 + "none | prompt | mops | reduction, mops vs prompt | wall |",
                 "| --- | --- | --- | " + ("--- | " if var else "") + "---: | ---: | ---: | ---: | ---: |"]
+        # a variant that trains mops alone is compared with the prompt of its setting and backbone (from the
+        # variant that ran prompt, e.g. the ablations' `default`)
+        ref_prompt = {(c.setting, c.compression): (c.name, found[c.name]["methods"]["prompt"]["ppl"]["mean"])
+                      for c in cells if c.name in found and "prompt" in found[c.name]["methods"]}
+        borrowed = set()
         for c in cells:
             res = found.get(c.name)
             if res is None:
                 continue
             m = res["methods"]
             r = reduction(res)
+            ref = ref_prompt.get((c.setting, c.compression))
+            mark = ""
+            if r is None and "mops" in m and "prompt" not in m and ref is not None:
+                r, mark = 1 - m["mops"]["ppl"]["mean"] / ref[1], " *"
+                borrowed.add(ref[0])
             vals = [_fmt(m[k]["ppl"]["mean"]) if k in m else "-" for k in METHODS]
             st = status.get(c.name, {})
             wall = st.get("wall_s")
             wall_txt = f"same run as `{_rel(st['reused_from'])}`" if st.get("reused_from") else (
                 "-" if wall is None else f"{wall / 60:.1f} min")
             out.append(f"| {c.name} | {c.setting} | {c.compression} | " + (f"{c.variant or '-'} | " if var else "")
-                       + " | ".join(vals) + f" | {_fmt(None if r is None else 100 * r, '%+.2f%%')} | "
+                       + " | ".join(vals) + f" | {_fmt(None if r is None else 100 * r, '%+.2f%%')}{mark} | "
                        + wall_txt + " |")
+        if borrowed:
+            out += ["", "\\* against the prompt of the same setting and backbone in cell "
+                    + ", ".join(f"`{b}`" for b in sorted(borrowed)) + " (this cell trains mops only)."]
         wins = [reduction(found[c.name]) for c in cells if c.name in found and reduction(found[c.name]) is not None]
         if wins:
             out += ["", f"mops has the lower mean perplexity than prompt in {sum(r > 0 for r in wins)} of {len(wins)} "

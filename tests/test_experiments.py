@@ -186,7 +186,7 @@ def test_reuse_takes_an_identical_finished_cell_and_refuses_a_different_one(grid
     central = yaml.safe_load(grid_file.read_text())["settings"]["centralized"]
     abl = {"name": "abl", "out_dir": str(tmp_path / "abl_runs"), "report": str(tmp_path / "abl.md"),
            "settings": {"centralized": central}, "compressions": {"dense": None},
-           "variants": {"default": {}, "J1": {"mops": {"num_experts": 1, "prompt_len": 64}}},
+           "variants": {"default": {}, "J1": {"methods": ["mops"], "mops": {"num_experts": 1, "prompt_len": 64}}},
            "reuse": {"centralized-dense-default": {"grid": str(grid_file), "cell": "centralized-dense"}}}
     g = ex.load_grid(_write(tmp_path / "abl.yaml", abl))
     runner = StubRunner()
@@ -202,7 +202,11 @@ def test_reuse_takes_an_identical_finished_cell_and_refuses_a_different_one(grid
     copied = tmp_path / "abl_runs" / "centralized-dense-default" / "results.json"
     assert copied.read_text() == (tmp_path / "runs" / "centralized-dense" / "results.json").read_text()
     grids, rep, img = ex.report_targets(tmp_path / "abl.yaml")
-    assert "same run as `" in ex.write_report(grids, rep, img).read_text()
+    text = ex.write_report(grids, rep, img).read_text()
+    assert "same run as `" in text
+    # the mops-only variant is compared with the default's prompt, and says so
+    assert "| - | - | 16.700 | +9.73% * |" in text
+    assert "against the prompt of the same setting and backbone in cell `centralized-dense-default`" in text
     # a reuse entry whose runs differ is refused before anything runs
     abl["settings"]["centralized"] = {**central, "overrides": {"train": {"steps": 61}}}
     g2 = ex.load_grid(_write(tmp_path / "abl2.yaml", {**abl, "out_dir": str(tmp_path / "abl2_runs")}))
