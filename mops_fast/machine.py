@@ -24,7 +24,8 @@ def device_name(device: str = "cpu") -> str:
     """The GPU's name, or `<cpu model> (<torch threads> threads)`."""
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name()
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{cpu_name()} ({n} thread{'' if n == 1 else 's'})"
 
 
 def machine_record(device: str = "cpu") -> dict:
