@@ -31,7 +31,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mops_fast.train.report import reduction
+from mops_fast.train.report import reduction, reduction_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_KEYS = {"name", "description", "out_dir", "backbone_dir", "report", "report_images", "model", "threads",
@@ -549,13 +549,15 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
         # variant that ran prompt, e.g. the ablations' `default`)
         ref_prompt = {(c.setting, c.compression): (c.name, found[c.name]["methods"]["prompt"]["ppl"]["mean"])
                       for c in cells if c.name in found and "prompt" in found[c.name]["methods"]}
-        borrowed = set()
+        borrowed, wins = set(), []
         for c in cells:
             res = found.get(c.name)
             if res is None:
                 continue
             m = res["methods"]
             r = reduction(res)
+            if r is not None:
+                wins.append(r)
             ref = ref_prompt.get((c.setting, c.compression))
             mark = ""
             if r is None and "mops" in m and "prompt" not in m and ref is not None:
@@ -572,7 +574,6 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
         if borrowed:
             out += ["", "\\* against the prompt of the same setting and backbone in cell "
                     + ", ".join(f"`{b}`" for b in sorted(borrowed)) + " (this cell trains mops only)."]
-        wins = [reduction(found[c.name]) for c in cells if c.name in found and reduction(found[c.name]) is not None]
         if wins:
             out += ["", f"mops has the lower mean perplexity than prompt in {sum(r > 0 for r in wins)} of {len(wins)} "
                     "cells."]
@@ -589,11 +590,7 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
             if res is None:
                 continue
             stem = f"{grid['name']}-{grid['_mode']}-{c.name}"
-            out += [f"### {c.name}", "", _describe(res), "", category_table(res), ""]
-            r = reduction(res)
-            if r is not None:
-                out += [f"mops vs prompt: mean perplexity {100 * r:.2f}% lower." if r >= 0 else
-                        f"mops vs prompt: mean perplexity {-100 * r:.2f}% HIGHER (mops does not win here).", ""]
+            out += [f"### {c.name}", "", _describe(res), "", category_table(res)] + reduction_lines(res) + [""]
             for p in _plots(res, img_dir, stem):
                 out += [f"![{p.stem}]({rel}/{p.name})", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
