@@ -86,7 +86,7 @@ def quantize_model(model, calib: torch.Tensor | None, method: str = "gptq", sett
     check_quantizable(model, s)
     if s.zero_search and method != "rtn":
         raise ValueError(f"zero_search is a round-to-nearest variant (method 'rtn'), not a {method!r} option")
-    if method == "rtn" and s.zero_search:
+    if s.zero_search:
         if calib is None:
             raise ValueError("RTN with zero_search needs calibration data (it weighs the error by the inputs)")
 

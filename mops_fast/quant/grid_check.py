@@ -34,11 +34,12 @@ def affine_grid_stats(weights: dict[str, torch.Tensor], block: int = 32, levels:
         lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
         step = (hi - lo) / (levels - 1)
         flat = step.squeeze(-1) == 0
-        q = (b - lo) / step.clamp_min(torch.finfo(torch.float64).tiny)
+        step = step.clamp_min(torch.finfo(torch.float64).tiny)
+        q = (b - lo) / step
         hit = ((q - q.round()).abs().amax(-1) <= tol) & ~flat
         on += int(hit.sum())
         total += hit.numel()
-        z = (-lo / step.clamp_min(torch.finfo(torch.float64).tiny)).squeeze(-1)[hit]
+        z = (-lo / step).squeeze(-1)[hit]
         fracs.append((z - z.round()).abs())
     if total == 0:
         raise ValueError(f"no 2-D float weight has in_features divisible by block={block}; nothing to check")

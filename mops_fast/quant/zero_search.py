@@ -45,10 +45,9 @@ def _candidates(w: torch.Tensor, bits: int):
     return out
 
 
-def round_codes(w: torch.Tensor, scale: torch.Tensor, code_zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of w (rows, ...) on a grid whose code zero may be fractional (the anchored candidates)."""
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    return (torch.round(w.double() / scale.view(shape) + code_zero.view(shape))).clamp(0, 2**bits - 1).to(torch.int64)
+def _round_codes(w: torch.Tensor, scale: torch.Tensor, code_zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of w (rows, cols) on a grid whose code zero may be fractional (the anchored candidates)."""
+    return torch.round(w.double() / scale[:, None] + code_zero[:, None]).clamp(0, 2**bits - 1).to(torch.int64)
 
 
 @torch.no_grad()
@@ -67,43 +66,37 @@ def zero_search_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
     del H64
     dev = W.device
 
-    cands, sl = [], []
-    for g in range(G):
-        s = slice(g * gs, min((g + 1) * gs, K))
-        sl.append(s)
-        cs = []
+    # per group, the candidates stacked along a leading dim C: scales, zeros, valid (C, N); codes, errors
+    # (C, N, gs)
+    sl = [slice(g * gs, min((g + 1) * gs, K)) for g in range(G)]
+    cands = []
+    for s in sl:
+        rows_of = []
         for scale, zero, czero, ok in _candidates(W[:, s], bits):
-            codes = round_codes(W[:, s], scale, czero, bits)
-            err = dequant_codes(codes, scale, zero) - W[:, s]
-            cs.append((scale, zero, codes, ok, err))
-        cands.append(cs)
+            c = _round_codes(W[:, s], scale, czero, bits)
+            rows_of.append((scale, zero, c, ok, dequant_codes(c, scale, zero) - W[:, s]))
+        cands.append(tuple(torch.stack(x) for x in zip(*rows_of)))
 
     choice = torch.zeros(G, N, dtype=torch.int64, device=dev)  # start: nearest everywhere (plain RTN)
-    E = torch.cat([cands[g][0][4] for g in range(G)], 1)
+    E = torch.cat([cands[g][4][0] for g in range(G)], 1)
     EH = E @ H
     loss0 = float((E * EH).sum()) / N
     rows = torch.arange(N, device=dev)
     sweeps = changed_total = 0
     for sweeps in range(1, max_sweeps + 1):
         changed = 0
-        for g in range(G):
-            s = sl[g]
-            Hgg = H[s, s]
-            cur = E[:, s]
-            gains = []
-            for (_, _, _, ok, err) in cands[g]:
-                d = err - cur
-                gain = 2 * (d * EH[:, s]).sum(1) + ((d @ Hgg) * d).sum(1)
-                gains.append(torch.where(ok, gain, torch.full_like(gain, float("inf"))))
-            gains = torch.stack(gains)  # (C, N); the current choice has gain 0
+        for g, s in enumerate(sl):
+            valid, errs = cands[g][3], cands[g][4]
+            d = errs - E[:, s]  # (C, N, gs)
+            gains = 2 * (d * EH[:, s]).sum(-1) + ((d @ H[s, s]) * d).sum(-1)  # (C, N); current choice: 0
+            gains = torch.where(valid, gains, torch.full_like(gains, float("inf")))
             best = gains.argmin(0)
             move = (best != choice[g]) & (gains[best, rows] < -1e-9 * (EH[:, s].abs().sum(1) + 1e-30))
             if not move.any():
                 continue
-            new = torch.stack([c[4] for c in cands[g]])[best, rows]  # (N, gs)
-            d = torch.where(move[:, None], new - cur, torch.zeros_like(cur))
-            E[:, s] += d
-            EH += d @ H[s, :]
+            step = torch.where(move[:, None], d[best, rows], torch.zeros_like(E[:, s]))
+            E[:, s] += step
+            EH += step @ H[s, :]
             choice[g] = torch.where(move, best, choice[g])
             changed += int(move.sum())
         changed_total += changed
@@ -111,13 +104,9 @@ def zero_search_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
             break
     loss = float((E * (E @ H)).sum()) / N  # recomputed: no drift from the running updates
 
-    codes = torch.empty(N, K, dtype=torch.int64, device=dev)
-    scales = torch.empty(G, N, device=dev)
-    zeros = torch.empty(G, N, dtype=torch.int64, device=dev)
-    for g in range(G):
-        c = choice[g]
-        scales[g] = torch.stack([x[0] for x in cands[g]])[c, rows]
-        zeros[g] = torch.stack([x[1] for x in cands[g]])[c, rows]
-        codes[:, sl[g]] = torch.stack([x[2] for x in cands[g]])[c, rows]
+    pick = [tuple(x[choice[g], rows] for x in cands[g][:3]) for g in range(G)]
+    scales = torch.stack([p[0] for p in pick])
+    zeros = torch.stack([p[1] for p in pick])
+    codes = torch.cat([p[2] for p in pick], 1)
     qw = QuantizedWeight(codes, scales, zeros, default_g_idx(K, group_size, dev), bits, group_size, sym=False)
     return qw, {"loss_nearest": loss0, "loss": loss, "sweeps": sweeps, "changed": changed_total}
