@@ -1,4 +1,4 @@
-"""The `mops-fast` command: train, eval, compress, federate, experiment."""
+"""The `mops-fast` command: train, eval, compress, refine, federate, experiment."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=lambda a: _optional("mops_fast.quant.cli", "compress").run_compress(a) or 0,
                    add=("mops_fast.quant.cli", "add_compress_args"))
 
+    r = sub.add_parser("refine", help="tune a GPTQ checkpoint's scales by distillation from its dense model")
+    r.set_defaults(fn=lambda a: _optional("mops_fast.quant.cli", "refine").run_refine(a) or 0,
+                   add=("mops_fast.quant.cli", "add_refine_args"))
+
     f = sub.add_parser("federate", help="federated MoPs (in-process simulation or Flower)")
     f.set_defaults(fn=lambda a: _optional("mops_fast.federated.run", "federate").run_federate(a) or 0,
                    add=("mops_fast.federated.run", "add_federate_args"))
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommands living in optional modules add their own arguments when those modules import.
     import importlib
 
-    for sp in (c, f, x):
+    for sp in (c, r, f, x):
         mod, fn = sp.get_default("add")
         try:
             getattr(importlib.import_module(mod), fn)(sp)

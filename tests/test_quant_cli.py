@@ -141,3 +141,65 @@ def test_rtn_zero_search_end_to_end(tiny_dir, tmp_path):
     model, tok = mops_fast.load_model(str(out))
     with torch.no_grad():
         assert torch.isfinite(model(tok("Hi", return_tensors="pt")["input_ids"]).logits).all()
+
+
+def test_compress_with_scale_refinement(tiny_dir, tmp_path):
+    """--refine-steps distills the source model into the scales and records it; the checkpoint loads."""
+    import mops_fast
+
+    out = _run(tiny_dir, tmp_path, "--method", "rtn", "--asym", "--group-size", "32", "--refine-steps", "3",
+               "--refine-samples", "6", "--refine-batch", "2")
+    info = json.loads((out / "compression.json").read_text())
+    assert info["refine"]["steps"] == 3 and info["refine"]["windows"] == 5 and info["refine"]["heldout_windows"] == 1
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["meta"]["algorithm"] == "rtn+scale_distill"
+    model, tok = mops_fast.load_model(str(out))
+    with torch.no_grad():
+        assert torch.isfinite(model(tok("Hi", return_tensors="pt")["input_ids"]).logits).all()
+
+
+def parse_refine(*argv):
+    from mops_fast.quant.cli import add_refine_args
+
+    return add_refine_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def test_refine_command_on_an_existing_checkpoint(tiny_dir, tmp_path):
+    from mops_fast.quant.checkpoint import read_tensors
+    from mops_fast.quant.cli import run_refine
+
+    src = _run(tiny_dir, tmp_path, "--method", "gptq", "--asym", "--group-size", "32")
+    out = tmp_path / "refined"
+    assert run_refine(parse_refine("--model", str(src), "--out", str(out), "--steps", "4", "--samples", "6",
+                                   "--batch", "2", "--lr", "0.01", "--calib-data", str(tiny_dir / "calib.jsonl"),
+                                   "--calib-seqlen", "32")) == 0
+    a, b = read_tensors(src), read_tensors(out)
+    assert set(a) == set(b)
+    key = "model.layers.0.mlp.down_proj"
+    assert torch.equal(a[f"{key}.qweight"], b[f"{key}.qweight"]) and torch.equal(a[f"{key}.qzeros"], b[f"{key}.qzeros"])
+    assert not torch.equal(a[f"{key}.scales"], b[f"{key}.scales"])
+    info = json.loads((out / "compression.json").read_text())
+    assert info["refined_from"] == str(src) and info["refine"]["steps"] == 4
+    assert info["settings"]["method"] == "gptq"  # what made the input is kept
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["meta"]["algorithm"] == "gptq+scale_distill" and qc["group_size"] == 32 and qc["sym"] is False
+
+
+def test_refine_refusals(tiny_dir, tmp_path):
+    from mops_fast.quant.cli import run_refine
+
+    calib = ("--calib-data", str(tiny_dir / "calib.jsonl"), "--calib-seqlen", "32", "--samples", "4")
+    with pytest.raises(ValueError, match="is not quantized"):
+        run_refine(parse_refine("--model", str(tiny_dir / "model"), "--out", str(tmp_path / "o"), *calib))
+    src = _run(tiny_dir, tmp_path, "--method", "rtn")
+    with pytest.raises(ValueError, match="new directory"):
+        run_refine(parse_refine("--model", str(src), "--out", str(src), *calib))
+    with pytest.raises(ValueError, match="steps >= 1"):
+        run_refine(parse_refine("--model", str(src), "--out", str(tmp_path / "o"), "--steps", "0", *calib))
+    (src / "compression.json").unlink()
+    with pytest.raises(ValueError, match="pass --dense"):
+        run_refine(parse_refine("--model", str(src), "--out", str(tmp_path / "o"), *calib))
+    with pytest.raises(ValueError, match="with gptq, rtn or --then-gptq"):
+        resolve_settings(parse("--method", "wanda", "--refine-steps", "5", "--out", "o"))
+    with pytest.raises(ValueError, match="lr must be in"):
+        resolve_settings(parse("--method", "gptq", "--refine-steps", "5", "--refine-lr", "2", "--out", "o"))

@@ -30,6 +30,11 @@ def test_describe_names_the_settings():
     assert describe(RUNS["gptq4_g128_asym_act"]) == "GPTQ, 4-bit g128 asym, act-order"
     assert describe(RUNS["sparsegpt50_gptq4"]).startswith("Sparsegpt, 50% unstructured, then GPTQ, 4-bit g128")
     assert describe(None).startswith("dense")
+    assert describe(RUNS["gptq4_g32_asym_act_distill"]) == ("GPTQ, 4-bit g32 asym, act-order, scales distilled "
+                                                           "(200 steps)")
+    for spec in RUNS.values():  # a refined run names a base run that exists
+        if isinstance(spec, dict) and "refine_of" in spec:
+            assert spec["refine_of"] in RUNS
 
 
 def test_table_flag_prints_from_json(tmp_path, capsys):

@@ -40,6 +40,10 @@ DEFAULTS = {
     "calib_seqlen": 256,
     "seed": 0,
     "batch_size": 8,
+    "refine_steps": 0,
+    "refine_lr": 1e-3,
+    "refine_batch": 4,
+    "refine_samples": 512,
     "format": "gptq",
     "dtype": "float16",
     "threads": None,
@@ -84,6 +88,7 @@ def add_compress_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 256)")
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per calibration forward (default 8)")
+    add_refine_options(p, prefix="refine-")
     p.add_argument("--format", default=None, choices=("gptq", "gptq_v2"),
                    help="checkpoint zero-point convention (default gptq: zeros stored minus one)")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
@@ -92,6 +97,19 @@ def add_compress_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "choice; 1 is faster on a busy machine)")
     p.add_argument("--out", default=None, help="output model directory (required)")
     return p
+
+
+def add_refine_options(p: argparse.ArgumentParser, prefix: str) -> None:
+    """Options of the scale refinement (quant/refine.py), as --refine-* under compress and bare under refine."""
+    d = DEFAULTS
+    p.add_argument(f"--{prefix}steps", type=int, default=None,
+                   help=f"after quantizing, tune the group scales by distillation from the dense model for this many "
+                        f"steps (default {d['refine_steps']} = off under compress; 200 measured best on SmolLM2)")
+    p.add_argument(f"--{prefix}lr", type=float, default=None, help=f"refinement learning rate (default {d['refine_lr']})")
+    p.add_argument(f"--{prefix}batch", type=int, default=None,
+                   help=f"calibration windows per refinement step (default {d['refine_batch']})")
+    p.add_argument(f"--{prefix}samples", type=int, default=None,
+                   help=f"calibration windows drawn for refinement, a tenth held out (default {d['refine_samples']})")
 
 
 def _read_yaml(path) -> dict:
@@ -143,7 +161,34 @@ def resolve_settings(args: argparse.Namespace) -> dict:
             s["sparsity"] = implied
         elif s["sparsity"] is None:
             s["sparsity"] = 0.5
+    if int(s["refine_steps"]) and pruning and not s["then_gptq"]:
+        raise ValueError("--refine-steps tunes quantization scales: use it with gptq, rtn or --then-gptq, not with "
+                         f"{s['method']!r} alone")
+    refine_settings(s)  # range checks before any work
     return s
+
+
+def refine_settings(s: dict):
+    from mops_fast.quant.refine import RefineSettings
+
+    return RefineSettings(steps=int(s["refine_steps"]), lr=float(s["refine_lr"]), batch_size=int(s["refine_batch"]),
+                          samples=int(s["refine_samples"]), seed=int(s["seed"])).validate()
+
+
+def refine_model(model, tok, dense_path, s: dict) -> dict:
+    """Distill the dense model at `dense_path` into the scales of `model` (QuantLinear layers) on windows of
+    the calibration data drawn with seed + 1 (not GPTQ's windows). Returns refine_scales' summary."""
+    from mops_fast.hf.loading import load_model
+    from mops_fast.quant.calibration import calibration_windows
+    from mops_fast.quant.refine import refine_scales
+
+    rs = refine_settings(s)
+    teacher, _ = load_model(str(dense_path), dtype=torch.float32)
+    windows = calibration_windows(tok, s["calib_data"], rs.samples, int(s["calib_seqlen"]), int(s["seed"]) + 1)
+    print(f"[refine] {rs.steps} steps on {windows.shape[0]} windows x {windows.shape[1]} tokens from {s['calib_data']}")
+    result = refine_scales(model, teacher, windows, rs)
+    del teacher
+    return result
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -202,9 +247,12 @@ def compress_with_settings(s: dict) -> Path:
     out = Path(s["out"])
     if quantizing:
         algorithm = f"{method}+gptq" if s["then_gptq"] else (f"{method}+zero_search" if qs.zero_search else method)
+        replace_with_quant_linear(model, quants)
+        if int(s["refine_steps"]):
+            summary["refine"] = refine_model(model, tok, src, s)
+            algorithm += "+scale_distill"
         qcfg = make_quant_config(qs.bits, qs.group_size, qs.sym, qs.desc_act, s["format"], qs.damp_percent,
                                  qs.true_sequential, qs.static_groups, algorithm=algorithm, mse=qs.mse)
-        replace_with_quant_linear(model, quants)
         save_quantized(model, out, qcfg, tokenizer=tok, source_dir=src, dtype=s["dtype"])
     else:
         save_dense(model, out, tokenizer=tok, source_dir=src, dtype=s["dtype"],
@@ -216,12 +264,85 @@ def compress_with_settings(s: dict) -> Path:
     return out
 
 
+REFINE_STEPS = 200  # the default of `refine` (under compress refinement is off unless asked for)
+
+
+def add_refine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of `refine`: scale refinement of an existing GPTQ checkpoint."""
+    d = DEFAULTS
+    p.add_argument("--model", required=True, help="GPTQ checkpoint directory to refine (written by compress or "
+                   "any GPTQ tool)")
+    p.add_argument("--dense", default=None, help="the dense model the checkpoint was made from (default: the "
+                   "source recorded in its compression.json)")
+    add_refine_options(p, prefix="")
+    p.add_argument("--calib-data", default=None, help=f"JSON Lines records (default {d['calib_data']})")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="window sampling seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--out", required=True, help="output directory of the refined checkpoint")
+    return p
+
+
+def run_refine(args: argparse.Namespace) -> int:
+    """The `mops-fast refine` entry."""
+    s = dict(DEFAULTS, refine_steps=REFINE_STEPS)
+    for key, opt in (("refine_steps", "steps"), ("refine_lr", "lr"), ("refine_batch", "batch"),
+                     ("refine_samples", "samples"), ("calib_data", "calib_data"), ("calib_seqlen", "calib_seqlen"),
+                     ("seed", "seed"), ("threads", "threads")):
+        if getattr(args, opt, None) is not None:
+            s[key] = getattr(args, opt)
+    refine_checkpoint(args.model, args.out, args.dense, s)
+    return 0
+
+
+def refine_checkpoint(model_dir, out, dense, s: dict) -> Path:
+    """Refine the scales of the GPTQ checkpoint at `model_dir` against `dense` and write it to `out`."""
+    from mops_fast.hf.loading import load_model, resolve_model_path
+    from mops_fast.quant.checkpoint import parse_quant_config, save_quantized
+
+    if int(s["refine_steps"]) < 1:
+        raise ValueError(f"refine needs --steps >= 1, got {s['refine_steps']}")
+    refine_settings(s)
+    if s["threads"]:
+        torch.set_num_threads(int(s["threads"]))
+    src = resolve_model_path(str(model_dir))
+    cfg = json.loads((src / "config.json").read_text())
+    qcfg = cfg.get("quantization_config")
+    if qcfg is None:
+        raise ValueError(f"{src} is not quantized (config.json has no quantization_config); refine tunes the scales "
+                         "of a GPTQ checkpoint: run `mops-fast compress --method gptq` first")
+    parse_quant_config(qcfg, f"{src}/config.json quantization_config")
+    info_path = src / "compression.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if dense is None:
+        dense = info.get("source")
+        if not dense:
+            raise ValueError(f"{src} records no dense source (no compression.json); pass --dense MODEL, the model "
+                             "it was quantized from")
+    if Path(out).resolve() == src.resolve():
+        raise ValueError(f"--out {out} is the input checkpoint; write the refined model to a new directory")
+    t0 = time.time()
+    model, tok = load_model(str(src), dtype=torch.float32)
+    result = refine_model(model, tok, resolve_model_path(str(dense)), s)
+    qcfg = json.loads(json.dumps(qcfg))
+    meta = qcfg.setdefault("meta", {})
+    meta["algorithm"] = f"{meta.get('algorithm', 'gptq')}+scale_distill"
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float16"
+    out = save_quantized(model, out, qcfg, tokenizer=tok, source_dir=src, dtype=dtype)
+    info.update(refine=result, refined_from=str(src), source=str(dense), total_seconds=round(time.time() - t0, 1))
+    (out / "compression.json").write_text(json.dumps(info, indent=2))
+    print(f"[refine] done in {time.time() - t0:.0f}s -> {out}")
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="mops-fast")
     sub = parser.add_subparsers(dest="command", required=True)
     add_compress_args(sub.add_parser("compress", help="quantize or prune a model"))
+    r = sub.add_parser("refine", help="tune a GPTQ checkpoint's scales by distillation from its dense model")
+    add_refine_args(r)
     args = parser.parse_args(argv)
-    run_compress(args)
+    run_refine(args) if args.command == "refine" else run_compress(args)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ RUNS = {
     # RTN codes with grids and zero points chosen by output error (quant/zero_search.py)
     "rtn4_g32_asym_zs": {"method": "rtn", "bits": 4, "group_size": 32, "sym": False, "zero_search": True},
     "rtn4_g128_asym_zs": {"method": "rtn", "bits": 4, "group_size": 128, "sym": False, "zero_search": True},
+    # the checkpoints above with their group scales distilled from the dense model (quant/refine.py)
+    "gptq4_g32_asym_act_distill": {"refine_of": "gptq4_g32_asym_act", "refine_steps": 200},
+    "gptq4_g128_asym_act_distill": {"refine_of": "gptq4_g128_asym_act", "refine_steps": 200},
+    "rtn4_g32_asym_distill": {"refine_of": "rtn4_g32_asym", "refine_steps": 200},
     # an outside reference: GPTQModel 7.7's own 4-bit g128 sym checkpoint of the same model
     "gptqmodel_fixture_sym": "../shared/fixtures/gptqmodel-smollm2-135m-4bit-g128-sym",
 }
@@ -48,6 +52,8 @@ def describe(spec) -> str:
         return "dense fp32 (the baseline)"
     if isinstance(spec, str):
         return f"outside checkpoint `{Path(spec).name}`"
+    if "refine_of" in spec:
+        return f"{describe(RUNS[spec['refine_of']])}, scales distilled ({spec['refine_steps']} steps)"
     parts = [spec["method"].upper() if spec["method"] in ("gptq", "rtn") else spec["method"].capitalize()]
     if spec.get("sparsity"):
         parts.append(f"{spec['sparsity']:.0%} unstructured")
@@ -83,9 +89,30 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ensure_checkpoint(name: str, args) -> Path:
+    """WORK_DIR/<name>, made by the compress (or refine) code path unless it is already there."""
+    from mops_fast.quant.cli import compress_with_settings, refine_checkpoint
+
+    spec = RUNS[name]
+    path = args.work_dir / name
+    if (path / "config.json").is_file():
+        return path
+    s = dict(DEFAULTS)
+    s.update(model=args.model, calib_data=args.calib_data, calib_samples=args.calib_samples,
+             calib_seqlen=args.calib_seqlen, out=str(path), threads=args.threads)
+    if "refine_of" in spec:
+        s.update(refine_steps=spec["refine_steps"])
+        refine_checkpoint(ensure_checkpoint(spec["refine_of"], args), path, args.model, s)
+        return path
+    s.update(spec)
+    if s["method"] in ("magnitude", "wanda", "sparsegpt") and s["sparsity"] is None:
+        s["sparsity"] = 0.5
+    compress_with_settings(s)
+    return path
+
+
 def main(argv=None) -> int:
     from mops_fast.hf.loading import load_model
-    from mops_fast.quant.cli import compress_with_settings
     from mops_fast.train.data import load_records, per_category
     from mops_fast.train.evaluate import evaluate_perplexity
 
@@ -132,18 +159,12 @@ def main(argv=None) -> int:
                 print(f"[quality] {name}: {path} is not present, skipped")
                 continue
         else:
-            path = args.work_dir / name
-            if not (path / "config.json").is_file():
-                s = dict(DEFAULTS)
-                s.update(model=args.model, calib_data=args.calib_data, calib_samples=args.calib_samples,
-                         calib_seqlen=args.calib_seqlen, out=str(path), threads=args.threads)
-                s.update(spec)
-                if s["method"] in ("magnitude", "wanda", "sparsegpt") and s["sparsity"] is None:
-                    s["sparsity"] = 0.5
-                compress_with_settings(s)
+            path = ensure_checkpoint(name, args)
             info = json.loads((path / "compression.json").read_text())
             entry["compress_seconds"] = info.get("compress_seconds")
             entry["sparsity"] = info.get("sparsity")
+            if "refine" in info:
+                entry["refine"] = info["refine"]
         t0 = time.time()
         model, tok = load_model(str(path))
         ev = evaluate_perplexity(model, tok, records, batch_size=8, max_length=256)
