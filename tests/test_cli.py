@@ -29,3 +29,12 @@ def test_demo_config_is_valid():
     MoPsConfig.from_dict(cfg["mops"])
     TrainConfig.from_dict(cfg["train"])
     assert cfg["methods"] == ["none", "prompt", "mops"]
+
+
+def test_refine_subcommand_reports_errors(tmp_path, capsys):
+    """`mops-fast refine` is wired to the quant CLI: a dense directory is refused with the fix named."""
+    d = tmp_path / "dense"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["refine", "--model", str(d), "--out", str(tmp_path / "o")]) == 2
+    assert "is not quantized" in capsys.readouterr().err

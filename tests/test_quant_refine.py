@@ -125,3 +125,15 @@ def test_real_smollm2_blocks(smollm2):
     student = quantized_pair(small, group_size=32)
     r = refine_scales(student, small, calib[:, :64], RefineSettings(steps=10, lr=1e-3, batch_size=2), log=None)
     assert r["kl_heldout_after"] < 0.9 * r["kl_heldout_before"]
+
+
+def test_a_zero_scale_stays_zero():
+    """Checkpoints may hold groups with scale 0 (all-zero weights): their relative change is undefined, so
+    they stay 0 instead of turning into NaN."""
+    teacher = sharp(tiny_model("llama", layers=1, hidden=48, heads=6, kv_heads=2, vocab=128))
+    student = quantized_pair(teacher)
+    q = student.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        q.scales[0, :5] = 0
+    refine_scales(student, teacher, torch.randint(1, 128, (10, 16)), RefineSettings(steps=3, lr=1e-2), log=None)
+    assert (q.scales[0, :5] == 0).all() and torch.isfinite(q.scales).all() and (q.scales[0, 5:] != 0).all()

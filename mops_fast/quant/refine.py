@@ -124,8 +124,9 @@ def refine_scales(student, teacher, windows: torch.Tensor, settings: RefineSetti
     for n, t in tuned.items():
         _swap(student, n, t)
 
+    student.eval()
+
     def heldout_kl() -> float:
-        student.eval()
         with torch.no_grad():
             vals = [float(_kl(student, teacher, held[i:i + s.batch_size]))
                     for i in range(0, held.shape[0], s.batch_size)]
@@ -140,7 +141,7 @@ def refine_scales(student, teacher, windows: torch.Tensor, settings: RefineSetti
         # cosine decay to zero: the last steps settle the scales instead of jittering them
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / s.steps)))
         gen = torch.Generator().manual_seed(s.seed)
-        student.train()
+        # eval mode throughout: the target is the dense model's deterministic output, so no dropout
         for step in range(s.steps):
             idx = torch.randint(0, train.shape[0], (min(s.batch_size, train.shape[0]),), generator=gen)
             loss = _kl(student, teacher, train[idx.to(dev)])
@@ -155,7 +156,8 @@ def refine_scales(student, teacher, windows: torch.Tensor, settings: RefineSetti
                 log(f"[refine] step {step + 1}/{s.steps} kl {loss.item():.4f} ({time.time() - t0:.0f}s)")
         with torch.no_grad():
             for t in tuned.values():  # the checkpoint stores fp16 scales: measure what it will hold
-                t.delta.copy_(t.scales().half().float() / t.s0 - 1)
+                stored = t.scales().half().float()
+                t.delta.copy_(torch.where(t.s0 != 0, stored / t.s0.masked_fill(t.s0 == 0, 1) - 1, 0.0))
                 if not torch.isfinite(t.delta).all():
                     raise FloatingPointError("refine: a tuned scale left the fp16 range; lower the learning rate")
         after = heldout_kl()
