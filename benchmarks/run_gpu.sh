@@ -21,7 +21,7 @@ step build 100 env MOPS_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" python3 setup.py 
 # 2. GPU tests
 step gpu_tests 180 python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
   tests/test_gated_prefix_attention_gpu.py tests/test_int4_matmul_gpu.py tests/test_native_cuda_gpu.py \
-  tests/test_attach_gpu.py
+  tests/test_attach_gpu.py tests/test_quant_refine.py
 # 3. benchmarks: each writes <benchmark>-<device slug>.json into $OUT
 # (at most 8 files come back from a lent machine: the log, the junit XML and one JSON per benchmark)
 for b in bench_gated_prefix_attention bench_gptq_matmul bench_int4_cuda_small_m bench_e2e_gpu; do
