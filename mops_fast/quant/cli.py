@@ -49,6 +49,7 @@ DEFAULTS = {
     "threads": None,
     "out": None,
 }
+REFINE_STEPS = 200  # the default of `refine` (under compress refinement is off unless asked for)
 
 
 def add_compress_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -103,8 +104,9 @@ def add_refine_options(p: argparse.ArgumentParser, prefix: str) -> None:
     """Options of the scale refinement (quant/refine.py), as --refine-* under compress and bare under refine."""
     d = DEFAULTS
     p.add_argument(f"--{prefix}steps", type=int, default=None,
-                   help=f"after quantizing, tune the group scales by distillation from the dense model for this many "
-                        f"steps (default {d['refine_steps']} = off under compress; 200 measured best on SmolLM2)")
+                   help="steps of tuning the group scales by distillation from the dense model (compress: default "
+                        f"{d['refine_steps']} = off; refine: default {REFINE_STEPS}, the setting of the SmolLM2 "
+                        "results in docs/compression.md)")
     p.add_argument(f"--{prefix}lr", type=float, default=None, help=f"refinement learning rate (default {d['refine_lr']})")
     p.add_argument(f"--{prefix}batch", type=int, default=None,
                    help=f"calibration windows per refinement step (default {d['refine_batch']})")
@@ -262,9 +264,6 @@ def compress_with_settings(s: dict) -> Path:
         json.dump(summary, f, indent=2)
     print(f"[compress] {method} done in {t_compress:.0f}s (total {summary['total_seconds']:.0f}s) -> {out}")
     return out
-
-
-REFINE_STEPS = 200  # the default of `refine` (under compress refinement is off unless asked for)
 
 
 def add_refine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
