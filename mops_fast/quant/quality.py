@@ -1,5 +1,6 @@
 """Quality of compressed backbones: dolly15k test response perplexity of SmolLM2-135M, dense against GPTQ,
-RTN, Wanda, SparseGPT and SparseGPT + GPTQ, each made with the `compress` CLI code path.
+RTN, Wanda, SparseGPT and SparseGPT + GPTQ, each made with the `compress` CLI code path, and GPTQ/RTN
+checkpoints with their scales distilled from the dense model (the `refine` code path, from the run it names).
 
   python -m mops_fast.quant.quality --work-dir runs/compression \
       --out benchmarks/results/compression_quality-cpu.json [--per-category 30] [--only gptq4_g128 ...]
@@ -42,6 +43,7 @@ RUNS = {
     "gptq4_g32_asym_act_distill": {"refine_of": "gptq4_g32_asym_act", "refine_steps": 200},
     "gptq4_g128_asym_act_distill": {"refine_of": "gptq4_g128_asym_act", "refine_steps": 200},
     "rtn4_g32_asym_distill": {"refine_of": "rtn4_g32_asym", "refine_steps": 200},
+    "sparsegpt50_gptq4_distill": {"refine_of": "sparsegpt50_gptq4", "refine_steps": 200},
     # an outside reference: GPTQModel 7.7's own 4-bit g128 sym checkpoint of the same model
     "gptqmodel_fixture_sym": "../shared/fixtures/gptqmodel-smollm2-135m-4bit-g128-sym",
 }
