@@ -7,6 +7,7 @@ the loss is normalized by the global token count, so any world size gives the sa
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 import os
@@ -62,12 +63,20 @@ class TrainConfig:
         return cls(**d)
 
 
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world size); initializes the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        # a group left alive at interpreter exit can abort the process ("terminate called without an active
+        # exception" from gloo's threads) after its work is done: tear it down first
+        atexit.register(_destroy_process_group)
     if world > 1:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
