@@ -177,15 +177,15 @@ def refine_settings(s: dict):
                           samples=int(s["refine_samples"]), seed=int(s["seed"])).validate()
 
 
-def refine_model(model, tok, dense_path, s: dict) -> dict:
-    """Distill the dense model at `dense_path` into the scales of `model` (QuantLinear layers) on windows of
+def refine_model(model, tok, dense, s: dict) -> dict:
+    """Distill the dense model `dense` (a name or directory) into the scales of `model` (QuantLinear layers) on windows of
     the calibration data drawn with seed + 1 (not GPTQ's windows). Returns refine_scales' summary."""
     from mops_fast.hf.loading import load_model
     from mops_fast.quant.calibration import calibration_windows
     from mops_fast.quant.refine import refine_scales
 
     rs = refine_settings(s)
-    teacher, _ = load_model(str(dense_path), dtype=torch.float32)
+    teacher, _ = load_model(str(dense), dtype=torch.float32)
     windows = calibration_windows(tok, s["calib_data"], rs.samples, int(s["calib_seqlen"]), int(s["seed"]) + 1)
     print(f"[refine] {rs.steps} steps on {windows.shape[0]} windows x {windows.shape[1]} tokens from {s['calib_data']}")
     result = refine_scales(model, teacher, windows, rs)
@@ -322,7 +322,7 @@ def refine_checkpoint(model_dir, out, dense, s: dict) -> Path:
         raise ValueError(f"--out {out} is the input checkpoint; write the refined model to a new directory")
     t0 = time.time()
     model, tok = load_model(str(src), dtype=torch.float32)
-    result = refine_model(model, tok, resolve_model_path(str(dense)), s)
+    result = refine_model(model, tok, dense, s)
     qcfg = json.loads(json.dumps(qcfg))
     meta = qcfg.setdefault("meta", {})
     meta["algorithm"] = f"{meta.get('algorithm', 'gptq')}+scale_distill"
