@@ -3,13 +3,14 @@ backward to the input.
 
 Impls (rows of the JSON):
   fused            what QuantLinear runs: mops_fast.ops.int4_matmul dispatch (the native small-M CUDA kernel
-                   for fp16 M <= 16 when built, else the Triton kernel that dequantizes tiles in registers);
-                   act-order weights are repacked once (group-sorted) as QuantLinear does
-  fused_triton     the Triton kernel alone, where the dispatch picked the native kernel
-  dequant_chunked  Triton dequantization of 2048-column slices + cuBLAS per slice (M >= 512 only)
+                   for fp16 M <= 16 when built; the Triton kernel that dequantizes tiles in registers; from
+                   CHUNKED_MIN_M rows on, Triton dequantization of 2048-wide weight slices + cuBLAS per
+                   slice); act-order weights are repacked once (group-sorted) as QuantLinear does
+  fused_triton     the Triton in-register kernel alone, where the dispatch picked another path
   fp16             torch.matmul on the dequantized fp16 weight
   unpack_matmul    dequantize the whole weight (PyTorch ops) then matmul, on every call
-Modes: fwd (y = x W^T) and bwd (dx = dy W). Weights K x N: 4096x4096, 4096x11008, 11008x4096, group 128;
+Timing: M <= 64 as CUDA-graph replays over input copies beyond the L2 cache (common.bench_cuda_graph;
+the eager do_bench time is kept in each row), larger M with do_bench. Modes: fwd (y = x W^T) and bwd (dx = dy W). Weights K x N: 4096x4096, 4096x11008, 11008x4096, group 128;
 fp16 activations; M in {1, 4, 16, 64, 512, 4096} sym without act-order, and asym / act-order variants at a
 few M on 4096x11008. peak_mem_bytes is the memory one call allocates beyond its inputs.
 
@@ -33,6 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+for p in (ROOT / "benchmarks",):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+from common import bench_cuda_graph, copies_beyond_l2  # noqa: E402
 from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -40,6 +45,8 @@ MS = [1, 4, 16, 64, 512, 4096]
 VARIANT_MS = [1, 16, 4096]
 VARIANT_SHAPE = (4096, 11008)
 CHUNKED_MS = [512, 4096]
+FUSED_MS = [4096]  # where the dispatch takes the chunked path, the fused kernel is timed beside it
+GRAPH_MAX_M = 64  # rows up to which calls are timed as CUDA-graph replays (see common.bench_cuda_graph)
 GROUP = 128
 SYM_ZEROS = -2004318072  # 0x88888888: zero point 8 in every field
 BUDGET_S = 85.0
@@ -140,8 +147,11 @@ def main(argv=None) -> int:
     times: dict = {}
     native_small_m = dev.name == "cuda" and op._native_cuda_small_m() is not None
 
-    def bench(shape, impl, mode, fn, ref):
-        """Check fn against ref once, then time it; one JSON row."""
+    def bench(shape, impl, mode, make, ref, sets=None):
+        """Check make(0)() against ref once, then time it; one JSON row. With `sets` (M <= GRAPH_MAX_M on
+        CUDA) the row's time is that of CUDA-graph replays cycling through make(0..sets-1), and the eager
+        do_bench time is kept beside it."""
+        fn = make(0)
         try:
             dev.sync()
             before = dev.allocated()
@@ -151,13 +161,18 @@ def main(argv=None) -> int:
             peak = dev.peak() - before
             err = float((y.float() - ref).norm() / ref.norm())
             med, p20, p80 = do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
+            extra = {"timing": "eager"}
+            if sets:
+                eager = med
+                med, p20, p80 = bench_cuda_graph([make(i) for i in range(sets)])
+                extra = {"timing": "cuda_graph", "graph_input_sets": sets, "eager_median_ms": eager}
         except Exception as e:  # noqa: BLE001 - report and keep measuring the others
             print(f"  {impl} {mode} {shape} failed: {type(e).__name__}: {e}", flush=True)
             return
         M, K, N = shape["M"], shape["K"], shape["N"]
         row = {"shape": shape, "impl": impl, "mode": mode, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                "peak_mem_bytes": int(peak), "tokens_per_s": M / (med / 1e3),
-               "tflops": 2 * M * K * N / (med / 1e3) / 1e12, "rel_err_vs_fp32": err}
+               "tflops": 2 * M * K * N / (med / 1e3) / 1e12, "rel_err_vs_fp32": err, **extra}
         if err > 2e-2:
             row["warning"] = "result differs from the fp32 reference"
             print(f"  WARNING {impl} {mode} {shape}: relative error {err:.3g}", flush=True)
@@ -171,6 +186,14 @@ def main(argv=None) -> int:
         dy = torch.randn(M, N, device=dev.name, dtype=torch.float16)
         ref_f = x.float() @ W32.t()
         ref_b = dy.float() @ W32
+        graphs = dev.name == "cuda" and M <= GRAPH_MAX_M and not act_order
+        # input copies for graph timing: int4 weight sets and fp16 weights, each beyond twice the L2 cache
+        n_q = copies_beyond_l2(qw.numel() * 4 + sc.numel() * 2) if graphs else 1
+        n_h = copies_beyond_l2(W16.numel() * 2) if graphs else 1
+        qsets = [packed] + [tuple(t.clone() for t in packed) for _ in range(n_q - 1)]
+        hsets = [W16] + [W16.clone() for _ in range(n_h - 1)]
+        gq = n_q if graphs else None
+        gh = n_h if graphs else None
         if act_order:
             layer = QuantLinear(K, N, bits=4, group_size=GROUP, device=dev.name)
             layer.set_quantized(qw, qz, sc, gi)
@@ -182,27 +205,35 @@ def main(argv=None) -> int:
                 g_sorted = (torch.arange(K) // GROUP).to(torch.int32)
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(K, device=dev.name)
-            fused_f = lambda: layer(x)  # noqa: E731
-            fused_b = lambda: op.int4_matmul_t(dy, qw_sorted, qz, sc, g_sorted, GROUP).index_select(1, inv)  # noqa: E731
+            bench(shape, "fused", "fwd", lambda i: lambda: layer(x), ref_f)
+            bench(shape, "fused", "bwd", lambda i: lambda: op.int4_matmul_t(dy, qw_sorted, qz, sc, g_sorted, GROUP)
+                  .index_select(1, inv), ref_b)
         else:
-            fused_f = lambda: op.int4_matmul(x, qw, qz, sc, gi, GROUP)  # noqa: E731
-            fused_b = lambda: op.int4_matmul_t(dy, qw, qz, sc, gi, GROUP)  # noqa: E731
-        bench(shape, "fused", "fwd", fused_f, ref_f)
-        bench(shape, "fused", "bwd", fused_b, ref_b)
+            bench(shape, "fused", "fwd", lambda i: lambda: op.int4_matmul(x, *qsets[i], GROUP), ref_f, gq)
+            bench(shape, "fused", "bwd", lambda i: lambda: op.int4_matmul_t(dy, *qsets[i], GROUP), ref_b, gq)
         if (native_small_m or dev.name == "cpu") and M <= op.SMALL_M_NATIVE and not act_order:
-            bench(shape, "fused_triton", "fwd", lambda: op.int4_matmul_triton(x, qw, qz, sc, gi, GROUP), ref_f)
+            bench(shape, "fused_triton", "fwd", lambda i: lambda: op.int4_matmul_triton(x, *qsets[i], GROUP),
+                  ref_f, gq)
         if "chunked" in extra_impls:
-            bench(shape, "dequant_chunked", "fwd", lambda: op.int4_matmul_chunked(x, qw, qz, sc, gi, GROUP), ref_f)
-            bench(shape, "dequant_chunked", "bwd", lambda: op.int4_matmul_t_chunked(dy, qw, qz, sc, gi, GROUP), ref_b)
-        bench(shape, "fp16", "fwd", lambda: torch.matmul(x, W16.t()), ref_f)
-        bench(shape, "fp16", "bwd", lambda: torch.matmul(dy, W16), ref_b)
+            bench(shape, "dequant_chunked", "fwd", lambda i: lambda: op.int4_matmul_chunked(x, *qsets[i], GROUP),
+                  ref_f)
+            bench(shape, "dequant_chunked", "bwd",
+                  lambda i: lambda: op.int4_matmul_t_chunked(dy, *qsets[i], GROUP), ref_b)
+        if "fused_triton" in extra_impls:  # the fused kernel where the dispatch picks the chunked path
+            bench(shape, "fused_triton", "fwd", lambda i: lambda: op.int4_matmul_triton(x, *qsets[i], GROUP), ref_f)
+            bench(shape, "fused_triton", "bwd", lambda i: lambda: op.int4_matmul_t_triton(dy, *qsets[i], GROUP),
+                  ref_b)
+        bench(shape, "fp16", "fwd", lambda i: lambda: torch.matmul(x, hsets[i].t()), ref_f, gh)
+        bench(shape, "fp16", "bwd", lambda i: lambda: torch.matmul(dy, hsets[i]), ref_b, gh)
         if dev.name == "cpu":  # the smoke run also exercises the kernels the CUDA dispatch would pick
             promise = 0 if act_order else GROUP
-            bench(shape, "fused_triton", "bwd", lambda: op.int4_matmul_t_triton(dy, qw, qz, sc, gi, promise), ref_b)
+            bench(shape, "fused_triton", "bwd", lambda i: lambda: op.int4_matmul_t_triton(dy, qw, qz, sc, gi, promise),
+                  ref_b)
         bench(shape, "unpack_matmul", "fwd",
-              lambda: torch.matmul(x, op.dequantize_int4(qw, qz, sc, gi, torch.float16).t()), ref_f)
+              lambda i: lambda: torch.matmul(x, op.dequantize_int4(*qsets[i], torch.float16).t()), ref_f, gq)
         bench(shape, "unpack_matmul", "bwd",
-              lambda: torch.matmul(dy, op.dequantize_int4(qw, qz, sc, gi, torch.float16)), ref_b)
+              lambda i: lambda: torch.matmul(dy, op.dequantize_int4(*qsets[i], torch.float16)), ref_b, gq)
+        del qsets, hsets
         line = []
         for mode in ("fwd", "bwd"):
             f = times.get((M, K, N, sym, act_order, "fused", mode))
@@ -210,7 +241,8 @@ def main(argv=None) -> int:
             u = times.get((M, K, N, sym, act_order, "unpack_matmul", mode))
             if f and h and u:
                 line.append(f"{mode} {f * 1e3:8.1f} us  x{h / f:5.2f} fp16  x{u / f:5.2f} unpack")
-        print(f"K={K:5d} N={N:5d} M={M:4d} sym={int(sym)} act={int(act_order)}  " + "  |  ".join(line), flush=True)
+        print(f"K={K:5d} N={N:5d} M={M:4d} sym={int(sym)} act={int(act_order)} {'graph' if graphs else 'eager'}  "
+              + "  |  ".join(line), flush=True)
 
     cases = [(K, N, M, True, False) for K, N in SHAPES for M in MS]
     cases += [(*VARIANT_SHAPE, M, False, False) for M in VARIANT_MS]
@@ -230,7 +262,9 @@ def main(argv=None) -> int:
             W32 = op.dequantize_int4(*packed, torch.float32)
             cache[key] = (packed, W32.half(), W32)
         packed, W16, W32 = cache[key]
-        extra = ("chunked",) if (M in CHUNKED_MS and sym and not act) else ()
+        extra = ("chunked",) if (M in CHUNKED_MS and sym and not act and M < op.CHUNKED_MIN_M) else ()
+        if M >= op.CHUNKED_MIN_M and M in FUSED_MS and sym and not act:
+            extra += ("fused_triton",)
         run_case(K, N, M, sym, act, packed, W16, W32, extra)
 
     result = {"benchmark": "gptq_matmul", "device": dev.device_name(), "torch": torch.__version__,

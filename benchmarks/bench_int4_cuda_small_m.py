@@ -2,7 +2,11 @@
 
 Compared with fp16 torch.matmul on the dequantized weight and, when importable, the Triton kernel
 mops_fast.ops.int4_matmul.int4_matmul_triton. LLaMA-7B shapes K x N = 4096x4096, 4096x11008,
-11008x4096, group size 128, fp16 activations. Timing: triton.testing.do_bench (median, p20, p80).
+11008x4096, group size 128, fp16 activations. Timing: CUDA-graph replays over input copies beyond the L2
+cache (common.bench_cuda_graph: median, p20, p80); the eager do_bench median is kept in each row.
+int4_cuda computes groups from the group size (GPTQ without act-order, what QuantLinear passes);
+int4_cuda_gidx reads them from g_idx (the act-order path); int4_cuda_regs is the grouped kernel that
+batches its loads in registers instead of streaming them through a cp.async ring (the default).
 
   python benchmarks/bench_int4_cuda_small_m.py --out DIR    -> DIR/int4_cuda_small_m-<gpu slug>.json
 
@@ -27,6 +31,7 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_quant_cpu import pack_rows  # noqa: E402
+from common import bench_cuda_graph, copies_beyond_l2  # noqa: E402
 from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -86,38 +91,52 @@ def main() -> int:
 
     for K, N in SHAPES:
         packed, W16 = make_layer(K, N, dev)
+        G = packed[2].shape[0]
+        # copies for graph timing: the bytes one graph cycles through exceed twice the L2 cache
+        n_q = copies_beyond_l2(packed[0].numel() * 4 + packed[2].numel() * 2)
+        n_h = copies_beyond_l2(W16.numel() * 2)
+        qsets = [packed] + [[t.clone() for t in packed] for _ in range(n_q - 1)]
+        hsets = [W16] + [W16.clone() for _ in range(n_h - 1)]
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
-            impls = {
-                "int4_cuda": lambda: native.int4_matmul_cuda_small_m(x, *packed),
-                "fp16_matmul": lambda: x @ W16.t(),
+            impls = {  # name -> (factory over input copies, copies)
+                "int4_cuda": (lambda i: lambda: native.int4_cuda_small_m_validated(
+                    x, *qsets[i], K, N, G, group_size=GROUP), n_q),
+                "int4_cuda_gidx": (lambda i: lambda: native.int4_cuda_small_m_validated(x, *qsets[i], K, N, G), n_q),
+                "int4_cuda_regs": (lambda i: lambda: native.int4_cuda_small_m_validated(
+                    x, *qsets[i], K, N, G, group_size=GROUP, steps=4), n_q),
+                "fp16_matmul": (lambda i: lambda: x @ hsets[i].t(), n_h),
             }
             if int4_matmul_triton is not None:
-                impls["int4_triton"] = lambda: int4_matmul_triton(x, *packed, group_size=GROUP)
+                impls["int4_triton"] = (lambda i: lambda: int4_matmul_triton(x, *qsets[i], group_size=GROUP), n_q)
             ref = (x.float() @ W16.float().t())
             res = {}
-            for name, fn in list(impls.items()):
+            for name, (make, sets) in impls.items():
+                fn = make(0)
                 try:
                     y = fn()
                     torch.cuda.synchronize()
+                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                    eager = do_bench(fn, warmup=10, rep=40, quantiles=[0.5])
+                    med, p20, p80 = bench_cuda_graph([make(i) for i in range(sets)])
                 except Exception as e:  # noqa: BLE001 - report and go on with the others
                     print(f"  {name} failed at K={K} N={N} M={M}: {e}")
                     continue
-                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                torch.cuda.reset_peak_memory_stats()
-                med, p20, p80 = do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
                 res[name] = med
                 rows.append({"shape": {"M": M, "K": K, "N": N}, "impl": name, "mode": "fwd",
-                             "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                             "peak_mem_bytes": torch.cuda.max_memory_allocated(),
-                             "tokens_per_s": M / (med / 1e3), "max_rel_err_vs_fp16": err})
+                             "median_ms": med, "p20_ms": p20, "p80_ms": p80, "timing": "cuda_graph",
+                             "graph_input_sets": sets, "eager_median_ms": eager,
+                             "peak_mem_bytes": None, "tokens_per_s": M / (med / 1e3),
+                             "gb_per_s": (packed[0].numel() * 4 + packed[2].numel() * 2 if name != "fp16_matmul"
+                                          else W16.numel() * 2) / (med / 1e3) / 1e9,
+                             "max_rel_err_vs_fp16": err})
             line = "  ".join(f"{k} {v * 1e3:7.1f} us" for k, v in res.items())
             sp = ""
             if "int4_cuda" in res:
                 sp = "  ".join(f"vs {k}: {v / res['int4_cuda']:.2f}x" for k, v in res.items() if k != "int4_cuda")
             print(f"K={K:5d} N={N:5d} M={M:2d}  {line}  {sp}", flush=True)
             write()
-        del packed, W16
+        del packed, W16, qsets, hsets
     write()
     print(f"wrote {path} in {time.time() - t_start:.0f} s")
     return 0

@@ -138,3 +138,34 @@ def dolly_windows(tokenizer, batch: int, seq: int, seed: int = 0, path: Path | N
     gate = torch.zeros_like(ids)
     gate[:, :half] = 1
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "gate_mask": gate}
+
+
+def bench_cuda_graph(fns: list, calls: int = 24, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
+    """Milliseconds of one call (median, p20, p80 by default), timed as replays of a CUDA graph that holds
+    `calls` calls cycling through `fns`. Small-batch kernels take microseconds, less than Python takes
+    to launch them, so eager timing measures the host; a graph (as decode loops capture) leaves the
+    device's time. Give `fns` as the same call on different input copies whose bytes together exceed the
+    L2 cache, or the replays read a warm cache that a model's next layer would not leave behind."""
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture: compiles, allocator pools, handles
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    times = do_bench(graph.replay, warmup=20, rep=100, quantiles=list(quantiles))
+    del graph
+    return [t / calls for t in times]
+
+
+def copies_beyond_l2(bytes_per_set: int, l2_bytes: int | None = None, at_most: int = 16) -> int:
+    """How many copies of an input set bring the bytes a graph cycles through to twice the L2 cache."""
+    if l2_bytes is None:
+        l2_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(1, min(at_most, -(-2 * l2_bytes // max(bytes_per_set, 1))))

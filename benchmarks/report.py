@@ -28,6 +28,7 @@ KNOWN = OrderedDict([
     ("gated_prefix_attention", ("benchmarks/bench_gated_prefix_attention.py", "GPU")),
     ("gptq_matmul", ("benchmarks/bench_gptq_matmul.py", "GPU")),
     ("int4_cuda_small_m", ("benchmarks/bench_int4_cuda_small_m.py", "GPU")),
+    ("tune_int4", ("benchmarks/tune_int4_gpu.py", "GPU")),
 ])
 # Baseline implementation of a speedup, by preference, when a file does not name its own (`baseline_impl`).
 BASELINES = ("peft", "fp16", "fp16_matmul", "fp32_matmul", "torch_fp16", "materialize_sdpa", "materialize",

@@ -233,11 +233,14 @@ def int4_matmul_t_cpu(dy, qweight, qzeros, scales, g_idx) -> torch.Tensor:
     return _int4_cpu("int4_matmul_t_cpu", dy, qweight, qzeros, scales, g_idx, transposed=True)
 
 
-def int4_matmul_cuda_small_m(x, qweight, qzeros, scales, g_idx) -> torch.Tensor:
+def int4_matmul_cuda_small_m(x, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
     """y = x W^T on CUDA for M <= 16 (decode); x (M, K) fp16/bf16 -> y (M, N), x's dtype.
 
-    Tensor-core kernel, fp32 accumulation, on torch's current stream. g_idx values are not range
-    checked here (that would need a device sync on every call): out-of-range groups are clamped.
+    Tensor-core kernel, fp32 accumulation, on torch's current stream. group_size > 0 is the caller's
+    promise that g_idx == arange(K) // group_size (GPTQ without act-order; -1 means one group): the kernel
+    then computes each input's group instead of reading g_idx, which saves a table it would otherwise build
+    per call. g_idx values are not range checked here (that would need a device sync on every call):
+    out-of-range groups are clamped.
     """
     op = "int4_matmul_cuda_small_m"
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
@@ -255,13 +258,27 @@ def int4_matmul_cuda_small_m(x, qweight, qzeros, scales, g_idx) -> torch.Tensor:
         if M > 0 and t.data_ptr() % 16 != 0:
             raise ValueError(f"{op}: {name} must be 16-byte aligned (the kernel uses 16-byte "
                              f"loads); pass {name}.clone()")
-    return int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K, N, G)
+    return int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K, N, G,
+                                       _group_promise(op, group_size, K, G))
 
 
-def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: int, G: int) -> torch.Tensor:
+def _group_promise(op: str, group_size: int, K: int, G: int) -> int:
+    """The kernel's group_size argument: 0 (read g_idx) or a size consistent with K and G."""
+    if group_size == 0:
+        return 0
+    gs = K if group_size == -1 else group_size
+    if not isinstance(group_size, int) or gs <= 0 or -(-K // gs) != G:
+        raise ValueError(f"{op}: group_size={group_size} does not fit K={K} with G={G} groups; pass the "
+                         "layer's group size (-1 for one group), or 0 to read the groups from g_idx")
+    return gs
+
+
+def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: int, G: int,
+                                group_size: int = 0, steps: int = 0, warps: int = 0) -> torch.Tensor:
     """The CUDA small-M kernel call for a caller that has already validated what int4_matmul_cuda_small_m
     checks (mops_fast.ops does, once per call): at decode the kernel takes microseconds, so every check
-    repeated in Python shows in the token rate."""
+    repeated in Python shows in the token rate. group_size > 0: g_idx == arange(K) // group_size (a
+    promise); steps / warps > 0 override the launch the kernel picks (for benchmarks)."""
     mod = _cuda()
     if mod is None:
         raise RuntimeError(f"int4_matmul_cuda_small_m: CUDA kernels unavailable: {_cuda_err}")
@@ -272,7 +289,7 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     # the kernel sets the device itself; the stream is the one torch uses on x's device
     mod.int4_matmul_small_m(
         x.data_ptr(), _DTYPE_CODE[x.dtype], qweight.data_ptr(), qzeros.data_ptr(),
-        scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G,
-        y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream,
+        scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G, group_size,
+        y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream, steps, warps,
     )
     return y

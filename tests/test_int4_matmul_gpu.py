@@ -53,8 +53,22 @@ def test_triton_forward_and_backward(K, N, M, dtype, sym):
     assert y.dtype == dtype and rel(y, x.float() @ W.t()) < TOL[dtype]
     dx = op.int4_matmul_t_triton(dy, qw, qz, sc, gi, 128)
     assert dx.dtype == dtype and rel(dx, dy.float() @ W) < TOL[dtype]
-    # the dispatch (native small-M CUDA kernel where it applies) computes the same
+    # the dispatch (native small-M CUDA kernel, or dequantized slices + cuBLAS at large M) computes the same
     assert rel(op.int4_matmul(x, qw, qz, sc, gi, 128), x.float() @ W.t()) < TOL[dtype]
+    assert rel(op.int4_matmul_t(dy, qw, qz, sc, gi, 128), dy.float() @ W) < TOL[dtype]
+
+
+@pytest.mark.parametrize("K,N,M,dtype", [(4096, 11008, 16, torch.float16), (11008, 4096, 512, torch.bfloat16),
+                                         (576, 1536, 33, torch.float32)])
+def test_per_row_unpack_variant(K, N, M, dtype):
+    qw, qz, sc, gi = make_weight(K, N, 128, False, seed=K + M + 1)
+    W = op.dequantize_int4(qw, qz, sc, gi, torch.float32)
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    dy = torch.randn(M, N, device="cuda").to(dtype)
+    y = op.int4_matmul_triton(x, qw, qz, sc, gi, 128, config=dict(UNPACK=1))
+    assert rel(y, x.float() @ W.t()) < TOL[dtype]
+    dx = op.int4_matmul_t_triton(dy, qw, qz, sc, gi, 128, config=dict(UNPACK=1))
+    assert rel(dx, dy.float() @ W) < TOL[dtype]
 
 
 @pytest.mark.parametrize("group_size", [32, -1, 200])

@@ -53,17 +53,18 @@ CASES = [  # M, K, N, group_size, act_order, sym, dtype
 ]
 
 
+@pytest.mark.parametrize("unpack", [0, 1], ids=["reshape", "per_row"])
 @pytest.mark.parametrize("M,K,N,gs,act,sym,dtype", CASES)
-def test_forward_and_backward_match_reference(M, K, N, gs, act, sym, dtype):
+def test_forward_and_backward_match_reference(M, K, N, gs, act, sym, dtype, unpack):
     qw, qz, sc, gi = make_weight(K, N, gs, act, sym, seed=M + K)
     W = op.dequantize_int4(qw, qz, sc, gi, torch.float64)
     x = torch.randn(M, K).to(dtype)
     dy = torch.randn(M, N).to(dtype)
     promise = 0 if act else gs
-    y = op.int4_matmul_triton(x, qw, qz, sc, gi, promise)
+    y = op.int4_matmul_triton(x, qw, qz, sc, gi, promise, config=dict(UNPACK=unpack))
     assert y.dtype == dtype and y.shape == (M, N)
     assert rel(y, x.double() @ W.t()) < TOL[dtype]
-    dx = op.int4_matmul_t_triton(dy, qw, qz, sc, gi, promise)
+    dx = op.int4_matmul_t_triton(dy, qw, qz, sc, gi, promise, config=dict(UNPACK=unpack))
     assert dx.dtype == dtype and dx.shape == (M, K)
     assert rel(dx, dy.double() @ W) < TOL[dtype]
 

@@ -40,8 +40,8 @@ def _weight(K, N, group, dev, seed=0, **kw):
     return list(_layer(K, N, group, seed=seed, **kw))
 
 
-def _check(x, qw, qz, s, g, what):
-    y = native.int4_matmul_cuda_small_m(x, qw, qz, s, g)
+def _check(x, qw, qz, s, g, what, group_size=0):
+    y = native.int4_matmul_cuda_small_m(x, qw, qz, s, g, group_size)
     torch.cuda.synchronize()
     W = dequant_f64(qw, qz, s, g)  # on the GPU, float64
     ref = x.double() @ W.t()
@@ -58,7 +58,8 @@ def test_llama_up_proj(M, dtype):
     dev = torch.device("cuda")
     qw, qz, s, g = _weight(4096, 11008, 128, dev)
     x = torch.randn(M, 4096, device=dev, dtype=dtype)
-    _check(x, qw, qz, s, g, f"4096x11008 M={M} {dtype}")
+    _check(x, qw, qz, s, g, f"4096x11008 M={M} {dtype}")  # groups read from g_idx
+    _check(x, qw, qz, s, g, f"4096x11008 M={M} {dtype} grouped", group_size=128)  # groups computed
 
 
 @pytest.mark.parametrize(
@@ -80,6 +81,21 @@ def test_awkward_shapes(K, N, group, kw, M):
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(M, K, device=dev, dtype=dtype)
         _check(x, qw, qz, s, g, f"K={K} N={N} g={group} {kw} M={M} {dtype}")
+        if not kw.get("act_order"):  # the promise g_idx == arange(K) // group_size holds
+            _check(x, qw, qz, s, g, f"K={K} N={N} g={group} {kw} M={M} {dtype} grouped",
+                   group_size=group or -1)
+
+
+@pytest.mark.parametrize("steps, warps", [(4, 0), (8, 0), (4, 4), (8, 16), (-4, 0), (-8, 0), (-6, 16), (-4, 3)])
+def test_launch_overrides_compute_the_same(steps, warps):
+    # the launch variants the benchmarks time: every one must compute the product
+    qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
+    for M in (3, 13):  # 8- and 16-row tiles
+        x = torch.randn(M, 4096, device="cuda", dtype=torch.float16)
+        want = native.int4_matmul_cuda_small_m(x, qw, qz, s, g)  # the g_idx table kernel
+        y = native.int4_cuda_small_m_validated(x, qw, qz, s, g, 4096, 11008, 32, group_size=128, steps=steps,
+                                               warps=warps)
+        assert torch.allclose(y.float(), want.float(), rtol=1e-3, atol=1e-3), (M, steps, warps)
 
 
 def test_stream_and_empty_and_errors():
@@ -99,5 +115,7 @@ def test_stream_and_empty_and_errors():
         native.int4_matmul_cuda_small_m(torch.randn(17, 512, device=dev, dtype=torch.float16), qw, qz, s, g)
     with pytest.raises(ValueError, match="float16, bfloat16"):
         native.int4_matmul_cuda_small_m(x.float(), qw, qz, s, g)
+    with pytest.raises(ValueError, match="group_size=96 does not fit"):
+        native.int4_matmul_cuda_small_m(x, qw, qz, s, g, 96)
     with pytest.raises(ValueError, match="is on cpu"):
         native.int4_matmul_cuda_small_m(x, qw.cpu(), qz, s, g)

@@ -21,6 +21,11 @@
 // (bf16) give both codes exactly in one LOP3; subtracting (1024 + zero) is exact, one multiply by the
 // scale rounds once. Rows whose 8 inputs share a group (all but act-order) reuse the cached scale
 // and zero of the previous row; act-order rows look up the group of each nibble pair.
+//
+// Groups. When the caller promises g_idx == arange(K) / group_size (GPTQ without act-order) the group
+// of a row is computed, and each step's scales and zeros are loaded beside its weights: nothing waits
+// on a dependent load in the loop and no g_idx table is built first. Act-order weights (and fp32
+// scales) build a row-group table in shared memory and look scales up on a group change.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -35,7 +40,6 @@
 namespace {
 
 constexpr int kMaxWarps = 16;
-constexpr int kStepsPerIter = 4;  // weight loads in flight per lane
 
 template <class T>
 struct Traits;
@@ -134,15 +138,214 @@ struct Params {
   void* y;
   int M, K, N, G;
   int scales_dtype;
+  int group_shift;  // GROUPED kernels: qweight row r lies in group min(r >> group_shift, G - 1)
 };
 
-// MT: 8 (M <= 8, the upper 8 mma rows are zero) or 16.
+// Scale of column slot c from four prefetched 16-bit scales (fp16 or bf16 bits).
+__device__ __forceinline__ float scale16(uint2 v, int c, int dtype) {
+  const uint32_t h = ((c < 2 ? v.x : v.y) >> (16 * (c & 1))) & 0xffffu;
+  return dtype == 1 ? __half2float(__ushort_as_half((unsigned short)h)) : __uint_as_float(h << 16);
+}
+
+// Sum the warps' partial tiles through shared memory (red[(w*16 + reg)*32 + lane], conflict-free) and
+// store the tile. Lane (q, t) holds rows q and q+8, output columns n0 + 8t .. n0 + 8t + 7: accumulator
+// i of slot c is row q + 8*(i/2), column n0 + 4*(2t + i%2) + c.
 template <class T, int MT>
+__device__ __forceinline__ void reduce_and_store(const float (&acc)[4][4], int32_t* smem, const Params& p, int n0,
+                                                 int lane, int warp, int nwarps, int lq, int lt) {
+  using Tr = Traits<T>;
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[(warp * 16 + c * 4 + i) * 32 + lane] = acc[c][i];
+  __syncthreads();
+  if (warp != 0) return;
+  float tot[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) tot[i] = 0.f;
+  for (int w = 0; w < nwarps; ++w)
+#pragma unroll
+    for (int i = 0; i < 16; ++i) tot[i] += red[(w * 16 + i) * 32 + lane];
+  const int col = n0 + 8 * lt;
+  if (col >= p.N) return;
+#pragma unroll
+  for (int h = 0; h < (MT == 16 ? 2 : 1); ++h) {
+    const int row = lq + 8 * h;
+    if (row >= p.M) continue;
+    uint32_t o[4];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int i = 2 * h + e;
+      o[2 * e + 0] = uint32_t(Tr::to_bits(tot[0 * 4 + i])) | (uint32_t(Tr::to_bits(tot[1 * 4 + i])) << 16);
+      o[2 * e + 1] = uint32_t(Tr::to_bits(tot[2 * 4 + i])) | (uint32_t(Tr::to_bits(tot[3 * 4 + i])) << 16);
+    }
+    *reinterpret_cast<uint4*>(static_cast<T*>(p.y) + (int64_t)row * p.N + col) = make_uint4(o[0], o[1], o[2], o[3]);
+  }
+}
+
+// cp.async copies of 16, 8 or 4 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const int n = valid ? BYTES : 0;
+  if (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(BYTES), "r"(n)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Dequantized B fragments of one step: b[c][j] = nibbles (j, j+4) of column slot c.
+template <class T>
+__device__ __forceinline__ void dequant_step(const int4 q, const typename Traits<T>::T2 (&ss)[4],
+                                             const typename Traits<T>::T2 (&zz)[4], uint32_t (&b)[4][4]) {
+  using Tr = Traits<T>;
+  using T2 = typename Tr::T2;
+  const int32_t qw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const T2 v = from_bits<T2>(lop3_and_or(uint32_t(qw[c]) >> (4 * j), 0x000f000fu, Tr::kMagic));
+      b[c][j] = bits(__hmul2(__hsub2(v, zz[c]), ss[c]));
+    }
+}
+
+// Grouped weights (as GROUPED above), with the loads decoupled from the registers: each lane streams
+// its own 16-byte weight slice, activations, scales and zeros of every step into a private ring of S
+// shared-memory slots with cp.async, S - 1 steps ahead of the step it computes. Each lane reads back
+// only what it copied, so the ring needs no barrier, only cp.async.wait_group; and since no register
+// holds a load in flight, the warp keeps S - 1 steps (16 bytes each a lane) of weights in flight
+// while it computes, where the register version waits for each batch before computing it.
+template <class T, int MT, int S>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+    int4_small_m_pipelined(const Params p) {
+  using Tr = Traits<T>;
+  using T2 = typename Tr::T2;
+  extern __shared__ int32_t smem[];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int lq = lane >> 2, lt = lane & 3;
+  const int N = p.N, K = p.K, M = p.M, G = p.G;
+  const int R = K / 8;
+  const int n0 = blockIdx.x * 32;
+  const int ncol = n0 + 4 * lq;
+  const bool col_ok = ncol < N;
+  const bool row_lo = lq < M, row_hi = MT == 16 && lq + 8 < M;
+
+  // This warp's ring: slot k of lane l at [(warp * S + k) * 32 + l] in each array.
+  constexpr int XB = MT == 16 ? 2 : 1;
+  int4* wq = reinterpret_cast<int4*>(smem);
+  uint4* xs = reinterpret_cast<uint4*>(wq + nwarps * S * 32);  // XB entries a slot
+  uint2* sq = reinterpret_cast<uint2*>(xs + XB * nwarps * S * 32);
+  uint32_t* zq = reinterpret_cast<uint32_t*>(sq + nwarps * S * 32);
+  const int base = warp * S * 32 + lane;
+
+  const int steps = (R + 3) / 4;
+  const int per_warp = (steps + nwarps - 1) / nwarps;
+  const int s_begin = warp * per_warp;
+  const int s_end = min(steps, s_begin + per_warp);
+
+  const T* xg = static_cast<const T*>(p.x);
+  const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
+  auto issue = [&](int st) {  // copies of step st into slot (st - s_begin) % S; always one group
+    if (st < s_end) {
+      const int slot = base + ((st - s_begin) % S) * 32;
+      const int r = 4 * st + lt;
+      const bool ok = r < R;
+      const int rr = ok ? r : 0;
+      const int g = min(rr >> p.group_shift, G - 1);
+      const bool wk = ok && col_ok;
+      cp_async<16>(wq + slot, wk ? (const void*)(p.qweight + (int64_t)rr * N + ncol) : (const void*)p.qweight, wk);
+      cp_async<8>(sq + slot, wk ? (const void*)(sc16 + (int64_t)g * N + ncol) : p.scales, wk);
+      cp_async<4>(zq + slot, wk ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + ncol / 8) : (const void*)p.qzeros,
+                  wk);
+      cp_async<16>(xs + XB * slot, ok && row_lo ? (const void*)(xg + (int64_t)lq * K + 8 * rr) : p.x, ok && row_lo);
+      if (MT == 16)
+        cp_async<16>(xs + XB * slot + 1, ok && row_hi ? (const void*)(xg + (int64_t)(lq + 8) * K + 8 * rr) : p.x,
+                     ok && row_hi);
+    }
+    cp_async_commit();
+  };
+
+  float acc[4][4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[c][i] = 0.f;
+  int cur_g = -1;
+  T2 ss[4], zz[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    ss[c] = Tr::from_float(0.f);
+    zz[c] = from_bits<T2>(Tr::kMagic);
+  }
+
+#pragma unroll
+  for (int k = 0; k < S - 1; ++k) issue(s_begin + k);
+  for (int st = s_begin; st < s_end; ++st) {
+    issue(st + S - 1);
+    cp_async_wait<S - 1>();  // the group of step st has landed (this lane's copies)
+    const int slot = base + ((st - s_begin) % S) * 32;
+    const int4 q = wq[slot];
+    const uint4 xl = xs[XB * slot];
+    const uint4 xh = MT == 16 ? xs[XB * slot + 1] : make_uint4(0, 0, 0, 0);
+    const int r = 4 * st + lt;
+    const int rg = r < R ? min(r >> p.group_shift, G - 1) : cur_g;  // rows past the end: x = 0
+    if (rg != cur_g && col_ok) {
+      const uint2 sv = sq[slot];
+      const uint32_t zw = zq[slot] >> (16 * (lq & 1));
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        ss[c] = Tr::from_float(scale16(sv, c, p.scales_dtype));
+        zz[c] = from_bits<T2>((Tr::kBias + ((zw >> (4 * c)) & 0xfu)) * 0x10001u);
+      }
+      cur_g = rg;
+    }
+    uint32_t a0[4], a1[4];
+    a0[0] = __byte_perm(xl.x, xl.z, 0x5410);
+    a0[2] = __byte_perm(xl.x, xl.z, 0x7632);
+    a1[0] = __byte_perm(xl.y, xl.w, 0x5410);
+    a1[2] = __byte_perm(xl.y, xl.w, 0x7632);
+    if (MT == 16) {
+      a0[1] = __byte_perm(xh.x, xh.z, 0x5410);
+      a0[3] = __byte_perm(xh.x, xh.z, 0x7632);
+      a1[1] = __byte_perm(xh.y, xh.w, 0x5410);
+      a1[3] = __byte_perm(xh.y, xh.w, 0x7632);
+    } else {
+      a0[1] = a0[3] = a1[1] = a1[3] = 0u;
+    }
+    uint32_t b[4][4];
+    dequant_step<T>(q, ss, zz, b);
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      Tr::mma(acc[c], a0, b[c][0], b[c][1]);
+      Tr::mma(acc[c], a1, b[c][2], b[c][3]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp done with its ring before the reduction reuses the memory
+  reduce_and_store<T, MT>(acc, smem, p, n0, lane, warp, nwarps, lq, lt);
+}
+
+// MT: 8 (M <= 8, the upper 8 mma rows are zero) or 16.
+// GROUPED: g_idx == arange(K) / group_size with 8 * 2^group_shift inputs a group (or one group), 16-bit
+// scales. The group of a row is then arithmetic (no g_idx table to build before the first weight load)
+// and each step's scales and zeros are loaded together with its weights, so no load waits on a group
+// change. Otherwise (act-order, fp32 scales) a per-row group table is built in shared memory first and
+// scales are fetched when the group changes.
+// STEPS: 4-row steps whose loads are issued together (bytes in flight per lane: 16 * STEPS of weights).
+template <class T, int MT, bool GROUPED, int STEPS>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     int4_small_m_kernel(const Params p) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
-  extern __shared__ int32_t smem[];  // rowg[R] during the main loop, then the reduction buffer
+  extern __shared__ int32_t smem[];  // rowg[R] during the main loop (table path), then the reduction buffer
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int lq = lane >> 2, lt = lane & 3;
@@ -152,15 +355,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int ncol = n0 + 4 * lq;            // this lane's 4 columns
   const bool col_ok = ncol < N;
 
-  // Group of each qweight row (-1: its 8 inputs span several groups, as with act-order).
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    const int4 a = __ldg(reinterpret_cast<const int4*>(p.g_idx + 8 * r));
-    const int4 b = __ldg(reinterpret_cast<const int4*>(p.g_idx + 8 * r + 4));
-    const bool same = a.x == a.y && a.x == a.z && a.x == a.w && a.x == b.x && a.x == b.y &&
-                      a.x == b.z && a.x == b.w;
-    smem[r] = same ? min(max(a.x, 0), G - 1) : -1;
+  if (!GROUPED) {
+    // Group of each qweight row (-1: its 8 inputs span several groups, as with act-order).
+    for (int r = threadIdx.x; r < R; r += blockDim.x) {
+      const int4 a = __ldg(reinterpret_cast<const int4*>(p.g_idx + 8 * r));
+      const int4 b = __ldg(reinterpret_cast<const int4*>(p.g_idx + 8 * r + 4));
+      const bool same = a.x == a.y && a.x == a.z && a.x == a.w && a.x == b.x && a.x == b.y &&
+                        a.x == b.z && a.x == b.w;
+      smem[r] = same ? min(max(a.x, 0), G - 1) : -1;
+    }
+    __syncthreads();
   }
-  __syncthreads();
 
   // This warp's contiguous slice of 4-row steps.
   const int steps = (R + 3) / 4;
@@ -183,32 +388,40 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
 
   const T* xg = static_cast<const T*>(p.x);
+  const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
   const bool row_lo = lq < M, row_hi = MT == 16 && lq + 8 < M;
 
-  for (int s0 = s_begin; s0 < s_end; s0 += kStepsPerIter) {
-    int4 qv[kStepsPerIter];
-    uint4 xlo[kStepsPerIter], xhi[kStepsPerIter];
+  for (int s0 = s_begin; s0 < s_end; s0 += STEPS) {
+    int4 qv[STEPS];
+    uint4 xlo[STEPS], xhi[STEPS];
+    uint2 sv[STEPS];
+    uint32_t zv[STEPS];
     // Issue every load of this iteration before using any.
 #pragma unroll
-    for (int u = 0; u < kStepsPerIter; ++u) {
+    for (int u = 0; u < STEPS; ++u) {
       const int r = 4 * (s0 + u) + lt;
       const bool ok = s0 + u < s_end && r < R;
       qv[u] = make_int4(0, 0, 0, 0);
       xlo[u] = make_uint4(0, 0, 0, 0);
       xhi[u] = make_uint4(0, 0, 0, 0);
+      sv[u] = make_uint2(0, 0);
+      zv[u] = 0;
       if (ok && col_ok) qv[u] = __ldg(reinterpret_cast<const int4*>(p.qweight + (int64_t)r * N + ncol));
       if (ok && row_lo)
         xlo[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)lq * K + 8 * r));
       if (MT == 16 && ok && row_hi)
         xhi[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)(lq + 8) * K + 8 * r));
+      if (GROUPED && ok && col_ok) {
+        const int g = min(r >> p.group_shift, G - 1);
+        sv[u] = __ldg(reinterpret_cast<const uint2*>(sc16 + (int64_t)g * N + ncol));
+        zv[u] = uint32_t(__ldg(p.qzeros + (int64_t)g * (N / 8) + ncol / 8));
+      }
     }
 #pragma unroll
-    for (int u = 0; u < kStepsPerIter; ++u) {
+    for (int u = 0; u < STEPS; ++u) {
       if (s0 + u >= s_end) break;  // warp-uniform
       const int r = 4 * (s0 + u) + lt;
       const bool ok = r < R;
-      // Rows past the end carry x = 0; give them any valid group so that no load goes astray.
-      const int rg = ok ? smem[r] : max(cur_g, 0);
 
       // A fragments: mma 0 takes input pairs (0,4),(1,5); mma 1 takes (2,6),(3,7).
       uint32_t a0[4], a1[4];
@@ -229,15 +442,26 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       // branch; the mma themselves run after reconvergence (mma.sync needs the whole warp).
       const int32_t qw[4] = {qv[u].x, qv[u].y, qv[u].z, qv[u].w};
       uint32_t b[4][4];
-      if (rg >= 0) {
+      // Rows past the end carry x = 0 and keep the current group.
+      const int rg = GROUPED ? (ok ? min(r >> p.group_shift, G - 1) : cur_g) : (ok ? smem[r] : max(cur_g, 0));
+      if (GROUPED || rg >= 0) {
         if (rg != cur_g && col_ok) {
-          float s[4];
-          load_scales4(p.scales, p.scales_dtype, (int64_t)rg * N + ncol, s);
-          const uint32_t zw = uint32_t(__ldg(p.qzeros + (int64_t)rg * (N / 8) + ncol / 8)) >> (16 * (lq & 1));
+          if (GROUPED) {
+            const uint32_t zw = zv[u] >> (16 * (lq & 1));
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            ss[c] = Tr::from_float(s[c]);
-            zz[c] = from_bits<T2>((Tr::kBias + ((zw >> (4 * c)) & 0xfu)) * 0x10001u);
+            for (int c = 0; c < 4; ++c) {
+              ss[c] = Tr::from_float(scale16(sv[u], c, p.scales_dtype));
+              zz[c] = from_bits<T2>((Tr::kBias + ((zw >> (4 * c)) & 0xfu)) * 0x10001u);
+            }
+          } else {
+            float s[4];
+            load_scales4(p.scales, p.scales_dtype, (int64_t)rg * N + ncol, s);
+            const uint32_t zw = uint32_t(__ldg(p.qzeros + (int64_t)rg * (N / 8) + ncol / 8)) >> (16 * (lq & 1));
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              ss[c] = Tr::from_float(s[c]);
+              zz[c] = from_bits<T2>((Tr::kBias + ((zw >> (4 * c)) & 0xfu)) * 0x10001u);
+            }
           }
           cur_g = rg;
         }
@@ -281,77 +505,77 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     }
   }
 
-  // Sum the warps' partial tiles: red[(w*16 + reg)*32 + lane], conflict-free.
-  __syncthreads();  // rowg no longer needed; reuse smem
-  float* red = reinterpret_cast<float*>(smem);
-#pragma unroll
-  for (int c = 0; c < 4; ++c)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[(warp * 16 + c * 4 + i) * 32 + lane] = acc[c][i];
-  __syncthreads();
-  if (warp != 0) return;
-  float tot[16];
-#pragma unroll
-  for (int i = 0; i < 16; ++i) tot[i] = 0.f;
-  for (int w = 0; w < nwarps; ++w)
-#pragma unroll
-    for (int i = 0; i < 16; ++i) tot[i] += red[(w * 16 + i) * 32 + lane];
-
-  // Lane (q, t) holds rows q and q+8, output columns n0 + 8t .. n0 + 8t + 7:
-  // accumulator i of slot c is row q + 8*(i/2), column n0 + 4*(2t + i%2) + c.
-  const int col = n0 + 8 * lt;
-  if (col >= N) return;
-#pragma unroll
-  for (int h = 0; h < (MT == 16 ? 2 : 1); ++h) {
-    const int row = lq + 8 * h;
-    if (row >= M) continue;
-    uint32_t o[4];
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int i = 2 * h + e;
-      o[2 * e + 0] = uint32_t(Tr::to_bits(tot[0 * 4 + i])) | (uint32_t(Tr::to_bits(tot[1 * 4 + i])) << 16);
-      o[2 * e + 1] = uint32_t(Tr::to_bits(tot[2 * 4 + i])) | (uint32_t(Tr::to_bits(tot[3 * 4 + i])) << 16);
-    }
-    *reinterpret_cast<uint4*>(static_cast<T*>(p.y) + (int64_t)row * N + col) = make_uint4(o[0], o[1], o[2], o[3]);
-  }
+  if (!GROUPED) __syncthreads();  // rowg no longer needed; reuse smem
+  reduce_and_store<T, MT>(acc, smem, p, n0, lane, warp, nwarps, lq, lt);
 }
 
-template <class T, int MT>
-cudaError_t launch(const Params& p, int device, cudaStream_t stream) {
-  static int sm_count[128] = {0};
-  static int smem_optin[128] = {0};
-  if (device < 0 || device >= 128) return cudaErrorInvalidDevice;
-  if (sm_count[device] == 0) {
-    cudaError_t e = cudaDeviceGetAttribute(&sm_count[device], cudaDevAttrMultiProcessorCount, device);
-    if (e != cudaSuccess) return e;
-    e = cudaDeviceGetAttribute(&smem_optin[device], cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (e != cudaSuccess) return e;
-  }
+struct DeviceInfo {
+  int sm_count = 0, smem_optin = 0;
+};
+
+// The kernels need up to 128 registers a thread, so an SM holds about 16 of their warps. Give each CTA
+// as many warps (K slices) as keeps every CTA resident at once (no second wave), at least 4 for enough
+// 16-byte loads in flight, and no more than there are 4-row steps.
+int pick_warps(const Params& p, const DeviceInfo& dev, int warps_hint) {
   const int tiles = (p.N + 31) / 32;
   const int steps = (p.K / 8 + 3) / 4;
-  // The kernel needs up to 128 registers a thread, so an SM holds about 16 of its warps. Give each
-  // CTA as many warps (K slices) as keeps every CTA resident at once (no second wave), at least 4
-  // for enough 16-byte loads in flight, and no more than there are 4-row steps.
-  const int ctas_per_sm = (tiles + sm_count[device] - 1) / sm_count[device];
-  int warps = std::max(4, std::min(kMaxWarps, kMaxWarps / ctas_per_sm));
-  warps = std::max(1, std::min(warps, steps));
-  const size_t smem = std::max<size_t>(size_t(p.K / 8) * 4, size_t(warps) * 16 * 32 * 4);
-  auto kernel = int4_small_m_kernel<T, MT>;
+  const int ctas_per_sm = (tiles + dev.sm_count - 1) / dev.sm_count;
+  int warps = warps_hint > 0 ? std::min(warps_hint, kMaxWarps)
+                             : std::max(4, std::min(kMaxWarps, kMaxWarps / ctas_per_sm));
+  return std::max(1, std::min(warps, steps));
+}
+
+template <class T, int MT, bool GROUPED, int STEPS>
+cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hint, cudaStream_t stream) {
+  const int warps = pick_warps(p, dev, warps_hint);
+  const size_t table = GROUPED ? 0 : size_t(p.K / 8) * 4;
+  const size_t smem = std::max(table, size_t(warps) * 16 * 32 * 4);
+  auto kernel = int4_small_m_kernel<T, MT, GROUPED, STEPS>;
   if (smem > 48 * 1024) {
-    if (smem > size_t(smem_optin[device])) return cudaErrorInvalidValue;
+    if (smem > size_t(dev.smem_optin)) return cudaErrorInvalidValue;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return e;
   }
-  kernel<<<tiles, warps * 32, smem, stream>>>(p);
+  kernel<<<(p.N + 31) / 32, warps * 32, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <class T, int MT, int S>
+cudaError_t launch_pipelined(const Params& p, const DeviceInfo& dev, int warps_hint, cudaStream_t stream) {
+  const int warps = pick_warps(p, dev, warps_hint);
+  const size_t ring = size_t(warps) * S * 32 * (16 + 16 * (MT == 16 ? 2 : 1) + 8 + 4);
+  const size_t smem = std::max(ring, size_t(warps) * 16 * 32 * 4);
+  auto kernel = int4_small_m_pipelined<T, MT, S>;
+  if (smem > 48 * 1024) {
+    if (smem > size_t(dev.smem_optin)) return cudaErrorInvalidValue;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<(p.N + 31) / 32, warps * 32, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// steps_hint: 0 the default; 4 or 8 the register kernel with that many steps a batch; -4, -6 or -8 the
+// pipelined kernel with a ring of that many slots.
+template <class T, int MT>
+cudaError_t launch(const Params& p, const DeviceInfo& dev, int steps_hint, int warps_hint, cudaStream_t s) {
+  if (p.group_shift < 0) return launch_variant<T, MT, false, 4>(p, dev, warps_hint, s);
+  switch (steps_hint) {
+    case 8: return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);  // spills at 128 registers
+    case -4: return launch_pipelined<T, MT, 4>(p, dev, warps_hint, s);
+    case -6: return launch_pipelined<T, MT, 6>(p, dev, warps_hint, s);
+    case -8: return launch_pipelined<T, MT, 8>(p, dev, warps_hint, s);
+    default: return launch_variant<T, MT, true, 4>(p, dev, warps_hint, s);
+  }
 }
 
 }  // namespace
 
 extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qweight,
                                  const int32_t* qzeros, const void* scales, int scales_dtype,
-                                 const int32_t* g_idx, int M, int K, int N, int G, void* y,
-                                 int device, void* stream, char* err, int err_len) {
+                                 const int32_t* g_idx, int M, int K, int N, int G, int group_size,
+                                 void* y, int device, void* stream, int steps_hint, int warps_hint,
+                                 char* err, int err_len) {
   auto fail = [&](const char* msg) {
     std::snprintf(err, size_t(err_len), "%s", msg);
     return 1;
@@ -360,15 +584,37 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   if (K <= 0 || N <= 0 || K % 8 || N % 8 || G <= 0) return fail("need K, N > 0, multiples of 8, G > 0");
   if (x_dtype != 1 && x_dtype != 2) return fail("activations must be fp16 or bf16");
   if (scales_dtype < 0 || scales_dtype > 2) return fail("bad scales dtype");
+  if (group_size < 0) return fail("group_size must be >= 0 (0: read the groups from g_idx)");
+  if (device < 0 || device >= 128) return fail("bad device index");
+  // Row-group arithmetic needs whole rows a group, a power-of-two count of them (GPTQ's 32, 64, 128,
+  // ...), or a single group; anything else, and fp32 scales, take the g_idx table path.
+  int group_shift = -1;
+  if (group_size > 0 && scales_dtype != 0) {
+    if (G == 1) {
+      group_shift = 30;
+    } else if (group_size % 8 == 0 && ((group_size / 8) & (group_size / 8 - 1)) == 0) {
+      group_shift = 0;
+      while ((8 << group_shift) < group_size) ++group_shift;
+    }
+  }
   cudaError_t e = cudaSetDevice(device);  // our static cudart keeps its own current device
   if (e != cudaSuccess) return fail(cudaGetErrorString(e));
-  Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype};
+  static DeviceInfo info[128];
+  DeviceInfo& dev = info[device];
+  if (dev.sm_count == 0) {
+    e = cudaDeviceGetAttribute(&dev.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&dev.sm_count, cudaDevAttrMultiProcessorCount, device);
+    if (e != cudaSuccess) return fail(cudaGetErrorString(e));
+  }
+  Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (x_dtype == 1)
-    e = M <= 8 ? launch<__half, 8>(p, device, s) : launch<__half, 16>(p, device, s);
+    e = M <= 8 ? launch<__half, 8>(p, dev, steps_hint, warps_hint, s)
+               : launch<__half, 16>(p, dev, steps_hint, warps_hint, s);
   else
-    e = M <= 8 ? launch<__nv_bfloat16, 8>(p, device, s) : launch<__nv_bfloat16, 16>(p, device, s);
-  if (e == cudaErrorInvalidValue && size_t(K / 8) * 4 > 48 * 1024)
+    e = M <= 8 ? launch<__nv_bfloat16, 8>(p, dev, steps_hint, warps_hint, s)
+               : launch<__nv_bfloat16, 16>(p, dev, steps_hint, warps_hint, s);
+  if (e == cudaErrorInvalidValue && group_shift < 0 && size_t(K / 8) * 4 > 48 * 1024)
     return fail("K too large for the shared-memory row-group table of this GPU");
   if (e != cudaSuccess) return fail(cudaGetErrorString(e));
   return 0;

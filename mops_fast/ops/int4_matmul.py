@@ -149,6 +149,7 @@ if HAS_TRITON:
         stride_xm, stride_xk, stride_ym, stride_yn,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
         ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
+        UNPACK: tl.constexpr,
     ):
         # y[m, n] = sum_k x[m, k] * W[n, k]; program = one (BM, BN) tile and one K slice (split-K)
         pid = tl.program_id(0)
@@ -183,11 +184,17 @@ if HAS_TRITON:
             k_mask = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            # packed rows, each int32 read once; the 8 codes of a word are unpacked in registers
-            rows = k0 // 8 + offs_i
-            qw = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
-                         mask=(rows[:, None] < K // 8) & n_mask[None, :], other=0)
-            codes = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BK, BN))
+            if UNPACK == 0:
+                # packed rows, each int32 read once; the 8 codes of a word are unpacked in registers
+                rows = k0 // 8 + offs_i
+                qw = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
+                             mask=(rows[:, None] < K // 8) & n_mask[None, :], other=0)
+                codes = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BK, BN))
+            else:
+                # each input row reads its word (8 rows share one, served by L1): no reshape
+                qw = tl.load(qw_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
+                             mask=k_mask[:, None] & n_mask[None, :], other=0)
+                codes = (qw >> ((offs_k % 8) * 4)[:, None]) & 0xF
             if GROUPED:
                 # the whole K tile lies in group k0 // GS (GS is a multiple of BK): one row of scales
                 g = k0 // GS
@@ -228,6 +235,7 @@ if HAS_TRITON:
         stride_dym, stride_dyn, stride_dxm, stride_dxk,
         BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
         ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
+        UNPACK: tl.constexpr,
     ):
         # dx[m, k] = sum_n dy[m, n] * W[n, k]; program = one (BM, BK) tile and one N slice (split-N)
         pid = tl.program_id(0)
@@ -264,9 +272,14 @@ if HAS_TRITON:
             n_mask = offs_n < N
             dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                          mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-            qw = tl.load(qw_ptr + offs_i[None, :] * N + offs_n[:, None],
-                         mask=n_mask[:, None] & i_mask[None, :], other=0)
-            codes = tl.reshape((qw[:, :, None] >> shifts[None, None, :]) & 0xF, (BN, BK))
+            if UNPACK == 0:
+                qw = tl.load(qw_ptr + offs_i[None, :] * N + offs_n[:, None],
+                             mask=n_mask[:, None] & i_mask[None, :], other=0)
+                codes = tl.reshape((qw[:, :, None] >> shifts[None, None, :]) & 0xF, (BN, BK))
+            else:
+                qw = tl.load(qw_ptr + (offs_k // 8)[None, :] * N + offs_n[:, None],
+                             mask=n_mask[:, None] & k_mask[None, :], other=0)
+                codes = (qw >> ((offs_k % 8) * 4)[None, :]) & 0xF
             zshift = (offs_n % 8) * 4
             if GROUPED:
                 s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0)[:, None]
@@ -304,44 +317,46 @@ if HAS_TRITON:
         N, K, k0, k1, n0, n1, GS, stride_o,
         BK: tl.constexpr, BN: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr,
     ):
-        # out[k - k0, n - n0] = W[n, k] for k in [k0, k1), n in [n0, n1): one slice of W^T (chunked path)
+        # out[k - k0, n - n0] = W[n, k] for k in [k0, k1), n in [n0, n1): one slice of W^T (chunked path).
+        # Each packed word is loaded once; nibble j of the (BK/8, BN) words is output rows 8i + j, stored
+        # as one coalesced (BK/8, BN) tile per j: elementwise work with no reshape of the codes.
         pid_k = tl.program_id(0)
         pid_n = tl.program_id(1)
         kt = k0 + pid_k * BK
-        offs_k = kt + tl.arange(0, BK)
         offs_i = kt // 8 + tl.arange(0, BK // 8)
         offs_n = n0 + pid_n * BN + tl.arange(0, BN)
-        k_mask = offs_k < k1
         n_mask = offs_n < n1
-        shifts = tl.arange(0, 8) * 4
         N8 = N // 8
         zshift = (offs_n % 8) * 4
         qw = tl.load(qw_ptr + offs_i[:, None] * N + offs_n[None, :],
-                     mask=(offs_i < k1 // 8)[:, None] & n_mask[None, :], other=0)
-        codes = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BK, BN))
-        if GROUPED:
+                     mask=(offs_i * 8 < k1)[:, None] & n_mask[None, :], other=0)
+        if GROUPED:  # the tile lies in group kt // GS: one row of scales and zeros
             g = kt // GS
             s = tl.load(sc_ptr + g * N + offs_n, mask=n_mask, other=0.0)[None, :]
             zw = tl.load(qz_ptr + g * N8 + offs_n // 8, mask=n_mask, other=0)
             z = ((zw >> zshift) & 0xF)[None, :]
-        else:
-            g = tl.load(gi_ptr + offs_k, mask=k_mask, other=0)
-            kn_mask = k_mask[:, None] & n_mask[None, :]
-            s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0)
-            zw = tl.load(qz_ptr + g[:, None] * N8 + (offs_n // 8)[None, :], mask=kn_mask, other=0)
-            z = (zw >> zshift[None, :]) & 0xF
-        if MODE == 1:
-            v = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            zf = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            w = (v - zf) * s.to(tl.float16)
-        elif MODE == 2:
-            v = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            zf = (z | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            w = (v - zf) * s.to(tl.bfloat16)
-        else:
-            w = (codes - z).to(tl.float32) * s.to(tl.float32)
-        o_ptrs = out_ptr + (offs_k - k0)[:, None] * stride_o + (offs_n - n0)[None, :]
-        tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
+        for j in tl.static_range(8):
+            offs_k = offs_i * 8 + j
+            k_mask = offs_k < k1
+            codes = (qw >> (4 * j)) & 0xF
+            if not GROUPED:
+                g = tl.load(gi_ptr + offs_k, mask=k_mask, other=0)
+                kn_mask = k_mask[:, None] & n_mask[None, :]
+                s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0)
+                zw = tl.load(qz_ptr + g[:, None] * N8 + (offs_n // 8)[None, :], mask=kn_mask, other=0)
+                z = (zw >> zshift[None, :]) & 0xF
+            if MODE == 1:
+                v = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                zf = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                w = (v - zf) * s.to(tl.float16)
+            elif MODE == 2:
+                v = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                zf = (z | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                w = (v - zf) * s.to(tl.bfloat16)
+            else:
+                w = (codes - z).to(tl.float32) * s.to(tl.float32)
+            o_ptrs = out_ptr + (offs_k - k0)[:, None] * stride_o + (offs_n - n0)[None, :]
+            tl.store(o_ptrs, w.to(out_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
 
 
 _JIT: dict = {}
@@ -390,6 +405,12 @@ def _split(tiles: int, reduction_tiles: int, device) -> int:
     return max(1, min(reduction_tiles // 2, -(-target // tiles), 16))
 
 
+# How the matmul kernels unpack a tile's codes (UNPACK): 0 reads each packed word once and reshapes its 8
+# nibbles into rows; 1 has every input row read its word (8 rows share one, from L1) and shift it, with no
+# reshape. On an H100 (benchmarks/results/tune_int4-*.json) 1 is faster for the backward at every M
+# (1.1-2.4x) and for the forward above 64 rows (1.1-1.2x); 0 for the forward up to 64 rows (1.4-2x).
+
+
 def _fwd_config(M, N, K, group_size, device):
     if M <= 16:
         BM, BN, prefs, warps, stages = 16, 64, (128, 64, 32), 4, 4
@@ -402,7 +423,7 @@ def _fwd_config(M, N, K, group_size, device):
     BK, GS, grouped = _pick_bk(group_size, K, prefs)
     tiles = -(-M // BM) * -(-N // BN)
     split = _split(tiles, -(-K // BK), device)
-    return dict(BM=BM, BN=BN, BK=BK, GS=GS, GROUPED=grouped, SPLIT=split, GROUP_M=8,
+    return dict(BM=BM, BN=BN, BK=BK, GS=GS, GROUPED=grouped, SPLIT=split, GROUP_M=8, UNPACK=int(M > 64),
                 num_warps=warps, num_stages=stages)
 
 
@@ -418,7 +439,7 @@ def _bwd_config(M, N, K, group_size, device):
     BK, GS, grouped = _pick_bk(group_size, K, prefs)
     tiles = -(-M // BM) * -(-K // BK)
     split = _split(tiles, -(-N // BN), device)
-    return dict(BM=BM, BN=BN, BK=BK, GS=GS, GROUPED=grouped, SPLIT=split, GROUP_M=8,
+    return dict(BM=BM, BN=BN, BK=BK, GS=GS, GROUPED=grouped, SPLIT=split, GROUP_M=8, UNPACK=1,
                 num_warps=warps, num_stages=stages)
 
 
@@ -468,7 +489,7 @@ def int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size: int = 0, c
         x, qweight, qzeros, scales, g_idx, y, M, N, K, cfg["GS"], split,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], ATOMIC=split > 1,
-        GROUPED=cfg["GROUPED"], MODE=_mode(x.dtype), DOT_F32=_dot_f32(x.dtype),
+        GROUPED=cfg["GROUPED"], MODE=_mode(x.dtype), DOT_F32=_dot_f32(x.dtype), UNPACK=cfg["UNPACK"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -496,7 +517,7 @@ def int4_matmul_t_triton(dy, qweight, qzeros, scales, g_idx, group_size: int = 0
         dy, qweight, qzeros, scales, g_idx, dx, M, N, K, cfg["GS"], split,
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
         BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], ATOMIC=split > 1,
-        GROUPED=cfg["GROUPED"], MODE=_mode(dy.dtype), DOT_F32=_dot_f32(dy.dtype),
+        GROUPED=cfg["GROUPED"], MODE=_mode(dy.dtype), DOT_F32=_dot_f32(dy.dtype), UNPACK=cfg["UNPACK"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dx if dx.dtype == dy.dtype else dx.to(dy.dtype)
@@ -586,6 +607,11 @@ def _native_cuda_small_m():
 
 
 SMALL_M_NATIVE = 16  # the native CUDA kernel covers M <= 16 (decode and small batches)
+# From this many rows on, CUDA dequantizes CHUNK-wide slices of the weight with a Triton kernel and runs
+# cuBLAS on each (int4_matmul_chunked): there the weight's bytes are amortized over many rows and the
+# vendor GEMM's speed decides (H100: 2.6-3.3x faster than the fused kernel at M = 4096, slower at 512).
+# Below it the fused kernel, which never writes the weight, is used.
+CHUNKED_MIN_M = 1024
 _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -618,8 +644,11 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
             if nat is not None and _weight_fits_native(qweight, qzeros, scales, g_idx):
                 xc = x.contiguous()
                 if _native_small_m_fits(xc, qweight, scales, g_idx):
-                    return nat.int4_cuda_small_m_validated(xc, qweight, qzeros, scales, g_idx, *_dims(qweight, scales))
+                    return nat.int4_cuda_small_m_validated(xc, qweight, qzeros, scales, g_idx, *_dims(qweight, scales),
+                                                           group_size=max(int(group_size), 0))
         if HAS_TRITON:
+            if impl == "auto" and x.shape[0] >= CHUNKED_MIN_M:
+                return int4_matmul_chunked(x, qweight, qzeros, scales, g_idx, group_size)
             return int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size)
         return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
     if impl in ("auto", "native") and x.dtype in _NATIVE_DTYPES:
@@ -636,6 +665,8 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
         return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
     if dy.is_cuda:
         if HAS_TRITON:
+            if impl == "auto" and dy.shape[0] >= CHUNKED_MIN_M:
+                return int4_matmul_t_chunked(dy, qweight, qzeros, scales, g_idx, group_size)
             return int4_matmul_t_triton(dy, qweight, qzeros, scales, g_idx, group_size)
         return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
     if impl in ("auto", "native") and dy.dtype in _NATIVE_DTYPES:

@@ -1,0 +1,156 @@
+"""Launch variants of the int4 kernels on CUDA, timed side by side: the data behind the defaults in
+mops_fast/ops/int4_matmul.py (UNPACK, CHUNKED_MIN_M, tile configs) and csrc/cuda/int4_small_m.cu (steps
+in flight, warps a CTA). Every variant is checked against the fp32 product before it is timed.
+
+  python benchmarks/tune_int4_gpu.py --out DIR     -> DIR/tune_int4-<gpu slug>.json, and a table
+
+Small M (<= 64): CUDA-graph replays over weight copies beyond the L2 cache (common.bench_cuda_graph);
+larger M: triton.testing.do_bench. fp16 activations, group 128, asym zeros. About 60-90 s on an H100.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+from common import bench_cuda_graph, copies_beyond_l2  # noqa: E402
+from mops_fast.machine import slug  # noqa: E402
+
+GROUP = 128
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+SMALL_MS = [1, 4, 16]
+LARGE_MS = [64, 512, 4096]
+# (steps, warps), 0 = the default: steps 4 / 8 the register kernel, -S the cp.async ring of S slots
+NATIVE_VARIANTS = [(0, 0), (4, 0), (-4, 0), (-8, 0), (-6, 8), (-6, 16), (-4, 16)]
+BIG_TILES = [dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
+             dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
+             dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)]
+
+
+def make_weight(K, N, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    G = -(-K // GROUP)
+    qw = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32, device="cuda", generator=g)
+    qz = torch.randint(-2**31, 2**31 - 1, (G, N // 8), dtype=torch.int32, device="cuda", generator=g)
+    sc = (torch.rand(G, N, device="cuda", generator=g) * 0.01 + 1e-3).half()
+    gi = (torch.arange(K, device="cuda") // GROUP).to(torch.int32)
+    return qw, qz, sc, gi
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--budget", type=float, default=100.0, help="seconds; later cases are skipped")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("tune_int4_gpu: no CUDA device, nothing measured")
+        return 0
+    import triton
+    from triton.testing import do_bench
+
+    from mops_fast import native
+    from mops_fast.ops import int4_matmul as op
+
+    t0 = time.time()
+    rows: list[dict] = []
+    has_native = native.cuda_available()
+    if not has_native:
+        print("native CUDA kernel unavailable:", native.cuda_unavailable_reason())
+
+    def record(shape, impl, mode, make, ref, sets, graph):
+        try:
+            y = make(0)()
+            torch.cuda.synchronize()
+            err = float((y.float() - ref).norm() / ref.norm())
+            if graph:
+                med, p20, p80 = bench_cuda_graph([make(i) for i in range(sets)])
+            else:
+                med, p20, p80 = do_bench(make(0), warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"  {impl} {mode} {shape} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            return None
+        rows.append({"shape": shape, "impl": impl, "mode": mode, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+                     "timing": "cuda_graph" if graph else "eager", "rel_err_vs_fp32": err})
+        flag = "  BAD" if err > 2e-2 else ""
+        print(f"  {str(shape):40s} {impl:28s} {mode} {med * 1e3:9.1f} us  err {err:.1e}{flag}", flush=True)
+        return med
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tune_int4-{slug(torch.cuda.get_device_name())}.json"
+
+    def write():
+        path.write_text(json.dumps({"benchmark": "tune_int4", "device": torch.cuda.get_device_name(),
+                                    "torch": torch.__version__, "triton": triton.__version__,
+                                    "cuda": torch.version.cuda, "rows": rows}, indent=1) + "\n")
+
+    for K, N in SHAPES:
+        packed = make_weight(K, N, seed=K + N)
+        W32 = op.dequantize_int4(*packed, torch.float32)
+        W16 = W32.half()
+        n_q = copies_beyond_l2(packed[0].numel() * 4 + packed[2].numel() * 2)
+        n_h = copies_beyond_l2(W16.numel() * 2)
+        qsets = [packed] + [tuple(t.clone() for t in packed) for _ in range(n_q - 1)]
+        hsets = [W16] + [W16.clone() for _ in range(n_h - 1)]
+        for M in SMALL_MS + LARGE_MS:
+            if time.time() - t0 > args.budget:
+                print("budget reached, stopping")
+                break
+            graph = M <= 64
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            dy = torch.randn(M, N, device="cuda", dtype=torch.float16)
+            ref_f, ref_b = x.float() @ W32.t(), dy.float() @ W32
+            shape = {"M": M, "K": K, "N": N}
+            nq, nh = (n_q, n_h) if graph else (1, 1)
+            print(f"K={K} N={N} M={M}", flush=True)
+            record(shape, "fp16", "fwd", lambda i: lambda: x @ hsets[i].t(), ref_f, nh, graph)
+            record(shape, "fp16", "bwd", lambda i: lambda: dy @ hsets[i], ref_b, nh, graph)
+            if M <= op.SMALL_M_NATIVE and has_native:
+                for steps, warps in NATIVE_VARIANTS:
+                    for gs in ((GROUP, 0) if (steps, warps) == (0, 0) else (GROUP,)):
+                        record(shape, f"native[steps={steps},warps={warps},gs={gs}]", "fwd",
+                               lambda i, s=steps, w=warps, g=gs: lambda: native.int4_cuda_small_m_validated(
+                                   x, *qsets[i], K, N, qsets[i][2].shape[0], group_size=g, steps=s, warps=w),
+                               ref_f, nq, graph)
+            for unpack in (0, 1):
+                cfg = {"UNPACK": unpack}
+                record(shape, f"triton[unpack={unpack}]", "fwd",
+                       lambda i, c=cfg: lambda: op.int4_matmul_triton(x, *qsets[i], GROUP, config=c), ref_f, nq, graph)
+                record(shape, f"triton[unpack={unpack}]", "bwd",
+                       lambda i, c=cfg: lambda: op.int4_matmul_t_triton(dy, *qsets[i], GROUP, config=c), ref_b, nq,
+                       graph)
+            if M >= 64:
+                record(shape, "chunked", "fwd", lambda i: lambda: op.int4_matmul_chunked(x, *qsets[i], GROUP), ref_f,
+                       nq, graph)
+                record(shape, "chunked", "bwd", lambda i: lambda: op.int4_matmul_t_chunked(dy, *qsets[i], GROUP),
+                       ref_b, nq, graph)
+            if M == 4096 and N == 11008:
+                for tile in BIG_TILES:
+                    for unpack in (0, 1):
+                        cfg = dict(tile, UNPACK=unpack)
+                        name = "triton[" + ",".join(f"{k}={v}" for k, v in cfg.items()) + "]"
+                        record(shape, name, "fwd",
+                               lambda i, c=cfg: lambda: op.int4_matmul_triton(x, *qsets[i], GROUP, config=c), ref_f,
+                               1, False)
+                        bcfg = dict(BM=tile["BM"], BK=tile["BN"] if tile["BN"] <= 128 else 128, BN=tile["BK"],
+                                    num_warps=tile["num_warps"], num_stages=tile["num_stages"], UNPACK=unpack)
+                        name = "triton[" + ",".join(f"{k}={v}" for k, v in bcfg.items()) + "]"
+                        record(shape, name, "bwd",
+                               lambda i, c=bcfg: lambda: op.int4_matmul_t_triton(dy, *qsets[i], GROUP, config=c),
+                               ref_b, 1, False)
+        del qsets, hsets, packed, W32, W16
+        torch.cuda.empty_cache()
+        write()  # after every shape: a run cut short still leaves its rows
+    print(f"wrote {path} ({len(rows)} rows) in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
