@@ -278,7 +278,8 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     """The CUDA small-M kernel call for a caller that has already validated what int4_matmul_cuda_small_m
     checks (mops_fast.ops does, once per call): at decode the kernel takes microseconds, so every check
     repeated in Python shows in the token rate. group_size > 0: g_idx == arange(K) // group_size (a
-    promise); steps / warps > 0 override the launch the kernel picks (for benchmarks)."""
+    promise); steps (8: twice the loads in flight) / warps (a CTA) > 0 override the launch the kernel picks
+    (benchmarks/tune_int4_gpu.py)."""
     mod = _cuda()
     if mod is None:
         raise RuntimeError(f"int4_matmul_cuda_small_m: CUDA kernels unavailable: {_cuda_err}")

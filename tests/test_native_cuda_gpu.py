@@ -86,7 +86,7 @@ def test_awkward_shapes(K, N, group, kw, M):
                    group_size=group or -1)
 
 
-@pytest.mark.parametrize("steps, warps", [(4, 0), (8, 0), (4, 4), (8, 16), (-4, 0), (-8, 0), (-6, 16), (-4, 3)])
+@pytest.mark.parametrize("steps, warps", [(4, 0), (8, 0), (4, 4), (8, 16), (4, 3)])
 def test_launch_overrides_compute_the_same(steps, warps):
     # the launch variants the benchmarks time: every one must compute the product
     qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))

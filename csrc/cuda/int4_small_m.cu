@@ -184,21 +184,6 @@ __device__ __forceinline__ void reduce_and_store(const float (&acc)[4][4], int32
   }
 }
 
-// cp.async copies of 16, 8 or 4 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  const int n = valid ? BYTES : 0;
-  if (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n) : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(BYTES), "r"(n)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
 // Dequantized B fragments of one step: b[c][j] = nibbles (j, j+4) of column slot c.
 template <class T>
 __device__ __forceinline__ void dequant_step(const int4 q, const typename Traits<T>::T2 (&ss)[4],
@@ -213,124 +198,6 @@ __device__ __forceinline__ void dequant_step(const int4 q, const typename Traits
       const T2 v = from_bits<T2>(lop3_and_or(uint32_t(qw[c]) >> (4 * j), 0x000f000fu, Tr::kMagic));
       b[c][j] = bits(__hmul2(__hsub2(v, zz[c]), ss[c]));
     }
-}
-
-// Grouped weights (as GROUPED above), with the loads decoupled from the registers: each lane streams
-// its own 16-byte weight slice, activations, scales and zeros of every step into a private ring of S
-// shared-memory slots with cp.async, S - 1 steps ahead of the step it computes. Each lane reads back
-// only what it copied, so the ring needs no barrier, only cp.async.wait_group; and since no register
-// holds a load in flight, the warp keeps S - 1 steps (16 bytes each a lane) of weights in flight
-// while it computes, where the register version waits for each batch before computing it.
-template <class T, int MT, int S>
-__global__ void __launch_bounds__(kMaxWarps * 32)
-    int4_small_m_pipelined(const Params p) {
-  using Tr = Traits<T>;
-  using T2 = typename Tr::T2;
-  extern __shared__ int32_t smem[];
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int lq = lane >> 2, lt = lane & 3;
-  const int N = p.N, K = p.K, M = p.M, G = p.G;
-  const int R = K / 8;
-  const int n0 = blockIdx.x * 32;
-  const int ncol = n0 + 4 * lq;
-  const bool col_ok = ncol < N;
-  const bool row_lo = lq < M, row_hi = MT == 16 && lq + 8 < M;
-
-  // This warp's ring: slot k of lane l at [(warp * S + k) * 32 + l] in each array.
-  constexpr int XB = MT == 16 ? 2 : 1;
-  int4* wq = reinterpret_cast<int4*>(smem);
-  uint4* xs = reinterpret_cast<uint4*>(wq + nwarps * S * 32);  // XB entries a slot
-  uint2* sq = reinterpret_cast<uint2*>(xs + XB * nwarps * S * 32);
-  uint32_t* zq = reinterpret_cast<uint32_t*>(sq + nwarps * S * 32);
-  const int base = warp * S * 32 + lane;
-
-  const int steps = (R + 3) / 4;
-  const int per_warp = (steps + nwarps - 1) / nwarps;
-  const int s_begin = warp * per_warp;
-  const int s_end = min(steps, s_begin + per_warp);
-
-  const T* xg = static_cast<const T*>(p.x);
-  const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
-  auto issue = [&](int st) {  // copies of step st into slot (st - s_begin) % S; always one group
-    if (st < s_end) {
-      const int slot = base + ((st - s_begin) % S) * 32;
-      const int r = 4 * st + lt;
-      const bool ok = r < R;
-      const int rr = ok ? r : 0;
-      const int g = min(rr >> p.group_shift, G - 1);
-      const bool wk = ok && col_ok;
-      cp_async<16>(wq + slot, wk ? (const void*)(p.qweight + (int64_t)rr * N + ncol) : (const void*)p.qweight, wk);
-      cp_async<8>(sq + slot, wk ? (const void*)(sc16 + (int64_t)g * N + ncol) : p.scales, wk);
-      cp_async<4>(zq + slot, wk ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + ncol / 8) : (const void*)p.qzeros,
-                  wk);
-      cp_async<16>(xs + XB * slot, ok && row_lo ? (const void*)(xg + (int64_t)lq * K + 8 * rr) : p.x, ok && row_lo);
-      if (MT == 16)
-        cp_async<16>(xs + XB * slot + 1, ok && row_hi ? (const void*)(xg + (int64_t)(lq + 8) * K + 8 * rr) : p.x,
-                     ok && row_hi);
-    }
-    cp_async_commit();
-  };
-
-  float acc[4][4];
-#pragma unroll
-  for (int c = 0; c < 4; ++c)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[c][i] = 0.f;
-  int cur_g = -1;
-  T2 ss[4], zz[4];
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    ss[c] = Tr::from_float(0.f);
-    zz[c] = from_bits<T2>(Tr::kMagic);
-  }
-
-#pragma unroll
-  for (int k = 0; k < S - 1; ++k) issue(s_begin + k);
-  for (int st = s_begin; st < s_end; ++st) {
-    issue(st + S - 1);
-    cp_async_wait<S - 1>();  // the group of step st has landed (this lane's copies)
-    const int slot = base + ((st - s_begin) % S) * 32;
-    const int4 q = wq[slot];
-    const uint4 xl = xs[XB * slot];
-    const uint4 xh = MT == 16 ? xs[XB * slot + 1] : make_uint4(0, 0, 0, 0);
-    const int r = 4 * st + lt;
-    const int rg = r < R ? min(r >> p.group_shift, G - 1) : cur_g;  // rows past the end: x = 0
-    if (rg != cur_g && col_ok) {
-      const uint2 sv = sq[slot];
-      const uint32_t zw = zq[slot] >> (16 * (lq & 1));
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        ss[c] = Tr::from_float(scale16(sv, c, p.scales_dtype));
-        zz[c] = from_bits<T2>((Tr::kBias + ((zw >> (4 * c)) & 0xfu)) * 0x10001u);
-      }
-      cur_g = rg;
-    }
-    uint32_t a0[4], a1[4];
-    a0[0] = __byte_perm(xl.x, xl.z, 0x5410);
-    a0[2] = __byte_perm(xl.x, xl.z, 0x7632);
-    a1[0] = __byte_perm(xl.y, xl.w, 0x5410);
-    a1[2] = __byte_perm(xl.y, xl.w, 0x7632);
-    if (MT == 16) {
-      a0[1] = __byte_perm(xh.x, xh.z, 0x5410);
-      a0[3] = __byte_perm(xh.x, xh.z, 0x7632);
-      a1[1] = __byte_perm(xh.y, xh.w, 0x5410);
-      a1[3] = __byte_perm(xh.y, xh.w, 0x7632);
-    } else {
-      a0[1] = a0[3] = a1[1] = a1[3] = 0u;
-    }
-    uint32_t b[4][4];
-    dequant_step<T>(q, ss, zz, b);
-    __syncwarp();
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      Tr::mma(acc[c], a0, b[c][0], b[c][1]);
-      Tr::mma(acc[c], a1, b[c][2], b[c][3]);
-    }
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // every warp done with its ring before the reduction reuses the memory
-  reduce_and_store<T, MT>(acc, smem, p, n0, lane, warp, nwarps, lq, lt);
 }
 
 // MT: 8 (M <= 8, the upper 8 mma rows are zero) or 16.
@@ -465,13 +332,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
           }
           cur_g = rg;
         }
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const T2 v = from_bits<T2>(lop3_and_or(uint32_t(qw[c]) >> (4 * j), 0x000f000fu, Tr::kMagic));
-            b[c][j] = bits(__hmul2(__hsub2(v, zz[c]), ss[c]));
-          }
+        dequant_step<T>(qv[u], ss, zz, b);
       } else {
         // Act-order row: nibble pair (j, j+4) may come from two different groups.
         const int32_t* gr = p.g_idx + 8 * r;
@@ -540,33 +401,15 @@ cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hin
   return cudaGetLastError();
 }
 
-template <class T, int MT, int S>
-cudaError_t launch_pipelined(const Params& p, const DeviceInfo& dev, int warps_hint, cudaStream_t stream) {
-  const int warps = pick_warps(p, dev, warps_hint);
-  const size_t ring = size_t(warps) * S * 32 * (16 + 16 * (MT == 16 ? 2 : 1) + 8 + 4);
-  const size_t smem = std::max(ring, size_t(warps) * 16 * 32 * 4);
-  auto kernel = int4_small_m_pipelined<T, MT, S>;
-  if (smem > 48 * 1024) {
-    if (smem > size_t(dev.smem_optin)) return cudaErrorInvalidValue;
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
-  }
-  kernel<<<(p.N + 31) / 32, warps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
-// steps_hint: 0 the default; 4 or 8 the register kernel with that many steps a batch; -4, -6 or -8 the
-// pipelined kernel with a ring of that many slots.
+// steps_hint: 0 or 4 the default, 4 steps a batch; 8 (measured slower on an H100: it spills at the
+// 128-register cap). A variant that streamed each step through a cp.async ring in shared memory (fewer
+// registers, more bytes in flight) measured 1.2-2.5x slower than this one (benchmarks/results/
+// tune_int4-*.json, steps < 0) and was dropped.
 template <class T, int MT>
 cudaError_t launch(const Params& p, const DeviceInfo& dev, int steps_hint, int warps_hint, cudaStream_t s) {
   if (p.group_shift < 0) return launch_variant<T, MT, false, 4>(p, dev, warps_hint, s);
-  switch (steps_hint) {
-    case 8: return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);  // spills at 128 registers
-    case -4: return launch_pipelined<T, MT, 4>(p, dev, warps_hint, s);
-    case -6: return launch_pipelined<T, MT, 6>(p, dev, warps_hint, s);
-    case -8: return launch_pipelined<T, MT, 8>(p, dev, warps_hint, s);
-    default: return launch_variant<T, MT, true, 4>(p, dev, warps_hint, s);
-  }
+  if (steps_hint == 8) return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);
+  return launch_variant<T, MT, true, 4>(p, dev, warps_hint, s);
 }
 
 }  // namespace
