@@ -25,11 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+if "--smoke-cpu" in sys.argv:
+    # before anything imports triton: its library helpers (tl.zeros, tl.cdiv) are decorated at import
+    # and run under the interpreter only when it was switched on by then
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -121,8 +127,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     global SHAPES, MS, VARIANT_MS, CHUNKED_MS, VARIANT_SHAPE
     if args.smoke_cpu:
-        import os
-
         os.environ["TRITON_INTERPRET"] = "1"
         SHAPES, MS, VARIANT_MS, CHUNKED_MS = [(256, 136)], [1, 16, 40], [1, 40], [40]
         VARIANT_SHAPE = SHAPES[0]
