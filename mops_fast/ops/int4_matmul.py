@@ -407,8 +407,9 @@ def _split(tiles: int, reduction_tiles: int, device) -> int:
 
 # How the matmul kernels unpack a tile's codes (UNPACK): 0 reads each packed word once and reshapes its 8
 # nibbles into rows; 1 has every input row read its word (8 rows share one, from L1) and shift it, with no
-# reshape. On an H100 (benchmarks/results/tune_int4-*.json) 1 is faster for the backward at every M
-# (1.1-2.4x) and for the forward above 64 rows (1.1-1.2x); 0 for the forward up to 64 rows (1.4-2x).
+# reshape. On an H100 (benchmarks/results/tune_int4-*.json) 1 is faster for the backward (1.0-2.5x, all but
+# one of 18 shapes: 0.95x at M = 16, 4096x4096) and for the forward from 512 rows (1.06-1.25x); 0 for the
+# forward up to 64 rows (1.4-2.1x).
 
 
 def _fwd_config(M, N, K, group_size, device):
