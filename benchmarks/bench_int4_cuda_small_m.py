@@ -5,8 +5,8 @@ mops_fast.ops.int4_matmul.int4_matmul_triton. LLaMA-7B shapes K x N = 4096x4096,
 11008x4096, group size 128, fp16 activations. Timing: CUDA-graph replays over input copies beyond the L2
 cache (common.bench_cuda_graph: median, p20, p80); the eager do_bench median is kept in each row.
 int4_cuda computes groups from the group size (GPTQ without act-order, what QuantLinear passes);
-int4_cuda_gidx reads them from g_idx (the act-order path); int4_cuda_regs is the grouped kernel that
-batches its loads in registers instead of streaming them through a cp.async ring (the default).
+int4_cuda_gidx reads them from g_idx (the act-order path). Mode bwd: dx = dy W, the CUDA small-M backward
+(csrc/cuda/int4_small_m_t.cu) against dy @ W16 and the Triton backward kernel.
 
   python benchmarks/bench_int4_cuda_small_m.py --out DIR    -> DIR/int4_cuda_small_m-<gpu slug>.json
 
@@ -67,10 +67,10 @@ def main() -> int:
         print(f"bench_int4_cuda_small_m: {native.cuda_unavailable_reason()}")
         return 1
     try:
-        from mops_fast.ops.int4_matmul import int4_matmul_triton
+        from mops_fast.ops.int4_matmul import int4_matmul_t_triton, int4_matmul_triton
     except Exception as e:  # noqa: BLE001 - optional comparison
         print("Triton kernel not importable, skipped:", e)
-        int4_matmul_triton = None
+        int4_matmul_triton = int4_matmul_t_triton = None
 
     t_start = time.time()
     dev = torch.device("cuda")
@@ -99,42 +99,52 @@ def main() -> int:
         hsets = [W16] + [W16.clone() for _ in range(n_h - 1)]
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
-            impls = {  # name -> (factory over input copies, copies)
-                "int4_cuda": (lambda i: lambda: native.int4_cuda_small_m_validated(
-                    x, *qsets[i], K, N, G, group_size=GROUP), n_q),
-                "int4_cuda_gidx": (lambda i: lambda: native.int4_cuda_small_m_validated(x, *qsets[i], K, N, G), n_q),
-                "int4_cuda_regs": (lambda i: lambda: native.int4_cuda_small_m_validated(
-                    x, *qsets[i], K, N, G, group_size=GROUP, steps=4), n_q),
-                "fp16_matmul": (lambda i: lambda: x @ hsets[i].t(), n_h),
+            dy = torch.randn(M, N, device=dev, dtype=torch.float16)
+            modes = {  # mode -> (reference, {name: (factory over input copies, copies)})
+                "fwd": (x.float() @ W16.float().t(), {
+                    "int4_cuda": (lambda i: lambda: native.int4_cuda_small_m_validated(
+                        x, *qsets[i], K, N, G, group_size=GROUP), n_q),
+                    "int4_cuda_gidx": (lambda i: lambda: native.int4_cuda_small_m_validated(
+                        x, *qsets[i], K, N, G), n_q),
+                    "fp16_matmul": (lambda i: lambda: x @ hsets[i].t(), n_h),
+                }),
+                "bwd": (dy.float() @ W16.float(), {
+                    "int4_cuda": (lambda i: lambda: native.int4_cuda_small_m_t_validated(
+                        dy, *qsets[i][:3], K, N, G, GROUP), n_q),
+                    "fp16_matmul": (lambda i: lambda: dy @ hsets[i], n_h),
+                }),
             }
             if int4_matmul_triton is not None:
-                impls["int4_triton"] = (lambda i: lambda: int4_matmul_triton(x, *qsets[i], group_size=GROUP), n_q)
-            ref = (x.float() @ W16.float().t())
-            res = {}
-            for name, (make, sets) in impls.items():
-                fn = make(0)
-                try:
-                    y = fn()
-                    torch.cuda.synchronize()
-                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                    eager = do_bench(fn, warmup=10, rep=40, quantiles=[0.5])
-                    med, p20, p80 = bench_cuda_graph([make(i) for i in range(sets)])
-                except Exception as e:  # noqa: BLE001 - report and go on with the others
-                    print(f"  {name} failed at K={K} N={N} M={M}: {e}")
-                    continue
-                res[name] = med
-                rows.append({"shape": {"M": M, "K": K, "N": N}, "impl": name, "mode": "fwd",
-                             "median_ms": med, "p20_ms": p20, "p80_ms": p80, "timing": "cuda_graph",
-                             "graph_input_sets": sets, "eager_median_ms": eager,
-                             "peak_mem_bytes": None, "tokens_per_s": M / (med / 1e3),
-                             "gb_per_s": (packed[0].numel() * 4 + packed[2].numel() * 2 if name != "fp16_matmul"
-                                          else W16.numel() * 2) / (med / 1e3) / 1e9,
-                             "max_rel_err_vs_fp16": err})
-            line = "  ".join(f"{k} {v * 1e3:7.1f} us" for k, v in res.items())
-            sp = ""
-            if "int4_cuda" in res:
-                sp = "  ".join(f"vs {k}: {v / res['int4_cuda']:.2f}x" for k, v in res.items() if k != "int4_cuda")
-            print(f"K={K:5d} N={N:5d} M={M:2d}  {line}  {sp}", flush=True)
+                modes["fwd"][1]["int4_triton"] = (
+                    lambda i: lambda: int4_matmul_triton(x, *qsets[i], group_size=GROUP), n_q)
+                modes["bwd"][1]["int4_triton"] = (
+                    lambda i: lambda: int4_matmul_t_triton(dy, *qsets[i], group_size=GROUP), n_q)
+            for mode, (ref, impls) in modes.items():
+                res = {}
+                for name, (make, sets) in impls.items():
+                    fn = make(0)
+                    try:
+                        y = fn()
+                        torch.cuda.synchronize()
+                        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                        eager = do_bench(fn, warmup=10, rep=40, quantiles=[0.5])
+                        med, p20, p80 = bench_cuda_graph([make(i) for i in range(sets)])
+                    except Exception as e:  # noqa: BLE001 - report and go on with the others
+                        print(f"  {name} {mode} failed at K={K} N={N} M={M}: {e}")
+                        continue
+                    res[name] = med
+                    weight_bytes = (packed[0].numel() * 4 + packed[2].numel() * 2 if name != "fp16_matmul"
+                                    else W16.numel() * 2)
+                    rows.append({"shape": {"M": M, "K": K, "N": N}, "impl": name, "mode": mode,
+                                 "median_ms": med, "p20_ms": p20, "p80_ms": p80, "timing": "cuda_graph",
+                                 "graph_input_sets": sets, "eager_median_ms": eager,
+                                 "peak_mem_bytes": None, "tokens_per_s": M / (med / 1e3),
+                                 "gb_per_s": weight_bytes / (med / 1e3) / 1e9, "max_rel_err_vs_fp16": err})
+                line = "  ".join(f"{k} {v * 1e3:7.1f} us" for k, v in res.items())
+                sp = ""
+                if "int4_cuda" in res:
+                    sp = "  ".join(f"vs {k}: {v / res['int4_cuda']:.2f}x" for k, v in res.items() if k != "int4_cuda")
+                print(f"K={K:5d} N={N:5d} M={M:2d} {mode}  {line}  {sp}", flush=True)
             write()
         del packed, W16, qsets, hsets
     write()

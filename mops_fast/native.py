@@ -15,6 +15,7 @@ API:
   int4_matmul_t_cpu(dy, ...)  dx = dy W,  dy (M, N) -> (M, K) in dy's dtype
   cuda_available()            a CUDA device is present and mops_fast._C_cuda loads (lazily)
   int4_matmul_cuda_small_m(x, ...)  y = x W^T on CUDA for M <= 16, x fp16/bf16
+  int4_matmul_t_cuda_small_m(dy, ..., group_size)  dx = dy W on CUDA for M <= 16 (grouped weights)
   int4_cpu_validated, int4_cuda_small_m_validated  the same calls without the checks, for mops_fast.ops,
                               which validates each call once itself
 """
@@ -36,6 +37,9 @@ __all__ = [
     "int4_matmul_cuda_small_m",
     "int4_cpu_validated",
     "int4_cuda_small_m_validated",
+    "int4_matmul_t_cuda_small_m",
+    "int4_cuda_small_m_t_validated",
+    "small_m_t_supports",
     "CUDA_SMALL_M_MAX",
     "CUDA_SMALL_M_DTYPES",
 ]
@@ -294,3 +298,57 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
         y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream, steps, warps,
     )
     return y
+
+
+def int4_matmul_t_cuda_small_m(dy, qweight, qzeros, scales, g_idx, group_size: int) -> torch.Tensor:
+    """dx = dy W on CUDA for M <= 16 (the backward to the input at decode-sized batches); dy (M, N) fp16/bf16
+    -> dx (M, K), dy's dtype. Grouped weights only: group_size is the promise g_idx == arange(K) // group_size
+    (-1: one group) and must be a power-of-two multiple of 8 (GPTQ's 32, 64, 128) unless there is one group;
+    scales fp16 or bf16. Act-order weights take the Triton kernel (mops_fast.ops.int4_matmul_t)."""
+    op = "int4_matmul_t_cuda_small_m"
+    if not isinstance(dy, torch.Tensor) or dy.device.type != "cuda":
+        dev = dy.device if isinstance(dy, torch.Tensor) else None
+        raise ValueError(f"{op}: needs CUDA activations, got {dev}; use int4_matmul_t_cpu on the CPU")
+    K, N, G = _check_weight(op, qweight, qzeros, scales, g_idx, dy.device)
+    _check_act(op, dy, N, "N", CUDA_SMALL_M_DTYPES)
+    M = dy.shape[0]
+    if M > CUDA_SMALL_M_MAX:
+        raise ValueError(f"{op}: M={M} rows; this kernel handles M <= {CUDA_SMALL_M_MAX}")
+    if M > 0 and not dy.is_contiguous():
+        raise ValueError(f"{op}: dy must be contiguous; pass dy.contiguous()")
+    gs = _group_promise(op, group_size, K, G)
+    if not small_m_t_supports(scales, gs, G):
+        raise ValueError(f"{op}: needs 16-bit scales and group_size a power-of-two multiple of 8 (or one "
+                         f"group), got {scales.dtype} and group_size={group_size}; use mops_fast.ops.int4_matmul_t")
+    for name, t in (("dy", dy), ("qweight", qweight), ("scales", scales)):
+        if M > 0 and t.data_ptr() % 16 != 0:
+            raise ValueError(f"{op}: {name} must be 16-byte aligned; pass {name}.clone()")
+    return int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K, N, G, gs)
+
+
+def small_m_t_supports(scales: torch.Tensor, group_size: int, G: int) -> bool:
+    """Whether the CUDA small-M backward takes these weights (see int4_matmul_t_cuda_small_m)."""
+    if scales.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    rows = group_size // 8
+    return G == 1 or (group_size > 0 and group_size % 8 == 0 and rows & (rows - 1) == 0)
+
+
+def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G: int, group_size: int):
+    """The CUDA small-M backward for a caller that has validated what int4_matmul_t_cuda_small_m checks."""
+    mod = _cuda()
+    if mod is None:
+        raise RuntimeError(f"int4_matmul_t_cuda_small_m: CUDA kernels unavailable: {_cuda_err}")
+    M = dy.shape[0]
+    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+    if M == 0:
+        return dx
+    dev = dy.device.index if dy.device.index is not None else torch.cuda.current_device()
+    need = mod.int4_matmul_small_m_t_workspace(M, K, N, dev)
+    ws = torch.empty(need, dtype=torch.float32, device=dy.device) if need else None
+    mod.int4_matmul_small_m_t(
+        dy.data_ptr(), _DTYPE_CODE[dy.dtype], qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(),
+        _DTYPE_CODE[scales.dtype], M, K, N, G, group_size, dx.data_ptr(), 0 if ws is None else ws.data_ptr(), need,
+        dev, torch.cuda.current_stream(dy.device).cuda_stream,
+    )
+    return dx

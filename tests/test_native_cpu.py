@@ -226,6 +226,19 @@ def test_cuda_entry_rejects_cpu_tensors():
     x, qw, qz, s, g = _good()
     with pytest.raises(ValueError, match="needs CUDA activations"):
         native.int4_matmul_cuda_small_m(x.half(), qw, qz, s, g)
+    with pytest.raises(ValueError, match="needs CUDA activations"):
+        native.int4_matmul_t_cuda_small_m(torch.randn(2, qw.shape[1]).half(), qw, qz, s, g, 128)
+
+
+def test_small_m_backward_takes_grouped_16_bit_weights_only():
+    half, full = torch.zeros(4, 8, dtype=torch.float16), torch.zeros(4, 8)
+    assert native.small_m_t_supports(half, 128, 4) and native.small_m_t_supports(half, 32, 4)
+    assert native.small_m_t_supports(half.bfloat16(), 8, 4)
+    assert native.small_m_t_supports(half[:1], 576, 1)  # one group of any size
+    assert not native.small_m_t_supports(full, 128, 4)  # fp32 scales
+    assert not native.small_m_t_supports(half, 0, 4)  # groups read from g_idx (act-order)
+    assert not native.small_m_t_supports(half, 96, 4)  # 12 packed rows a group: not a power of two
+    assert not native.small_m_t_supports(half, 4, 4)  # groups inside a packed row
 
 
 def test_g_idx_range_rechecked_after_in_place_change():

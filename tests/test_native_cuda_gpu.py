@@ -119,3 +119,62 @@ def test_stream_and_empty_and_errors():
         native.int4_matmul_cuda_small_m(x, qw, qz, s, g, 96)
     with pytest.raises(ValueError, match="is on cpu"):
         native.int4_matmul_cuda_small_m(x, qw.cpu(), qz, s, g)
+
+
+def _check_t(dy, qw, qz, s, g, group_size, what):
+    dx = native.int4_matmul_t_cuda_small_m(dy, qw, qz, s, g, group_size)
+    torch.cuda.synchronize()
+    ref = dy.double() @ dequant_f64(qw, qz, s, g)
+    assert dx.shape == ref.shape and dx.dtype == dy.dtype, what
+    assert torch.isfinite(dx).all(), f"{what}: non-finite output"
+    err = (dx.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= TOL[dy.dtype] * scale, f"{what}: max abs error {err:.3e}, output scale {scale:.3e}"
+
+
+@pytest.mark.parametrize("M", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_backward_llama_shapes(M, dtype):
+    # 4096x11008 splits N over several CTAs (workspace + sum kernel); 11008x4096 has many row blocks
+    for K, N in ((4096, 11008), (11008, 4096)):
+        qw, qz, s, g = _weight(K, N, 128, torch.device("cuda"))
+        dy = torch.randn(M, N, device="cuda", dtype=dtype)
+        _check_t(dy, qw, qz, s, g, 128, f"backward {K}x{N} M={M} {dtype}")
+
+
+@pytest.mark.parametrize(
+    "K, N, group, kw",
+    [
+        (576, 40, 128, {}),                                  # 9 row blocks, the last short; N not a multiple of 16
+        (576, 1536, 64, {"sym": True}),                      # SmolLM2 shapes
+        (1024, 72, None, {"scales_dtype": torch.bfloat16}),  # one group (group_size -1), bf16 scales
+        (4096, 264, 32, {}),                                 # group 32: 4 packed rows a group
+        (4104, 136, 8, {}),                                  # group 8: one packed row a group; R % 8 != 0
+    ],
+    ids=["K576N40", "smollm2", "onegroup", "g32", "g8"],
+)
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_backward_awkward_shapes(K, N, group, kw, M):
+    qw, qz, s, g = _weight(K, N, group, torch.device("cuda"), seed=K + N + 1, **kw)
+    for dtype in (torch.float16, torch.bfloat16):  # bf16 activations on fp16 scales convert them
+        dy = torch.randn(M, N, device="cuda", dtype=dtype)
+        _check_t(dy, qw, qz, s, g, group or -1, f"backward K={K} N={N} g={group} {kw} M={M} {dtype}")
+
+
+def test_backward_refusals_and_dispatch(monkeypatch):
+    from mops_fast.ops import int4_matmul as op
+
+    qw, qz, s, g = _weight(576, 200, 128, torch.device("cuda"), act_order=True, seed=5)
+    dy = torch.randn(2, 200, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="power-of-two"):
+        native.int4_matmul_t_cuda_small_m(dy, qw, qz, s, g, 0)  # act-order: groups must be read from g_idx
+    qw, qz, s, g = _weight(4096, 264, 32, torch.device("cuda"), scales_dtype=torch.float32, seed=6)
+    with pytest.raises(ValueError, match="16-bit scales"):
+        native.int4_matmul_t_cuda_small_m(torch.randn(2, 264, device="cuda", dtype=torch.float16), qw, qz, s, g, 32)
+    # opted in, the dispatch (what QuantLinear's backward calls) takes the kernel and agrees with float64
+    qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
+    dy = torch.randn(4, 11008, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv("MOPS_FAST_INT4_NATIVE_BWD", "1")
+    dx = op.int4_matmul_t(dy, qw, qz, s, g, 128)
+    ref = dy.double() @ dequant_f64(qw, qz, s, g)
+    assert (dx.double() - ref).abs().max().item() <= TOL[torch.float16] * ref.abs().max().item()

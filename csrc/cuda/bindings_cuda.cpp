@@ -11,7 +11,7 @@
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C_cuda, m) {
-  m.doc() = "mops_fast CUDA kernels (int4 GPTQ small-M matmul); called through mops_fast.native";
+  m.doc() = "mops_fast CUDA kernels (int4 GPTQ small-M matmul and its backward); called through mops_fast.native";
   m.def(
       "int4_matmul_small_m",
       [](uintptr_t x, int x_dtype, uintptr_t qweight, uintptr_t qzeros, uintptr_t scales,
@@ -37,4 +37,32 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("steps") = 0, py::arg("warps") = 0,
       "y (M,N) = x (M,K) W^T on CUDA for M <= 16; pointers and the stream as integers. group_size > 0 "
       "promises g_idx == arange(K) / group_size; steps / warps > 0 override the tuned launch (benchmarks)");
+  m.def(
+      "int4_matmul_small_m_t_workspace",
+      [](int M, int K, int N, int device) { return mops_int4_small_m_t_workspace(M, K, N, device); },
+      py::arg("M"), py::arg("K"), py::arg("N"), py::arg("device"),
+      "fp32 elements of workspace int4_matmul_small_m_t needs (0: none)");
+  m.def(
+      "int4_matmul_small_m_t",
+      [](uintptr_t dy, int dy_dtype, uintptr_t qweight, uintptr_t qzeros, uintptr_t scales, int scales_dtype,
+         int M, int K, int N, int G, int group_size, uintptr_t dx, uintptr_t workspace, long long workspace_floats,
+         int device, uintptr_t stream) {
+        char err[256] = {0};
+        int rc;
+        {
+          py::gil_scoped_release nogil;
+          rc = mops_int4_small_m_t(reinterpret_cast<const void*>(dy), dy_dtype,
+                                   reinterpret_cast<const int32_t*>(qweight),
+                                   reinterpret_cast<const int32_t*>(qzeros),
+                                   reinterpret_cast<const void*>(scales), scales_dtype, M, K, N, G, group_size,
+                                   reinterpret_cast<void*>(dx), reinterpret_cast<float*>(workspace),
+                                   workspace_floats, device, reinterpret_cast<void*>(stream), err,
+                                   int(sizeof err));
+        }
+        if (rc != 0) throw std::runtime_error(std::string("int4_matmul_small_m_t: ") + err);
+      },
+      py::arg("dy"), py::arg("dy_dtype"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"),
+      py::arg("scales_dtype"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("group_size"),
+      py::arg("dx"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("device"), py::arg("stream"),
+      "dx (M,K) = dy (M,N) W on CUDA for M <= 16, grouped weights; pointers and the stream as integers");
 }

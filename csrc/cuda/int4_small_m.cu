@@ -35,99 +35,13 @@
 #include <cstdio>
 #include <cstring>
 
+#include "int4_common.cuh"
 #include "int4_small_m.h"
 
 namespace {
+using namespace mops_int4;
 
 constexpr int kMaxWarps = 16;
-
-template <class T>
-struct Traits;
-
-template <>
-struct Traits<__half> {
-  using T2 = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in both halves
-  static constexpr uint32_t kBias = 0x6400u;
-  static __device__ __forceinline__ T2 from_float(float f) { return __float2half2_rn(f); }
-  static __device__ __forceinline__ T2 from_floats(float lo, float hi) {
-    return __floats2half2_rn(lo, hi);
-  }
-  static __device__ __forceinline__ uint16_t to_bits(float f) {
-    __half h = __float2half_rn(f);
-    uint16_t u;
-    memcpy(&u, &h, 2);
-    return u;
-  }
-  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct Traits<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in both halves
-  static constexpr uint32_t kBias = 0x4300u;
-  static __device__ __forceinline__ T2 from_float(float f) { return __float2bfloat162_rn(f); }
-  static __device__ __forceinline__ T2 from_floats(float lo, float hi) {
-    return __floats2bfloat162_rn(lo, hi);
-  }
-  static __device__ __forceinline__ uint16_t to_bits(float f) {
-    __nv_bfloat16 h = __float2bfloat16_rn(f);
-    uint16_t u;
-    memcpy(&u, &h, 2);
-    return u;
-  }
-  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <class V>
-__device__ __forceinline__ uint32_t bits(V v) {
-  static_assert(sizeof(V) == 4, "32-bit pair");
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  return u;
-}
-template <class V>
-__device__ __forceinline__ V from_bits(uint32_t u) {
-  V v;
-  memcpy(&v, &u, 4);
-  return v;
-}
-
-// (x & mask) | magic as one LOP3.
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t mask, uint32_t magic) {
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(x), "r"(mask), "r"(magic));
-  return r;
-}
-
-// Four consecutive scales (16-byte fp32 or 8-byte 16-bit loads).
-__device__ __forceinline__ void load_scales4(const void* p, int dtype, int64_t i, float* s) {
-  if (dtype == 0) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(p) + i));
-    s[0] = v.x; s[1] = v.y; s[2] = v.z; s[3] = v.w;
-    return;
-  }
-  const uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const unsigned short*>(p) + i));
-  const uint32_t w[2] = {v.x, v.y};
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const uint32_t h = (w[c >> 1] >> (16 * (c & 1))) & 0xffffu;
-    s[c] = dtype == 1 ? __half2float(__ushort_as_half((unsigned short)h)) : __uint_as_float(h << 16);
-  }
-}
 
 struct Params {
   const void* x;
@@ -140,12 +54,6 @@ struct Params {
   int scales_dtype;
   int group_shift;  // GROUPED kernels: qweight row r lies in group min(r >> group_shift, G - 1)
 };
-
-// Scale of column slot c from four prefetched 16-bit scales (fp16 or bf16 bits).
-__device__ __forceinline__ float scale16(uint2 v, int c, int dtype) {
-  const uint32_t h = ((c < 2 ? v.x : v.y) >> (16 * (c & 1))) & 0xffffu;
-  return dtype == 1 ? __half2float(__ushort_as_half((unsigned short)h)) : __uint_as_float(h << 16);
-}
 
 // Sum the warps' partial tiles through shared memory (red[(w*16 + reg)*32 + lane], conflict-free) and
 // store the tile. Lane (q, t) holds rows q and q+8, output columns n0 + 8t .. n0 + 8t + 7: accumulator

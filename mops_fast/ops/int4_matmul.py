@@ -660,11 +660,26 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
     return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
 
 
+def _native_backward_enabled() -> bool:
+    # The CUDA small-M backward (csrc/cuda/int4_small_m_t.cu) has not yet run on a GPU in this project's
+    # measurements; until it has passed tests/test_native_cuda_gpu.py and been timed, it is opt-in.
+    return os.environ.get("MOPS_FAST_INT4_NATIVE_BWD", "0") == "1"
+
+
 def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
     impl = _impl_override()
     if impl == "ref":
         return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
     if dy.is_cuda:
+        if (impl in ("auto", "native") and dy.shape[0] <= SMALL_M_NATIVE and group_size > 0
+                and _native_backward_enabled()):
+            nat = _native_cuda_small_m()
+            K, N, G = _dims(qweight, scales)
+            if (nat is not None and _weight_fits_native(qweight, qzeros, scales, g_idx)
+                    and nat.small_m_t_supports(scales, min(group_size, K), G)):
+                dyc = dy.contiguous()
+                if _native_small_m_fits(dyc, qweight, scales, g_idx):
+                    return nat.int4_cuda_small_m_t_validated(dyc, qweight, qzeros, scales, K, N, G, min(group_size, K))
         if HAS_TRITON:
             if impl == "auto" and dy.shape[0] >= CHUNKED_MIN_M:
                 return int4_matmul_t_chunked(dy, qweight, qzeros, scales, g_idx, group_size)
