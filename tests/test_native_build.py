@@ -122,9 +122,10 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     so.write_bytes(zipfile.ZipFile(wheel).read(so_name))
     # Loads on a GPU-less machine: nothing touches the driver until a kernel is launched.
     code = ("import importlib.util as u, sys; s = u.spec_from_file_location('mops_fast._C_cuda', sys.argv[1]); "
-            "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.int4_matmul_small_m.__doc__)")
+            "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.int4_matmul_small_m.__doc__); "
+            "print(m.int4_matmul_small_m_t.__doc__)")
     out = _run([sys.executable, "-c", code, str(so)])
-    assert "M <= 16" in out.stdout
+    assert "M <= 16" in out.stdout and "dx (M,K) = dy (M,N) W" in out.stdout
     ldd = shutil.which("ldd")
     if ldd:
         deps = _run([ldd, str(so)]).stdout
