@@ -28,9 +28,10 @@ GROUP = 128
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 SMALL_MS = [1, 4, 16]
 LARGE_MS = [64, 512, 4096]
-# (steps, warps) of the small-M CUDA kernel, 0 = the default (the file in benchmarks/results also holds
-# rows of a cp.async-ring variant, steps < 0, since dropped as slower)
-NATIVE_VARIANTS = [(0, 0), (8, 0), (4, 8), (4, 16), (8, 16)]
+# (steps, warps) of the small-M CUDA kernel, 0 = the default; steps -4 / -8: x staged in shared memory
+# (M <= 8). The file in benchmarks/results from 2026-11-26 holds rows of a cp.async-ring variant under
+# steps < 0, since dropped as slower.
+NATIVE_VARIANTS = [(0, 0), (8, 0), (4, 8), (4, 16), (-4, 0), (-8, 0), (-8, 8)]
 BIG_TILES = [dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
              dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)]

@@ -282,8 +282,8 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     """The CUDA small-M kernel call for a caller that has already validated what int4_matmul_cuda_small_m
     checks (mops_fast.ops does, once per call): at decode the kernel takes microseconds, so every check
     repeated in Python shows in the token rate. group_size > 0: g_idx == arange(K) // group_size (a
-    promise); steps (8: twice the loads in flight) / warps (a CTA) > 0 override the launch the kernel picks
-    (benchmarks/tune_int4_gpu.py)."""
+    promise); steps (8: twice the loads in flight; -4 / -8: x staged in shared memory, M <= 8) and warps (a
+    CTA) override the launch the kernel picks when nonzero (benchmarks/tune_int4_gpu.py)."""
     mod = _cuda()
     if mod is None:
         raise RuntimeError(f"int4_matmul_cuda_small_m: CUDA kernels unavailable: {_cuda_err}")

@@ -86,11 +86,11 @@ def test_awkward_shapes(K, N, group, kw, M):
                    group_size=group or -1)
 
 
-@pytest.mark.parametrize("steps, warps", [(4, 0), (8, 0), (4, 4), (8, 16), (4, 3)])
+@pytest.mark.parametrize("steps, warps", [(4, 0), (8, 0), (4, 4), (8, 16), (4, 3), (-4, 0), (-8, 0), (-8, 16)])
 def test_launch_overrides_compute_the_same(steps, warps):
     # the launch variants the benchmarks time: every one must compute the product
     qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
-    for M in (3, 13):  # 8- and 16-row tiles
+    for M in (1, 3, 8, 13):  # 8- and 16-row tiles (x in shared memory, steps < 0, applies up to 8 rows)
         x = torch.randn(M, 4096, device="cuda", dtype=torch.float16)
         want = native.int4_matmul_cuda_small_m(x, qw, qz, s, g)  # the g_idx table kernel
         y = native.int4_cuda_small_m_validated(x, qw, qz, s, g, 4096, 11008, 32, group_size=128, steps=steps,

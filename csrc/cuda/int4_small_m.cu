@@ -115,12 +115,17 @@ __device__ __forceinline__ void dequant_step(const int4 q, const typename Traits
 // change. Otherwise (act-order, fp32 scales) a per-row group table is built in shared memory first and
 // scales are fetched when the group changes.
 // STEPS: 4-row steps whose loads are issued together (bytes in flight per lane: 16 * STEPS of weights).
-template <class T, int MT, bool GROUPED, int STEPS>
+// XS (grouped, M <= 8): the CTA first copies x into shared memory (rows padded by 16 bytes against bank
+// conflicts) and reads its fragments from there, so no register holds x while the weight loads are in
+// flight and 8 steps fit without spilling. Not yet timed on a GPU: chosen only by steps_hint (< 0).
+template <class T, int MT, bool GROUPED, int STEPS, bool XS = false>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     int4_small_m_kernel(const Params p) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
-  extern __shared__ int32_t smem[];  // rowg[R] during the main loop (table path), then the reduction buffer
+  static_assert(!XS || (GROUPED && MT == 8), "x in shared memory: grouped weights, M <= 8");
+  // rowg[R] during the main loop (table path) or x (XS), then the reduction buffer
+  extern __shared__ int32_t smem[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int lq = lane >> 2, lt = lane & 3;
@@ -138,6 +143,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       const bool same = a.x == a.y && a.x == a.z && a.x == a.w && a.x == b.x && a.x == b.y &&
                         a.x == b.z && a.x == b.w;
       smem[r] = same ? min(max(a.x, 0), G - 1) : -1;
+    }
+    __syncthreads();
+  }
+  const int xs_stride = K + 8;  // halves a row of x in shared memory
+  const T* xs = reinterpret_cast<const T*>(smem);
+  if (XS) {
+    for (int i = threadIdx.x; i < M * (K / 8); i += blockDim.x) {
+      const int m = i / (K / 8), c = i - m * (K / 8);
+      *reinterpret_cast<uint4*>(reinterpret_cast<T*>(smem) + m * xs_stride + 8 * c) =
+          __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + (int64_t)m * K + 8 * c));
     }
     __syncthreads();
   }
@@ -182,7 +197,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       sv[u] = make_uint2(0, 0);
       zv[u] = 0;
       if (ok && col_ok) qv[u] = __ldg(reinterpret_cast<const int4*>(p.qweight + (int64_t)r * N + ncol));
-      if (ok && row_lo)
+      if (!XS && ok && row_lo)
         xlo[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)lq * K + 8 * r));
       if (MT == 16 && ok && row_hi)
         xhi[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)(lq + 8) * K + 8 * r));
@@ -197,6 +212,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       if (s0 + u >= s_end) break;  // warp-uniform
       const int r = 4 * (s0 + u) + lt;
       const bool ok = r < R;
+      if (XS && ok && row_lo) xlo[u] = *reinterpret_cast<const uint4*>(xs + lq * xs_stride + 8 * r);
 
       // A fragments: mma 0 takes input pairs (0,4),(1,5); mma 1 takes (2,6),(3,7).
       uint32_t a0[4], a1[4];
@@ -275,7 +291,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
 
   if (!GROUPED) __syncthreads();  // rowg no longer needed; reuse smem
-  reduce_and_store<T, MT>(acc, smem, p, n0, lane, warp, nwarps, lq, lt);
+  // XS: the reduction buffer lies after x (other warps may still be reading x)
+  reduce_and_store<T, MT>(acc, XS ? smem + M * xs_stride / 2 : smem, p, n0, lane, warp, nwarps, lq, lt);
 }
 
 struct DeviceInfo {
@@ -294,12 +311,15 @@ int pick_warps(const Params& p, const DeviceInfo& dev, int warps_hint) {
   return std::max(1, std::min(warps, steps));
 }
 
-template <class T, int MT, bool GROUPED, int STEPS>
+size_t xs_bytes(const Params& p) { return size_t(p.M) * (p.K + 8) * 2; }
+
+template <class T, int MT, bool GROUPED, int STEPS, bool XS = false>
 cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hint, cudaStream_t stream) {
   const int warps = pick_warps(p, dev, warps_hint);
   const size_t table = GROUPED ? 0 : size_t(p.K / 8) * 4;
-  const size_t smem = std::max(table, size_t(warps) * 16 * 32 * 4);
-  auto kernel = int4_small_m_kernel<T, MT, GROUPED, STEPS>;
+  const size_t red = size_t(warps) * 16 * 32 * 4;
+  const size_t smem = XS ? xs_bytes(p) + red : std::max(table, red);
+  auto kernel = int4_small_m_kernel<T, MT, GROUPED, STEPS, XS>;
   if (smem > 48 * 1024) {
     if (smem > size_t(dev.smem_optin)) return cudaErrorInvalidValue;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -310,13 +330,18 @@ cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hin
 }
 
 // steps_hint: 0 or 4 the default, 4 steps a batch; 8 (measured slower on an H100: it spills at the
-// 128-register cap). A variant that streamed each step through a cp.async ring in shared memory (fewer
+// 128-register cap); -4 / -8 x in shared memory with 4 / 8 steps (M <= 8, where x fits; not yet timed). A variant that streamed each step through a cp.async ring in shared memory (fewer
 // registers, more bytes in flight) measured 1.2-2.5x slower than this one (benchmarks/results/
 // tune_int4-*.json, steps < 0) and was dropped.
 template <class T, int MT>
 cudaError_t launch(const Params& p, const DeviceInfo& dev, int steps_hint, int warps_hint, cudaStream_t s) {
   if (p.group_shift < 0) return launch_variant<T, MT, false, 4>(p, dev, warps_hint, s);
   if (steps_hint == 8) return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);
+  if constexpr (MT == 8) {  // x in shared memory (steps_hint -4 / -8) where it fits
+    if (steps_hint < 0 && xs_bytes(p) + size_t(kMaxWarps) * 16 * 32 * 4 <= size_t(dev.smem_optin))
+      return steps_hint == -4 ? launch_variant<T, MT, true, 4, true>(p, dev, warps_hint, s)
+                              : launch_variant<T, MT, true, 8, true>(p, dev, warps_hint, s);
+  }
   return launch_variant<T, MT, true, 4>(p, dev, warps_hint, s);
 }
 
