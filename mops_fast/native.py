@@ -246,24 +246,31 @@ def int4_matmul_cuda_small_m(x, qweight, qzeros, scales, g_idx, group_size: int 
     per call. g_idx values are not range checked here (that would need a device sync on every call):
     out-of-range groups are clamped.
     """
-    op = "int4_matmul_cuda_small_m"
-    if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
-        dev = x.device if isinstance(x, torch.Tensor) else None
-        raise ValueError(f"{op}: needs CUDA activations, got {dev}; use int4_matmul_cpu on the CPU")
-    K, N, G = _check_weight(op, qweight, qzeros, scales, g_idx, x.device)
-    _check_act(op, x, K, "K", CUDA_SMALL_M_DTYPES)
-    M = x.shape[0]
+    K, N, G = _check_cuda_small_m("int4_matmul_cuda_small_m", x, "x", qweight, qzeros, scales, g_idx,
+                                  transposed=False)
+    return int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K, N, G,
+                                       _group_promise("int4_matmul_cuda_small_m", group_size, K, G))
+
+
+def _check_cuda_small_m(op: str, a, name: str, qweight, qzeros, scales, g_idx, transposed: bool):
+    """The checks both small-M CUDA kernels need; returns (K, N, G)."""
+    if not isinstance(a, torch.Tensor) or a.device.type != "cuda":
+        dev = a.device if isinstance(a, torch.Tensor) else None
+        cpu = "int4_matmul_t_cpu" if transposed else "int4_matmul_cpu"
+        raise ValueError(f"{op}: needs CUDA activations, got {dev}; use {cpu} on the CPU")
+    K, N, G = _check_weight(op, qweight, qzeros, scales, g_idx, a.device)
+    _check_act(op, a, N if transposed else K, "N" if transposed else "K", CUDA_SMALL_M_DTYPES)
+    M = a.shape[0]
     if M > CUDA_SMALL_M_MAX:
         raise ValueError(f"{op}: M={M} rows; this kernel handles M <= {CUDA_SMALL_M_MAX} "
                          "(use the Triton/GEMM path for larger batches)")
-    if M > 0 and not x.is_contiguous():
-        raise ValueError(f"{op}: x must be contiguous; pass x.contiguous()")
-    for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("g_idx", g_idx)):
+    if M > 0 and not a.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous; pass {name}.contiguous()")
+    for nm, t in ((name, a), ("qweight", qweight), ("scales", scales), ("g_idx", g_idx)):
         if M > 0 and t.data_ptr() % 16 != 0:
-            raise ValueError(f"{op}: {name} must be 16-byte aligned (the kernel uses 16-byte "
-                             f"loads); pass {name}.clone()")
-    return int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K, N, G,
-                                       _group_promise(op, group_size, K, G))
+            raise ValueError(f"{op}: {nm} must be 16-byte aligned (the kernel uses 16-byte loads); "
+                             f"pass {nm}.clone()")
+    return K, N, G
 
 
 def _group_promise(op: str, group_size: int, K: int, G: int) -> int:
@@ -306,23 +313,11 @@ def int4_matmul_t_cuda_small_m(dy, qweight, qzeros, scales, g_idx, group_size: i
     (-1: one group) and must be a power-of-two multiple of 8 (GPTQ's 32, 64, 128) unless there is one group;
     scales fp16 or bf16. Act-order weights take the Triton kernel (mops_fast.ops.int4_matmul_t)."""
     op = "int4_matmul_t_cuda_small_m"
-    if not isinstance(dy, torch.Tensor) or dy.device.type != "cuda":
-        dev = dy.device if isinstance(dy, torch.Tensor) else None
-        raise ValueError(f"{op}: needs CUDA activations, got {dev}; use int4_matmul_t_cpu on the CPU")
-    K, N, G = _check_weight(op, qweight, qzeros, scales, g_idx, dy.device)
-    _check_act(op, dy, N, "N", CUDA_SMALL_M_DTYPES)
-    M = dy.shape[0]
-    if M > CUDA_SMALL_M_MAX:
-        raise ValueError(f"{op}: M={M} rows; this kernel handles M <= {CUDA_SMALL_M_MAX}")
-    if M > 0 and not dy.is_contiguous():
-        raise ValueError(f"{op}: dy must be contiguous; pass dy.contiguous()")
+    K, N, G = _check_cuda_small_m(op, dy, "dy", qweight, qzeros, scales, g_idx, transposed=True)
     gs = _group_promise(op, group_size, K, G)
     if not small_m_t_supports(scales, gs, G):
         raise ValueError(f"{op}: needs 16-bit scales and group_size a power-of-two multiple of 8 (or one "
                          f"group), got {scales.dtype} and group_size={group_size}; use mops_fast.ops.int4_matmul_t")
-    for name, t in (("dy", dy), ("qweight", qweight), ("scales", scales)):
-        if M > 0 and t.data_ptr() % 16 != 0:
-            raise ValueError(f"{op}: {name} must be 16-byte aligned; pass {name}.clone()")
     return int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K, N, G, gs)
 
 
