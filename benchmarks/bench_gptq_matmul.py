@@ -164,7 +164,9 @@ def main(argv=None) -> int:
             dev.sync()
             peak = dev.peak() - before
             err = float((y.float() - ref).norm() / ref.norm())
-            med, p20, p80 = do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
+            # 50 ms of warm-up: the fused path is timed first in each case, right after the graph-timed small
+            # cases; a 10 ms warm-up once left 4096x4096 M=4096 at 314-344 us where a later run read 205
+            med, p20, p80 = do_bench(fn, warmup=50, rep=40, quantiles=[0.5, 0.2, 0.8])
             extra = {"timing": "eager"}
             if sets:
                 eager = med
