@@ -197,6 +197,13 @@ def _require_cpu_module(op: str) -> ModuleType:
     return mod
 
 
+def _require_cuda_module(op: str) -> ModuleType:
+    mod = _cuda()
+    if mod is None:
+        raise RuntimeError(f"{op}: CUDA kernels unavailable: {_cuda_err}")
+    return mod
+
+
 def _int4_cpu(op: str, a, qweight, qzeros, scales, g_idx, transposed: bool) -> torch.Tensor:
     if not isinstance(a, torch.Tensor) or a.device.type != "cpu":
         dev = a.device if isinstance(a, torch.Tensor) else None
@@ -291,9 +298,7 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     repeated in Python shows in the token rate. group_size > 0: g_idx == arange(K) // group_size (a
     promise); steps (8: twice the loads in flight; -4 / -8: x staged in shared memory, M <= 8) and warps (a
     CTA) override the launch the kernel picks when nonzero (benchmarks/tune_int4_gpu.py)."""
-    mod = _cuda()
-    if mod is None:
-        raise RuntimeError(f"int4_matmul_cuda_small_m: CUDA kernels unavailable: {_cuda_err}")
+    mod = _require_cuda_module("int4_matmul_cuda_small_m")
     M = x.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
@@ -331,14 +336,12 @@ def small_m_t_supports(scales: torch.Tensor, group_size: int, G: int) -> bool:
 
 def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G: int, group_size: int):
     """The CUDA small-M backward for a caller that has validated what int4_matmul_t_cuda_small_m checks."""
-    mod = _cuda()
-    if mod is None:
-        raise RuntimeError(f"int4_matmul_t_cuda_small_m: CUDA kernels unavailable: {_cuda_err}")
+    mod = _require_cuda_module("int4_matmul_t_cuda_small_m")
     M = dy.shape[0]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     if M == 0:
         return dx
-    dev = dy.device.index if dy.device.index is not None else torch.cuda.current_device()
+    dev = dy.device.index  # a CUDA tensor's device always carries its index
     need = mod.int4_matmul_small_m_t_workspace(M, K, N, dev)
     ws = torch.empty(need, dtype=torch.float32, device=dy.device) if need else None
     mod.int4_matmul_small_m_t(

@@ -40,16 +40,18 @@ def _weight(K, N, group, dev, seed=0, **kw):
     return list(_layer(K, N, group, seed=seed, **kw))
 
 
+def _assert_matches(out, ref, dtype, what):
+    torch.cuda.synchronize()
+    assert out.shape == ref.shape and out.dtype == dtype, what
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    err = (out.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what}: max abs error {err:.3e}, output scale {scale:.3e}"
+
+
 def _check(x, qw, qz, s, g, what, group_size=0):
     y = native.int4_matmul_cuda_small_m(x, qw, qz, s, g, group_size)
-    torch.cuda.synchronize()
-    W = dequant_f64(qw, qz, s, g)  # on the GPU, float64
-    ref = x.double() @ W.t()
-    assert y.shape == ref.shape and y.dtype == x.dtype, what
-    assert torch.isfinite(y).all(), f"{what}: non-finite output"
-    err = (y.double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= TOL[x.dtype] * scale, f"{what}: max abs error {err:.3e}, output scale {scale:.3e}"
+    _assert_matches(y, x.double() @ dequant_f64(qw, qz, s, g).t(), x.dtype, what)  # float64 on the GPU
 
 
 @pytest.mark.parametrize("M", [1, 4, 8, 9, 16])
@@ -123,13 +125,7 @@ def test_stream_and_empty_and_errors():
 
 def _check_t(dy, qw, qz, s, g, group_size, what):
     dx = native.int4_matmul_t_cuda_small_m(dy, qw, qz, s, g, group_size)
-    torch.cuda.synchronize()
-    ref = dy.double() @ dequant_f64(qw, qz, s, g)
-    assert dx.shape == ref.shape and dx.dtype == dy.dtype, what
-    assert torch.isfinite(dx).all(), f"{what}: non-finite output"
-    err = (dx.double() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= TOL[dy.dtype] * scale, f"{what}: max abs error {err:.3e}, output scale {scale:.3e}"
+    _assert_matches(dx, dy.double() @ dequant_f64(qw, qz, s, g), dy.dtype, what)
 
 
 @pytest.mark.parametrize("M", [1, 5, 8, 9, 16])
@@ -175,6 +171,5 @@ def test_backward_refusals_and_dispatch(monkeypatch):
     qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
     dy = torch.randn(4, 11008, device="cuda", dtype=torch.float16)
     monkeypatch.setenv("MOPS_FAST_INT4_NATIVE_BWD", "1")
-    dx = op.int4_matmul_t(dy, qw, qz, s, g, 128)
-    ref = dy.double() @ dequant_f64(qw, qz, s, g)
-    assert (dx.double() - ref).abs().max().item() <= TOL[torch.float16] * ref.abs().max().item()
+    _assert_matches(op.int4_matmul_t(dy, qw, qz, s, g, 128), dy.double() @ dequant_f64(qw, qz, s, g),
+                    torch.float16, "dispatch, native backward opted in")

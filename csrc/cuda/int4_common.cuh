@@ -3,6 +3,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <stdint.h>
 
 #include <cstring>
@@ -103,6 +104,54 @@ __device__ __forceinline__ void load_scales4(const void* p, int dtype, int64_t i
 __device__ __forceinline__ float scale16(uint2 v, int c, int dtype) {
   const uint32_t h = ((c < 2 ? v.x : v.y) >> (16 * (c & 1))) & 0xffffu;
   return dtype == 1 ? __half2float(__ushort_as_half((unsigned short)h)) : __uint_as_float(h << 16);
+}
+
+// Sum R accumulators a lane over the CTA's warps through shared memory (red[(warp * R + r) * 32 + lane],
+// conflict-free). Returns true in warp 0, whose tot then holds the sums; the other warps are done.
+template <int R>
+__device__ __forceinline__ bool sum_over_warps(const float (&acc)[R], float* red, int warp, int nwarps, int lane,
+                                               float (&tot)[R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) red[(warp * R + r) * 32 + lane] = acc[r];
+  __syncthreads();
+  if (warp != 0) return false;
+#pragma unroll
+  for (int r = 0; r < R; ++r) tot[r] = 0.f;
+  for (int w = 0; w < nwarps; ++w)
+#pragma unroll
+    for (int r = 0; r < R; ++r) tot[r] += red[(w * R + r) * 32 + lane];
+  return true;
+}
+
+// Shift that maps a packed qweight row to its group (row >> shift) when g_idx == arange(K) / group_size
+// with a power-of-two count of whole packed rows a group (GPTQ's 32, 64, 128, ...) or when there is one
+// group; -1 when the group of a row cannot be computed that way.
+inline int row_group_shift(int group_size, int G) {
+  if (G == 1) return 30;
+  if (group_size <= 0 || group_size % 8 || ((group_size / 8) & (group_size / 8 - 1))) return -1;
+  int shift = 0;
+  while ((8 << shift) < group_size) ++shift;
+  return shift;
+}
+
+struct DeviceInfo {
+  int sm_count = 0, smem_optin = 0;
+};
+
+// Multiprocessor count and opt-in shared-memory limit of a device (0 <= device < 128), queried once.
+inline cudaError_t device_info(int device, const DeviceInfo** out) {
+  static DeviceInfo info[128];
+  DeviceInfo& d = info[device];
+  if (d.sm_count == 0) {
+    cudaError_t e = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device);
+    if (e != cudaSuccess) {
+      d.sm_count = 0;
+      return e;
+    }
+  }
+  *out = &d;
+  return cudaSuccess;
 }
 
 }  // namespace mops_int4

@@ -55,26 +55,17 @@ struct Params {
   int group_shift;  // GROUPED kernels: qweight row r lies in group min(r >> group_shift, G - 1)
 };
 
-// Sum the warps' partial tiles through shared memory (red[(w*16 + reg)*32 + lane], conflict-free) and
-// store the tile. Lane (q, t) holds rows q and q+8, output columns n0 + 8t .. n0 + 8t + 7: accumulator
-// i of slot c is row q + 8*(i/2), column n0 + 4*(2t + i%2) + c.
+// Sum the warps' partial tiles through shared memory and store the tile. Lane (q, t) holds rows q and
+// q+8, output columns n0 + 8t .. n0 + 8t + 7: accumulator i of slot c is row q + 8*(i/2), column
+// n0 + 4*(2t + i%2) + c.
 template <class T, int MT>
 __device__ __forceinline__ void reduce_and_store(const float (&acc)[4][4], int32_t* smem, const Params& p, int n0,
                                                  int lane, int warp, int nwarps, int lq, int lt) {
   using Tr = Traits<T>;
-  float* red = reinterpret_cast<float*>(smem);
-#pragma unroll
-  for (int c = 0; c < 4; ++c)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[(warp * 16 + c * 4 + i) * 32 + lane] = acc[c][i];
-  __syncthreads();
-  if (warp != 0) return;
   float tot[16];
-#pragma unroll
-  for (int i = 0; i < 16; ++i) tot[i] = 0.f;
-  for (int w = 0; w < nwarps; ++w)
-#pragma unroll
-    for (int i = 0; i < 16; ++i) tot[i] += red[(w * 16 + i) * 32 + lane];
+  if (!sum_over_warps<16>(*reinterpret_cast<const float(*)[16]>(&acc[0][0]), reinterpret_cast<float*>(smem), warp,
+                          nwarps, lane, tot))
+    return;
   const int col = n0 + 8 * lt;
   if (col >= p.N) return;
 #pragma unroll
@@ -295,10 +286,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   reduce_and_store<T, MT>(acc, XS ? smem + M * xs_stride / 2 : smem, p, n0, lane, warp, nwarps, lq, lt);
 }
 
-struct DeviceInfo {
-  int sm_count = 0, smem_optin = 0;
-};
-
 // The kernels need up to 128 registers a thread, so an SM holds about 16 of their warps. Give each CTA
 // as many warps (K slices) as keeps every CTA resident at once (no second wave), at least 4 for enough
 // 16-byte loads in flight, and no more than there are 4-row steps.
@@ -362,26 +349,15 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   if (scales_dtype < 0 || scales_dtype > 2) return fail("bad scales dtype");
   if (group_size < 0) return fail("group_size must be >= 0 (0: read the groups from g_idx)");
   if (device < 0 || device >= 128) return fail("bad device index");
-  // Row-group arithmetic needs whole rows a group, a power-of-two count of them (GPTQ's 32, 64, 128,
-  // ...), or a single group; anything else, and fp32 scales, take the g_idx table path.
-  int group_shift = -1;
-  if (group_size > 0 && scales_dtype != 0) {
-    if (G == 1) {
-      group_shift = 30;
-    } else if (group_size % 8 == 0 && ((group_size / 8) & (group_size / 8 - 1)) == 0) {
-      group_shift = 0;
-      while ((8 << group_shift) < group_size) ++group_shift;
-    }
-  }
+  // Row-group arithmetic where the groups allow it (row_group_shift); anything else, and fp32 scales, take
+  // the g_idx table path.
+  const int group_shift = group_size > 0 && scales_dtype != 0 ? row_group_shift(group_size, G) : -1;
   cudaError_t e = cudaSetDevice(device);  // our static cudart keeps its own current device
   if (e != cudaSuccess) return fail(cudaGetErrorString(e));
-  static DeviceInfo info[128];
-  DeviceInfo& dev = info[device];
-  if (dev.sm_count == 0) {
-    e = cudaDeviceGetAttribute(&dev.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&dev.sm_count, cudaDevAttrMultiProcessorCount, device);
-    if (e != cudaSuccess) return fail(cudaGetErrorString(e));
-  }
+  const DeviceInfo* info = nullptr;
+  e = device_info(device, &info);
+  if (e != cudaSuccess) return fail(cudaGetErrorString(e));
+  const DeviceInfo& dev = *info;
   Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (x_dtype == 1)

@@ -146,19 +146,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  // Sum the warps: red[(warp * 32 + reg) * 32 + lane], conflict-free.
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[(warp * 32 + j * 4 + i) * 32 + lane] = acc[j][i];
-  __syncthreads();
-  if (warp != 0) return;
-  float tot[32];
-#pragma unroll
-  for (int r = 0; r < 32; ++r) tot[r] = 0.f;
-  for (int w = 0; w < kWarps; ++w)
-#pragma unroll
-    for (int r = 0; r < 32; ++r) tot[r] += red[(w * 32 + r) * 32 + lane];
+  float tot[32];  // tot[4 j + i] = accumulator i of mma j, summed over the warps
+  if (!sum_over_warps<32>(*reinterpret_cast<const float(*)[32]>(&acc[0][0]), red, warp, kWarps, lane, tot)) return;
 
   // Accumulator i of mma j: row lq + 8 * (i / 2), packed row i0 + 2t + (i % 2), input k = 8 * that + j.
   // Lane (q, t) thus holds, for each of its rows, the 16 consecutive inputs 8 (i0 + 2t) .. + 15.
@@ -201,17 +190,6 @@ __global__ void sum_slices_kernel(const float* partial, int n_split, int64_t cou
   }
 }
 
-struct Info {
-  int sm_count = 0;
-};
-
-Info& device_info(int device, cudaError_t* e) {
-  static Info info[128];
-  *e = cudaSuccess;
-  if (info[device].sm_count == 0) *e = cudaDeviceGetAttribute(&info[device].sm_count, cudaDevAttrMultiProcessorCount, device);
-  return info[device];
-}
-
 // Slices of N: enough CTAs for about 4 resident a multiprocessor (the kernel holds about 110 registers a
 // thread, so 4 CTAs of 4 warps fit), each warp keeping at least 4 steps of 16 columns.
 int n_split_for(int K, int N, int sm_count) {
@@ -242,10 +220,9 @@ cudaError_t launch_t(const TParams& p0, int n_split, int64_t count, cudaStream_t
 extern "C" long long mops_int4_small_m_t_workspace(int M, int K, int N, int device) {
   if (M < 1 || K <= 0 || N <= 0 || device < 0 || device >= 128) return 0;
   if (cudaSetDevice(device) != cudaSuccess) return 0;
-  cudaError_t e;
-  const Info& info = device_info(device, &e);
-  if (e != cudaSuccess) return 0;
-  const int n_split = n_split_for(K, N, info.sm_count);
+  const DeviceInfo* info = nullptr;
+  if (device_info(device, &info) != cudaSuccess) return 0;
+  const int n_split = n_split_for(K, N, info->sm_count);
   return n_split > 1 ? (long long)n_split * M * K : 0;
 }
 
@@ -262,20 +239,15 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   if (dy_dtype != 1 && dy_dtype != 2) return fail("dy must be fp16 or bf16");
   if (scales_dtype != 1 && scales_dtype != 2) return fail("scales must be fp16 or bf16 here");
   if (device < 0 || device >= 128) return fail("bad device index");
-  int group_shift = -1;
-  if (G == 1) {
-    group_shift = 30;
-  } else if (group_size > 0 && group_size % 8 == 0 && ((group_size / 8) & (group_size / 8 - 1)) == 0) {
-    group_shift = 0;
-    while ((8 << group_shift) < group_size) ++group_shift;
-  }
+  const int group_shift = row_group_shift(group_size, G);
   if (group_shift < 0)
     return fail("needs g_idx == arange(K) / group_size with a power-of-two multiple of 8 as group_size");
   cudaError_t e = cudaSetDevice(device);
   if (e != cudaSuccess) return fail(cudaGetErrorString(e));
-  const Info& info = device_info(device, &e);
+  const DeviceInfo* info = nullptr;
+  e = device_info(device, &info);
   if (e != cudaSuccess) return fail(cudaGetErrorString(e));
-  const int n_split = n_split_for(K, N, info.sm_count);
+  const int n_split = n_split_for(K, N, info->sm_count);
   const int64_t count = (int64_t)M * K;
   if (n_split > 1 && (workspace == nullptr || workspace_floats < n_split * count))
     return fail("workspace too small: size it with mops_int4_small_m_t_workspace");

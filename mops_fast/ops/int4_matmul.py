@@ -675,11 +675,12 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
                 and _native_backward_enabled()):
             nat = _native_cuda_small_m()
             K, N, G = _dims(qweight, scales)
+            gs = min(group_size, K)  # one group: any size >= K
             if (nat is not None and _weight_fits_native(qweight, qzeros, scales, g_idx)
-                    and nat.small_m_t_supports(scales, min(group_size, K), G)):
+                    and nat.small_m_t_supports(scales, gs, G)):
                 dyc = dy.contiguous()
                 if _native_small_m_fits(dyc, qweight, scales, g_idx):
-                    return nat.int4_cuda_small_m_t_validated(dyc, qweight, qzeros, scales, K, N, G, min(group_size, K))
+                    return nat.int4_cuda_small_m_t_validated(dyc, qweight, qzeros, scales, K, N, G, gs)
         if HAS_TRITON:
             if impl == "auto" and dy.shape[0] >= CHUNKED_MIN_M:
                 return int4_matmul_t_chunked(dy, qweight, qzeros, scales, g_idx, group_size)
