@@ -5,6 +5,8 @@ Impls (rows of the JSON):
   fused          mops_fast.ops.gated_prefix_attention (Triton forward / backward), key padding mask on,
                  every expert active (dense gate)
   fused_top2     the same with top-2 gating (6 of 8 experts at log weight -inf: their tiles are skipped)
+  fused_atomic_dq  the fused path with dq_mode="atomic": the dK/dV programs add dQ with fp32 atomics
+                 (no dQ kernel); bwd and fwd+bwd at the shapes of ATOMIC_AT
   reference      per-sample prefix materialized by broadcast, concatenated with k/v (expanded to Hq heads),
                  torch SDPA with an explicit float mask holding the log weights, causal and padding masks
                  (the memory-efficient backend; gradients reach the log weights through the mask)
@@ -59,14 +61,18 @@ SHAPES = [MAIN] + [dict(MAIN, S=s) for s in (512, 1024, 4096)] + [dict(MAIN, J=1
 SMOKE = [dict(B=2, Hq=4, Hkv=2, d=32, S=48, J=3, L=4), dict(B=2, Hq=4, Hkv=2, d=32, S=40, J=1, L=5)]
 BUDGET_S = 75.0  # seconds since the process started; run_gpu.sh kills the script at 100
 T_START = T_IMPORT
-# --sweep: alternative (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, main shape only.
+# --sweep: alternative (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, main shape only; "dkdv_atomic"
+# are dK/dV tiles with dq_mode="atomic" (dQ added by the dK/dV programs).
 SWEEP = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
     "dkdv": [(16, 128, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2)],
+    "dkdv_atomic": [(16, 64, 8, 2), (16, 128, 8, 2), (16, 128, 8, 1), (32, 64, 8, 2)],
 }
 
-SWEEP_QUICK = {"fwd": [(128, 128, 8, 2)], "dkdv": [(32, 64, 8, 2), (64, 64, 8, 2)], "dq": [(64, 64, 4, 2)]}
+SWEEP_QUICK = {"dkdv_atomic": [(16, 128, 8, 2), (32, 64, 8, 2)], "dkdv": [(64, 64, 8, 2)]}
+# Shapes (by S, J) at which the atomic-dQ backward is timed beside the default one.
+ATOMIC_AT = {(2048, 8), (512, 8), (4096, 8), (2048, 32)}
 
 
 def make_inputs(shape, dev, dtype, topk=None, seed=0):
@@ -111,7 +117,7 @@ def useful_flops(shape, mode, prefix=True):
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
-def compile_report(cap: int) -> int:
+def compile_report(cap: int, only: str = "") -> int:
     """Compile every kernel variant for sm_<cap> on this machine (no GPU needed: Triton ships ptxas) and
     print shared memory, registers and spill bytes per thread: the check behind the tile tables of
     docs/kernels.md. Uses Triton's compiler entry points directly (written against Triton 3.9)."""
@@ -177,10 +183,16 @@ def compile_report(cap: int) -> int:
         "bf16 d128": {}, "fp16 d128": dict(dtype=torch.float16), "fp32 d128": dict(dtype=torch.float32),
         "bf16 d64": dict(d=64), "bf16 d256": dict(d=256), "bf16 d96": dict(d=96),
         "bf16 decode": dict(S=1, Sk=1000), "bf16 J*L=15": dict(J=5, L=3),
+        "bf16 d128 atomic-dQ": dict(dq_mode="atomic"), "bf16 d64 atomic-dQ": dict(d=64, dq_mode="atomic"),
+        "bf16 d256 atomic-dQ": dict(d=256, dq_mode="atomic"),
+        "fp32 d128 atomic-dQ": dict(dtype=torch.float32, dq_mode="atomic"),
     }
     print(f"sm_{cap}: shared memory bytes, registers and stack (spill) bytes per thread")
     for label, case in cases.items():
-        c = {**dict(B=2, Hq=32, Hkv=8, S=1000, Sk=None, d=128, J=8, L=16, dtype=torch.bfloat16), **case}
+        if only and only not in label:
+            continue
+        c = {**dict(B=2, Hq=32, Hkv=8, S=1000, Sk=None, d=128, J=8, L=16, dtype=torch.bfloat16,
+                    dq_mode="split"), **case}
         Sk = c["Sk"] or c["S"]
         q = torch.empty(c["B"], c["Hq"], c["S"], c["d"], dtype=c["dtype"])
         k = torch.empty(c["B"], c["Hkv"], Sk, c["d"], dtype=c["dtype"])
@@ -188,7 +200,8 @@ def compile_report(cap: int) -> int:
         lw, kv = torch.zeros(c["B"], c["J"]), torch.ones(c["B"], Sk, dtype=torch.bool)
         calls.clear()
         o, lse = tk.gpa_forward(q, k, k, pk, pk, lw, kv, 0.1, True)
-        tk.gpa_backward(o, None, q, k, k, pk, pk, lw, kv, o, lse, 0.1, True)
+        with tk.override_configs(dq_mode=c["dq_mode"]):
+            tk.gpa_backward(o, None, q, k, k, pk, pk, lw, kv, o, lse, 0.1, True)
         for fn, a, kw in calls:
             smem, regs, stack, mma = build(fn, a, kw)
             cfg = (kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("num_warps"), kw.get("num_stages"))
@@ -204,9 +217,11 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--compile-report", type=int, metavar="SM", default=None,
                     help="compile the kernels for sm_SM here (e.g. 90) and print registers / spills; no GPU")
+    ap.add_argument("--cases", default="", help="--compile-report: only the cases whose label contains this "
+                    "(tile configs from MOPS_FAST_GPA_CONFIG)")
     args = ap.parse_args(argv)
     if args.compile_report is not None:
-        return compile_report(args.compile_report)
+        return compile_report(args.compile_report, args.cases)
 
     from mops_fast.ops import triton_gated_prefix_attention as tk
     from mops_fast.ops.gated_prefix_attention import gated_prefix_attention
@@ -358,6 +373,9 @@ def main(argv=None) -> int:
         print(f"S={shape['S']} JL={shape['J'] * shape['L']}: fused vs reference output, relative error {check}",
               flush=True)
         measure(shape, "fused", impls["fused"], ins, kv, extra={"rel_err_vs_reference": check})
+        if (shape["S"], shape["J"]) in ATOMIC_AT or smoke:
+            with tk.override_configs(dq_mode="atomic"):
+                measure(shape, "fused_atomic_dq", impls["fused"], ins, kv, modes=("bwd", "fwd+bwd"))
         if si == 0:
             ins2, kv2 = make_inputs(shape, dev, dtype, topk=2, seed=si)
             for t in ins2:
@@ -379,7 +397,8 @@ def main(argv=None) -> int:
             t.requires_grad_()
         for kind, cfgs in sweep.items():
             for cfg in cfgs:
-                with tk.override_configs(**{kind: cfg}):
+                over = {"dq_mode": "atomic", "dkdv": cfg} if kind == "dkdv_atomic" else {kind: cfg}
+                with tk.override_configs(**over):
                     measure(shape, f"fused[{kind}={','.join(map(str, cfg))}]", impls["fused"], ins, kv,
                             modes=("fwd",) if kind == "fwd" else ("bwd",))
 
@@ -402,6 +421,10 @@ def main(argv=None) -> int:
         sm = s["median_ms"] if s else math.nan
         mem = (f["peak_mem_bytes"] / r["peak_mem_bytes"]) if f and r and r.get("peak_mem_bytes") else math.nan
         print(f"{mode:8s} {fm:10.3f} {rm:10.3f} {sm:10.3f} {rm / fm:9.2f} {fm / sm:10.2f} {mem:9.2f}")
+    for mode in ("bwd", "fwd+bwd"):
+        f, s = med("fused_atomic_dq", mode), med("sdpa_noprefix", mode)
+        if f and s:
+            print(f"{mode:8s} atomic dQ {f['median_ms']:.3f} ms = {f['median_ms'] / s['median_ms']:.2f}x sdpa_noprefix")
     print("targets (fwd+bwd, main shape): ref/fused >= 2, fused/sdpa <= 1.2, mem f/ref < 1")
     return 0
 

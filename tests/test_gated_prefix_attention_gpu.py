@@ -122,15 +122,16 @@ def test_main_shape(tk, dtype):
 
 
 def test_backward_is_repeatable(tk):
-    # dq, dk, dv come from plain stores: bitwise equal across runs; the prompt gradients use fp32
-    # atomics over the batch, so only their summation order may differ.
+    # dq_mode "split": dq, dk, dv come from plain stores, bitwise equal across runs; the prompt
+    # gradients use fp32 atomics over the batch, so only their summation order may differ.
     q, k, v, pk, pv, logw, kv = make_inputs(B=4, Sq=512, seed=2)
     leaves = [t.requires_grad_() for t in (q, k, v, pk, pv, logw)]
     do = torch.randn_like(q)
     grads = []
     for _ in range(2):
         o = gated_prefix_attention(*leaves[:5], leaves[5], kv)
-        grads.append(torch.autograd.grad(o, leaves, do))
+        with tk.override_configs(dq_mode="split"):
+            grads.append(torch.autograd.grad(o, leaves, do))
     for i in range(3):
         assert torch.equal(grads[0][i], grads[1][i])
     for i in range(3, 6):
@@ -188,3 +189,22 @@ def test_torch_compile_fullgraph(tk):
         assert torch.equal(a, b)
     for a, b in zip(g_c[3:], g_e[3:]):
         assert rel(a, b) < 1e-5
+
+
+ATOMIC_CASES = {
+    "bf16": dict(),
+    "fp16": dict(dtype=torch.float16, seed=10),
+    "fp32": dict(dtype=torch.float32, Sq=300, seed=11),
+    "gqa3_one_valid_jl15": dict(Hq=24, Hkv=8, Sq=777, J=5, L=3, pad="one_valid", seed=12),
+    "d64": dict(Hq=16, Hkv=4, Sq=700, d=64, seed=13),
+    "chunked_prefill": dict(Sq=300, Sk=1000, J=1, L=1, seed=14),
+    "per_sample": dict(Sq=640, J=1, L=16, per_sample=True, seed=15),
+}
+
+
+@pytest.mark.parametrize("case", list(ATOMIC_CASES))
+def test_atomic_dq(tk, case):
+    # dQ added by the dK/dV programs with fp32 atomics (no dQ kernel): same tolerances as the default.
+    kw = ATOMIC_CASES[case]
+    with tk.override_configs(dq_mode="atomic"):
+        check(make_inputs(**kw), TOL[kw.get("dtype", torch.bfloat16)])

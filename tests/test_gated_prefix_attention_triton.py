@@ -170,6 +170,45 @@ def test_block_shapes(tk, cfg):
         check(make_inputs(Sq=45, Sk=50, J=3, L=7, pad="both", seed=11 + bm), FP32)
 
 
+ATOMIC_CASES = {
+    "gqa3_right_pad": (dict(), FP32, True),
+    "both_pads_d24_blocks": (dict(B=1, Hq=2, Hkv=1, Sq=45, Sk=50, d=24, J=3, L=7, pad="both", seed=31), FP32, True),
+    "decode": (dict(Sq=5, Sk=40, pad="left", seed=32), FP32, True),
+    "per_sample_not_causal": (dict(Sq=21, J=2, L=5, per_sample=True, pad="left", seed=33), FP32, False),
+    "one_valid": (dict(Sq=29, pad="one_valid", seed=35), FP32, True),
+    "bf16_fp32_prompts": (dict(Sq=27, dtype=torch.bfloat16, prompt_dtype=torch.float32, seed=36), 2e-2, True),
+}
+
+
+@pytest.mark.parametrize("case", list(ATOMIC_CASES))
+def test_atomic_dq(tk, case):
+    # dQ added by the dK/dV programs (fp32 atomics) instead of its own kernel: the same gradients.
+    kw, tol, causal = ATOMIC_CASES[case]
+    blocks = dict(dkdv=(16, 32, 4, 1)) if case.startswith("both_pads") else {}
+    with tk.override_configs(dq_mode="atomic", **blocks):
+        assert tk._dq_mode() == "atomic"
+        check(make_inputs(**kw), tol, causal=causal)
+
+
+def test_dq_mode_selection(tk, monkeypatch):
+    assert tk._dq_mode() == tk.DEFAULT_DQ_MODE
+    monkeypatch.setenv("MOPS_FAST_GPA_DQ", "atomic")
+    assert tk._dq_mode() == "atomic"
+    with tk.override_configs(dq_mode="split"):
+        assert tk._dq_mode() == "split"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tk._dq_mode() == "split"  # atomics would change the summation order run to run
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv("MOPS_FAST_GPA_DQ", "atomics")
+    with pytest.raises(ValueError, match="MOPS_FAST_GPA_DQ"):
+        tk._dq_mode()
+    with pytest.raises(ValueError, match="dq_mode"):
+        with tk.override_configs(dq_mode="fast"):
+            pass
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 def test_half_precision_with_fp32_prompts(tk, dtype, tol):
     # fp32 prompt parameters with half activations (the training setup); bf16 dots are upcast

@@ -262,10 +262,11 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, sqm, sdom, lo, hi, Sq, off,
-                  offs_n, offs_d, qk_scale,
-                  IS_PROMPT: tl.constexpr, CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _bwd_kv_inner(dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, DQh, sqm, sdom, sdqm, lo, hi, Sq, off,
+                  offs_n, offs_d, qk_scale, sm_scale,
+                  IS_PROMPT: tl.constexpr, CAUSAL_MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr):
     # Transposed formulation: the key block is the row axis, so dK and dV accumulate as (BLOCK_N, d).
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -287,19 +288,27 @@ def _bwd_kv_inner(dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, sqm, sdom, lo,
         if IS_PROMPT:
             dlw += tl.sum(dsT, 1)
         dk += _dot(dsT.to(q.dtype), q, IEEE, UPCAST)
+        if ATOMIC_DQ:
+            # This key block's share of dQ, added into the fp32 accumulator. (The transposed product
+            # K^T dS^T spilled more on sm_90 at d = 128.)
+            dq = _dot(tl.trans(dsT.to(k.dtype)), k, IEEE, UPCAST) * sm_scale
+            qmask = m_ok[:, None]
+            if HEAD_DIM != BLOCK_D:
+                qmask = qmask & (offs_d[None, :] < HEAD_DIM)
+            tl.atomic_add(DQh + offs_m[:, None] * sdqm + offs_d[None, :], dq, mask=qmask, sem="relaxed")
     return dk, dv, dlw
 
 
 @triton.jit(do_not_specialize=["Hq", "Hkv", "G", "Sq", "Sk", "P", "L", "NPB"])
 def _gpa_bwd_dkdv_kernel(
-    Q, K, V, PK, PV, LW, KVM, DO, LSE, DELTA, DK, DV, DPK, DPV, DLW,
+    Q, K, V, PK, PV, LW, KVM, DO, LSE, DELTA, DK, DV, DPK, DPV, DLW, DQA,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     spkb, spkp, spkh, spvb, spvp, spvh,
     slwb, skvmb, sdob, sdoh, sdom,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    sdpb, sdpp, sdph,
+    sdpb, sdpp, sdph, sdqb, sdqh, sdqm,
     Hq, Hkv, G, Sq, Sk, P, L, NPB, sm_scale, qk_scale,
-    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, EVEN_P: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, EVEN_P: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -330,9 +339,10 @@ def _gpa_bwd_dkdv_kernel(
             dk, dv, dlw = _bwd_kv_inner(
                 dk, dv, dlw, k, v, bias,
                 Q + b64 * sqb + head64 * sqh, DO + b64 * sdob + head64 * sdoh,
-                LSE + (b64 * Hq + head64) * Sq, DELTA + (b64 * Hq + head64) * Sq, sqm, sdom,
-                0, m_hi, Sq, off, offs_n, offs_d, qk_scale,
-                True, False, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
+                LSE + (b64 * Hq + head64) * Sq, DELTA + (b64 * Hq + head64) * Sq,
+                DQA + b64 * sdqb + head64 * sdqh, sqm, sdom, sdqm,
+                0, m_hi, Sq, off, offs_n, offs_d, qk_scale, sm_scale,
+                True, False, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
         dk = dk * sm_scale
         # Sum over the batch with fp32 atomics (B-way contention per element); per-sample prompts
         # (sdpb != 0) land in their own slice.
@@ -373,14 +383,15 @@ def _gpa_bwd_dkdv_kernel(
             DOh = DO + b64 * sdob + head64 * sdoh
             LSEh = LSE + (b64 * Hq + head64) * Sq
             DELTAh = DELTA + (b64 * Hq + head64) * Sq
+            DQh = DQA + b64 * sdqb + head64 * sdqh
             dk, dv, dlw = _bwd_kv_inner(
-                dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, sqm, sdom,
-                m_lo, m_mid, Sq, off, offs_n, offs_d, qk_scale,
-                False, IS_CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
+                dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, DQh, sqm, sdom, sdqm,
+                m_lo, m_mid, Sq, off, offs_n, offs_d, qk_scale, sm_scale,
+                False, IS_CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
             dk, dv, dlw = _bwd_kv_inner(
-                dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, sqm, sdom,
-                m_full, m_hi, Sq, off, offs_n, offs_d, qk_scale,
-                False, False, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
+                dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, DQh, sqm, sdom, sdqm,
+                m_full, m_hi, Sq, off, offs_n, offs_d, qk_scale, sm_scale,
+                False, False, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
         dk = dk * sm_scale
         _store_2d(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
                   dk.to(DK.dtype.element_ty), n_ok, offs_d, HEAD_DIM, BLOCK_D)
@@ -508,11 +519,16 @@ _SM90 = {  # H100 / H200 (and sm_100): 227 KB shared memory per block, wgmma
     "dkdv": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (32, 32, 8, 1)},
     "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (32, 32, 8, 1)},
 }
-_SM80 = {**_SM90, "dq": {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 32, 8, 1)}}  # A100: mma.sync
+# dK/dV when it also adds dQ (dq_mode "atomic"): the extra product and the atomics' addresses need
+# registers, and at d = 128 every tile with 128 keys spilled on sm_90 (160-240 bytes), so 64 keys.
+_SM90["dkdv_atomic"] = {64: (32, 128, 8, 2), 128: (16, 64, 8, 2), 256: (16, 32, 8, 1)}
+_SM80 = {**_SM90, "dq": {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 32, 8, 1)},  # A100: mma.sync
+         "dkdv_atomic": {64: (16, 128, 8, 2), 128: (16, 64, 8, 2), 256: (16, 16, 8, 1)}}
 _SMALL_SMEM = {  # consumer parts (~100 KB shared memory per block), fp16 / bf16 operands
     "fwd": {64: (128, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 4, 1)},
     "dkdv": {64: (32, 64, 4, 2), 128: (32, 64, 8, 1), 256: (32, 32, 8, 1)},
     "dq": {64: (64, 64, 4, 2), 128: (64, 64, 4, 1), 256: (32, 32, 8, 1)},
+    "dkdv_atomic": {64: (16, 64, 4, 2), 128: (32, 64, 8, 1), 256: (16, 16, 8, 1)},
 }
 _FP32 = {  # IEEE fp32 dots run on the FMA units: small tiles keep the operands in registers
     "fwd": {64: (32, 32, 8, 1), 128: (32, 32, 8, 1), 256: (16, 16, 8, 1)},
@@ -522,14 +538,26 @@ _FP32 = {  # IEEE fp32 dots run on the FMA units: small tiles keep the operands 
 _INTERP = {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
 _OVERRIDE: dict = {}
 
+# How the backward computes dQ (docs/kernels.md, "Backward"):
+#   "split"   its own kernel, which recomputes S and dP per tile (7 block products in all); deterministic.
+#   "atomic"  the dK/dV programs also form each key block's share of dQ and add it into an fp32 buffer
+#             with atomics (5 block products, as FlashAttention-2 does; the summation order varies).
+# Default "split" until a GPU run shows "atomic" faster; torch.use_deterministic_algorithms(True)
+# always gets "split". MOPS_FAST_GPA_DQ or override_configs(dq_mode=...) choose.
+DQ_MODES = ("split", "atomic")
+DEFAULT_DQ_MODE = "split"
+
 
 @contextmanager
 def override_configs(**cfgs):
-    """Force (BLOCK_M, BLOCK_N, num_warps, num_stages) for 'fwd', 'fwd_pack', 'dkdv' and/or 'dq'
-    (tests use it to put block edges in awkward places; benchmarks to sweep)."""
-    unknown = set(cfgs) - {"fwd", "fwd_pack", "dkdv", "dq"}
+    """Force (BLOCK_M, BLOCK_N, num_warps, num_stages) for 'fwd', 'fwd_pack', 'dkdv' and/or 'dq', and
+    the backward's dQ strategy with dq_mode='split' | 'atomic' (tests use it to put block edges in
+    awkward places and to cover both strategies; benchmarks to sweep)."""
+    unknown = set(cfgs) - {"fwd", "fwd_pack", "dkdv", "dq", "dq_mode"}
     if unknown:
         raise ValueError(f"override_configs: unknown kernels {sorted(unknown)}")
+    if "dq_mode" in cfgs and cfgs["dq_mode"] not in DQ_MODES:
+        raise ValueError(f"override_configs: dq_mode must be one of {DQ_MODES}, got {cfgs['dq_mode']!r}")
     old = dict(_OVERRIDE)
     _OVERRIDE.update(cfgs)
     try:
@@ -550,6 +578,15 @@ def _env_override():
     return out
 
 
+def _dq_mode() -> str:
+    mode = _OVERRIDE.get("dq_mode") or os.environ.get("MOPS_FAST_GPA_DQ", "").strip() or DEFAULT_DQ_MODE
+    if mode not in DQ_MODES:
+        raise ValueError(f"MOPS_FAST_GPA_DQ={mode!r}: use one of {DQ_MODES}")
+    if mode == "atomic" and torch.are_deterministic_algorithms_enabled():
+        return "split"  # atomics change the summation order from run to run
+    return mode
+
+
 def _arch(device) -> str:
     cap = torch.cuda.get_device_capability(device)
     if cap in ((9, 0), (10, 0)):
@@ -557,8 +594,8 @@ def _arch(device) -> str:
     return "sm80" if cap == (8, 0) else "small"
 
 
-def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int = 0):
-    cfg = {**_env_override(), **_OVERRIDE}.get(kind)
+def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int = 0, atomic_dq: bool = False):
+    cfg = {**_env_override(), **{k: v for k, v in _OVERRIDE.items() if k != "dq_mode"}}.get(kind)
     if cfg is None and INTERPRETED:
         cfg = _INTERP["fwd" if kind == "fwd_pack" else kind]
     if cfg is None:
@@ -573,6 +610,8 @@ def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int 
             cfg = (bm, bn, 4, 3 if big else 2)
         else:
             table = _FP32 if dtype == torch.float32 else {"sm90": _SM90, "sm80": _SM80}.get(arch, _SMALL_SMEM)
+            if kind == "dkdv" and atomic_dq and "dkdv_atomic" in table:
+                kind = "dkdv_atomic"
             cfg = table[kind][dkey]
     bm, bn, warps, stages = cfg
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
@@ -744,17 +783,25 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
         )
         kvm_arg = kvm if kvm is not None else a["lw"]
         key = (q.dtype, d, causal, kvm is not None)
+        atomic_dq = _dq_mode() == "atomic"
+        # atomic: the fp32 accumulator the dK/dV programs add into (dq itself when q is fp32). Like the
+        # prompt-gradient buffers it is zeroed once: OutOfResources is raised before a launch runs.
+        dqa = dq
+        if atomic_dq:
+            dqa = dq.zero_() if q.dtype == torch.float32 else torch.zeros(dq.shape, device=dev,
+                                                                           dtype=torch.float32)
 
         def launch_dkdv(cfg):
             bm, bn, warps, stages = cfg
             npb = triton.cdiv(P, bn)
             _gpa_bwd_dkdv_kernel[(B * Hkv, npb + triton.cdiv(Sk, bn))](
-                q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dk, dv, dpk, dpv, dlw,
+                q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dk, dv, dpk, dpv, dlw, dqa,
                 *common,
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
                 dpk.stride(0) if a["per_sample"] else 0, dpk.stride(1), dpk.stride(2),
+                dqa.stride(0), dqa.stride(1), dqa.stride(2),
                 Hq, Hkv, G, Sq, Sk, P, L, npb, scale, scale * LOG2E,
-                IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0,
+                IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0, ATOMIC_DQ=atomic_dq,
                 HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
                 num_warps=warps, num_stages=stages,
             )
@@ -770,8 +817,12 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
                 num_warps=warps, num_stages=stages,
             )
 
-        _launch("dkdv", key, _config("dkdv", q.dtype, bd, dev), launch_dkdv)
-        _launch("dq", key, _config("dq", q.dtype, bd, dev), launch_dq)
+        _launch("dkdv", key + (atomic_dq,), _config("dkdv", q.dtype, bd, dev, atomic_dq=atomic_dq), launch_dkdv)
+        if atomic_dq:
+            if dqa is not dq:
+                dq.copy_(dqa)
+        else:
+            _launch("dq", key, _config("dq", q.dtype, bd, dev), launch_dq)
     dlogw = dlw.sum(1).view(B, J, L).sum(-1)
     dpk = dpk.view(prompt_k.shape).to(prompt_k.dtype)
     dpv = dpv.view(prompt_v.shape).to(prompt_v.dtype)
