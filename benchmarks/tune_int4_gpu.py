@@ -29,9 +29,11 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 SMALL_MS = [1, 4, 16]
 LARGE_MS = [64, 512, 4096]
 # (steps, warps) of the small-M CUDA kernel, 0 = the default; steps -4 / -8: x staged in shared memory
-# (M <= 8). The file in benchmarks/results from 2026-11-26 holds rows of a cp.async-ring variant under
-# steps < 0, since dropped as slower.
-NATIVE_VARIANTS = [(0, 0), (8, 0), (4, 8), (4, 16), (-4, 0), (-8, 0), (-8, 8)]
+# (M <= 8); 22: software-pipelined (two 2-step batches in flight); -22 / 24: pipelined with x in shared
+# memory, 2- / 4-step batches (M <= 8). See launch() in csrc/cuda/int4_small_m.cu. The file in
+# benchmarks/results from 2026-11-26 holds rows of a cp.async-ring variant under steps < 0 and of steps 8
+# (spills), since dropped as slower.
+NATIVE_VARIANTS = [(0, 0), (4, 16), (-4, 0), (-8, 0), (22, 0), (22, 8), (-22, 0), (24, 0)]
 BIG_TILES = [dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
              dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)]

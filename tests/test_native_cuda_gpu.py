@@ -88,7 +88,8 @@ def test_awkward_shapes(K, N, group, kw, M):
                    group_size=group or -1)
 
 
-@pytest.mark.parametrize("steps, warps", [(4, 0), (8, 0), (4, 4), (8, 16), (4, 3), (-4, 0), (-8, 0), (-8, 16)])
+@pytest.mark.parametrize("steps, warps", [(4, 0), (8, 0), (4, 4), (8, 16), (4, 3), (-4, 0), (-8, 0), (-8, 16),
+                                          (22, 0), (22, 3), (-22, 0), (24, 0), (24, 16), (-22, 5)])
 def test_launch_overrides_compute_the_same(steps, warps):
     # the launch variants the benchmarks time: every one must compute the product
     qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
@@ -98,6 +99,31 @@ def test_launch_overrides_compute_the_same(steps, warps):
         y = native.int4_cuda_small_m_validated(x, qw, qz, s, g, 4096, 11008, 32, group_size=128, steps=steps,
                                                warps=warps)
         assert torch.allclose(y.float(), want.float(), rtol=1e-3, atol=1e-3), (M, steps, warps)
+
+
+@pytest.mark.parametrize("steps", [22, -22, 24])
+@pytest.mark.parametrize(
+    "K, N, group, kw",
+    [
+        (576, 40, 128, {}),                                       # short last group, one CTA, 18 rows
+        (4104, 264, 64, {"sym": True}),                           # K not a multiple of 32, partial tile
+        (1024, 72, None, {"scales_dtype": torch.bfloat16}),       # one group
+        (11008, 4096, 128, {}),                                   # down_proj: 16 warps, long slices
+    ],
+    ids=["K576N40", "K4104N264", "onegroup", "down_proj"],
+)
+def test_pipelined_variants_awkward_shapes(steps, K, N, group, kw):
+    # two batches in flight per warp (and x in shared memory for -22 / 24, M <= 8): slices whose step
+    # count is odd, shorter than one batch, or ends inside a batch
+    dev = torch.device("cuda")
+    qw, qz, s, g = _weight(K, N, group, dev, seed=K + N, **kw)
+    ref_w = dequant_f64(qw, qz, s, g).t()
+    for dtype in (torch.float16, torch.bfloat16):
+        for M in (1, 5, 8, 11, 16):
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            y = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=group or K,
+                                                   steps=steps)
+            _assert_matches(y, x.double() @ ref_w, dtype, f"K={K} N={N} M={M} steps={steps} {dtype}")
 
 
 def test_stream_and_empty_and_errors():

@@ -135,15 +135,17 @@ inline int row_group_shift(int group_size, int G) {
 }
 
 struct DeviceInfo {
-  int sm_count = 0, smem_optin = 0;
+  int sm_count = 0, smem_optin = 0, smem_per_sm = 0;
 };
 
-// Multiprocessor count and opt-in shared-memory limit of a device (0 <= device < 128), queried once.
+// Multiprocessor count and shared-memory limits (opt-in per block, per SM) of a device (0 <= device < 128), queried once.
 inline cudaError_t device_info(int device, const DeviceInfo** out) {
   static DeviceInfo info[128];
   DeviceInfo& d = info[device];
   if (d.sm_count == 0) {
     cudaError_t e = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (e == cudaSuccess)
+      e = cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device);
     if (e != cudaSuccess) {
       d.sm_count = 0;

@@ -99,6 +99,49 @@ __device__ __forceinline__ void dequant_step(const int4 q, const typename Traits
     }
 }
 
+// A fragments of one step from x[lq, 8r .. 8r+7] (xlo) and x[lq + 8, ...] (xhi, MT == 16): mma 0 takes
+// input pairs (0,4),(1,5); mma 1 takes (2,6),(3,7).
+template <int MT>
+__device__ __forceinline__ void a_frags(const uint4& xlo, const uint4& xhi, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
+  a0[0] = __byte_perm(xlo.x, xlo.z, 0x5410);
+  a0[2] = __byte_perm(xlo.x, xlo.z, 0x7632);
+  a1[0] = __byte_perm(xlo.y, xlo.w, 0x5410);
+  a1[2] = __byte_perm(xlo.y, xlo.w, 0x7632);
+  if (MT == 16) {
+    a0[1] = __byte_perm(xhi.x, xhi.z, 0x5410);
+    a0[3] = __byte_perm(xhi.x, xhi.z, 0x7632);
+    a1[1] = __byte_perm(xhi.y, xhi.w, 0x5410);
+    a1[3] = __byte_perm(xhi.y, xhi.w, 0x7632);
+  } else {
+    a0[1] = a0[3] = a1[1] = a1[3] = 0u;
+  }
+}
+
+// Cached scale and (bias + zero) of the lane's 4 column slots from one group's prefetched 16-bit scales
+// (sv) and packed zero word (zv).
+template <class T>
+__device__ __forceinline__ void group_scales(uint2 sv, uint32_t zv, int lq, int scales_dtype,
+                                             typename Traits<T>::T2 (&ss)[4], typename Traits<T>::T2 (&zz)[4]) {
+  using Tr = Traits<T>;
+  const uint32_t zw = zv >> (16 * (lq & 1));
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    ss[c] = Tr::from_float(scale16(sv, c, scales_dtype));
+    zz[c] = from_bits<typename Tr::T2>((Tr::kBias + ((zw >> (4 * c)) & 0xfu)) * 0x10001u);
+  }
+}
+
+// The step's 8 mma: column slot c, nibble pairs (0,4),(1,5) then (2,6),(3,7). Whole warp (mma.sync).
+template <class T>
+__device__ __forceinline__ void mma_step(float (&acc)[4][4], const uint32_t (&a0)[4], const uint32_t (&a1)[4],
+                                         const uint32_t (&b)[4][4]) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    Traits<T>::mma(acc[c], a0, b[c][0], b[c][1]);
+    Traits<T>::mma(acc[c], a1, b[c][2], b[c][3]);
+  }
+}
+
 // MT: 8 (M <= 8, the upper 8 mma rows are zero) or 16.
 // GROUPED: g_idx == arange(K) / group_size with 8 * 2^group_shift inputs a group (or one group), 16-bit
 // scales. The group of a row is then arithmetic (no g_idx table to build before the first weight load)
@@ -205,20 +248,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       const bool ok = r < R;
       if (XS && ok && row_lo) xlo[u] = *reinterpret_cast<const uint4*>(xs + lq * xs_stride + 8 * r);
 
-      // A fragments: mma 0 takes input pairs (0,4),(1,5); mma 1 takes (2,6),(3,7).
       uint32_t a0[4], a1[4];
-      a0[0] = __byte_perm(xlo[u].x, xlo[u].z, 0x5410);
-      a0[2] = __byte_perm(xlo[u].x, xlo[u].z, 0x7632);
-      a1[0] = __byte_perm(xlo[u].y, xlo[u].w, 0x5410);
-      a1[2] = __byte_perm(xlo[u].y, xlo[u].w, 0x7632);
-      if (MT == 16) {
-        a0[1] = __byte_perm(xhi[u].x, xhi[u].z, 0x5410);
-        a0[3] = __byte_perm(xhi[u].x, xhi[u].z, 0x7632);
-        a1[1] = __byte_perm(xhi[u].y, xhi[u].w, 0x5410);
-        a1[3] = __byte_perm(xhi[u].y, xhi[u].w, 0x7632);
-      } else {
-        a0[1] = a0[3] = a1[1] = a1[3] = 0u;
-      }
+      a_frags<MT>(xlo[u], xhi[u], a0, a1);
 
       // B fragments b[c][j] = dequantized nibbles (j, j+4) of column slot c. Computed on either
       // branch; the mma themselves run after reconvergence (mma.sync needs the whole warp).
@@ -229,12 +260,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       if (GROUPED || rg >= 0) {
         if (rg != cur_g && col_ok) {
           if (GROUPED) {
-            const uint32_t zw = zv[u] >> (16 * (lq & 1));
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              ss[c] = Tr::from_float(scale16(sv[u], c, p.scales_dtype));
-              zz[c] = from_bits<T2>((Tr::kBias + ((zw >> (4 * c)) & 0xfu)) * 0x10001u);
-            }
+            group_scales<T>(sv[u], zv[u], lq, p.scales_dtype, ss, zz);
           } else {
             float s[4];
             load_scales4(p.scales, p.scales_dtype, (int64_t)rg * N + ncol, s);
@@ -273,17 +299,160 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         }
       }
       __syncwarp();
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        Tr::mma(acc[c], a0, b[c][0], b[c][1]);
-        Tr::mma(acc[c], a1, b[c][2], b[c][3]);
-      }
+      mma_step<T>(acc, a0, a1, b);
     }
   }
 
   if (!GROUPED) __syncthreads();  // rowg no longer needed; reuse smem
   // XS: the reduction buffer lies after x (other warps may still be reading x)
   reduce_and_store<T, MT>(acc, XS ? smem + M * xs_stride / 2 : smem, p, n0, lane, warp, nwarps, lq, lt);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Software-pipelined variant (grouped weights). The kernel above issues a batch of loads and then waits
+// for it before any arithmetic, so each warp's memory traffic stops while it dequantizes and multiplies
+// (Nsight Compute on an H100: 36% of DRAM bandwidth, 6.4 cycles per issued instruction). Here each warp
+// holds two batches: while it computes one, the other's weights, scales and zeros (and x, unless x is
+// staged in shared memory: XS, M <= 8) are in flight, and the batch just computed is refilled at once.
+
+// One warp's loads for STEPS 4-row steps. x travels with the weights unless it is in shared memory.
+template <int MT, int STEPS, bool XS>
+struct Batch {
+  int4 q[STEPS];
+  uint2 s[STEPS];
+  uint32_t z[STEPS];
+  uint4 xlo[XS ? 1 : STEPS], xhi[(!XS && MT == 16) ? STEPS : 1];
+};
+
+// The per-lane constants of a warp's slice.
+struct Lane {
+  int lq, lt, ncol, s_end;
+  bool col_ok, row_lo, row_hi;
+};
+
+template <class T, int MT, int STEPS, bool XS>
+__device__ __forceinline__ void issue_batch(const Params& p, const Lane& l, int s0, Batch<MT, STEPS, XS>& b) {
+  const T* xg = static_cast<const T*>(p.x);
+  const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
+  const int R = p.K / 8;
+#pragma unroll
+  for (int u = 0; u < STEPS; ++u) {
+    const int r = 4 * (s0 + u) + l.lt;
+    const bool ok = s0 + u < l.s_end && r < R;
+    b.q[u] = make_int4(0, 0, 0, 0);
+    b.s[u] = make_uint2(0, 0);
+    b.z[u] = 0;
+    if (ok && l.col_ok) {
+      const int g = min(r >> p.group_shift, p.G - 1);
+      b.q[u] = __ldg(reinterpret_cast<const int4*>(p.qweight + (int64_t)r * p.N + l.ncol));
+      b.s[u] = __ldg(reinterpret_cast<const uint2*>(sc16 + (int64_t)g * p.N + l.ncol));
+      b.z[u] = uint32_t(__ldg(p.qzeros + (int64_t)g * (p.N / 8) + l.ncol / 8));
+    }
+    if (!XS) {
+      b.xlo[u] = make_uint4(0, 0, 0, 0);
+      if (ok && l.row_lo) b.xlo[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)l.lq * p.K + 8 * r));
+      if (MT == 16) {
+        b.xhi[u] = make_uint4(0, 0, 0, 0);
+        if (ok && l.row_hi)
+          b.xhi[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)(l.lq + 8) * p.K + 8 * r));
+      }
+    }
+  }
+}
+
+template <class T, int MT, int STEPS, bool XS>
+__device__ __forceinline__ void compute_batch(const Params& p, const Lane& l, int s0, const Batch<MT, STEPS, XS>& b,
+                                              const T* xs, int xs_stride, int& cur_g,
+                                              typename Traits<T>::T2 (&ss)[4], typename Traits<T>::T2 (&zz)[4],
+                                              float (&acc)[4][4]) {
+  const int R = p.K / 8;
+#pragma unroll
+  for (int u = 0; u < STEPS; ++u) {
+    if (s0 + u >= l.s_end) break;  // warp-uniform
+    const int r = 4 * (s0 + u) + l.lt;
+    const bool ok = r < R;
+    uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
+    if (XS) {
+      if (ok && l.row_lo) xlo = *reinterpret_cast<const uint4*>(xs + l.lq * xs_stride + 8 * r);
+    } else {
+      xlo = b.xlo[u];
+      if (MT == 16) xhi = b.xhi[u];
+    }
+    uint32_t a0[4], a1[4];
+    a_frags<MT>(xlo, xhi, a0, a1);
+    // Rows past the end carry x = 0 and keep the current group.
+    const int rg = ok ? min(r >> p.group_shift, p.G - 1) : cur_g;
+    if (rg != cur_g && l.col_ok) {
+      group_scales<T>(b.s[u], b.z[u], l.lq, p.scales_dtype, ss, zz);
+      cur_g = rg;
+    }
+    uint32_t bf[4][4];
+    dequant_step<T>(b.q[u], ss, zz, bf);
+    __syncwarp();
+    mma_step<T>(acc, a0, a1, bf);
+  }
+}
+
+template <class T, int MT, int STEPS, bool XS>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+    int4_small_m_pipe_kernel(const Params p) {
+  using Tr = Traits<T>;
+  using T2 = typename Tr::T2;
+  static_assert(!XS || MT == 8, "x in shared memory: M <= 8");
+  extern __shared__ int32_t smem[];  // x (XS), then the reduction buffer
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int R = p.K / 8;
+  const int n0 = blockIdx.x * 32;
+  const int steps = (R + 3) / 4;
+  const int per_warp = (steps + nwarps - 1) / nwarps;
+  const int s_begin = warp * per_warp;
+  Lane l;
+  l.lq = lane >> 2;
+  l.lt = lane & 3;
+  l.ncol = n0 + 4 * l.lq;
+  l.s_end = min(steps, s_begin + per_warp);
+  l.col_ok = l.ncol < p.N;
+  l.row_lo = l.lq < p.M;
+  l.row_hi = MT == 16 && l.lq + 8 < p.M;
+
+  // Both batches in flight before anything waits (x's staging included).
+  Batch<MT, STEPS, XS> a, b;
+  issue_batch<T, MT, STEPS, XS>(p, l, s_begin, a);
+  issue_batch<T, MT, STEPS, XS>(p, l, s_begin + STEPS, b);
+  const int xs_stride = p.K + 8;  // halves a row of x in shared memory (16 bytes of padding: no bank conflicts)
+  const T* xs = reinterpret_cast<const T*>(smem);
+  if (XS) {
+    for (int i = threadIdx.x; i < p.M * R; i += blockDim.x) {
+      const int m = i / R, c = i - m * R;
+      *reinterpret_cast<uint4*>(reinterpret_cast<T*>(smem) + m * xs_stride + 8 * c) =
+          __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + (int64_t)m * p.K + 8 * c));
+    }
+    __syncthreads();
+  }
+
+  float acc[4][4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[c][i] = 0.f;
+  int cur_g = -1;
+  T2 ss[4], zz[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    ss[c] = Tr::from_float(0.f);
+    zz[c] = from_bits<T2>(Tr::kMagic);
+  }
+
+  for (int s0 = s_begin; s0 < l.s_end; s0 += 2 * STEPS) {
+    compute_batch<T, MT, STEPS, XS>(p, l, s0, a, xs, xs_stride, cur_g, ss, zz, acc);
+    issue_batch<T, MT, STEPS, XS>(p, l, s0 + 2 * STEPS, a);
+    compute_batch<T, MT, STEPS, XS>(p, l, s0 + STEPS, b, xs, xs_stride, cur_g, ss, zz, acc);
+    issue_batch<T, MT, STEPS, XS>(p, l, s0 + 3 * STEPS, b);
+  }
+
+  // XS: the reduction buffer lies after x (other warps may still be reading x)
+  reduce_and_store<T, MT>(acc, XS ? smem + p.M * xs_stride / 2 : smem, p, n0, lane, warp, nwarps, l.lq, l.lt);
 }
 
 // The kernels need up to 128 registers a thread, so an SM holds about 16 of their warps. Give each CTA
@@ -300,13 +469,22 @@ int pick_warps(const Params& p, const DeviceInfo& dev, int warps_hint) {
 
 size_t xs_bytes(const Params& p) { return size_t(p.M) * (p.K + 8) * 2; }
 
-template <class T, int MT, bool GROUPED, int STEPS, bool XS = false>
-cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hint, cudaStream_t stream) {
+// Whether x in shared memory leaves every CTA of the grid resident at once (x is per CTA: M * K * 2
+// bytes each, beside the reduction buffer and the 1 KB the runtime reserves per CTA).
+bool xs_resident(const Params& p, const DeviceInfo& dev, int warps_hint) {
+  const int tiles = (p.N + 31) / 32;
+  const size_t ctas_per_sm = size_t((tiles + dev.sm_count - 1) / dev.sm_count);
+  const size_t per_cta = xs_bytes(p) + size_t(pick_warps(p, dev, warps_hint)) * 16 * 32 * 4 + 1024;
+  return per_cta <= size_t(dev.smem_optin) && ctas_per_sm * per_cta <= size_t(dev.smem_per_sm);
+}
+
+template <class Kernel>
+cudaError_t launch_kernel(Kernel kernel, const Params& p, const DeviceInfo& dev, int warps_hint, bool table,
+                          bool xs, cudaStream_t stream) {
   const int warps = pick_warps(p, dev, warps_hint);
-  const size_t table = GROUPED ? 0 : size_t(p.K / 8) * 4;
+  const size_t tbl = table ? size_t(p.K / 8) * 4 : 0;
   const size_t red = size_t(warps) * 16 * 32 * 4;
-  const size_t smem = XS ? xs_bytes(p) + red : std::max(table, red);
-  auto kernel = int4_small_m_kernel<T, MT, GROUPED, STEPS, XS>;
+  const size_t smem = xs ? xs_bytes(p) + red : std::max(tbl, red);
   if (smem > 48 * 1024) {
     if (smem > size_t(dev.smem_optin)) return cudaErrorInvalidValue;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -316,14 +494,42 @@ cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hin
   return cudaGetLastError();
 }
 
-// steps_hint: 0 or 4 the default, 4 steps a batch; 8 (measured slower on an H100: it spills at the
-// 128-register cap); -4 / -8 x in shared memory with 4 / 8 steps (M <= 8, where x fits; not yet timed). A variant that streamed each step through a cp.async ring in shared memory (fewer
-// registers, more bytes in flight) measured 1.2-2.5x slower than this one (benchmarks/results/
-// tune_int4-*.json, steps < 0) and was dropped.
+template <class T, int MT, bool GROUPED, int STEPS, bool XS = false>
+cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hint, cudaStream_t stream) {
+  return launch_kernel(int4_small_m_kernel<T, MT, GROUPED, STEPS, XS>, p, dev, warps_hint, !GROUPED, XS, stream);
+}
+
+// Pipelined kernel: 4-step batches only with x in shared memory (with x in registers they spill at the
+// 128-register cap, ptxas for sm_90), else 2-step batches.
+template <class T, int MT>
+cudaError_t launch_pipe(const Params& p, const DeviceInfo& dev, int steps, bool xs, int warps_hint,
+                        cudaStream_t stream) {
+  if constexpr (MT == 8) {
+    if (xs && steps == 4)
+      return launch_kernel(int4_small_m_pipe_kernel<T, MT, 4, true>, p, dev, warps_hint, false, true, stream);
+    if (xs) return launch_kernel(int4_small_m_pipe_kernel<T, MT, 2, true>, p, dev, warps_hint, false, true, stream);
+  }
+  return launch_kernel(int4_small_m_pipe_kernel<T, MT, 2, false>, p, dev, warps_hint, false, false, stream);
+}
+
+// steps_hint selects the variant of grouped weights (act-order and fp32 scales always take the table path):
+//   0 or 4   the default, batches of 4 steps, each waited for before its arithmetic;
+//   8        batches of 8 (measured slower on an H100: it spills at the 128-register cap);
+//   -4 / -8  x in shared memory with 4 / 8 steps (M <= 8, where x fits; not yet timed);
+//   22       software-pipelined: two batches of 2 steps in flight, one computed while the other loads,
+//            x loaded with the weights (not yet timed);
+//   -22, 24  the same with x in shared memory, batches of 2 / 4 steps (M <= 8 and every CTA resident;
+//            otherwise 22) (not yet timed).
+// A variant that streamed each step through a cp.async ring in shared memory (fewer registers, more bytes
+// in flight) measured 1.2-2.5x slower than the default (benchmarks/results/tune_int4-*.json) and was dropped.
 template <class T, int MT>
 cudaError_t launch(const Params& p, const DeviceInfo& dev, int steps_hint, int warps_hint, cudaStream_t s) {
   if (p.group_shift < 0) return launch_variant<T, MT, false, 4>(p, dev, warps_hint, s);
   if (steps_hint == 8) return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);
+  if (steps_hint == 22 || steps_hint == -22 || steps_hint == 24) {
+    const bool xs = steps_hint != 22 && MT == 8 && xs_resident(p, dev, warps_hint);
+    return launch_pipe<T, MT>(p, dev, steps_hint == 24 ? 4 : 2, xs, warps_hint, s);
+  }
   if constexpr (MT == 8) {  // x in shared memory (steps_hint -4 / -8) where it fits
     if (steps_hint < 0 && xs_bytes(p) + size_t(kMaxWarps) * 16 * 32 * 4 <= size_t(dev.smem_optin))
       return steps_hint == -4 ? launch_variant<T, MT, true, 4, true>(p, dev, warps_hint, s)
