@@ -12,7 +12,7 @@
 # in the order the open work needs them (bench_e2e_gpu last: it has run into its limit before).
 # Budget: about 8 minutes on one H100 (each step has its own time limit; on an H100 80GB HBM3,
 # 2026-11-26: build 15-18 s, the int4 GPU tests 40 s, all GPU tests about 100 s, tune_int4 50 s, the
-# int4 benchmarks 25-40 s each, the attention and end-to-end benchmarks up to 75 s).
+# int4 benchmarks 25-40 s each, the end-to-end benchmark up to 75 s, the attention one up to 90 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -39,6 +39,7 @@ for s in $STEPS; do
     tests_int4) step tests_int4 120 "${pytest_gpu[@]}" tests/test_int4_matmul_gpu.py \
                   tests/test_native_cuda_gpu.py ;;
     tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT" ;;
+    bench_gated_prefix_attention) step "$s" 110 python3 "benchmarks/$s.py" --out "$OUT" ;;
     bench_*) step "$s" 90 python3 "benchmarks/$s.py" --out "$OUT" ;;
     *) echo "unknown step $s" | tee -a "$log" ;;
   esac
