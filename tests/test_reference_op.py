@@ -119,3 +119,68 @@ def test_bad_inputs_raise_clear_errors(bad):
         k, v, kv = k[:, :, :3], v[:, :, :3], kv[:, :3]
     with pytest.raises(ValueError, match="gated_prefix_attention"):
         gated_prefix_attention(q, k, v, pk, pv, logw, kv)
+
+
+# --- inference path: one SDPA call over [prompts; own keys] when nothing needs a gradient ---------------
+from mops_fast.ops import gated_prefix_attention as gpa_mod  # noqa: E402
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    calls = []
+    real = gpa_mod._prefix_sdpa
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gpa_mod, "_prefix_sdpa", counting)
+    return calls
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", [
+    dict(), dict(Sq=1, Sk=9), dict(J=5, L=3, Hq=3, Hkv=1), dict(J=1, L=1), dict(per_sample=True, J=1, L=4),
+    dict(Sq=5, Sk=11, d=4, B=3), dict(Sq=1, Sk=9, pad=False), dict(Hq=2, Hkv=2, pad=False),
+])
+def test_inference_path_matches_naive(case, causal, sdpa_calls):
+    q, k, v, pk, pv, logw, kv = make(**case)
+    with torch.no_grad():
+        out = gated_prefix_attention(q, k, v, pk, pv, logw, kv, causal=causal)
+    assert sdpa_calls == [1]
+    torch.testing.assert_close(out, naive(q, k, v, pk, pv, logw, kv, causal=causal), rtol=1e-10, atol=1e-10)
+    # no gate and no padding mask: the other branches of the mask
+    with torch.no_grad():
+        out = gated_prefix_attention(q, k, v, pk, pv, None, None, causal=causal)
+    torch.testing.assert_close(out, naive(q, k, v, pk, pv, None, None, causal=causal), rtol=1e-10, atol=1e-10)
+
+
+def test_inference_path_fp32_and_dispatch(sdpa_calls):
+    q, k, v, pk, pv, logw, kv = (t.float() if t.is_floating_point() else t for t in make(Sq=6, Sk=13, seed=3))
+    ref = gated_prefix_attention(q, k, v, pk, pv, logw, kv, backend="reference")  # explicit: the reference
+    assert sdpa_calls == []
+    out = gated_prefix_attention(q, k, v, pk, pv, logw, kv)  # no input requires grad
+    assert sdpa_calls == [1] and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # training (a prompt requires grad), bf16, and the lse variant keep the reference
+    pk.requires_grad_()
+    assert gated_prefix_attention(q, k, v, pk, pv, logw, kv).grad_fn is not None
+    with torch.no_grad():
+        gated_prefix_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pk, pv, logw, kv)
+        gated_prefix_attention_with_lse(q, k, v, pk, pv, logw, kv)
+    assert sdpa_calls == [1]
+
+
+def test_inference_path_rows_that_see_nothing_are_zero():
+    # sample 0: every expert dropped and its first keys padding, so its first queries see nothing; the
+    # reference gives NaN there, the inference path 0 (as the fused kernels do)
+    q, k, v, pk, pv, logw, kv = make(pad=False, Sq=6, Sk=6)
+    logw[0] = float("-inf")
+    kv[0, :3] = False
+    with torch.no_grad():
+        out = gated_prefix_attention(q, k, v, pk, pv, logw, kv)
+    ref = gated_prefix_attention(q, k, v, pk, pv, logw, kv, backend="reference")
+    hidden = torch.isnan(ref)
+    assert hidden[0, :, :3].all() and not hidden[1].any()
+    assert (out[hidden] == 0).all()
+    torch.testing.assert_close(out[~hidden], ref[~hidden], rtol=1e-10, atol=1e-10)

@@ -16,7 +16,11 @@ shapes of CPU training) and the public entry point that dispatches by device:
   CUDA tensors (fp16 / bf16 / fp32)  -> the fused Triton kernels (triton_gated_prefix_attention.py),
                                        through the custom op mops_fast::gated_prefix_attention, so that
                                        torch.compile captures the call with no graph break
-  CPU tensors, float64, no Triton    -> the reference, with plain autograd
+  CPU tensors, float64, no Triton    -> the reference, with plain autograd; when nothing needs a
+                                       gradient (generate, evaluation), fp32 / float64 and o alone is
+                                       asked for: one SDPA call over [prompts; own keys] with an
+                                       additive mask (_prefix_sdpa; on the 2-core CPU at SmolLM2's
+                                       attention shapes 1.7x faster at decode, 4x at a 256-token prefill)
 `backend="triton"` (or MOPS_FAST_FORCE_TRITON=1) sends CPU tensors through the Triton kernels too,
 which works under TRITON_INTERPRET=1 (the interpreter tests); `backend="reference"` forces the
 reference.
@@ -28,6 +32,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -253,10 +258,56 @@ def gated_prefix_attention_with_lse(
     )
 
 
+def _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal):
+    """o of the reference's function by one fused SDPA call: the prompts concatenated in front of the
+    sample's keys (expanded over the batch: a view until the concatenation), and an additive mask holding
+    the log gate weights on the prompt columns and -inf on the own keys a query must not see. Rows that
+    see nothing get 0 (as from the fused kernels) where the reference gives NaN. For inference: the
+    mask's gradient would take SDPA's unfused math path."""
+    B, Hq, Sq, d = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    pk, pv = prompt_k, prompt_v
+    if pk.dim() == 4:
+        pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
+    Bp, J, L = pk.shape[:3]
+    P = J * L
+    pk = pk.reshape(Bp, P, Hkv, d).transpose(1, 2).to(q.dtype).expand(B, Hkv, P, d)
+    pv = pv.reshape(Bp, P, Hkv, d).transpose(1, 2).to(q.dtype).expand(B, Hkv, P, d)
+    kk = torch.cat([pk, k], dim=2)
+    vv = torch.cat([pv, v], dim=2)
+    # Own keys: 0 where visible, -inf where hidden (causal: only when a query precedes the last key).
+    visible = None
+    if causal and Sq > 1:
+        qpos = torch.arange(Sk - Sq, Sk, device=q.device)
+        visible = (torch.arange(Sk, device=q.device)[None, :] <= qpos[:, None])[None, None]  # (1, 1, Sq, Sk)
+    if key_valid is not None:
+        kv = key_valid[:, None, None, :]
+        visible = kv if visible is None else (visible & kv)
+    if visible is None:
+        own = torch.zeros((1, 1, 1, Sk), dtype=q.dtype, device=q.device)
+    else:
+        own = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+    if gate_logw is None:
+        pre = torch.zeros((1, 1, 1, P), dtype=q.dtype, device=q.device)
+    else:
+        pre = gate_logw.to(q.dtype)[:, None, None, :, None].expand(B, 1, 1, J, L).reshape(B, 1, 1, P)
+    rows = own.shape[2]  # Sq, or 1 when every query sees the same keys (the mask broadcasts)
+    mask = torch.cat([pre.expand(B, 1, rows, P), own.expand(B, 1, rows, Sk)], dim=-1)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def gated_prefix_attention(
     q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True, backend=None
 ):
     """Gated-prefix attention output o (B, Hq, Sq, d). See the module docstring for the contract."""
+    if (backend is None and q.dtype in (torch.float32, torch.float64) and not _use_fused(q, None)
+            and not _needs_grad(q, k, v, prompt_k, prompt_v, gate_logw)):
+        check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
+        return _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
     return gated_prefix_attention_with_lse(
         q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale=scale, causal=causal, backend=backend
     )[0]
