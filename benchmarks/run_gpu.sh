@@ -7,8 +7,9 @@
 #   STEPS="build tests_int4 tune_int4 bench_gptq_matmul" benchmarks/run_gpu.sh    a chosen subset
 #
 # Steps: build, tests (all GPU tests), tests_int4 (the int4 and native-kernel GPU tests only), tune_int4
-# (launch variants of the int4 kernels, benchmarks/tune_int4_gpu.py), bench_gated_prefix_attention,
-# bench_gptq_matmul, bench_int4_cuda_small_m, bench_e2e_gpu. The default is every step but tests_int4,
+# (launch variants of the int4 kernels, benchmarks/tune_int4_gpu.py), ncu_int4 (Nsight Compute on each
+# small-M kernel variant, not in the default), bench_gated_prefix_attention,
+# bench_gptq_matmul, bench_int4_cuda_small_m, bench_e2e_gpu. The default is every step but tests_int4 and ncu_int4,
 # in the order the open work needs them (bench_e2e_gpu last: it has run into its limit before).
 # Budget: about 8 minutes on one H100 (each step has its own time limit; on an H100 80GB HBM3,
 # 2026-11-26: build 15-18 s, the int4 GPU tests 40 s, all GPU tests about 100 s, tune_int4 50 s, the
@@ -39,6 +40,9 @@ for s in $STEPS; do
     tests_int4) step tests_int4 120 "${pytest_gpu[@]}" tests/test_int4_matmul_gpu.py \
                   tests/test_native_cuda_gpu.py ;;
     tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT" ;;
+    ncu_int4) step ncu_int4 150 bash -c "ncu -k regex:int4_small_m --section SpeedOfLight --section Occupancy \
+                --section LaunchStats --section WarpStateStats python3 benchmarks/ncu_int4_small_m.py \
+                > '$OUT/ncu_int4_small_m.txt' 2>&1; tail -3 '$OUT/ncu_int4_small_m.txt'" ;;
     bench_gated_prefix_attention) step "$s" 110 python3 "benchmarks/$s.py" --out "$OUT" ;;
     bench_*) step "$s" 90 python3 "benchmarks/$s.py" --out "$OUT" ;;
     *) echo "unknown step $s" | tee -a "$log" ;;
