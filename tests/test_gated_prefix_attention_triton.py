@@ -263,6 +263,33 @@ def test_dispatch(tk, monkeypatch):
     assert "mops_fast" not in type(o_r.grad_fn).__name__
 
 
+def test_inference_skips_the_custom_op(tk, monkeypatch):
+    # Eager calls that need no gradient launch the kernel directly (host time at decode); training,
+    # torch.compile and fake tensors go through the op.
+    from mops_fast.ops import gated_prefix_attention as gm
+
+    q, k, v, pk, pv, logw, kv = make_inputs(B=1, Hq=2, Hkv=1, Sq=9, d=16, J=2, L=2, seed=20)
+    calls = []
+    real = gm._gpa_fused
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(gm, "_gpa_fused", counting)
+    with torch.no_grad():
+        o_inf = gated_prefix_attention(q, k, v, pk, pv, logw, kv, backend="triton")
+    assert calls == []
+    o_train = gated_prefix_attention(q.requires_grad_(), k, v, pk, pv, logw, kv, backend="triton")
+    assert calls == [1] and o_train.grad_fn is not None
+    assert torch.equal(o_inf, o_train.detach())
+    mode = torch._subclasses.FakeTensorMode()
+    fq, fk, fv, fpk, fpv = (mode.from_tensor(t.detach()) for t in (q, k, v, pk, pv))
+    with mode, torch.no_grad():
+        assert gated_prefix_attention(fq, fk, fv, fpk, fpv, backend="triton").shape == q.shape
+    assert calls == [1, 1]
+
+
 def test_bad_inputs(tk):
     q, k, v, pk, pv, logw, kv = make_inputs(B=1, Hq=2, Hkv=1, Sq=8, d=16, J=2, L=2, seed=16)
     with pytest.raises(ValueError, match="backend"):
