@@ -605,7 +605,7 @@ def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int 
         if kind == "fwd_pack":
             # Decode: one tile holds the group's G * Sq query rows (<= 64); keys stream in tiles of 64
             # (32 for fp32 or d = 256), so one K/V read serves every query head of the group.
-            bm = min(64, max(16, triton.next_power_of_2(pack_rows)))
+            bm = min(64, max(16, _next_pow2(pack_rows)))
             bn = 32 if (dtype == torch.float32 or dkey == 256) else 64
             cfg = (bm, bn, 4, 3 if big else 2)
         else:
@@ -622,6 +622,16 @@ def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int 
 # --------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------
+# Host-side arithmetic in plain Python: triton.cdiv and next_power_of_2 are jit functions in recent
+# Triton versions, whose host calls cost microseconds each on the launch path.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _last_dim_contig(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -658,12 +668,11 @@ def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
     if key_valid is not None:
         # An additive fp32 bias (0 / -inf) rather than bytes: it pipelines through shared memory like
         # the K/V tiles (a byte mask cost ~70 registers per thread in the forward on sm_90).
-        kvm = torch.zeros(key_valid.shape, device=q.device, dtype=torch.float32).masked_fill_(
-            ~key_valid, float("-inf"))
+        kvm = torch.where(key_valid, 0.0, float("-inf")).float()  # one kernel; .float() is a no-op
     return dict(
         q=_last_dim_contig(q), k=_last_dim_contig(k), v=_last_dim_contig(v), pk=pk, pv=pv, lw=lw,
         kvm=kvm, B=B, Hq=Hq, Hkv=Hkv, G=Hq // Hkv, Sq=Sq, Sk=Sk, d=d, J=J, L=L, P=P, Bp=Bp,
-        per_sample=per_sample, block_d=max(16, triton.next_power_of_2(d)),
+        per_sample=per_sample, block_d=max(16, _next_pow2(d)),
     )
 
 
@@ -721,7 +730,7 @@ def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float,
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
-        grid = (B * Hkv, triton.cdiv(G * Sq, bm)) if pack else (B * Hq, triton.cdiv(Sq, bm))
+        grid = (B * Hkv, _cdiv(G * Sq, bm)) if pack else (B * Hq, _cdiv(Sq, bm))
         _gpa_fwd_kernel[grid](
             q_, k_, v_, pk, pv, a["lw"], kvm if kvm is not None else a["lw"], o, lse,
             q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
@@ -769,7 +778,7 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
         delta = torch.empty((B, Hq, Sq), device=dev, dtype=torch.float32)
         pre_bm = 16 if INTERPRETED else 64
         dlse_ = dlse.to(torch.float32).contiguous() if dlse is not None else delta
-        _bwd_preprocess_kernel[(B * Hq, triton.cdiv(Sq, pre_bm))](
+        _bwd_preprocess_kernel[(B * Hq, _cdiv(Sq, pre_bm))](
             o_, do_, dlse_, delta, o_.stride(0), o_.stride(1), o_.stride(2),
             do_.stride(0), do_.stride(1), do_.stride(2), Hq, Sq,
             HAS_DLSE=dlse is not None, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_bm, num_warps=4,
@@ -793,8 +802,8 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
 
         def launch_dkdv(cfg):
             bm, bn, warps, stages = cfg
-            npb = triton.cdiv(P, bn)
-            _gpa_bwd_dkdv_kernel[(B * Hkv, npb + triton.cdiv(Sk, bn))](
+            npb = _cdiv(P, bn)
+            _gpa_bwd_dkdv_kernel[(B * Hkv, npb + _cdiv(Sk, bn))](
                 q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dk, dv, dpk, dpv, dlw, dqa,
                 *common,
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -808,7 +817,7 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
 
         def launch_dq(cfg):
             bm, bn, warps, stages = cfg
-            _gpa_bwd_dq_kernel[(B * Hq, triton.cdiv(Sq, bm))](
+            _gpa_bwd_dq_kernel[(B * Hq, _cdiv(Sq, bm))](
                 q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dq,
                 *common, dq.stride(0), dq.stride(1), dq.stride(2),
                 Hq, Hkv, G, Sq, Sk, P, L, scale, scale * LOG2E,
