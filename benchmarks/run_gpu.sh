@@ -6,18 +6,21 @@
 #   benchmarks/run_gpu.sh                 every step below, in order
 #   STEPS="build tests_int4 tune_int4 bench_gptq_matmul" benchmarks/run_gpu.sh    a chosen subset
 #
-# Steps: build, tests (all GPU tests), tests_int4 (the int4 and native-kernel GPU tests only), tune_int4
-# (launch variants of the int4 kernels, benchmarks/tune_int4_gpu.py), ncu_int4 (Nsight Compute on each
-# small-M kernel variant, not in the default), bench_gated_prefix_attention,
-# bench_gptq_matmul, bench_int4_cuda_small_m, bench_e2e_gpu. The default is every step but tests_int4 and ncu_int4,
-# in the order the open work needs them (bench_e2e_gpu last: it has run into its limit before).
-# Budget: about 8 minutes on one H100 (each step has its own time limit; on an H100 80GB HBM3,
-# 2026-11-26: build 15-18 s, the int4 GPU tests 40 s, all GPU tests about 100 s, tune_int4 50 s, the
-# int4 benchmarks 25-40 s each, the end-to-end benchmark up to 75 s, the attention one up to 90 s).
+# Steps: build; tests (every GPU test, one JUnit file) or tests_int4 and tests_attn (the int4/native and
+# the attention/attach GPU tests, a JUnit file each); tune_int4 (launch variants of the int4 kernels,
+# benchmarks/tune_int4_gpu.py); ncu_int4 (Nsight Compute on each small-M kernel variant);
+# bench_int4_cuda_small_m, bench_gptq_matmul, bench_gated_prefix_attention, bench_e2e_gpu.
+# The default (in the order the open work needs them; bench_gptq_matmul last, it re-measures defaults):
+# build tests_int4 tests_attn bench_gated_prefix_attention tune_int4 bench_int4_cuda_small_m
+# bench_gptq_matmul -- about 9 minutes on an H100, under the 10 a command may run; ncu_int4 and
+# bench_e2e_gpu (up to 90 s) run when named in STEPS.
+# Measured on an H100 80GB HBM3, 2026-11-26/27: build 15-18 s, the int4 GPU tests 40 s, all GPU tests
+# about 100 s before the atomic-dQ and pipelined-kernel cases were added, tune_int4 50 s, the int4
+# benchmarks 25-40 s each, the attention benchmark up to 90 s (its budget), end-to-end up to 75 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-STEPS=${STEPS:-build tests tune_int4 bench_int4_cuda_small_m bench_gptq_matmul bench_gated_prefix_attention bench_e2e_gpu}
+STEPS=${STEPS:-build tests_int4 tests_attn bench_gated_prefix_attention tune_int4 bench_int4_cuda_small_m bench_gptq_matmul}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log="$OUT/run_gpu.log"
@@ -28,17 +31,20 @@ echo "steps: $STEPS" | tee -a "$log"
 step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)" | tee -a "$log";
          local t=$SECONDS; timeout "$limit" "$@" 2>&1 | tee -a "$log";
          echo "== $name rc=${PIPESTATUS[0]} in $((SECONDS - t)) s" | tee -a "$log"; }
-pytest_gpu=(python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml")
+# One JUnit file a step: pytest writes it at the end, so a step cut by its limit loses only its own.
+pytest_gpu=(python3 -m pytest -q -m gpu -p no:cacheprovider)
 
 # (at most 8 files come back from a lent machine: the log, one junit XML and one JSON per benchmark)
 for s in $STEPS; do
   case $s in
     build) step build 120 env MOPS_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" python3 setup.py build_ext --inplace ;;
-    tests) step tests 180 "${pytest_gpu[@]}" tests/test_gated_prefix_attention_gpu.py \
+    tests) step tests 300 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests.xml" tests/test_gated_prefix_attention_gpu.py \
              tests/test_int4_matmul_gpu.py tests/test_native_cuda_gpu.py tests/test_attach_gpu.py \
              tests/test_quant_refine.py ;;
-    tests_int4) step tests_int4 120 "${pytest_gpu[@]}" tests/test_int4_matmul_gpu.py \
+    tests_int4) step tests_int4 120 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_int4.xml" tests/test_int4_matmul_gpu.py \
                   tests/test_native_cuda_gpu.py ;;
+    tests_attn) step tests_attn 200 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_attn.xml" tests/test_gated_prefix_attention_gpu.py \
+                  tests/test_attach_gpu.py tests/test_quant_refine.py ;;
     tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT" ;;
     ncu_int4) step ncu_int4 150 bash -c "ncu -k regex:int4_small_m --section SpeedOfLight --section Occupancy \
                 --section LaunchStats --section WarpStateStats python3 benchmarks/ncu_int4_small_m.py \

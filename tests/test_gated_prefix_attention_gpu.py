@@ -191,13 +191,13 @@ def test_torch_compile_fullgraph(tk):
         assert rel(a, b) < 1e-5
 
 
+# Each case compiles its own dK/dV variant on the GPU (seconds each): the dtypes and layouts that change
+# the kernel, the rest is left to the interpreter tests (fp16, decode offsets).
 ATOMIC_CASES = {
     "bf16": dict(),
-    "fp16": dict(dtype=torch.float16, seed=10),
     "fp32": dict(dtype=torch.float32, Sq=300, seed=11),
     "gqa3_one_valid_jl15": dict(Hq=24, Hkv=8, Sq=777, J=5, L=3, pad="one_valid", seed=12),
     "d64": dict(Hq=16, Hkv=4, Sq=700, d=64, seed=13),
-    "chunked_prefill": dict(Sq=300, Sk=1000, J=1, L=1, seed=14),
     "per_sample": dict(Sq=640, J=1, L=16, per_sample=True, seed=15),
 }
 
