@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 for p in (ROOT / "benchmarks",):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
-from common import bench_cuda_graph, copies_beyond_l2  # noqa: E402
+from common import bench_cuda_graph, weight_copies  # noqa: E402
 from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -194,10 +194,8 @@ def main(argv=None) -> int:
         ref_b = dy.float() @ W32
         graphs = dev.name == "cuda" and M <= GRAPH_MAX_M and not act_order
         # input copies for graph timing: int4 weight sets and fp16 weights, each beyond twice the L2 cache
-        n_q = copies_beyond_l2(qw.numel() * 4 + sc.numel() * 2) if graphs else 1
-        n_h = copies_beyond_l2(W16.numel() * 2) if graphs else 1
-        qsets = [packed] + [tuple(t.clone() for t in packed) for _ in range(n_q - 1)]
-        hsets = [W16] + [W16.clone() for _ in range(n_h - 1)]
+        qsets, hsets = weight_copies(packed, W16, graphs)
+        n_q, n_h = len(qsets), len(hsets)
         gq = n_q if graphs else None
         gh = n_h if graphs else None
         if act_order:

@@ -31,7 +31,7 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_quant_cpu import pack_rows  # noqa: E402
-from common import bench_cuda_graph, copies_beyond_l2  # noqa: E402
+from common import bench_cuda_graph, weight_copies  # noqa: E402
 from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -93,10 +93,8 @@ def main() -> int:
         packed, W16 = make_layer(K, N, dev)
         G = packed[2].shape[0]
         # copies for graph timing: the bytes one graph cycles through exceed twice the L2 cache
-        n_q = copies_beyond_l2(packed[0].numel() * 4 + packed[2].numel() * 2)
-        n_h = copies_beyond_l2(W16.numel() * 2)
-        qsets = [packed] + [[t.clone() for t in packed] for _ in range(n_q - 1)]
-        hsets = [W16] + [W16.clone() for _ in range(n_h - 1)]
+        qsets, hsets = weight_copies(packed, W16)
+        n_q, n_h = len(qsets), len(hsets)
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             dy = torch.randn(M, N, device=dev, dtype=torch.float16)

@@ -169,3 +169,13 @@ def copies_beyond_l2(bytes_per_set: int, l2_bytes: int | None = None, at_most: i
     if l2_bytes is None:
         l2_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     return max(1, min(at_most, -(-2 * l2_bytes // max(bytes_per_set, 1))))
+
+
+def weight_copies(packed, W16, graphs: bool = True):
+    """(int4 sets, fp16 weights): the packed weight (qweight, qzeros, scales, g_idx) and its fp16
+    dequantization, each copied until a graph cycling through the copies reads beyond twice the L2 cache
+    (one of each, no CUDA query, when not timing graphs)."""
+    n_q = copies_beyond_l2(packed[0].numel() * 4 + packed[2].numel() * 2) if graphs else 1
+    n_h = copies_beyond_l2(W16.numel() * 2) if graphs else 1
+    return ([packed] + [tuple(t.clone() for t in packed) for _ in range(n_q - 1)],
+            [W16] + [W16.clone() for _ in range(n_h - 1)])

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
-from common import bench_cuda_graph, copies_beyond_l2  # noqa: E402
+from common import bench_cuda_graph, weight_copies  # noqa: E402
 from mops_fast.machine import slug  # noqa: E402
 
 GROUP = 128
@@ -103,10 +103,7 @@ def main() -> int:
             packed = make_weight(K, N, seed=K + N)
             W32 = op.dequantize_int4(*packed, torch.float32)
             W16 = W32.half()
-            n_q = copies_beyond_l2(packed[0].numel() * 4 + packed[2].numel() * 2)
-            n_h = copies_beyond_l2(W16.numel() * 2)
-            weights[(K, N)] = ([packed] + [tuple(t.clone() for t in packed) for _ in range(n_q - 1)],
-                               [W16] + [W16.clone() for _ in range(n_h - 1)], W32)
+            weights[(K, N)] = (*weight_copies(packed, W16), W32)
         return weights[(K, N)]
 
     # Every shape's small-M rows first (the open question), then the large-M ones, so that a run cut
