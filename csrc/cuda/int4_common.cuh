@@ -156,4 +156,21 @@ inline cudaError_t device_info(int device, const DeviceInfo** out) {
   return cudaSuccess;
 }
 
+// Shapes both small-M entry points take: 1 <= M <= 16 rows, K and N multiples of 8, G > 0. nullptr if
+// they hold, else the message.
+inline const char* small_m_shape_error(int M, int K, int N, int G) {
+  if (M < 1 || M > 16) return "M must be in [1, 16]";
+  if (K <= 0 || N <= 0 || K % 8 || N % 8 || G <= 0) return "need K, N > 0, multiples of 8, G > 0";
+  return nullptr;
+}
+
+// Make `device` current (the extension's static cudart keeps its own current device, apart from torch's)
+// and look up its info. nullptr on success, else the message.
+inline const char* use_device(int device, const DeviceInfo** out) {
+  if (device < 0 || device >= 128) return "bad device index";
+  cudaError_t e = cudaSetDevice(device);
+  if (e == cudaSuccess) e = device_info(device, out);
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
 }  // namespace mops_int4

@@ -545,21 +545,17 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
     std::snprintf(err, size_t(err_len), "%s", msg);
     return 1;
   };
-  if (M < 1 || M > 16) return fail("M must be in [1, 16]");
-  if (K <= 0 || N <= 0 || K % 8 || N % 8 || G <= 0) return fail("need K, N > 0, multiples of 8, G > 0");
+  if (const char* msg = small_m_shape_error(M, K, N, G)) return fail(msg);
   if (x_dtype != 1 && x_dtype != 2) return fail("activations must be fp16 or bf16");
   if (scales_dtype < 0 || scales_dtype > 2) return fail("bad scales dtype");
   if (group_size < 0) return fail("group_size must be >= 0 (0: read the groups from g_idx)");
-  if (device < 0 || device >= 128) return fail("bad device index");
+  const DeviceInfo* info = nullptr;
+  if (const char* msg = use_device(device, &info)) return fail(msg);
+  const DeviceInfo& dev = *info;
   // Row-group arithmetic where the groups allow it (row_group_shift); anything else, and fp32 scales, take
   // the g_idx table path.
   const int group_shift = group_size > 0 && scales_dtype != 0 ? row_group_shift(group_size, G) : -1;
-  cudaError_t e = cudaSetDevice(device);  // our static cudart keeps its own current device
-  if (e != cudaSuccess) return fail(cudaGetErrorString(e));
-  const DeviceInfo* info = nullptr;
-  e = device_info(device, &info);
-  if (e != cudaSuccess) return fail(cudaGetErrorString(e));
-  const DeviceInfo& dev = *info;
+  cudaError_t e;
   Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (x_dtype == 1)

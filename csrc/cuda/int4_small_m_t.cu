@@ -218,10 +218,9 @@ cudaError_t launch_t(const TParams& p0, int n_split, int64_t count, cudaStream_t
 }  // namespace
 
 extern "C" long long mops_int4_small_m_t_workspace(int M, int K, int N, int device) {
-  if (M < 1 || K <= 0 || N <= 0 || device < 0 || device >= 128) return 0;
-  if (cudaSetDevice(device) != cudaSuccess) return 0;
+  if (M < 1 || K <= 0 || N <= 0) return 0;
   const DeviceInfo* info = nullptr;
-  if (device_info(device, &info) != cudaSuccess) return 0;
+  if (use_device(device, &info) != nullptr) return 0;
   const int n_split = n_split_for(K, N, info->sm_count);
   return n_split > 1 ? (long long)n_split * M * K : 0;
 }
@@ -234,19 +233,14 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
     std::snprintf(err, size_t(err_len), "%s", msg);
     return 1;
   };
-  if (M < 1 || M > 16) return fail("M must be in [1, 16]");
-  if (K <= 0 || N <= 0 || K % 8 || N % 8 || G <= 0) return fail("need K, N > 0, multiples of 8, G > 0");
+  if (const char* msg = small_m_shape_error(M, K, N, G)) return fail(msg);
   if (dy_dtype != 1 && dy_dtype != 2) return fail("dy must be fp16 or bf16");
   if (scales_dtype != 1 && scales_dtype != 2) return fail("scales must be fp16 or bf16 here");
-  if (device < 0 || device >= 128) return fail("bad device index");
+  const DeviceInfo* info = nullptr;
+  if (const char* msg = use_device(device, &info)) return fail(msg);
   const int group_shift = row_group_shift(group_size, G);
   if (group_shift < 0)
     return fail("needs g_idx == arange(K) / group_size with a power-of-two multiple of 8 as group_size");
-  cudaError_t e = cudaSetDevice(device);
-  if (e != cudaSuccess) return fail(cudaGetErrorString(e));
-  const DeviceInfo* info = nullptr;
-  e = device_info(device, &info);
-  if (e != cudaSuccess) return fail(cudaGetErrorString(e));
   const int n_split = n_split_for(K, N, info->sm_count);
   const int64_t count = (int64_t)M * K;
   if (n_split > 1 && (workspace == nullptr || workspace_floats < n_split * count))
@@ -254,6 +248,7 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   TParams p{dy, qweight, qzeros, scales, dx, n_split > 1 ? workspace : nullptr, M, K, N, G, scales_dtype,
             group_shift, 0};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaError_t e;
   if (dy_dtype == 1)
     e = M <= 8 ? launch_t<__half, 8>(p, n_split, count, s) : launch_t<__half, 16>(p, n_split, count, s);
   else
