@@ -193,9 +193,9 @@ def test_backward_refusals_and_dispatch(monkeypatch):
     qw, qz, s, g = _weight(4096, 264, 32, torch.device("cuda"), scales_dtype=torch.float32, seed=6)
     with pytest.raises(ValueError, match="16-bit scales"):
         native.int4_matmul_t_cuda_small_m(torch.randn(2, 264, device="cuda", dtype=torch.float16), qw, qz, s, g, 32)
-    # opted in, the dispatch (what QuantLinear's backward calls) takes the kernel and agrees with float64
+    # by default the dispatch (what QuantLinear's backward calls) takes the kernel and agrees with float64
     qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
     dy = torch.randn(4, 11008, device="cuda", dtype=torch.float16)
-    monkeypatch.setenv("MOPS_FAST_INT4_NATIVE_BWD", "1")
+    monkeypatch.delenv("MOPS_FAST_INT4_NATIVE_BWD", raising=False)
     _assert_matches(op.int4_matmul_t(dy, qw, qz, s, g, 128), dy.double() @ dequant_f64(qw, qz, s, g),
-                    torch.float16, "dispatch, native backward opted in")
+                    torch.float16, "dispatch, native backward by default")

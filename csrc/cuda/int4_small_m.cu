@@ -509,19 +509,22 @@ cudaError_t launch_pipe(const Params& p, const DeviceInfo& dev, int steps, bool 
 }
 
 // steps_hint selects the variant of grouped weights (act-order and fp32 scales always take the table path):
-//   0 or 4   the default, batches of 4 steps, each waited for before its arithmetic;
+//   0        the default: 22 for M <= 8 (an H100, 2026-11-27: 3-7% faster than 4 at 4096x4096 and
+//            11008x4096, even at 4096x11008), 4 for M > 8 (where 22 lost at 4096x11008);
+//   4        batches of 4 steps, each waited for before its arithmetic;
 //   8        batches of 8 (measured slower on an H100: it spills at the 128-register cap);
 //   -4 / -8  x in shared memory with 4 / 8 steps (M <= 8, where x fits; not yet timed);
 //   22       software-pipelined: two batches of 2 steps in flight, one computed while the other loads,
-//            x loaded with the weights (not yet timed);
+//            x loaded with the weights;
 //   -22, 24  the same with x in shared memory, batches of 2 / 4 steps (M <= 8 and every CTA resident;
-//            otherwise 22) (not yet timed).
+//            otherwise 22): within 0-8% of 22 at M <= 4, the fastest by 1-5% at M = 16 on 2 of 3 shapes.
 // A variant that streamed each step through a cp.async ring in shared memory (fewer registers, more bytes
 // in flight) measured 1.2-2.5x slower than the default (benchmarks/results/tune_int4-*.json) and was dropped.
 template <class T, int MT>
 cudaError_t launch(const Params& p, const DeviceInfo& dev, int steps_hint, int warps_hint, cudaStream_t s) {
   if (p.group_shift < 0) return launch_variant<T, MT, false, 4>(p, dev, warps_hint, s);
   if (steps_hint == 8) return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);
+  if (steps_hint == 0 && MT == 8) steps_hint = 22;
   if (steps_hint == 22 || steps_hint == -22 || steps_hint == 24) {
     const bool xs = steps_hint != 22 && MT == 8 && xs_resident(p, dev, warps_hint);
     return launch_pipe<T, MT>(p, dev, steps_hint == 24 ? 4 : 2, xs, warps_hint, s);
