@@ -5,8 +5,10 @@ Impls (rows of the JSON):
   fused          mops_fast.ops.gated_prefix_attention (Triton forward / backward), key padding mask on,
                  every expert active (dense gate)
   fused_top2     the same with top-2 gating (6 of 8 experts at log weight -inf: their tiles are skipped)
-  fused_atomic_dq  the fused path with dq_mode="atomic": the dK/dV programs add dQ with fp32 atomics
-                 (no dQ kernel); bwd and fwd+bwd at the shapes of ATOMIC_AT
+  fused_nopad    the fused kernel with no key padding (sdpa_noprefix's inputs plus the prompts), at the
+                 shapes of CASCADE_AT
+  fused_cascade  the same inputs through the shared-prefix cascade (prefix_cascade.py: FlashAttention for
+                 the own keys, the Triton kernels for the prompts from its softmax state), CASCADE_AT
   reference      per-sample prefix materialized by broadcast, concatenated with k/v (expanded to Hq heads),
                  torch SDPA with an explicit float mask holding the log weights, causal and padding masks
                  (the memory-efficient backend; gradients reach the log weights through the mask)
@@ -62,19 +64,21 @@ SMOKE = [dict(B=2, Hq=4, Hkv=2, d=32, S=48, J=3, L=4), dict(B=2, Hq=4, Hkv=2, d=
 BUDGET_S = 90.0  # seconds since the process started; run_gpu.sh kills the script at 110
 T_START = T_IMPORT
 # --sweep: alternative (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, main shape only; "dkdv_atomic"
-# are dK/dV tiles with dq_mode="atomic" (dQ added by the dK/dV programs).
+# are dK/dV tiles with dq_mode="atomic" (dQ added by the dK/dV programs), "dkdv_cascade" the tiles of the
+# cascade's prompt-only backward (no key padding).
 SWEEP = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
     "dkdv": [(16, 128, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2)],
     "dkdv_atomic": [(16, 64, 8, 2), (16, 128, 8, 2), (16, 128, 8, 1), (32, 64, 8, 2)],
+    "dkdv_cascade": [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2)],
 }
 
-# fwd (64, 64, 4, 2) and (64, 32, 4, 3): two CTAs a multiprocessor at d = 128 (83 / 67 KB of shared
-# memory, 233 / 173 registers, no spills for sm_90), where the default holds one.
-SWEEP_QUICK = {"dkdv_atomic": [(16, 128, 8, 2), (32, 64, 8, 2)], "fwd": [(64, 64, 4, 2), (64, 32, 4, 3)]}
-# Shapes (by S, J) at which the atomic-dQ backward is timed beside the default one.
-ATOMIC_AT = {(2048, 8), (512, 8), (4096, 8), (2048, 32)}
+# The cascade's prompt-only dK/dV pass has B*Hkv*G programs per prompt block: smaller key tiles give
+# more of them (P = 128: 256 programs at BLOCK_N = 128, 512 at 64).
+SWEEP_QUICK = {"dkdv_cascade": [(32, 64, 8, 2), (16, 64, 8, 2)]}
+# Shapes (by S, J) at which the cascade is timed beside the fused kernel on the same unpadded inputs.
+CASCADE_AT = {(2048, 8), (512, 8), (4096, 8), (2048, 32)}
 
 
 def make_inputs(shape, dev, dtype, topk=None, seed=0):
@@ -188,6 +192,7 @@ def compile_report(cap: int, only: str = "") -> int:
         "bf16 d128 atomic-dQ": dict(dq_mode="atomic"), "bf16 d64 atomic-dQ": dict(d=64, dq_mode="atomic"),
         "bf16 d256 atomic-dQ": dict(d=256, dq_mode="atomic"),
         "fp32 d128 atomic-dQ": dict(dtype=torch.float32, dq_mode="atomic"),
+        "bf16 d128 cascade": dict(cascade=True), "bf16 d64 cascade": dict(d=64, cascade=True),
     }
     print(f"sm_{cap}: shared memory bytes, registers and stack (spill) bytes per thread")
     for label, case in cases.items():
@@ -201,9 +206,15 @@ def compile_report(cap: int, only: str = "") -> int:
         pk = torch.empty(c["J"], c["L"], c["Hkv"], c["d"], dtype=c["dtype"])
         lw, kv = torch.zeros(c["B"], c["J"]), torch.ones(c["B"], Sk, dtype=torch.bool)
         calls.clear()
-        o, lse = tk.gpa_forward(q, k, k, pk, pk, lw, kv, 0.1, True)
-        with tk.override_configs(dq_mode=c["dq_mode"]):
-            tk.gpa_backward(o, None, q, k, k, pk, pk, lw, kv, o, lse, 0.1, True)
+        if c.get("cascade"):  # the prompt-only passes: forward from a softmax state, dq added in place
+            k0 = k[:, :, :0]
+            init = (torch.empty_like(q), torch.empty(q.shape[:3]))
+            o, lse = tk.gpa_forward(q, k0, k0, pk, pk, lw, None, 0.1, False, init=init)
+            tk.gpa_backward(o, None, q, k0, k0, pk, pk, lw, None, o, lse, 0.1, False, dq_init=torch.empty_like(q))
+        else:
+            o, lse = tk.gpa_forward(q, k, k, pk, pk, lw, kv, 0.1, True)
+            with tk.override_configs(dq_mode=c["dq_mode"]):
+                tk.gpa_backward(o, None, q, k, k, pk, pk, lw, kv, o, lse, 0.1, True)
         for fn, a, kw in calls:
             smem, regs, stack, mma = build(fn, a, kw)
             cfg = (kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("num_warps"), kw.get("num_stages"))
@@ -296,6 +307,7 @@ def main(argv=None) -> int:
         "fused_top2": None,
         "reference": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
         "sdpa_noprefix": [SDPBackend.FLASH_ATTENTION],
+        "fused_cascade": [SDPBackend.FLASH_ATTENTION],  # it calls the flash op directly; keep it allowed
     }
 
     rows, t0 = [], T_START
@@ -375,9 +387,11 @@ def main(argv=None) -> int:
         print(f"S={shape['S']} JL={shape['J'] * shape['L']}: fused vs reference output, relative error {check}",
               flush=True)
         measure(shape, "fused", impls["fused"], ins, kv, extra={"rel_err_vs_reference": check})
-        if (shape["S"], shape["J"]) in ATOMIC_AT or smoke:
-            with tk.override_configs(dq_mode="atomic"):
-                measure(shape, "fused_atomic_dq", impls["fused"], ins, kv, modes=("bwd", "fwd+bwd"))
+        if (shape["S"], shape["J"]) in CASCADE_AT or smoke:
+            with tk.override_configs(cascade=False):
+                measure(shape, "fused_nopad", impls["fused"], ins, None)
+            with tk.override_configs(cascade=True):
+                measure(shape, "fused_cascade", impls["fused"], ins, None)
         if si == 0:
             ins2, kv2 = make_inputs(shape, dev, dtype, topk=2, seed=si)
             for t in ins2:
@@ -399,9 +413,11 @@ def main(argv=None) -> int:
             t.requires_grad_()
         for kind, cfgs in sweep.items():
             for cfg in cfgs:
-                over = {"dq_mode": "atomic", "dkdv": cfg} if kind == "dkdv_atomic" else {kind: cfg}
+                over = {"dkdv_atomic": {"dq_mode": "atomic", "dkdv": cfg},
+                        "dkdv_cascade": {"cascade": True, "dkdv": cfg}}.get(kind, {kind: cfg})
                 with tk.override_configs(**over):
-                    measure(shape, f"fused[{kind}={','.join(map(str, cfg))}]", impls["fused"], ins, kv,
+                    measure(shape, f"fused[{kind}={','.join(map(str, cfg))}]", impls["fused"], ins,
+                            None if kind == "dkdv_cascade" else kv,
                             modes=("fwd",) if kind == "fwd" else ("bwd",))
 
     path = save()
@@ -423,10 +439,11 @@ def main(argv=None) -> int:
         sm = s["median_ms"] if s else math.nan
         mem = (f["peak_mem_bytes"] / r["peak_mem_bytes"]) if f and r and r.get("peak_mem_bytes") else math.nan
         print(f"{mode:8s} {fm:10.3f} {rm:10.3f} {sm:10.3f} {rm / fm:9.2f} {fm / sm:10.2f} {mem:9.2f}")
-    for mode in ("bwd", "fwd+bwd"):
-        f, s = med("fused_atomic_dq", mode), med("sdpa_noprefix", mode)
-        if f and s:
-            print(f"{mode:8s} atomic dQ {f['median_ms']:.3f} ms = {f['median_ms'] / s['median_ms']:.2f}x sdpa_noprefix")
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        c, f, s = med("fused_cascade", mode), med("fused_nopad", mode), med("sdpa_noprefix", mode)
+        if c and f and s:
+            print(f"{mode:8s} no padding: cascade {c['median_ms']:.3f} ms = {c['median_ms'] / s['median_ms']:.2f}x "
+                  f"sdpa_noprefix, fused {f['median_ms']:.3f} ms = {f['median_ms'] / s['median_ms']:.2f}x")
     print("targets (fwd+bwd, main shape): ref/fused >= 2, fused/sdpa <= 1.2, mem f/ref < 1")
     return 0
 

@@ -85,7 +85,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check(inputs, tol, causal=True, seed=1):
+def check(inputs, tol, causal=True, seed=1, use_lse=True):
     q, k, v, pk, pv, logw, kv = inputs
     leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
     lw = logw.clone().requires_grad_() if logw is not None else None
@@ -95,8 +95,9 @@ def check(inputs, tol, causal=True, seed=1):
     g = torch.Generator(device=DEV).manual_seed(seed)
     # Upstream gradients representable in the compute dtype, so both sides see the same numbers.
     do = torch.randn(o.shape, generator=g, device=DEV).to(q.dtype).double()
-    dl = torch.randn(lse.shape, generator=g, device=DEV).double()
-    ((o.double() * do).sum() + (lse.double() * dl).sum()).backward()
+    dl = torch.randn(lse.shape, generator=g, device=DEV).double() * float(use_lse)
+    loss = (o.double() * do).sum()
+    (loss + (lse.double() * dl).sum() if use_lse else loss).backward()
 
     r_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
     r_lw = logw.detach().double().requires_grad_() if logw is not None else None
@@ -208,3 +209,52 @@ def test_atomic_dq(tk, case):
     kw = ATOMIC_CASES[case]
     with tk.override_configs(dq_mode="atomic"):
         check(make_inputs(**kw), TOL[kw.get("dtype", torch.bfloat16)])
+
+
+# The shared-prefix cascade (prefix_cascade.py): the own keys by torch's FlashAttention, the prompts by
+# the Triton kernels from its softmax state. No key padding (the cascade does not take a padding mask).
+CASCADE_CASES = {
+    "bf16": (dict(pad=None, seed=21), True),
+    "fp16_gqa3_jl15": (dict(Hq=24, Hkv=8, Sq=777, J=5, L=3, dtype=torch.float16, pad=None, seed=22), True),
+    "d64_per_sample_not_causal": (dict(Hq=16, Hkv=4, Sq=500, Sk=700, d=64, J=1, L=16, per_sample=True,
+                                       pad=None, seed=23), False),
+}
+
+
+@pytest.fixture
+def cascade_calls(tk, monkeypatch):
+    from mops_fast.ops import prefix_cascade as pc
+
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = pc._own_forward, pc._own_backward
+
+    def count_fwd(*a):
+        calls["fwd"] += 1
+        return fwd(*a)
+
+    def count_bwd(*a):
+        calls["bwd"] += 1
+        return bwd(*a)
+
+    monkeypatch.setattr(pc, "_own_forward", count_fwd)
+    monkeypatch.setattr(pc, "_own_backward", count_bwd)
+    return calls
+
+
+@pytest.mark.parametrize("case", list(CASCADE_CASES))
+def test_cascade(tk, cascade_calls, case):
+    kw, causal = CASCADE_CASES[case]
+    with tk.override_configs(cascade=True):
+        check(make_inputs(**kw), TOL[kw.get("dtype", torch.bfloat16)], causal=causal, use_lse=False)
+    assert cascade_calls == {"fwd": 1, "bwd": 1}
+
+
+def test_cascade_lse_gradient_takes_the_fused_backward(tk, cascade_calls, monkeypatch):
+    from mops_fast.ops import prefix_cascade as pc
+
+    monkeypatch.setenv("MOPS_FAST_GPA_CASCADE", "auto")
+    q, k = torch.empty(1, 4, 64, 64, device=DEV, dtype=torch.bfloat16), torch.empty(1, 2, 64, 64, device=DEV,
+                                                                                       dtype=torch.bfloat16)
+    assert pc.applies(q, k, None, True)  # auto on a CUDA device: fp16 / bf16 with no padding
+    check(make_inputs(Sq=600, pad=None, seed=24), TOL[torch.bfloat16], use_lse=True)
+    assert cascade_calls == {"fwd": 1, "bwd": 0}

@@ -338,3 +338,102 @@ def test_torch_compile_fullgraph(tk):
     assert abs(loss.item() - rloss.item()) <= FP32 * abs(rloss.item())
     for a, b in zip(grads, rgrads):
         assert rel(a, b) < FP32
+
+
+# Shared-prefix cascade (prefix_cascade.py): own keys by FlashAttention -- here its float32 stand-in --,
+# prompts by the Triton kernels from that softmax state; fp16 / bf16, no key padding.
+CASCADE_CASES = {
+    "gqa3_bf16": (dict(Sq=37, dtype=torch.bfloat16, pad=None, seed=41), 2e-2, True),
+    "fp16_d24_one_prompt_token": (dict(B=1, Hq=2, Hkv=1, Sq=33, d=24, J=1, L=1, dtype=torch.float16,
+                                       pad=None, seed=42), 2e-3, True),
+    "per_sample_not_causal_sq_lt_sk": (dict(Sq=21, Sk=30, J=1, L=5, per_sample=True, dtype=torch.bfloat16,
+                                            pad=None, seed=43), 2e-2, False),
+    "fp32_prompts_top_k": (dict(Sq=40, J=6, L=3, dtype=torch.bfloat16, prompt_dtype=torch.float32,
+                                pad=None, seed=44), 2e-2, True),
+}
+
+
+@pytest.fixture
+def cascade_calls(tk, monkeypatch):
+    """Counts the own-key passes, so that a test knows the cascade (and not the fused kernel) ran."""
+    from mops_fast.ops import prefix_cascade as pc
+
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = pc._own_forward, pc._own_backward
+
+    def count_fwd(*a):
+        calls["fwd"] += 1
+        return fwd(*a)
+
+    def count_bwd(*a):
+        calls["bwd"] += 1
+        return bwd(*a)
+
+    monkeypatch.setattr(pc, "_own_forward", count_fwd)
+    monkeypatch.setattr(pc, "_own_backward", count_bwd)
+    return calls
+
+
+@pytest.mark.parametrize("case", list(CASCADE_CASES))
+def test_cascade(tk, cascade_calls, case):
+    kw, tol, causal = CASCADE_CASES[case]
+    with tk.override_configs(cascade=True, dkdv=(16, 16, 4, 1)):
+        check(make_inputs(**kw), tol, causal=causal, use_lse=False)
+    assert cascade_calls == {"fwd": 1, "bwd": 1}
+
+
+def test_cascade_with_lse_gradient_and_dropped_experts(tk, cascade_calls):
+    # A gradient on lse: the forward is the cascade's, the backward the fused kernels' (FlashAttention's
+    # backward takes no dlse), from the same saved (o, lse). Sample 0 drops every expert.
+    q, k, v, pk, pv, logw, kv = make_inputs(Sq=26, J=3, L=2, dtype=torch.bfloat16, pad=None, seed=45)
+    logw[0] = -math.inf
+    with tk.override_configs(cascade=True):
+        q_, k_, v_, pk_, pv_ = (t.clone().requires_grad_() for t in (q, k, v, pk, pv))
+        o, lse = gated_prefix_attention_with_lse(q_, k_, v_, pk_, pv_, logw, None, backend="triton")
+        (o.float().square().sum() + lse.sum()).backward()
+    assert cascade_calls == {"fwd": 1, "bwd": 0}
+    r = [t.double().requires_grad_() for t in (q, k, v, pk, pv)]
+    ro, rlse = gated_prefix_attention_ref(*r, logw.double(), None)
+    (ro.square().sum() + rlse.sum()).backward()
+    assert rel(o, ro) < 2e-2 and rel(lse, rlse) < 1e-3
+    for a, b in zip((q_, k_, v_, pk_, pv_), r):
+        assert rel(a.grad, b.grad) < 2e-2
+
+
+def test_cascade_applies(tk, monkeypatch):
+    from mops_fast.ops import prefix_cascade as pc
+
+    q, k = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16), torch.randn(1, 1, 8, 16, dtype=torch.bfloat16)
+    monkeypatch.delenv("MOPS_FAST_GPA_CASCADE", raising=False)
+    assert pc._mode() == pc.DEFAULT_MODE
+    assert not pc.applies(q, k, None, True) or pc.DEFAULT_MODE == "1"
+    with tk.override_configs(cascade=True):
+        assert pc.applies(q, k, None, True)
+        assert not pc.applies(q, k, torch.ones(1, 8, dtype=torch.bool), True)  # key padding
+        assert not pc.applies(q.float(), k.float(), None, True)  # fp32: FlashAttention has no fp32
+        assert not pc.applies(q, k[:, :, :5], None, True)  # Sq != Sk with a causal diagonal
+        assert pc.applies(q, k[:, :, :5], None, False)
+        assert not pc.applies(q[..., :12], k[..., :12], None, True)  # head dim not a multiple of 8
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert not pc.applies(q, k, None, True)  # FlashAttention's dq is accumulated with atomics
+        finally:
+            torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv("MOPS_FAST_GPA_CASCADE", "auto")
+    assert not pc.applies(q, k, None, True)  # auto: CUDA only; the CPU stand-in only when forced
+    monkeypatch.setenv("MOPS_FAST_GPA_CASCADE", "yes")
+    with pytest.raises(ValueError, match="MOPS_FAST_GPA_CASCADE"):
+        pc.applies(q, k, None, True)
+
+
+def test_cascade_flash_calls_trace_on_meta(tk):
+    # The aten FlashAttention calls, traced on meta tensors: their signatures and the shapes that come
+    # back (GQA keys, lse per query head) are what the merge expects. The GPU tests run them for real.
+    from mops_fast.ops import prefix_cascade as pc
+
+    q = torch.empty(2, 6, 40, 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(2, 2, 40, 64, device="meta", dtype=torch.bfloat16)
+    o, lse = pc._flash_forward(q, k, k, 0.125, True)
+    assert o.shape == q.shape and lse.shape == (2, 6, 40) and lse.dtype == torch.float32
+    dq, dk, dv = pc._flash_backward(o, q, k, k, o, lse, 0.125, True)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape

@@ -169,9 +169,10 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 def _kernels():
     # Imported on first use: importing triton costs time and the CPU path never needs it.
-    from mops_fast.ops import triton_gated_prefix_attention
+    # prefix_cascade dispatches between the shared-prefix cascade and the single fused kernel.
+    from mops_fast.ops import prefix_cascade
 
-    return triton_gated_prefix_attention
+    return prefix_cascade
 
 
 @torch.library.custom_op("mops_fast::gated_prefix_attention", mutates_args=())
@@ -214,6 +215,9 @@ def _gpa_setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse)
     ctx.scale, ctx.causal = scale, causal
+    # An output nothing used gets None, not zeros: a None grad_lse lets the backward skip the dlse
+    # term, and the shared-prefix cascade needs it (FlashAttention's backward takes no dlse).
+    ctx.set_materialize_grads(False)
 
 
 def _gpa_backward(ctx, grad_o, grad_lse):

@@ -157,12 +157,13 @@ def _fwd_own(acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, lo, hi, N, q_pos, o
 
 @triton.jit(do_not_specialize=["Hq", "Hkv", "G", "Sq", "Sk", "P", "L"])
 def _gpa_fwd_kernel(
-    Q, K, V, PK, PV, LW, KVM, O, LSE,
+    Q, K, V, PK, PV, LW, KVM, O, LSE, O0, LSE0,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     spkb, spkp, spkh, spvb, spvp, spvh,
-    slwb, skvmb, sob, soh, som,
+    slwb, skvmb, sob, soh, som, so0b, so0h, so0m,
     Hq, Hkv, G, Sq, Sk, P, L, qk_scale,
     IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, PACK: tl.constexpr, EVEN_P: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -198,6 +199,16 @@ def _gpa_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_INIT:
+        # Continue the softmax of keys already attended elsewhere (the cascade's own-key pass):
+        # normalized o0 and natural-log lse0 are the state acc = o0, l = 1, m = lse0 in base 2.
+        lse0 = tl.load(LSE0 + (b64 * Hq + head64) * Sq + i, mask=row_ok, other=float("-inf"))
+        seen = lse0 > float("-inf")
+        o0 = _load_2d(O0 + (b64 * so0b + head64 * so0h + i * so0m)[:, None] + offs_d[None, :], row_ok,
+                      offs_d, True, HEAD_DIM, BLOCK_D).to(tl.float32)
+        m_i = tl.where(seen, lse0 * 1.4426950408889634, float("-inf"))
+        l_i = tl.where(seen, 1.0, 0.0)
+        acc = tl.where(seen[:, None], o0, 0.0)
     off = Sk - Sq
     q_pos = off + i
     KVMb = KVM + b64 * skvmb
@@ -334,7 +345,9 @@ def _gpa_bwd_dkdv_kernel(
         v = _load_2d(PV + b64 * spvb + hk64 * spvh + offs_n[:, None] * spvp + offs_d[None, :], n_ok,
                      offs_d, not EVEN_P, HEAD_DIM, BLOCK_D)
         m_hi = tl.where(active, Sq, 0)  # all experts of the block dropped: nothing to do
-        for g in range(0, G):
+        # Grid axis 2 splits the group's heads between programs (the cascade's prompt-only backward,
+        # whose few prompt blocks alone would not fill the chip); 1 otherwise.
+        for g in range(tl.program_id(2), G, tl.num_programs(2)):
             head64 = hk64 * G + g
             dk, dv, dlw = _bwd_kv_inner(
                 dk, dv, dlw, k, v, bias,
@@ -352,7 +365,7 @@ def _gpa_bwd_dkdv_kernel(
             amask = amask & (offs_d[None, :] < HEAD_DIM)
         tl.atomic_add(DPK + dp_rows[:, None] + offs_d[None, :], dk, mask=amask, sem="relaxed")
         tl.atomic_add(DPV + dp_rows[:, None] + offs_d[None, :], dv, mask=amask, sem="relaxed")
-        tl.store(DLW + (b64 * Hkv + hk64) * P + offs_n, dlw, mask=n_ok)
+        tl.atomic_add(DLW + (b64 * Hkv + hk64) * P + offs_n, dlw, mask=n_ok, sem="relaxed")
     else:
         start_n = (pid_n - NPB) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -454,7 +467,7 @@ def _gpa_bwd_dq_kernel(
     spkb, spkp, spkh, spvb, spvp, spvh,
     slwb, skvmb, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
     Hq, Hkv, G, Sq, Sk, P, L, sm_scale, qk_scale,
-    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, EVEN_P: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, EVEN_P: tl.constexpr, ACCUM_DQ: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -501,8 +514,10 @@ def _gpa_bwd_dq_kernel(
         dq, q, do, lse, delta, Kb, Vb, skn, svn, mid, hi, Sk, q_pos, offs_d, KVMb, qk_scale,
         IS_CAUSAL, True, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
     dq = dq * sm_scale
-    _store_2d(DQ + b64 * sdqb + head64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
-              dq.to(DQ.dtype.element_ty), m_ok, offs_d, HEAD_DIM, BLOCK_D)
+    dq_ptrs = DQ + b64 * sdqb + head64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
+    if ACCUM_DQ:  # add to the dq already there (the cascade's own-key share); each row has one program
+        dq += _load_2d(dq_ptrs, m_ok, offs_d, True, HEAD_DIM, BLOCK_D).to(tl.float32)
+    _store_2d(dq_ptrs, dq.to(DQ.dtype.element_ty), m_ok, offs_d, HEAD_DIM, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,14 +561,16 @@ _OVERRIDE: dict = {}
 # always gets "split". MOPS_FAST_GPA_DQ or override_configs(dq_mode=...) choose.
 DQ_MODES = ("split", "atomic")
 DEFAULT_DQ_MODE = "split"
+_MODE_KEYS = ("dq_mode", "cascade")  # override_configs keys that are not tiles
 
 
 @contextmanager
 def override_configs(**cfgs):
-    """Force (BLOCK_M, BLOCK_N, num_warps, num_stages) for 'fwd', 'fwd_pack', 'dkdv' and/or 'dq', and
-    the backward's dQ strategy with dq_mode='split' | 'atomic' (tests use it to put block edges in
-    awkward places and to cover both strategies; benchmarks to sweep)."""
-    unknown = set(cfgs) - {"fwd", "fwd_pack", "dkdv", "dq", "dq_mode"}
+    """Force (BLOCK_M, BLOCK_N, num_warps, num_stages) for 'fwd', 'fwd_pack', 'dkdv' and/or 'dq', the
+    backward's dQ strategy with dq_mode='split' | 'atomic', and cascade=True | False (the shared-prefix
+    cascade of prefix_cascade.py where it applies, or never) (tests use it to put block edges in awkward
+    places and to cover every strategy; benchmarks to sweep)."""
+    unknown = set(cfgs) - {"fwd", "fwd_pack", "dkdv", "dq", *_MODE_KEYS}
     if unknown:
         raise ValueError(f"override_configs: unknown kernels {sorted(unknown)}")
     if "dq_mode" in cfgs and cfgs["dq_mode"] not in DQ_MODES:
@@ -595,7 +612,7 @@ def _arch(device) -> str:
 
 
 def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int = 0, atomic_dq: bool = False):
-    cfg = {**_env_override(), **{k: v for k, v in _OVERRIDE.items() if k != "dq_mode"}}.get(kind)
+    cfg = {**_env_override(), **{k: v for k, v in _OVERRIDE.items() if k not in _MODE_KEYS}}.get(kind)
     if cfg is None and INTERPRETED:
         cfg = _INTERP["fwd" if kind == "fwd_pack" else kind]
     if cfg is None:
@@ -715,8 +732,12 @@ def _launch(kind, key, cfg, launch):
         return out
 
 
-def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float, causal: bool):
-    """Fused forward: returns (o (B, Hq, Sq, d) in q's dtype, lse (B, Hq, Sq) float32)."""
+def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float, causal: bool,
+                init=None):
+    """Fused forward: returns (o (B, Hq, Sq, d) in q's dtype, lse (B, Hq, Sq) float32).
+
+    init=(o0, lse0): continue from the softmax state of keys attended elsewhere (o0 normalized, lse0
+    natural log, rows with lse0 = -inf saw nothing), as the shared-prefix cascade does (prefix_cascade.py)."""
     a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
     B, Hq, Hkv, G, Sq, Sk, d = a["B"], a["Hq"], a["Hkv"], a["G"], a["Sq"], a["Sk"], a["d"]
     o = torch.empty((B, Hq, Sq, d), device=q.device, dtype=q.dtype)
@@ -727,39 +748,52 @@ def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float,
     pack = G * Sq <= 64
     kind = "fwd_pack" if pack else "fwd"
     ieee, upcast = _flags(q.dtype)
+    if init is not None:
+        o0, lse0 = _last_dim_contig(init[0]), init[1].contiguous()
+        if o0.shape != o.shape or lse0.shape != lse.shape or lse0.dtype != torch.float32:
+            raise ValueError(f"gated_prefix_attention: init state o0 {tuple(o0.shape)} / lse0 "
+                             f"{tuple(lse0.shape)} {lse0.dtype} must be {tuple(o.shape)} / {tuple(lse.shape)} "
+                             "float32")
+    else:
+        o0, lse0 = o, lse
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
         grid = (B * Hkv, _cdiv(G * Sq, bm)) if pack else (B * Hq, _cdiv(Sq, bm))
         _gpa_fwd_kernel[grid](
-            q_, k_, v_, pk, pv, a["lw"], kvm if kvm is not None else a["lw"], o, lse,
+            q_, k_, v_, pk, pv, a["lw"], kvm if kvm is not None else a["lw"], o, lse, o0, lse0,
             q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
             v_.stride(0), v_.stride(1), v_.stride(2),
             *_prompt_strides(pk, a["per_sample"]), *_prompt_strides(pv, a["per_sample"]),
             a["lw"].stride(0), kvm.stride(0) if kvm is not None else 0,
-            o.stride(0), o.stride(1), o.stride(2),
+            o.stride(0), o.stride(1), o.stride(2), o0.stride(0), o0.stride(1), o0.stride(2),
             Hq, Hkv, G, Sq, Sk, a["P"], a["L"], scale * LOG2E,
             IS_CAUSAL=causal, HAS_KVM=kvm is not None, PACK=pack, EVEN_P=a["P"] % bn == 0,
+            HAS_INIT=init is not None,
             HEAD_DIM=d, BLOCK_D=a["block_d"], BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
             num_warps=warps, num_stages=stages,
         )
 
     cfg = _config(kind, q.dtype, a["block_d"], q.device, G * Sq)
-    _launch(kind, (q.dtype, d, causal, kvm is not None), cfg, launch)
+    _launch(kind, (q.dtype, d, causal, kvm is not None, init is not None), cfg, launch)
     return o, lse
 
 
 def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse, scale: float,
-                 causal: bool):
+                 causal: bool, dq_init=None):
     """Fused backward: returns (dq, dk, dv, d prompt_k, d prompt_v, d gate_logw (B, J) float32).
 
     Prompt gradients are summed over the batch (shared prompts) or kept per sample (5-D prompts),
-    in the prompts' own dtype and shape."""
+    in the prompts' own dtype and shape. dq_init (B, Hq, Sq, d): dq is added to it in place and it is
+    returned as dq (the cascade's own-key share); dQ is then computed by its own kernel ("split")."""
     a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
     B, Hq, Hkv, G, Sq, Sk, d = a["B"], a["Hq"], a["Hkv"], a["G"], a["Sq"], a["Sk"], a["d"]
     P, L, J, Bp, bd = a["P"], a["L"], a["J"], a["Bp"], a["block_d"]
     dev = q.device
-    dq = torch.empty((B, Hq, Sq, d), device=dev, dtype=q.dtype)
+    if dq_init is not None and (dq_init.shape != q.shape or dq_init.dtype != q.dtype or dq_init.stride(-1) != 1):
+        raise ValueError(f"gated_prefix_attention: dq_init {tuple(dq_init.shape)} {dq_init.dtype} must have "
+                         f"q's shape {tuple(q.shape)} and dtype {q.dtype} with a contiguous last dim")
+    dq = dq_init if dq_init is not None else torch.empty((B, Hq, Sq, d), device=dev, dtype=q.dtype)
     dk = torch.empty((B, Hkv, Sk, d), device=dev, dtype=k.dtype)
     dv = torch.empty((B, Hkv, Sk, d), device=dev, dtype=v.dtype)
     # fp32 accumulators shared by the batch: atomics add each sample's share (docs/kernels.md).
@@ -792,7 +826,7 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
         )
         kvm_arg = kvm if kvm is not None else a["lw"]
         key = (q.dtype, d, causal, kvm is not None)
-        atomic_dq = _dq_mode() == "atomic"
+        atomic_dq = _dq_mode() == "atomic" and dq_init is None
         # atomic: the fp32 accumulator the dK/dV programs add into (dq itself when q is fp32). Like the
         # prompt-gradient buffers it is zeroed once: OutOfResources is raised before a launch runs.
         dqa = dq
@@ -803,7 +837,8 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
         def launch_dkdv(cfg):
             bm, bn, warps, stages = cfg
             npb = _cdiv(P, bn)
-            _gpa_bwd_dkdv_kernel[(B * Hkv, npb + _cdiv(Sk, bn))](
+            # With no own keys (the cascade's prompt-only pass) the group's heads split over axis 2.
+            _gpa_bwd_dkdv_kernel[(B * Hkv, npb + _cdiv(Sk, bn), G if Sk == 0 else 1)](
                 q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dk, dv, dpk, dpv, dlw, dqa,
                 *common,
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -821,7 +856,7 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
                 q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dq,
                 *common, dq.stride(0), dq.stride(1), dq.stride(2),
                 Hq, Hkv, G, Sq, Sk, P, L, scale, scale * LOG2E,
-                IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0,
+                IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0, ACCUM_DQ=dq_init is not None,
                 HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
                 num_warps=warps, num_stages=stages,
             )
@@ -831,7 +866,7 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
             if dqa is not dq:
                 dq.copy_(dqa)
         else:
-            _launch("dq", key, _config("dq", q.dtype, bd, dev), launch_dq)
+            _launch("dq", key + (dq_init is not None,), _config("dq", q.dtype, bd, dev), launch_dq)
     dlogw = dlw.sum(1).view(B, J, L).sum(-1)
     dpk = dpk.view(prompt_k.shape).to(prompt_k.dtype)
     dpv = dpv.view(prompt_v.shape).to(prompt_v.dtype)

@@ -1,0 +1,149 @@
+"""Shared-prefix cascade for gated-prefix attention on CUDA: FlashAttention for the own keys, the
+Triton kernels for the prompts, merged through the softmax state.
+
+The J*L prompt tokens are a prefix shared by the batch, so the attention splits into two passes over
+disjoint key sets (as cascade inference does for shared prefixes):
+  forward   (o_s, lse_s) = FlashAttention over the sample's own keys (torch's aten flash op, causal);
+            the Triton forward kernel then streams only the prompt tiles (gate bias, top-k skipping)
+            starting from that state (acc = o_s, m = lse_s), and writes o and the total lse.
+  backward  FlashAttention's backward, given the *total* o and lse, yields exactly the own keys' share
+            of dq and their dk, dv (P = exp(s - lse_total), Delta = rowsum(do * o_total)); the Triton
+            backward with no own keys adds the prompts' share of dq in place and forms d prompt_k,
+            d prompt_v and d logw.
+The own keys, which are most of the work at training lengths, thus run at FlashAttention's speed, and
+the prompts add one pass over q, do and o. Eligible (`applies`): fp16 / bf16 on a CUDA device of
+compute capability 8.0 or more, no key-padding mask, Sq == Sk when causal (the contract's bottom-right
+diagonal is then the usual one), head dim a multiple of 8 up to 256, deterministic algorithms off
+(FlashAttention's dq uses atomics). Everything else, and any call with a gradient on lse, takes the
+single fused kernel. The mode: MOPS_FAST_GPA_CASCADE=auto|0|1 or override_configs(cascade=...); under
+the interpreter (CPU tests) a float32 PyTorch stand-in with FlashAttention's contract replaces the
+aten op, so the merge is tested here too.
+"""
+
+import os
+
+import torch
+
+from mops_fast.ops import triton_gated_prefix_attention as tk
+
+__all__ = ["applies", "gpa_forward", "gpa_backward"]
+
+# Off until a GPU run shows it faster than the single fused kernel (docs/kernels.md).
+DEFAULT_MODE = "0"
+MODES = ("auto", "0", "1")
+
+
+def _mode() -> str:
+    over = tk._OVERRIDE.get("cascade")
+    if over is not None:
+        return "1" if over else "0"
+    mode = os.environ.get("MOPS_FAST_GPA_CASCADE", "").strip() or DEFAULT_MODE
+    if mode not in MODES:
+        raise ValueError(f"MOPS_FAST_GPA_CASCADE={mode!r}: use one of {MODES}")
+    return mode
+
+
+def applies(q, k, key_valid, causal: bool) -> bool:
+    """Whether the cascade computes this call (see the module docstring)."""
+    mode = _mode()
+    if mode == "0" or torch.are_deterministic_algorithms_enabled():
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or key_valid is not None:
+        return False
+    Sq, Sk, d = q.shape[2], k.shape[2], q.shape[3]
+    if (causal and Sq != Sk) or Sk == 0 or d % 8 or d > 256:
+        return False
+    if q.is_cuda:
+        return torch.cuda.get_device_capability(q.device) >= (8, 0)
+    return tk.INTERPRETED and mode == "1"  # the CPU stand-in: only when asked for (tests)
+
+
+# --------------------------------------------------------------------------------------------------
+# the own keys: FlashAttention (CUDA) or its float32 stand-in (interpreter)
+# --------------------------------------------------------------------------------------------------
+def _flash_forward(q, k, v, scale: float, causal: bool):
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out[0], out[1]
+
+
+def _flash_backward(do, q, k, v, o, lse, scale: float, causal: bool):
+    # No dropout: the RNG state arguments are not read.
+    rng = torch.empty(2, dtype=torch.uint64, device=q.device)
+    unused = torch.empty((), dtype=torch.uint64, device=q.device)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        do, q, k, v, o, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, rng, unused, scale=scale)
+    return dq, dk, dv
+
+
+def _scores(q, k, scale, causal):
+    G = q.shape[1] // k.shape[1]
+    kk = k.float().repeat_interleave(G, 1)
+    s = q.float() @ kk.transpose(-1, -2) * scale
+    if causal:
+        Sq, Sk = q.shape[2], k.shape[2]
+        hide = torch.arange(Sk, device=q.device)[None, :] > torch.arange(Sk - Sq, Sk, device=q.device)[:, None]
+        s = s.masked_fill(hide, float("-inf"))
+    return s, kk
+
+
+def _standin_forward(q, k, v, scale: float, causal: bool):
+    s, _ = _scores(q, k, scale, causal)
+    lse = torch.logsumexp(s, -1)
+    o = torch.exp(s - lse[..., None]) @ v.float().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    return o.to(q.dtype), lse
+
+
+def _standin_backward(do, q, k, v, o, lse, scale: float, causal: bool):
+    # FlashAttention's backward contract: probabilities from the given lse, Delta from the given o.
+    B, Hkv, Sk, d = k.shape
+    G = q.shape[1] // Hkv
+    s, kk = _scores(q, k, scale, causal)
+    p = torch.exp(s - lse[..., None].float())
+    do32 = do.float()
+    vv = v.float().repeat_interleave(G, 1)
+    dv = p.transpose(-1, -2) @ do32
+    ds = p * (do32 @ vv.transpose(-1, -2) - (do32 * o.float()).sum(-1, keepdim=True))
+    dq = ds @ kk * scale
+    dk = ds.transpose(-1, -2) @ q.float() * scale
+    dk = dk.view(B, Hkv, G, Sk, d).sum(2)
+    dv = dv.view(B, Hkv, G, Sk, d).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _own_forward(q, k, v, scale, causal):
+    return (_flash_forward if q.is_cuda else _standin_forward)(q, k, v, scale, causal)
+
+
+def _own_backward(do, q, k, v, o, lse, scale, causal):
+    return (_flash_backward if q.is_cuda else _standin_backward)(do, q, k, v, o, lse, scale, causal)
+
+
+# --------------------------------------------------------------------------------------------------
+# the entry points the custom op calls
+# --------------------------------------------------------------------------------------------------
+def _no_own_keys(k):
+    return k[:, :, :0]
+
+
+def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float, causal: bool):
+    """(o, lse) of gated-prefix attention: the cascade where it applies, else the fused kernel."""
+    if not applies(q, k, key_valid, causal):
+        return tk.gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
+    o_s, lse_s = _own_forward(q, k, v, scale, causal)
+    return tk.gpa_forward(q, _no_own_keys(k), _no_own_keys(v), prompt_k, prompt_v, gate_logw, None,
+                          scale, False, init=(o_s, lse_s))
+
+
+def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse, scale: float,
+                 causal: bool):
+    """Gradients of gated-prefix attention from the saved (o, lse), whichever forward made them."""
+    if dlse is not None or not applies(q, k, key_valid, causal):
+        return tk.gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse,
+                               scale, causal)
+    dq, dk, dv = _own_backward(do, q, k, v, o, lse, scale, causal)
+    if dq.stride(-1) != 1:
+        dq = dq.contiguous()
+    dq, _, _, dpk, dpv, dlogw = tk.gpa_backward(
+        do, None, q, _no_own_keys(k), _no_own_keys(v), prompt_k, prompt_v, gate_logw, None, o, lse, scale,
+        False, dq_init=dq)
+    return dq, dk, dv, dpk, dpv, dlogw
