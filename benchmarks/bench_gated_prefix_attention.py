@@ -5,10 +5,12 @@ Impls (rows of the JSON):
   fused          mops_fast.ops.gated_prefix_attention (Triton forward / backward), key padding mask on,
                  every expert active (dense gate)
   fused_top2     the same with top-2 gating (6 of 8 experts at log weight -inf: their tiles are skipped)
-  fused_nopad    the fused kernel with no key padding (sdpa_noprefix's inputs plus the prompts), at the
-                 shapes of CASCADE_AT
-  fused_cascade  the same inputs through the shared-prefix cascade (prefix_cascade.py: FlashAttention for
-                 the own keys, the Triton kernels for the prompts from its softmax state), CASCADE_AT
+  fused_nopad    the fused kernels with no key padding (sdpa_noprefix's inputs plus the prompts) and the
+                 cascade off, at the shapes of CASCADE_AT
+  fused_cascade  the same inputs through the shared-prefix cascade both ways (prefix_cascade.py:
+                 FlashAttention for the own keys, the Triton kernels for the prompts from its softmax state)
+  fused_cascade_bwd  the fused forward and the cascade's backward (what the default, "auto", does from
+                 2048 keys on); bwd and fwd+bwd
   reference      per-sample prefix materialized by broadcast, concatenated with k/v (expanded to Hq heads),
                  torch SDPA with an explicit float mask holding the log weights, causal and padding masks
                  (the memory-efficient backend; gradients reach the log weights through the mask)
@@ -307,7 +309,8 @@ def main(argv=None) -> int:
         "fused_top2": None,
         "reference": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
         "sdpa_noprefix": [SDPBackend.FLASH_ATTENTION],
-        "fused_cascade": [SDPBackend.FLASH_ATTENTION],  # it calls the flash op directly; keep it allowed
+        # these call the flash op directly: keep it allowed
+        "fused_cascade": [SDPBackend.FLASH_ATTENTION], "fused_cascade_bwd": [SDPBackend.FLASH_ATTENTION],
     }
 
     rows, t0 = [], T_START
@@ -392,6 +395,8 @@ def main(argv=None) -> int:
                 measure(shape, "fused_nopad", impls["fused"], ins, None)
             with tk.override_configs(cascade=True):
                 measure(shape, "fused_cascade", impls["fused"], ins, None)
+            with tk.override_configs(cascade="bwd"):
+                measure(shape, "fused_cascade_bwd", impls["fused"], ins, None, modes=("bwd", "fwd+bwd"))
         if si == 0:
             ins2, kv2 = make_inputs(shape, dev, dtype, topk=2, seed=si)
             for t in ins2:
@@ -439,11 +444,12 @@ def main(argv=None) -> int:
         sm = s["median_ms"] if s else math.nan
         mem = (f["peak_mem_bytes"] / r["peak_mem_bytes"]) if f and r and r.get("peak_mem_bytes") else math.nan
         print(f"{mode:8s} {fm:10.3f} {rm:10.3f} {sm:10.3f} {rm / fm:9.2f} {fm / sm:10.2f} {mem:9.2f}")
-    for mode in ("fwd", "bwd", "fwd+bwd"):
-        c, f, s = med("fused_cascade", mode), med("fused_nopad", mode), med("sdpa_noprefix", mode)
-        if c and f and s:
-            print(f"{mode:8s} no padding: cascade {c['median_ms']:.3f} ms = {c['median_ms'] / s['median_ms']:.2f}x "
-                  f"sdpa_noprefix, fused {f['median_ms']:.3f} ms = {f['median_ms'] / s['median_ms']:.2f}x")
+    s_all = {mode: med("sdpa_noprefix", mode) for mode in ("fwd", "bwd", "fwd+bwd")}
+    for impl in ("fused_nopad", "fused_cascade", "fused_cascade_bwd"):
+        parts = [f"{mode} {r['median_ms']:.3f} ms = {r['median_ms'] / s_all[mode]['median_ms']:.2f}x"
+                 for mode in ("fwd", "bwd", "fwd+bwd") if (r := med(impl, mode)) and s_all[mode]]
+        if parts:
+            print(f"no padding, {impl:17s} " + ", ".join(parts) + " sdpa_noprefix")
     print("targets (fwd+bwd, main shape): ref/fused >= 2, fused/sdpa <= 1.2, mem f/ref < 1")
     return 0
 

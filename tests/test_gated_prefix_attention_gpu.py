@@ -249,12 +249,21 @@ def test_cascade(tk, cascade_calls, case):
     assert cascade_calls == {"fwd": 1, "bwd": 1}
 
 
-def test_cascade_lse_gradient_takes_the_fused_backward(tk, cascade_calls, monkeypatch):
+def test_cascade_lse_gradient_takes_the_fused_backward(tk, cascade_calls):
+    with tk.override_configs(cascade=True):
+        check(make_inputs(Sq=600, pad=None, seed=24), TOL[torch.bfloat16], use_lse=True)
+    assert cascade_calls == {"fwd": 1, "bwd": 0}
+
+
+def test_cascade_auto_is_the_backward_from_2048_keys(tk, cascade_calls, monkeypatch):
+    # The default: the fused forward, and the cascade's backward from CASCADE_MIN_S own keys on.
     from mops_fast.ops import prefix_cascade as pc
 
-    monkeypatch.setenv("MOPS_FAST_GPA_CASCADE", "auto")
-    q, k = torch.empty(1, 4, 64, 64, device=DEV, dtype=torch.bfloat16), torch.empty(1, 2, 64, 64, device=DEV,
-                                                                                       dtype=torch.bfloat16)
-    assert pc.applies(q, k, None, True)  # auto on a CUDA device: fp16 / bf16 with no padding
-    check(make_inputs(Sq=600, pad=None, seed=24), TOL[torch.bfloat16], use_lse=True)
-    assert cascade_calls == {"fwd": 1, "bwd": 0}
+    monkeypatch.delenv("MOPS_FAST_GPA_CASCADE", raising=False)
+    S = pc.CASCADE_MIN_S
+    q = torch.empty(1, 4, S, 64, device=DEV, dtype=torch.bfloat16)
+    k = torch.empty(1, 2, S, 64, device=DEV, dtype=torch.bfloat16)
+    assert pc.applies(q, k, None, True, True) and not pc.applies(q, k, None, True, False)
+    assert not pc.applies(q[:, :, 1:], k[:, :, 1:], None, True, True)  # fewer keys: the fused backward
+    check(make_inputs(B=1, Hq=16, Hkv=4, Sq=S + 37, pad=None, seed=25), TOL[torch.bfloat16], use_lse=False)
+    assert cascade_calls == {"fwd": 0, "bwd": 1}

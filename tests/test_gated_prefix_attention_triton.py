@@ -382,6 +382,16 @@ def test_cascade(tk, cascade_calls, case):
     assert cascade_calls == {"fwd": 1, "bwd": 1}
 
 
+@pytest.mark.parametrize("case", ["gqa3_bf16", "per_sample_not_causal_sq_lt_sk"])
+def test_cascade_backward_from_the_fused_forward(tk, cascade_calls, case):
+    # Mode "bwd" (what "auto" does on a GPU from CASCADE_MIN_S keys): the fused kernel's (o, lse) feed
+    # the cascade's backward.
+    kw, tol, causal = CASCADE_CASES[case]
+    with tk.override_configs(cascade="bwd"):
+        check(make_inputs(**kw), tol, causal=causal, use_lse=False)
+    assert cascade_calls == {"fwd": 0, "bwd": 1}
+
+
 def test_cascade_with_lse_gradient_and_dropped_experts(tk, cascade_calls):
     # A gradient on lse: the forward is the cascade's, the backward the fused kernels' (FlashAttention's
     # backward takes no dlse), from the same saved (o, lse). Sample 0 drops every expert.
@@ -405,25 +415,29 @@ def test_cascade_applies(tk, monkeypatch):
 
     q, k = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16), torch.randn(1, 1, 8, 16, dtype=torch.bfloat16)
     monkeypatch.delenv("MOPS_FAST_GPA_CASCADE", raising=False)
-    assert pc._mode() == pc.DEFAULT_MODE
-    assert not pc.applies(q, k, None, True) or pc.DEFAULT_MODE == "1"
+    assert pc._mode() == pc.DEFAULT_MODE == "auto"
+    for bwd in (False, True):
+        assert not pc.applies(q, k, None, True, bwd)  # auto: CUDA only; the CPU stand-in only when asked
     with tk.override_configs(cascade=True):
-        assert pc.applies(q, k, None, True)
-        assert not pc.applies(q, k, torch.ones(1, 8, dtype=torch.bool), True)  # key padding
-        assert not pc.applies(q.float(), k.float(), None, True)  # fp32: FlashAttention has no fp32
-        assert not pc.applies(q, k[:, :, :5], None, True)  # Sq != Sk with a causal diagonal
-        assert pc.applies(q, k[:, :, :5], None, False)
-        assert not pc.applies(q[..., :12], k[..., :12], None, True)  # head dim not a multiple of 8
+        assert pc.applies(q, k, None, True, False) and pc.applies(q, k, None, True, True)
+        assert not pc.applies(q, k, torch.ones(1, 8, dtype=torch.bool), True, True)  # key padding
+        assert not pc.applies(q.float(), k.float(), None, True, True)  # fp32: FlashAttention has no fp32
+        assert not pc.applies(q, k[:, :, :5], None, True, True)  # Sq != Sk with a causal diagonal
+        assert pc.applies(q, k[:, :, :5], None, False, True)
+        assert not pc.applies(q[..., :12], k[..., :12], None, True, True)  # head dim not a multiple of 8
         torch.use_deterministic_algorithms(True)
         try:
-            assert not pc.applies(q, k, None, True)  # FlashAttention's dq is accumulated with atomics
+            assert not pc.applies(q, k, None, True, True)  # FlashAttention's dq is accumulated with atomics
         finally:
             torch.use_deterministic_algorithms(False)
-    monkeypatch.setenv("MOPS_FAST_GPA_CASCADE", "auto")
-    assert not pc.applies(q, k, None, True)  # auto: CUDA only; the CPU stand-in only when forced
+    monkeypatch.setenv("MOPS_FAST_GPA_CASCADE", "bwd")
+    assert pc.applies(q, k, None, True, True) and not pc.applies(q, k, None, True, False)
     monkeypatch.setenv("MOPS_FAST_GPA_CASCADE", "yes")
     with pytest.raises(ValueError, match="MOPS_FAST_GPA_CASCADE"):
-        pc.applies(q, k, None, True)
+        pc.applies(q, k, None, True, True)
+    with pytest.raises(ValueError, match="cascade"):
+        with tk.override_configs(cascade="always"):
+            pass
 
 
 def test_cascade_flash_calls_trace_on_meta(tk):

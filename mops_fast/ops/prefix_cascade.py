@@ -11,13 +11,20 @@ disjoint key sets (as cascade inference does for shared prefixes):
             backward with no own keys adds the prompts' share of dq in place and forms d prompt_k,
             d prompt_v and d logw.
 The own keys, which are most of the work at training lengths, thus run at FlashAttention's speed, and
-the prompts add one pass over q, do and o. Eligible (`applies`): fp16 / bf16 on a CUDA device of
-compute capability 8.0 or more, no key-padding mask, Sq == Sk when causal (the contract's bottom-right
-diagonal is then the usual one), head dim a multiple of 8 up to 256, deterministic algorithms off
-(FlashAttention's dq uses atomics). Everything else, and any call with a gradient on lse, takes the
-single fused kernel. The mode: MOPS_FAST_GPA_CASCADE=auto|0|1 or override_configs(cascade=...); under
-the interpreter (CPU tests) a float32 PyTorch stand-in with FlashAttention's contract replaces the
-aten op, so the merge is tested here too.
+the prompts add passes over q, do and o. Eligible: fp16 / bf16 on a CUDA device of compute capability
+8.0 or more, no key-padding mask, Sq == Sk when causal (the contract's bottom-right diagonal is then the
+usual one), head dim a multiple of 8 up to 256, deterministic algorithms off (FlashAttention's dq uses
+atomics). Everything else, and any backward with a gradient on lse, takes the single fused kernels.
+
+The backward depends only on the saved (o, lse), so each direction chooses for itself. Measured on an
+H100 (bf16, B=8 Hq=32 Hkv=8 d=128 J*L=128, no padding; docs/kernels.md): the cascade's backward beats
+the fused one from S = 2048 (4.15 vs 4.37 ms; S = 4096: 12.2 vs 15.2 ms) and loses at S = 512, and its
+forward loses at every S (the prompt pass re-reads q and o: 1.25 vs 1.05 ms at S = 2048). Modes
+(MOPS_FAST_GPA_CASCADE, or override_configs(cascade=...)):
+  auto  (default) the backward from CASCADE_MIN_S own keys on, the forward never; CUDA only
+  bwd   the backward wherever eligible           1 / True   forward and backward      0 / False  never
+Under the interpreter (CPU tests) only `bwd` and `1` apply, with a float32 PyTorch stand-in that keeps
+FlashAttention's contract in place of the aten op, so the merge is tested on the CPU too.
 """
 
 import os
@@ -28,34 +35,37 @@ from mops_fast.ops import triton_gated_prefix_attention as tk
 
 __all__ = ["applies", "gpa_forward", "gpa_backward"]
 
-# Off until a GPU run shows it faster than the single fused kernel (docs/kernels.md).
-DEFAULT_MODE = "0"
-MODES = ("auto", "0", "1")
+DEFAULT_MODE = "auto"
+MODES = ("auto", "bwd", "0", "1")
+CASCADE_MIN_S = 2048  # auto: own keys from which the cascade's backward was measured faster
 
 
 def _mode() -> str:
     over = tk._OVERRIDE.get("cascade")
     if over is not None:
-        return "1" if over else "0"
+        return {True: "1", False: "0"}.get(over, over)
     mode = os.environ.get("MOPS_FAST_GPA_CASCADE", "").strip() or DEFAULT_MODE
     if mode not in MODES:
         raise ValueError(f"MOPS_FAST_GPA_CASCADE={mode!r}: use one of {MODES}")
     return mode
 
 
-def applies(q, k, key_valid, causal: bool) -> bool:
-    """Whether the cascade computes this call (see the module docstring)."""
+def applies(q, k, key_valid, causal: bool, backward: bool) -> bool:
+    """Whether the cascade computes this forward (backward=False) or backward (see the module docstring)."""
     mode = _mode()
-    if mode == "0" or torch.are_deterministic_algorithms_enabled():
+    if mode == "0" or (mode == "bwd" and not backward) or torch.are_deterministic_algorithms_enabled():
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or key_valid is not None:
         return False
     Sq, Sk, d = q.shape[2], k.shape[2], q.shape[3]
     if (causal and Sq != Sk) or Sk == 0 or d % 8 or d > 256:
         return False
+    if mode == "auto":
+        if not (backward and q.is_cuda and Sk >= CASCADE_MIN_S):
+            return False
     if q.is_cuda:
         return torch.cuda.get_device_capability(q.device) >= (8, 0)
-    return tk.INTERPRETED and mode == "1"  # the CPU stand-in: only when asked for (tests)
+    return tk.INTERPRETED  # the CPU stand-in: only when asked for (tests)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,7 +137,7 @@ def _no_own_keys(k):
 
 def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float, causal: bool):
     """(o, lse) of gated-prefix attention: the cascade where it applies, else the fused kernel."""
-    if not applies(q, k, key_valid, causal):
+    if not applies(q, k, key_valid, causal, backward=False):
         return tk.gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
     o_s, lse_s = _own_forward(q, k, v, scale, causal)
     return tk.gpa_forward(q, _no_own_keys(k), _no_own_keys(v), prompt_k, prompt_v, gate_logw, None,
@@ -137,7 +147,7 @@ def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float,
 def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse, scale: float,
                  causal: bool):
     """Gradients of gated-prefix attention from the saved (o, lse), whichever forward made them."""
-    if dlse is not None or not applies(q, k, key_valid, causal):
+    if dlse is not None or not applies(q, k, key_valid, causal, backward=True):
         return tk.gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse,
                                scale, causal)
     dq, dk, dv = _own_backward(do, q, k, v, o, lse, scale, causal)

@@ -567,14 +567,16 @@ _MODE_KEYS = ("dq_mode", "cascade")  # override_configs keys that are not tiles
 @contextmanager
 def override_configs(**cfgs):
     """Force (BLOCK_M, BLOCK_N, num_warps, num_stages) for 'fwd', 'fwd_pack', 'dkdv' and/or 'dq', the
-    backward's dQ strategy with dq_mode='split' | 'atomic', and cascade=True | False (the shared-prefix
-    cascade of prefix_cascade.py where it applies, or never) (tests use it to put block edges in awkward
+    backward's dQ strategy with dq_mode='split' | 'atomic', and the shared-prefix cascade of
+    prefix_cascade.py with cascade=True | False | 'bwd' | 'auto' (tests use it to put block edges in awkward
     places and to cover every strategy; benchmarks to sweep)."""
     unknown = set(cfgs) - {"fwd", "fwd_pack", "dkdv", "dq", *_MODE_KEYS}
     if unknown:
         raise ValueError(f"override_configs: unknown kernels {sorted(unknown)}")
     if "dq_mode" in cfgs and cfgs["dq_mode"] not in DQ_MODES:
         raise ValueError(f"override_configs: dq_mode must be one of {DQ_MODES}, got {cfgs['dq_mode']!r}")
+    if "cascade" in cfgs and cfgs["cascade"] not in (True, False, "auto", "bwd", "0", "1"):
+        raise ValueError(f"override_configs: cascade must be True, False, 'auto' or 'bwd', got {cfgs['cascade']!r}")
     old = dict(_OVERRIDE)
     _OVERRIDE.update(cfgs)
     try:
