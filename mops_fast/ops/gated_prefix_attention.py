@@ -15,7 +15,9 @@ This file holds the pure-PyTorch reference (also the CPU path: it is fast enough
 shapes of CPU training) and the public entry point that dispatches by device:
   CUDA tensors (fp16 / bf16 / fp32)  -> the fused Triton kernels (triton_gated_prefix_attention.py),
                                        through the custom op mops_fast::gated_prefix_attention, so that
-                                       torch.compile captures the call with no graph break
+                                       torch.compile captures the call with no graph break; without key
+                                       padding, from 2048 keys, the backward is the shared-prefix cascade
+                                       (prefix_cascade.py: FlashAttention for the own keys)
   CPU tensors, float64, no Triton    -> the reference, with plain autograd; when nothing needs a
                                        gradient (generate, evaluation), fp32 / float64 and o alone is
                                        asked for: one SDPA call over [prompts; own keys] with an
