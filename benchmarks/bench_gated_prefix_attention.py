@@ -11,6 +11,8 @@ Impls (rows of the JSON):
                  FlashAttention for the own keys, the Triton kernels for the prompts from its softmax state)
   fused_cascade_bwd  the fused forward and the cascade's backward (what the default, "auto", does from
                  2048 keys on); bwd and fwd+bwd
+  fused_cascade_bwd_fdq  the same with cascade_dq="fused": the prompt pass's dK/dV programs add dQ (one
+                 prompt block) and the dQ kernel is skipped; bwd and fwd+bwd
   reference      per-sample prefix materialized by broadcast, concatenated with k/v (expanded to Hq heads),
                  torch SDPA with an explicit float mask holding the log weights, causal and padding masks
                  (the memory-efficient backend; gradients reach the log weights through the mask)
@@ -195,6 +197,8 @@ def compile_report(cap: int, only: str = "") -> int:
         "bf16 d256 atomic-dQ": dict(d=256, dq_mode="atomic"),
         "fp32 d128 atomic-dQ": dict(dtype=torch.float32, dq_mode="atomic"),
         "bf16 d128 cascade": dict(cascade=True), "bf16 d64 cascade": dict(d=64, cascade=True),
+        "bf16 d128 cascade fused-dQ": dict(cascade=True, cascade_dq="fused"),
+        "bf16 d64 cascade fused-dQ": dict(d=64, cascade=True, cascade_dq="fused"),
     }
     print(f"sm_{cap}: shared memory bytes, registers and stack (spill) bytes per thread")
     for label, case in cases.items():
@@ -212,7 +216,9 @@ def compile_report(cap: int, only: str = "") -> int:
             k0 = k[:, :, :0]
             init = (torch.empty_like(q), torch.empty(q.shape[:3]))
             o, lse = tk.gpa_forward(q, k0, k0, pk, pk, lw, None, 0.1, False, init=init)
-            tk.gpa_backward(o, None, q, k0, k0, pk, pk, lw, None, o, lse, 0.1, False, dq_init=torch.empty_like(q))
+            with tk.override_configs(cascade_dq=c.get("cascade_dq", "kernel")):
+                tk.gpa_backward(o, None, q, k0, k0, pk, pk, lw, None, o, lse, 0.1, False,
+                                dq_init=torch.empty_like(q))
         else:
             o, lse = tk.gpa_forward(q, k, k, pk, pk, lw, kv, 0.1, True)
             with tk.override_configs(dq_mode=c["dq_mode"]):
@@ -311,6 +317,7 @@ def main(argv=None) -> int:
         "sdpa_noprefix": [SDPBackend.FLASH_ATTENTION],
         # these call the flash op directly: keep it allowed
         "fused_cascade": [SDPBackend.FLASH_ATTENTION], "fused_cascade_bwd": [SDPBackend.FLASH_ATTENTION],
+        "fused_cascade_bwd_fdq": [SDPBackend.FLASH_ATTENTION],
     }
 
     rows, t0 = [], T_START
@@ -397,6 +404,8 @@ def main(argv=None) -> int:
                 measure(shape, "fused_cascade", impls["fused"], ins, None)
             with tk.override_configs(cascade="bwd"):
                 measure(shape, "fused_cascade_bwd", impls["fused"], ins, None, modes=("bwd", "fwd+bwd"))
+            with tk.override_configs(cascade="bwd", cascade_dq="fused"):
+                measure(shape, "fused_cascade_bwd_fdq", impls["fused"], ins, None, modes=("bwd", "fwd+bwd"))
         if si == 0:
             ins2, kv2 = make_inputs(shape, dev, dtype, topk=2, seed=si)
             for t in ins2:
@@ -445,11 +454,11 @@ def main(argv=None) -> int:
         mem = (f["peak_mem_bytes"] / r["peak_mem_bytes"]) if f and r and r.get("peak_mem_bytes") else math.nan
         print(f"{mode:8s} {fm:10.3f} {rm:10.3f} {sm:10.3f} {rm / fm:9.2f} {fm / sm:10.2f} {mem:9.2f}")
     s_all = {mode: med("sdpa_noprefix", mode) for mode in ("fwd", "bwd", "fwd+bwd")}
-    for impl in ("fused_nopad", "fused_cascade", "fused_cascade_bwd"):
+    for impl in ("fused_nopad", "fused_cascade", "fused_cascade_bwd", "fused_cascade_bwd_fdq"):
         parts = [f"{mode} {r['median_ms']:.3f} ms = {r['median_ms'] / s_all[mode]['median_ms']:.2f}x"
                  for mode in ("fwd", "bwd", "fwd+bwd") if (r := med(impl, mode)) and s_all[mode]]
         if parts:
-            print(f"no padding, {impl:17s} " + ", ".join(parts) + " sdpa_noprefix")
+            print(f"no padding, {impl:21s} " + ", ".join(parts) + " sdpa_noprefix")
     print("targets (fwd+bwd, main shape): ref/fused >= 2, fused/sdpa <= 1.2, mem f/ref < 1")
     return 0
 

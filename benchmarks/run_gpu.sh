@@ -12,12 +12,12 @@
 # bench_int4_cuda_small_m, bench_gptq_matmul, bench_gated_prefix_attention, bench_e2e_gpu.
 # The default (in the order the open work needs them; bench_gptq_matmul last, it re-measures defaults):
 # build tests_int4 tests_attn bench_gated_prefix_attention tune_int4 bench_int4_cuda_small_m
-# bench_gptq_matmul -- about 6.5 minutes on an H100 by the step times below (the limits add up to more),
+# bench_gptq_matmul -- about 6 minutes on an H100 by the step times below (the limits add up to more),
 # within the 8 the attention issue allows; ncu_int4 and bench_e2e_gpu (up to 90 s) run when named.
 # Measured on an H100 80GB HBM3, 2026-11-26/27: build 15-18 s, the int4 GPU tests 40 s, all GPU tests
 # about 100 s, tune_int4 50 s, the int4 benchmarks 26 and 39 s, the attention benchmark 75 s (now up to 90),
-# end-to-end up to 75 s; since then the atomic-dQ and pipelined-kernel test cases and tune rows were added
-# (not yet timed: about a minute more in all, estimated).
+# end-to-end up to 75 s. The default run on 2026-11-27 took 352 s (build 18, tests_int4 39, tests_attn
+# 119, attention benchmark 38-46, tune_int4 55, the int4 benchmarks 31 and 42 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}

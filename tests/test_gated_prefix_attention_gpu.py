@@ -249,6 +249,16 @@ def test_cascade(tk, cascade_calls, case):
     assert cascade_calls == {"fwd": 1, "bwd": 1}
 
 
+@pytest.mark.parametrize("case", ["bf16", "d64_per_sample_not_causal"])
+def test_cascade_fused_dq(tk, cascade_calls, case):
+    # cascade_dq "fused": the prompt pass's dK/dV programs add dQ into FlashAttention's (J*L = 128 and
+    # 16: one prompt block), with the fused forward in front (mode "bwd").
+    kw, causal = CASCADE_CASES[case]
+    with tk.override_configs(cascade="bwd", cascade_dq="fused"):
+        check(make_inputs(**kw), TOL[kw.get("dtype", torch.bfloat16)], causal=causal, use_lse=False)
+    assert cascade_calls == {"fwd": 0, "bwd": 1}
+
+
 def test_cascade_lse_gradient_takes_the_fused_backward(tk, cascade_calls):
     with tk.override_configs(cascade=True):
         check(make_inputs(Sq=600, pad=None, seed=24), TOL[torch.bfloat16], use_lse=True)

@@ -382,14 +382,39 @@ def test_cascade(tk, cascade_calls, case):
     assert cascade_calls == {"fwd": 1, "bwd": 1}
 
 
-@pytest.mark.parametrize("case", ["gqa3_bf16", "per_sample_not_causal_sq_lt_sk"])
-def test_cascade_backward_from_the_fused_forward(tk, cascade_calls, case):
+@pytest.mark.parametrize("case", ["gqa3_bf16", "per_sample_not_causal_sq_lt_sk", "fp32_prompts_top_k"])
+@pytest.mark.parametrize("cascade_dq", ["kernel", "fused"])
+def test_cascade_backward_from_the_fused_forward(tk, cascade_calls, case, cascade_dq):
     # Mode "bwd" (what "auto" does on a GPU from CASCADE_MIN_S keys): the fused kernel's (o, lse) feed
-    # the cascade's backward.
+    # the cascade's backward. cascade_dq "fused": the dK/dV programs add dQ where one 16-key block holds
+    # every prompt (J*L = 15 and 5 here); J*L = 18 takes two blocks, so the dQ kernel again.
     kw, tol, causal = CASCADE_CASES[case]
-    with tk.override_configs(cascade="bwd"):
+    with tk.override_configs(cascade="bwd", cascade_dq=cascade_dq, dkdv=(16, 16, 4, 1)):
         check(make_inputs(**kw), tol, causal=causal, use_lse=False)
     assert cascade_calls == {"fwd": 0, "bwd": 1}
+
+
+def test_cascade_fused_dq_skips_the_dq_kernel(tk, monkeypatch):
+    launched = []
+    real = tk._gpa_bwd_dq_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(tk, "_gpa_bwd_dq_kernel", Counting())
+    kw = CASCADE_CASES["gqa3_bf16"][0]
+    for mode, P, expect in (("fused", 15, 0), ("kernel", 15, 1), ("fused", 18, 1)):
+        launched.clear()
+        q, k, v, pk, pv, logw, _ = make_inputs(**{**kw, "J": P // 3, "L": 3})
+        with tk.override_configs(cascade="bwd", cascade_dq=mode, dkdv=(16, 16, 4, 1)):
+            o = gated_prefix_attention(q.requires_grad_(), k, v, pk, pv, logw, None, backend="triton")
+            o.float().sum().backward()
+        assert len(launched) == expect, (mode, P)
+    with pytest.raises(ValueError, match="cascade_dq"):
+        with tk.override_configs(cascade_dq="atomic"):
+            pass
 
 
 def test_cascade_with_lse_gradient_and_dropped_experts(tk, cascade_calls):

@@ -275,7 +275,7 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_kv_inner(dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, DQh, sqm, sdom, sdqm, lo, hi, Sq, off,
                   offs_n, offs_d, qk_scale, sm_scale,
-                  IS_PROMPT: tl.constexpr, CAUSAL_MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                  IS_PROMPT: tl.constexpr, CAUSAL_MASK: tl.constexpr, DQ_MODE: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
                   UPCAST: tl.constexpr):
     # Transposed formulation: the key block is the row axis, so dK and dV accumulate as (BLOCK_N, d).
@@ -299,14 +299,20 @@ def _bwd_kv_inner(dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, DQh, sqm, sdom
         if IS_PROMPT:
             dlw += tl.sum(dsT, 1)
         dk += _dot(dsT.to(q.dtype), q, IEEE, UPCAST)
-        if ATOMIC_DQ:
-            # This key block's share of dQ, added into the fp32 accumulator. (The transposed product
-            # K^T dS^T spilled more on sm_90 at d = 128.)
+        if DQ_MODE != 0:
+            # This key block's share of dQ. (The transposed product K^T dS^T spilled more on sm_90 at
+            # d = 128.) 1: added into the fp32 accumulator with atomics; 2: this program owns the rows
+            # (the cascade's prompt pass with one prompt block), so a plain read-add-write into dq.
             dq = _dot(tl.trans(dsT.to(k.dtype)), k, IEEE, UPCAST) * sm_scale
             qmask = m_ok[:, None]
             if HEAD_DIM != BLOCK_D:
                 qmask = qmask & (offs_d[None, :] < HEAD_DIM)
-            tl.atomic_add(DQh + offs_m[:, None] * sdqm + offs_d[None, :], dq, mask=qmask, sem="relaxed")
+            dq_ptrs = DQh + offs_m[:, None] * sdqm + offs_d[None, :]
+            if DQ_MODE == 1:
+                tl.atomic_add(dq_ptrs, dq, mask=qmask, sem="relaxed")
+            else:
+                dq += tl.load(dq_ptrs, mask=qmask, other=0.0).to(tl.float32)
+                tl.store(dq_ptrs, dq.to(DQh.dtype.element_ty), mask=qmask)
     return dk, dv, dlw
 
 
@@ -319,7 +325,7 @@ def _gpa_bwd_dkdv_kernel(
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     sdpb, sdpp, sdph, sdqb, sdqh, sdqm,
     Hq, Hkv, G, Sq, Sk, P, L, NPB, sm_scale, qk_scale,
-    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, EVEN_P: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, EVEN_P: tl.constexpr, DQ_MODE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -355,7 +361,7 @@ def _gpa_bwd_dkdv_kernel(
                 LSE + (b64 * Hq + head64) * Sq, DELTA + (b64 * Hq + head64) * Sq,
                 DQA + b64 * sdqb + head64 * sdqh, sqm, sdom, sdqm,
                 0, m_hi, Sq, off, offs_n, offs_d, qk_scale, sm_scale,
-                True, False, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
+                True, False, DQ_MODE, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
         dk = dk * sm_scale
         # Sum over the batch with fp32 atomics (B-way contention per element); per-sample prompts
         # (sdpb != 0) land in their own slice.
@@ -400,11 +406,11 @@ def _gpa_bwd_dkdv_kernel(
             dk, dv, dlw = _bwd_kv_inner(
                 dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, DQh, sqm, sdom, sdqm,
                 m_lo, m_mid, Sq, off, offs_n, offs_d, qk_scale, sm_scale,
-                False, IS_CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
+                False, IS_CAUSAL, DQ_MODE % 2, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
             dk, dv, dlw = _bwd_kv_inner(
                 dk, dv, dlw, k, v, bias, Qh, DOh, LSEh, DELTAh, DQh, sqm, sdom, sdqm,
                 m_full, m_hi, Sq, off, offs_n, offs_d, qk_scale, sm_scale,
-                False, False, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
+                False, False, DQ_MODE % 2, HEAD_DIM, BLOCK_D, BLOCK_M, IEEE, UPCAST)
         dk = dk * sm_scale
         _store_2d(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
                   dk.to(DK.dtype.element_ty), n_ok, offs_d, HEAD_DIM, BLOCK_D)
@@ -561,20 +567,29 @@ _OVERRIDE: dict = {}
 # always gets "split". MOPS_FAST_GPA_DQ or override_configs(dq_mode=...) choose.
 DQ_MODES = ("split", "atomic")
 DEFAULT_DQ_MODE = "split"
-_MODE_KEYS = ("dq_mode", "cascade")  # override_configs keys that are not tiles
+# dQ of the cascade's prompt-only backward (prefix_cascade.py): "kernel", the dQ kernel adding into
+# FlashAttention's dq; "fused", the dK/dV programs add it where one prompt block holds every prompt
+# (J*L <= BLOCK_N), saving the dQ kernel's S and dP products and its pass over q and do. Not yet timed:
+# "kernel" until a GPU run says otherwise. MOPS_FAST_GPA_CASCADE_DQ or override_configs(cascade_dq=...).
+CASCADE_DQ_MODES = ("kernel", "fused")
+DEFAULT_CASCADE_DQ = "kernel"
+_MODE_KEYS = ("dq_mode", "cascade", "cascade_dq")  # override_configs keys that are not tiles
 
 
 @contextmanager
 def override_configs(**cfgs):
     """Force (BLOCK_M, BLOCK_N, num_warps, num_stages) for 'fwd', 'fwd_pack', 'dkdv' and/or 'dq', the
     backward's dQ strategy with dq_mode='split' | 'atomic', and the shared-prefix cascade of
-    prefix_cascade.py with cascade=True | False | 'bwd' | 'auto' (tests use it to put block edges in awkward
+    prefix_cascade.py with cascade=True | False | 'bwd' | 'auto' and cascade_dq='kernel' | 'fused' for its
+    prompt-only backward (tests use it to put block edges in awkward
     places and to cover every strategy; benchmarks to sweep)."""
     unknown = set(cfgs) - {"fwd", "fwd_pack", "dkdv", "dq", *_MODE_KEYS}
     if unknown:
         raise ValueError(f"override_configs: unknown kernels {sorted(unknown)}")
     if "dq_mode" in cfgs and cfgs["dq_mode"] not in DQ_MODES:
         raise ValueError(f"override_configs: dq_mode must be one of {DQ_MODES}, got {cfgs['dq_mode']!r}")
+    if "cascade_dq" in cfgs and cfgs["cascade_dq"] not in CASCADE_DQ_MODES:
+        raise ValueError(f"override_configs: cascade_dq must be one of {CASCADE_DQ_MODES}, got {cfgs['cascade_dq']!r}")
     if "cascade" in cfgs and cfgs["cascade"] not in (True, False, "auto", "bwd", "0", "1"):
         raise ValueError(f"override_configs: cascade must be True, False, 'auto' or 'bwd', got {cfgs['cascade']!r}")
     old = dict(_OVERRIDE)
@@ -603,6 +618,14 @@ def _dq_mode() -> str:
         raise ValueError(f"MOPS_FAST_GPA_DQ={mode!r}: use one of {DQ_MODES}")
     if mode == "atomic" and torch.are_deterministic_algorithms_enabled():
         return "split"  # atomics change the summation order from run to run
+    return mode
+
+
+def _cascade_dq() -> str:
+    mode = (_OVERRIDE.get("cascade_dq") or os.environ.get("MOPS_FAST_GPA_CASCADE_DQ", "").strip()
+            or DEFAULT_CASCADE_DQ)
+    if mode not in CASCADE_DQ_MODES:
+        raise ValueError(f"MOPS_FAST_GPA_CASCADE_DQ={mode!r}: use one of {CASCADE_DQ_MODES}")
     return mode
 
 
@@ -829,6 +852,10 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
         kvm_arg = kvm if kvm is not None else a["lw"]
         key = (q.dtype, d, causal, kvm is not None)
         atomic_dq = _dq_mode() == "atomic" and dq_init is None
+        # The cascade's prompt-only pass (no own keys): with one prompt block every program owns its
+        # rows, so with cascade_dq "fused" the dK/dV programs add dQ themselves and the dQ kernel is skipped.
+        owned_dq = dq_init is not None and Sk == 0 and _cascade_dq() == "fused"
+        dq_done = [atomic_dq]
         # atomic: the fp32 accumulator the dK/dV programs add into (dq itself when q is fp32). Like the
         # prompt-gradient buffers it is zeroed once: OutOfResources is raised before a launch runs.
         dqa = dq
@@ -839,6 +866,8 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
         def launch_dkdv(cfg):
             bm, bn, warps, stages = cfg
             npb = _cdiv(P, bn)
+            owner = owned_dq and npb == 1
+            dq_done[0] = atomic_dq or owner
             # With no own keys (the cascade's prompt-only pass) the group's heads split over axis 2.
             _gpa_bwd_dkdv_kernel[(B * Hkv, npb + _cdiv(Sk, bn), G if Sk == 0 else 1)](
                 q_, k_, v_, pk, pv, a["lw"], kvm_arg, do_, lse_, delta, dk, dv, dpk, dpv, dlw, dqa,
@@ -847,7 +876,8 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
                 dpk.stride(0) if a["per_sample"] else 0, dpk.stride(1), dpk.stride(2),
                 dqa.stride(0), dqa.stride(1), dqa.stride(2),
                 Hq, Hkv, G, Sq, Sk, P, L, npb, scale, scale * LOG2E,
-                IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0, ATOMIC_DQ=atomic_dq,
+                IS_CAUSAL=causal, HAS_KVM=kvm is not None, EVEN_P=P % bn == 0,
+                DQ_MODE=1 if atomic_dq else (2 if owner else 0),
                 HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
                 num_warps=warps, num_stages=stages,
             )
@@ -863,11 +893,12 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
                 num_warps=warps, num_stages=stages,
             )
 
-        _launch("dkdv", key + (atomic_dq,), _config("dkdv", q.dtype, bd, dev, atomic_dq=atomic_dq), launch_dkdv)
+        _launch("dkdv", key + (atomic_dq, owned_dq), _config("dkdv", q.dtype, bd, dev, atomic_dq=atomic_dq),
+                launch_dkdv)
         if atomic_dq:
             if dqa is not dq:
                 dq.copy_(dqa)
-        else:
+        elif not dq_done[0]:
             _launch("dq", key + (dq_init is not None,), _config("dq", q.dtype, bd, dev), launch_dq)
     dlogw = dlw.sum(1).view(B, J, L).sum(-1)
     dpk = dpk.view(prompt_k.shape).to(prompt_k.dtype)
