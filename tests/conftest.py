@@ -98,6 +98,28 @@ def smollm2_blocks(smollm2, n_blocks: int, n_samples: int):
     return small, calibration_windows(tok, DOLLY / "train.jsonl", n_samples=n_samples, seq_len=128, seed=0)
 
 
+@pytest.fixture
+def cascade_calls(monkeypatch):
+    """Counts the shared-prefix cascade's own-key passes (prefix_cascade.py), so that a test knows which
+    path ran. Request it after the module's `tk` fixture, which may reload the kernel module first."""
+    from mops_fast.ops import prefix_cascade as pc
+
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = pc._own_forward, pc._own_backward
+
+    def count_fwd(*a):
+        calls["fwd"] += 1
+        return fwd(*a)
+
+    def count_bwd(*a):
+        calls["bwd"] += 1
+        return bwd(*a)
+
+    monkeypatch.setattr(pc, "_own_forward", count_fwd)
+    monkeypatch.setattr(pc, "_own_backward", count_bwd)
+    return calls
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

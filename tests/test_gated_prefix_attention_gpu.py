@@ -221,26 +221,6 @@ CASCADE_CASES = {
 }
 
 
-@pytest.fixture
-def cascade_calls(tk, monkeypatch):
-    from mops_fast.ops import prefix_cascade as pc
-
-    calls = {"fwd": 0, "bwd": 0}
-    fwd, bwd = pc._own_forward, pc._own_backward
-
-    def count_fwd(*a):
-        calls["fwd"] += 1
-        return fwd(*a)
-
-    def count_bwd(*a):
-        calls["bwd"] += 1
-        return bwd(*a)
-
-    monkeypatch.setattr(pc, "_own_forward", count_fwd)
-    monkeypatch.setattr(pc, "_own_backward", count_bwd)
-    return calls
-
-
 @pytest.mark.parametrize("case", list(CASCADE_CASES))
 def test_cascade(tk, cascade_calls, case):
     kw, causal = CASCADE_CASES[case]

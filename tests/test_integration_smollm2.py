@@ -50,7 +50,6 @@ def test_mops_training_lowers_test_perplexity_on_trained_categories(smollm2, tmp
 def test_generate_on_real_model_matches_full_forward(smollm2):
     model, tok = smollm2
     rec = load_records(DOLLY / "test.jsonl")[:2]
-    fmt = Formatter(tok, max_length=128)
     mops_fast.attach(model, mops_fast.MoPsConfig(num_experts=4, prompt_len=4, init="random", init_scale=0.3))
     try:
         tok.padding_side = "left"
