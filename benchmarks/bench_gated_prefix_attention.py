@@ -76,11 +76,14 @@ SWEEP = {
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2)],
     "dkdv_atomic": [(16, 64, 8, 2), (16, 128, 8, 2), (16, 128, 8, 1), (32, 64, 8, 2)],
     "dkdv_cascade": [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2)],
+    "fwd_init": [(64, 64, 4, 2), (64, 64, 4, 1), (128, 128, 8, 1)],
 }
 
-# The cascade's prompt-only dK/dV pass has B*Hkv*G programs per prompt block: smaller key tiles give
-# more of them (P = 128: 256 programs at BLOCK_N = 128, 512 at 64).
-SWEEP_QUICK = {"dkdv_cascade": [(32, 64, 8, 2), (16, 64, 8, 2)]}
+# "dkdv_cascade": tiles of the cascade's prompt-only dK/dV pass (on 2026-11-27 (32, 64, 8, 2) and
+# (16, 64, 8, 2) lost to the table's). "fwd_init": tiles of the cascade's forward prompt pass, which reads
+# q and FlashAttention's o and writes o (0.37 ms at the main shape with the forward's (128, 64, 8, 3),
+# where about 0.15 ms of bytes is the floor): two CTAs a multiprocessor, or one 128-key prompt tile.
+SWEEP_QUICK = {"fwd_init": [(64, 64, 4, 2), (64, 64, 4, 1), (128, 128, 8, 1)]}
 # Shapes (by S, J) at which the cascade is timed beside the fused kernel on the same unpadded inputs.
 CASCADE_AT = {(2048, 8), (512, 8), (4096, 8), (2048, 32)}
 
@@ -428,11 +431,12 @@ def main(argv=None) -> int:
         for kind, cfgs in sweep.items():
             for cfg in cfgs:
                 over = {"dkdv_atomic": {"dq_mode": "atomic", "dkdv": cfg},
-                        "dkdv_cascade": {"cascade": True, "dkdv": cfg}}.get(kind, {kind: cfg})
+                        "dkdv_cascade": {"cascade": True, "dkdv": cfg},
+                        "fwd_init": {"cascade": True, "fwd_init": cfg}}.get(kind, {kind: cfg})
                 with tk.override_configs(**over):
                     measure(shape, f"fused[{kind}={','.join(map(str, cfg))}]", impls["fused"], ins,
-                            None if kind == "dkdv_cascade" else kv,
-                            modes=("fwd",) if kind == "fwd" else ("bwd",))
+                            None if kind in ("dkdv_cascade", "fwd_init") else kv,
+                            modes=("fwd",) if kind in ("fwd", "fwd_init") else ("bwd",))
 
     path = save()
 

@@ -356,7 +356,8 @@ CASCADE_CASES = {
 @pytest.mark.parametrize("case", list(CASCADE_CASES))
 def test_cascade(tk, cascade_calls, case):
     kw, tol, causal = CASCADE_CASES[case]
-    with tk.override_configs(cascade=True, dkdv=(16, 16, 4, 1)):
+    # fwd_init: the prompt pass's own tile (16 queries x 32 prompt tokens here)
+    with tk.override_configs(cascade=True, dkdv=(16, 16, 4, 1), fwd_init=(16, 32, 4, 1)):
         check(make_inputs(**kw), tol, causal=causal, use_lse=False)
     assert cascade_calls == {"fwd": 1, "bwd": 1}
 

@@ -578,12 +578,13 @@ _MODE_KEYS = ("dq_mode", "cascade", "cascade_dq")  # override_configs keys that 
 
 @contextmanager
 def override_configs(**cfgs):
-    """Force (BLOCK_M, BLOCK_N, num_warps, num_stages) for 'fwd', 'fwd_pack', 'dkdv' and/or 'dq', the
+    """Force (BLOCK_M, BLOCK_N, num_warps, num_stages) for 'fwd', 'fwd_pack', 'fwd_init' (the cascade's
+    prompt pass), 'dkdv' and/or 'dq', the
     backward's dQ strategy with dq_mode='split' | 'atomic', and the shared-prefix cascade of
     prefix_cascade.py with cascade=True | False | 'bwd' | 'auto' and cascade_dq='kernel' | 'fused' for its
     prompt-only backward (tests use it to put block edges in awkward
     places and to cover every strategy; benchmarks to sweep)."""
-    unknown = set(cfgs) - {"fwd", "fwd_pack", "dkdv", "dq", *_MODE_KEYS}
+    unknown = set(cfgs) - {"fwd", "fwd_pack", "fwd_init", "dkdv", "dq", *_MODE_KEYS}
     if unknown:
         raise ValueError(f"override_configs: unknown kernels {sorted(unknown)}")
     if "dq_mode" in cfgs and cfgs["dq_mode"] not in DQ_MODES:
@@ -639,7 +640,7 @@ def _arch(device) -> str:
 def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int = 0, atomic_dq: bool = False):
     cfg = {**_env_override(), **{k: v for k, v in _OVERRIDE.items() if k not in _MODE_KEYS}}.get(kind)
     if cfg is None and INTERPRETED:
-        cfg = _INTERP["fwd" if kind == "fwd_pack" else kind]
+        cfg = _INTERP["fwd" if kind in ("fwd_pack", "fwd_init") else kind]
     if cfg is None:
         dkey = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
         arch = _arch(device)
@@ -654,7 +655,7 @@ def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int 
             table = _FP32 if dtype == torch.float32 else {"sm90": _SM90, "sm80": _SM80}.get(arch, _SMALL_SMEM)
             if kind == "dkdv" and atomic_dq and "dkdv_atomic" in table:
                 kind = "dkdv_atomic"
-            cfg = table[kind][dkey]
+            cfg = table.get(kind, table["fwd"] if kind == "fwd_init" else None)[dkey]
     bm, bn, warps, stages = cfg
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"gated_prefix_attention: block sizes must be powers of two >= 16, got {cfg}")
@@ -771,7 +772,7 @@ def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float,
         return o, lse
     q_, k_, v_, pk, pv, kvm = a["q"], a["k"], a["v"], a["pk"], a["pv"], a["kvm"]
     pack = G * Sq <= 64
-    kind = "fwd_pack" if pack else "fwd"
+    kind = "fwd_pack" if pack else ("fwd_init" if init is not None else "fwd")
     ieee, upcast = _flags(q.dtype)
     if init is not None:
         o0, lse0 = _last_dim_contig(init[0]), init[1].contiguous()
