@@ -27,6 +27,7 @@ Under the interpreter (CPU tests) only `bwd` and `1` apply, with a float32 PyTor
 FlashAttention's contract in place of the aten op, so the merge is tested on the CPU too.
 """
 
+import functools
 import os
 
 import torch
@@ -64,8 +65,16 @@ def applies(q, k, key_valid, causal: bool, backward: bool) -> bool:
         if not (backward and q.is_cuda and Sk >= CASCADE_MIN_S):
             return False
     if q.is_cuda:
-        return torch.cuda.get_device_capability(q.device) >= (8, 0)
+        return _flash_ok(q.device.index if q.device.index is not None else torch.cuda.current_device())
     return tk.INTERPRETED  # the CPU stand-in: only when asked for (tests)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_ok(device_index: int) -> bool:
+    # NVIDIA builds with the flash kernels (the lse layout assumed here is CUDA FlashAttention's), sm80+.
+    available = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
+    return (available and torch.version.hip is None
+            and torch.cuda.get_device_capability(device_index) >= (8, 0))
 
 
 # --------------------------------------------------------------------------------------------------
