@@ -11,9 +11,10 @@
 # benchmarks/tune_int4_gpu.py); ncu_int4 (Nsight Compute on each small-M kernel variant);
 # bench_int4_cuda_small_m, bench_gptq_matmul, bench_gated_prefix_attention, bench_e2e_gpu.
 # The default (in the order the open work needs them; bench_gptq_matmul last, it re-measures defaults):
-# build tests_int4 tests_attn bench_gated_prefix_attention tune_int4 bench_int4_cuda_small_m
-# bench_gptq_matmul -- about 6 minutes on an H100 by the step times below (the limits add up to more),
-# within the 8 the attention issue allows; ncu_int4 and bench_e2e_gpu (up to 90 s) run when named.
+# build tests_int4 tests_attn bench_gated_prefix_attention bench_int4_cuda_small_m bench_gptq_matmul --
+# about 5 minutes on an H100 by the step times below (the limits add up to more), within the 8 the
+# attention issue allows; tune_int4 (its variants were decided on 2026-11-27), ncu_int4 and bench_e2e_gpu
+# (up to 90 s) run when named.
 # Measured on an H100 80GB HBM3, 2026-11-26/27: build 15-18 s, the int4 GPU tests 40 s, all GPU tests
 # about 100 s, tune_int4 50 s, the int4 benchmarks 26 and 39 s, the attention benchmark 75 s (now up to 90),
 # end-to-end up to 75 s. The default run on 2026-11-27 took 352 s (build 18, tests_int4 39, tests_attn
@@ -21,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-STEPS=${STEPS:-build tests_int4 tests_attn bench_gated_prefix_attention tune_int4 bench_int4_cuda_small_m bench_gptq_matmul}
+STEPS=${STEPS:-build tests_int4 tests_attn bench_gated_prefix_attention bench_int4_cuda_small_m bench_gptq_matmul}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log="$OUT/run_gpu.log"
