@@ -222,30 +222,51 @@ def _gpa_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _gpa_backward(ctx, grad_o, grad_lse):
+def _grads(ctx, grad_o, grad_lse, backward):
+    """The autograd backward of both wrappers; `backward` is the op (traced) or the launcher (eager)."""
     q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse = ctx.saved_tensors
     if grad_o is None:
         grad_o = torch.zeros_like(o)
-    dq, dk, dv, dpk, dpv, dlogw = _gpa_fused_backward(
-        grad_o, grad_lse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse, ctx.scale,
-        ctx.causal,
+    dq, dk, dv, dpk, dpv, dlogw = backward(
+        grad_o, grad_lse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse, ctx.scale, ctx.causal
     )
     dlogw = dlogw.to(gate_logw.dtype) if gate_logw is not None else None
     return dq, dk, dv, dpk, dpv, dlogw, None, None, None
 
 
+def _gpa_backward(ctx, grad_o, grad_lse):
+    return _grads(ctx, grad_o, grad_lse, _gpa_fused_backward)
+
+
 _gpa_fused.register_autograd(_gpa_backward, setup_context=_gpa_setup_context)
 
 
+class _FusedGatedPrefixAttention(torch.autograd.Function):
+    """Eager training: the custom op's forward, autograd context and backward without its dispatch,
+    which cost 70 us a call forward and about as much backward on this project's CPU (host time that
+    shows on a GPU wherever the kernels are shorter: small batches, short sequences)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal):
+        out = _kernels().gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
+        _gpa_setup_context(ctx, (q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_lse):
+        return _grads(ctx, grad_o, grad_lse, _kernels().gpa_backward)
+
+
 def _fused(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float, causal: bool):
-    # Eager inference (generate, evaluation) launches the kernel directly: the custom op's dispatch and
-    # autograd wrapper cost about as much host time as the rest of the launch path (20 of 60 us a call on
-    # this project's CPU), which shows at decode, where an attention call takes microseconds on the GPU.
-    # Tracing (compile, fake or meta tensors) keeps the op: it has the fake implementation.
+    # Eager calls launch the kernels directly (inference) or through a plain autograd.Function
+    # (training): the custom op's dispatch and autograd wrapper cost more host time than the rest of the
+    # launch path, which shows at decode and at small shapes, where the kernels take microseconds.
+    # Tracing (compile, fake or meta tensors) keeps the op: it has the fake implementations.
     if (not torch.compiler.is_compiling() and q.device.type != "meta"
-            and not isinstance(q, torch._subclasses.FakeTensor)
-            and not _needs_grad(q, k, v, prompt_k, prompt_v, gate_logw)):
-        return _kernels().gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
+            and not isinstance(q, torch._subclasses.FakeTensor)):
+        if not _needs_grad(q, k, v, prompt_k, prompt_v, gate_logw):
+            return _kernels().gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
+        return _FusedGatedPrefixAttention.apply(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
     return _gpa_fused(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
 
 
