@@ -251,7 +251,9 @@ def test_g_idx_range_rechecked_after_in_place_change():
         native.int4_matmul_cpu(x, qw, qz, s, g)
 
 
-def test_int4_matmul_eager_no_grad_path_equals_the_custom_op():
+def test_int4_matmul_eager_paths_equal_the_custom_op():
+    # Eager calls skip the custom op's dispatch: the kernel directly without a gradient, a plain
+    # autograd.Function with one. Both must give the op's outputs and dx bit for bit.
     from mops_fast.ops.int4_matmul import _int4_matmul_op, int4_matmul
 
     x, qw, qz, s, g = _good()
@@ -259,6 +261,14 @@ def test_int4_matmul_eager_no_grad_path_equals_the_custom_op():
         fast = int4_matmul(x.view(1, 2, 64), qw, qz, s, g, 32)
     via_op = _int4_matmul_op(x, qw, qz, s, g, 32)
     torch.testing.assert_close(fast.view(2, 16), via_op, rtol=0, atol=0)
-    xr = x.clone().requires_grad_(True)  # with autograd the op runs and gives dx
-    int4_matmul(xr, qw, qz, s, g, 32).sum().backward()
-    assert xr.grad is not None and xr.grad.shape == x.shape
+    xr = x.clone().requires_grad_(True)
+    y = int4_matmul(xr, qw, qz, s, g, 32)
+    node = y.grad_fn if "View" not in type(y.grad_fn).__name__ else y.grad_fn.next_functions[0][0]
+    assert "Int4Matmul" in type(node).__name__  # the eager Function, not the op's autograd node
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(dy)
+    xo = x.clone().requires_grad_(True)
+    y_op = _int4_matmul_op(xo, qw, qz, s, g, 32)
+    y_op.backward(dy)
+    torch.testing.assert_close(y, y_op, rtol=0, atol=0)
+    torch.testing.assert_close(xr.grad, xo.grad, rtol=0, atol=0)

@@ -724,15 +724,36 @@ def _setup_context(ctx, inputs, output):
     ctx.group_size = group_size
 
 
-def _backward(ctx, dy):
+def _grad_input(ctx, dy, backward):
+    """The autograd backward of both wrappers; `backward` is the op (traced) or the dispatch (eager)."""
     qweight, qzeros, scales, g_idx = ctx.saved_tensors
     dx = None
     if ctx.needs_input_grad[0]:
-        dx = _int4_matmul_t_op(dy.contiguous(), qweight, qzeros, scales, g_idx, ctx.group_size)
+        dx = backward(dy.contiguous(), qweight, qzeros, scales, g_idx, ctx.group_size)
     return dx, None, None, None, None, None
 
 
+def _backward(ctx, dy):
+    return _grad_input(ctx, dy, _int4_matmul_t_op)
+
+
 _int4_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Int4Matmul(torch.autograd.Function):
+    """Eager training (activations that need a gradient): the custom op's forward, context and
+    backward without its dispatch, whose host time is paid by every quantized linear of the model,
+    forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, qzeros, scales, g_idx, group_size):
+        y = _forward(x, qweight, qzeros, scales, g_idx, group_size)
+        _setup_context(ctx, (x, qweight, qzeros, scales, g_idx, group_size), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grad_input(ctx, dy, _backward_input)
 
 
 def int4_matmul(x, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
@@ -744,18 +765,22 @@ def int4_matmul(x, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch
         raise ValueError(f"int4_matmul: x is on {x.device}, the weight on {qweight.device}; move one of them")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
-    if _eager_without_grad(x2):
+    if _eager(x2):
         # Decoding calls this hundreds of times per token at tiny shapes, where the custom op's dispatch
-        # costs about as much as the kernel; outside autograd and compilation the op adds nothing.
-        y = _forward(x2, qweight, qzeros, scales, g_idx, int(group_size))
+        # costs about as much as the kernel; outside compilation the op adds nothing: without a gradient
+        # the kernel is called directly, with one through a plain autograd.Function.
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _Int4Matmul.apply(x2, qweight, qzeros, scales, g_idx, int(group_size))
+        else:
+            y = _forward(x2, qweight, qzeros, scales, g_idx, int(group_size))
     else:
         y = _int4_matmul_op(x2, qweight, qzeros, scales, g_idx, int(group_size))
     return y.reshape(*lead, N)
 
 
-def _eager_without_grad(x: torch.Tensor) -> bool:
-    return (not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
-            and x.device.type != "meta" and not isinstance(x, torch._subclasses.FakeTensor))
+def _eager(x: torch.Tensor) -> bool:
+    return (not torch.compiler.is_compiling() and x.device.type != "meta"
+            and not isinstance(x, torch._subclasses.FakeTensor))
 
 
 def int4_matmul_t(dy, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
