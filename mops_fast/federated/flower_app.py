@@ -91,7 +91,7 @@ class FlowerDispatcher:
             raise RuntimeError(f"no SuperNode serves client(s) {missing}; start one with "
                                f"--node-config 'partition-id=<i>' for each")
         self.nodes = nodes
-        self.log(f"SuperNodes: " + ", ".join(f"client {c} -> node {n}" for c, n in sorted(nodes.items())))
+        self.log("SuperNodes: " + ", ".join(f"client {c} -> node {n}" for c, n in sorted(nodes.items())))
 
     def run_round(self, method: str, stage: str, rnd: int, clients: list[int], state: dict, spec: dict):
         if self.nodes is None:
