@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mops_fast.ops.tracing import traced
+
 __all__ = [
     "gated_prefix_attention",
     "gated_prefix_attention_with_lse",
@@ -262,8 +264,7 @@ def _fused(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float, caus
     # (training): the custom op's dispatch and autograd wrapper cost more host time than the rest of the
     # launch path, which shows at decode and at small shapes, where the kernels take microseconds.
     # Tracing (compile, fake or meta tensors) keeps the op: it has the fake implementations.
-    if (not torch.compiler.is_compiling() and q.device.type != "meta"
-            and not isinstance(q, torch._subclasses.FakeTensor)):
+    if not traced(q):
         if not _needs_grad(q, k, v, prompt_k, prompt_v, gate_logw):
             return _kernels().gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
         return _FusedGatedPrefixAttention.apply(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from mops_fast.ops.tracing import traced
+
 try:  # Triton is optional: CPU installs run the reference or the C++ kernel
     import triton
     import triton.language as tl
@@ -765,7 +767,7 @@ def int4_matmul(x, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch
         raise ValueError(f"int4_matmul: x is on {x.device}, the weight on {qweight.device}; move one of them")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
-    if _eager(x2):
+    if not traced(x2):
         # Decoding calls this hundreds of times per token at tiny shapes, where the custom op's dispatch
         # costs about as much as the kernel; outside compilation the op adds nothing: without a gradient
         # the kernel is called directly, with one through a plain autograd.Function.
@@ -777,10 +779,6 @@ def int4_matmul(x, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch
         y = _int4_matmul_op(x2, qweight, qzeros, scales, g_idx, int(group_size))
     return y.reshape(*lead, N)
 
-
-def _eager(x: torch.Tensor) -> bool:
-    return (not torch.compiler.is_compiling() and x.device.type != "meta"
-            and not isinstance(x, torch._subclasses.FakeTensor))
 
 
 def int4_matmul_t(dy, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
