@@ -2,8 +2,11 @@
 plain SDPA flash attention with no prefix.
 
 Impls (rows of the JSON):
-  fused          mops_fast.ops.gated_prefix_attention (Triton forward / backward), key padding mask on,
-                 every expert active (dense gate)
+  fused          mops_fast.ops.gated_prefix_attention as it is by default, on the padded batch (one
+                 sample right-padded, as tokenizers pad training batches), every expert active (dense gate):
+                 right padding under causal attention needs no key mask (the padded queries are zeroed),
+                 so the fused forward and, from 2048 keys, the cascade's backward ("auto")
+  fused_fusedbwd the same inputs with the cascade off: the fused kernels both ways
   fused_top2     the same with top-2 gating (6 of 8 experts at log weight -inf: their tiles are skipped)
   fused_nopad    the fused kernels with no key padding (sdpa_noprefix's inputs plus the prompts) and the
                  cascade off, at the shapes of CASCADE_AT
@@ -11,11 +14,12 @@ Impls (rows of the JSON):
                  FlashAttention for the own keys, the Triton kernels for the prompts from its softmax state)
   fused_cascade_bwd  the fused forward and the cascade's backward (what the default, "auto", does from
                  2048 keys on); bwd and fwd+bwd
-  fused_cascade_bwd_fdq  the same with cascade_dq="fused": the prompt pass's dK/dV programs add dQ (one
-                 prompt block) and the dQ kernel is skipped; bwd and fwd+bwd
+  fused_cascade_bwd_kdq  the same with cascade_dq="kernel": dQ of the prompts by its own kernel, not added
+                 by the prompt pass's dK/dV programs (the default since 2026-11-27); bwd and fwd+bwd
   reference      per-sample prefix materialized by broadcast, concatenated with k/v (expanded to Hq heads),
                  torch SDPA with an explicit float mask holding the log weights, causal and padding masks
-                 (the memory-efficient backend; gradients reach the log weights through the mask)
+                 (the memory-efficient backend; gradients reach the log weights through the mask), and the
+                 padded queries' rows zeroed, as the contract says
   sdpa_noprefix  SDPA flash backend, is_causal, the same sequence with no prefix and no padding
 Modes: fwd, bwd (backward only, from a retained graph), fwd+bwd. bf16, d = 128, GQA 32/8.
 Shapes: B=8 Hq=32 Hkv=8 d=128 S=2048 J=8 L=16 (main), S in {512, 1024, 4096}, J*L in {16, 128, 512}.
@@ -75,15 +79,16 @@ SWEEP = {
     "dkdv": [(16, 128, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 128, 8, 2)],
     "dkdv_atomic": [(16, 64, 8, 2), (16, 128, 8, 2), (16, 128, 8, 1), (32, 64, 8, 2)],
-    "dkdv_cascade": [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2)],
+    "dkdv_cascade": [(32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 4, 2), (32, 64, 8, 2)],
     "fwd_init": [(64, 64, 4, 2), (64, 64, 4, 1), (128, 128, 8, 1)],
 }
 
-# "dkdv_cascade": tiles of the cascade's prompt-only dK/dV pass (on 2026-11-27 (32, 64, 8, 2) and
-# (16, 64, 8, 2) lost to the table's). "fwd_init": tiles of the cascade's forward prompt pass, which reads
-# q and FlashAttention's o and writes o (0.37 ms at the main shape with the forward's (128, 64, 8, 3),
-# where about 0.15 ms of bytes is the floor): two CTAs a multiprocessor, or one 128-key prompt tile.
-SWEEP_QUICK = {"fwd_init": [(64, 64, 4, 2), (64, 64, 4, 1), (128, 128, 8, 1)]}
+# "dkdv_cascade": tiles of the cascade's prompt-only dK/dV pass, which with cascade_dq "fused" also adds
+# dQ (a 128-key block holds all J*L = 128 prompts). Its bwd was 0.66 ms above FlashAttention's at the main
+# shape on 2026-11-27 with (16, 128, 8, 2), where the bytes (q, do, dq) are about 0.2 ms: a wider query
+# tile, a third stage or half the warps. ((32, 64, 8, 2) and (16, 64, 8, 2) lost with cascade_dq "kernel";
+# (64, 64, 4, 1) became the fwd_init tile.)
+SWEEP_QUICK = {"dkdv_cascade": [(32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 4, 2)]}
 # Shapes (by S, J) at which the cascade is timed beside the fused kernel on the same unpadded inputs.
 CASCADE_AT = {(2048, 8), (512, 8), (4096, 8), (2048, 32)}
 
@@ -120,7 +125,8 @@ def reference_attention(q, k, v, pk, pv, logw, kv):
         ~(causal[None, None] & kv[:, None, None, :]), float("-inf"))
     pre = logw.to(q.dtype)[:, None, None, :, None].expand(B, 1, S, J, L).reshape(B, 1, S, P)
     mask = torch.cat([pre, own], -1)
-    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    return o.masked_fill(~kv[:, None, :, None], 0.0)  # queries at padded positions: 0 (the contract)
 
 
 def useful_flops(shape, mode, prefix=True):
@@ -313,14 +319,13 @@ def main(argv=None) -> int:
         return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
                                               is_causal=True)
 
+    flash = [SDPBackend.FLASH_ATTENTION]
     backends = {
-        "fused": None,
-        "fused_top2": None,
         "reference": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-        "sdpa_noprefix": [SDPBackend.FLASH_ATTENTION],
-        # these call the flash op directly: keep it allowed
-        "fused_cascade": [SDPBackend.FLASH_ATTENTION], "fused_cascade_bwd": [SDPBackend.FLASH_ATTENTION],
-        "fused_cascade_bwd_fdq": [SDPBackend.FLASH_ATTENTION],
+        "sdpa_noprefix": flash,
+        # the fused rows may take the cascade, which calls the flash op directly: keep it allowed
+        **{impl: flash for impl in ("fused", "fused_top2", "fused_fusedbwd", "fused_nopad", "fused_cascade",
+                                    "fused_cascade_bwd", "fused_cascade_bwd_kdq")},
     }
 
     rows, t0 = [], T_START
@@ -400,6 +405,9 @@ def main(argv=None) -> int:
         print(f"S={shape['S']} JL={shape['J'] * shape['L']}: fused vs reference output, relative error {check}",
               flush=True)
         measure(shape, "fused", impls["fused"], ins, kv, extra={"rel_err_vs_reference": check})
+        if si == 0 or smoke:
+            with tk.override_configs(cascade=False):
+                measure(shape, "fused_fusedbwd", impls["fused"], ins, kv)
         if (shape["S"], shape["J"]) in CASCADE_AT or smoke:
             with tk.override_configs(cascade=False):
                 measure(shape, "fused_nopad", impls["fused"], ins, None)
@@ -407,8 +415,8 @@ def main(argv=None) -> int:
                 measure(shape, "fused_cascade", impls["fused"], ins, None)
             with tk.override_configs(cascade="bwd"):
                 measure(shape, "fused_cascade_bwd", impls["fused"], ins, None, modes=("bwd", "fwd+bwd"))
-            with tk.override_configs(cascade="bwd", cascade_dq="fused"):
-                measure(shape, "fused_cascade_bwd_fdq", impls["fused"], ins, None, modes=("bwd", "fwd+bwd"))
+            with tk.override_configs(cascade="bwd", cascade_dq="kernel"):
+                measure(shape, "fused_cascade_bwd_kdq", impls["fused"], ins, None, modes=("bwd", "fwd+bwd"))
         if si == 0:
             ins2, kv2 = make_inputs(shape, dev, dtype, topk=2, seed=si)
             for t in ins2:
@@ -458,7 +466,7 @@ def main(argv=None) -> int:
         mem = (f["peak_mem_bytes"] / r["peak_mem_bytes"]) if f and r and r.get("peak_mem_bytes") else math.nan
         print(f"{mode:8s} {fm:10.3f} {rm:10.3f} {sm:10.3f} {rm / fm:9.2f} {fm / sm:10.2f} {mem:9.2f}")
     s_all = {mode: med("sdpa_noprefix", mode) for mode in ("fwd", "bwd", "fwd+bwd")}
-    for impl in ("fused_nopad", "fused_cascade", "fused_cascade_bwd", "fused_cascade_bwd_fdq"):
+    for impl in ("fused_nopad", "fused_cascade", "fused_cascade_bwd", "fused_cascade_bwd_kdq"):
         parts = [f"{mode} {r['median_ms']:.3f} ms = {r['median_ms'] / s_all[mode]['median_ms']:.2f}x"
                  for mode in ("fwd", "bwd", "fwd+bwd") if (r := med(impl, mode)) and s_all[mode]]
         if parts:

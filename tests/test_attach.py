@@ -45,6 +45,26 @@ def test_padded_batch_matches_unpadded_rows(tiny_llama):
         torch.testing.assert_close(full[b, keep], alone, rtol=1e-4, atol=1e-4)
 
 
+def test_one_key_mask_a_forward(tiny_llama, monkeypatch):
+    """Every injected layer of a forward gets the same key-mask tensor (what the attention learns of it,
+    right padding, is then read once a forward); the next forward builds its own."""
+    from mops_fast.hf import attach as attach_mod
+
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=2, prompt_len=3, gate_layer=1, init="random"))
+    seen = []
+    real = attach_mod.gated_prefix_attention
+    monkeypatch.setattr(attach_mod, "gated_prefix_attention",
+                        lambda *a, **kw: seen.append(a[6]) or real(*a, **kw))
+    ids, am = batch()
+    for _ in range(2):
+        m(input_ids=ids, attention_mask=am)
+    per_forward = len(seen) // 2
+    assert per_forward >= 2 and all(t is seen[0] for t in seen[:per_forward])
+    assert seen[per_forward] is not seen[0] and torch.equal(seen[per_forward], seen[0])
+    assert torch.equal(seen[0], am.bool())
+
+
 def test_identity_equal_experts_in_model(tiny_llama):
     """All experts equal: MoPs output equals the one-prompt model, whatever the gate says."""
     m = tiny_llama

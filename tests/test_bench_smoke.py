@@ -26,7 +26,7 @@ def test_gptq_matmul_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_gated_prefix_attention_benchmark_smoke(tmp_path):
-    # bench_gated_prefix_attention.py --smoke-cpu: every impl and mode, the atomic-dQ rows included (~50 s)
+    # bench_gated_prefix_attention.py --smoke-cpu: every impl and mode, the cascade rows included (~170 s)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gated_prefix_attention.py"),
                            "--smoke-cpu", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
                           cwd=ROOT)
@@ -36,5 +36,8 @@ def test_gated_prefix_attention_benchmark_smoke(tmp_path):
     got = {(r["impl"], r["mode"]) for r in doc["rows"] if "median_ms" in r}
     for impl in ("fused", "reference", "sdpa_noprefix"):
         assert {(impl, m) for m in ("fwd", "bwd", "fwd+bwd")} <= got, impl
-    assert {("fused_atomic_dq", "bwd"), ("fused_atomic_dq", "fwd+bwd")} <= got
+    for impl in ("fused_fusedbwd", "fused_nopad", "fused_cascade"):
+        assert {(impl, m) for m in ("fwd", "bwd", "fwd+bwd")} <= got, impl
+    for impl in ("fused_cascade_bwd", "fused_cascade_bwd_kdq"):
+        assert {(impl, "bwd"), (impl, "fwd+bwd")} <= got, impl
     assert all(r["rel_err_vs_reference"] < 1e-4 for r in doc["rows"] if "rel_err_vs_reference" in r)

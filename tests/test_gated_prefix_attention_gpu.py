@@ -85,6 +85,21 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def padded_queries(kv, Sq, Sk):
+    """(B, 1, Sq) bool: queries at padded positions (o = 0, lse = -inf, no gradient: the contract)."""
+    if kv is None:
+        return torch.zeros((1, 1, Sq), dtype=torch.bool)
+    return ~kv[:, None, Sk - Sq:]
+
+
+def check_padded_rows(o, lse, padded):
+    """o is 0 and lse -inf exactly at the padded queries; everything else finite. lse with 0 there."""
+    pad = padded.to(o.device).expand_as(lse)
+    assert torch.isfinite(o).all() and (o[pad] == 0).all()
+    assert torch.isneginf(lse[pad]).all() and torch.isfinite(lse[~pad]).all()
+    return lse.masked_fill(pad, 0.0)
+
+
 def check(inputs, tol, causal=True, seed=1, use_lse=True):
     q, k, v, pk, pv, logw, kv = inputs
     leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
@@ -92,7 +107,8 @@ def check(inputs, tol, causal=True, seed=1, use_lse=True):
     o, lse = gated_prefix_attention_with_lse(*leaves, lw, kv, causal=causal)
     # CUDA tensors take the fused kernels: the custom op's eager autograd.Function here
     assert "FusedGatedPrefixAttention" in type(o.grad_fn).__name__
-    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    padded = padded_queries(kv, q.shape[2], k.shape[2])
+    lse = check_padded_rows(o, lse, padded)
     g = torch.Generator(device=DEV).manual_seed(seed)
     # Upstream gradients representable in the compute dtype, so both sides see the same numbers.
     do = torch.randn(o.shape, generator=g, device=DEV).to(q.dtype).double()
@@ -103,6 +119,7 @@ def check(inputs, tol, causal=True, seed=1, use_lse=True):
     r_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
     r_lw = logw.detach().double().requires_grad_() if logw is not None else None
     ro, rlse = gated_prefix_attention_ref(*r_leaves, r_lw, kv, causal=causal)
+    rlse = check_padded_rows(ro, rlse, padded)
     ((ro * do).sum() + (rlse * dl).sum()).backward()
 
     errs = {"o": rel(o, ro), "lse": rel(lse, rlse)}
@@ -213,8 +230,10 @@ def test_atomic_dq(tk, case):
 
 
 # The shared-prefix cascade (prefix_cascade.py): the own keys by torch's FlashAttention, the prompts by
-# the Triton kernels from its softmax state. No key padding (the cascade does not take a padding mask).
+# the Triton kernels from its softmax state. No key padding, or right padding (the key mask is then
+# redundant: the padded queries are zeroed and hidden from the backward).
 CASCADE_CASES = {
+    "right_pad_b3": (dict(B=3, Sq=900, pad="right", seed=26), True),
     "bf16": (dict(pad=None, seed=21), True),
     "fp16_gqa3_jl15": (dict(Hq=24, Hkv=8, Sq=777, J=5, L=3, dtype=torch.float16, pad=None, seed=22), True),
     "d64_per_sample_not_causal": (dict(Hq=16, Hkv=4, Sq=500, Sk=700, d=64, J=1, L=16, per_sample=True,
@@ -230,7 +249,7 @@ def test_cascade(tk, cascade_calls, case):
     assert cascade_calls == {"fwd": 1, "bwd": 1}
 
 
-@pytest.mark.parametrize("case", ["bf16", "d64_per_sample_not_causal"])
+@pytest.mark.parametrize("case", ["bf16", "d64_per_sample_not_causal", "right_pad_b3"])
 def test_cascade_fused_dq(tk, cascade_calls, case):
     # cascade_dq "fused": the prompt pass's dK/dV programs add dQ into FlashAttention's (J*L = 128 and
     # 16: one prompt block), with the fused forward in front (mode "bwd").
@@ -238,6 +257,13 @@ def test_cascade_fused_dq(tk, cascade_calls, case):
     with tk.override_configs(cascade="bwd", cascade_dq="fused"):
         check(make_inputs(**kw), TOL[kw.get("dtype", torch.bfloat16)], causal=causal, use_lse=False)
     assert cascade_calls == {"fwd": 0, "bwd": 1}
+
+
+@pytest.mark.parametrize("pad", ["left", "both"])
+def test_cascade_keeps_the_fused_kernels_for_other_padding(tk, cascade_calls, pad):
+    with tk.override_configs(cascade=True):
+        check(make_inputs(Sq=700, pad=pad, seed=27), TOL[torch.bfloat16], use_lse=False)
+    assert cascade_calls == {"fwd": 0, "bwd": 0}
 
 
 def test_cascade_lse_gradient_takes_the_fused_backward(tk, cascade_calls):
@@ -258,3 +284,6 @@ def test_cascade_auto_is_the_backward_from_2048_keys(tk, cascade_calls, monkeypa
     assert not pc.applies(q[:, :, 1:], k[:, :, 1:], None, True, True)  # fewer keys: the fused backward
     check(make_inputs(B=1, Hq=16, Hkv=4, Sq=S + 37, pad=None, seed=25), TOL[torch.bfloat16], use_lse=False)
     assert cascade_calls == {"fwd": 0, "bwd": 1}
+    # a right-padded training batch takes it too
+    check(make_inputs(B=2, Hq=16, Hkv=4, Sq=S + 37, pad="right", seed=28), TOL[torch.bfloat16], use_lse=False)
+    assert cascade_calls == {"fwd": 0, "bwd": 2}

@@ -74,6 +74,21 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def padded_queries(kv, Sq, Sk):
+    """(B, 1, Sq) bool: queries at padded positions (o = 0, lse = -inf, no gradient: the contract)."""
+    if kv is None:
+        return torch.zeros((1, 1, Sq), dtype=torch.bool)
+    return ~kv[:, None, Sk - Sq:]
+
+
+def check_padded_rows(o, lse, padded):
+    """o is 0 and lse -inf exactly at the padded queries; everything else finite. lse with 0 there."""
+    pad = padded.to(o.device).expand_as(lse)
+    assert torch.isfinite(o).all() and (o[pad] == 0).all()
+    assert torch.isneginf(lse[pad]).all() and torch.isfinite(lse[~pad]).all()
+    return lse.masked_fill(pad, 0.0)
+
+
 def check(inputs, tol, causal=True, use_lse=True, seed=1):
     """Fused (Triton, interpreted) vs float64 reference: o, lse and all six gradients."""
     q, k, v, pk, pv, logw, kv = inputs
@@ -81,11 +96,13 @@ def check(inputs, tol, causal=True, use_lse=True, seed=1):
     lw = logw.clone().requires_grad_() if logw is not None else None
     o, lse = gated_prefix_attention_with_lse(*leaves, lw, kv, causal=causal, backend="triton")
     assert o.dtype == q.dtype and lse.dtype == torch.float32
-    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    padded = padded_queries(kv, q.shape[2], k.shape[2])
+    lse = check_padded_rows(o, lse, padded)
 
     r_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
     r_lw = logw.detach().double().requires_grad_() if logw is not None else None
     ro, rlse = gated_prefix_attention_ref(*r_leaves, r_lw, kv, causal=causal)
+    rlse = check_padded_rows(ro, rlse, padded)
 
     g = torch.Generator().manual_seed(seed)
     do = torch.randn(ro.shape, generator=g, dtype=torch.float64)
@@ -217,8 +234,9 @@ def test_half_precision_with_fp32_prompts(tk, dtype, tol):
 
 
 def test_nothing_visible_gives_zero_not_nan(tk):
-    # All experts dropped for sample 0 and its first tokens padding: those rows see nothing.
-    # The reference gives NaN there; the kernel gives o = 0, lse = -inf, and zero gradients.
+    # All experts dropped for sample 0 and its first tokens padding: those rows would see nothing (a
+    # softmax over nothing). They are padded queries: o = 0, lse = -inf and no gradient, in the kernels
+    # and the reference alike.
     q, k, v, pk, pv, logw, kv = make_inputs(B=2, Hq=2, Hkv=1, Sq=20, J=2, L=2, pad="left", seed=13)
     logw[0] = -math.inf
     leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
@@ -226,10 +244,10 @@ def test_nothing_visible_gives_zero_not_nan(tk):
     o, lse = gated_prefix_attention_with_lse(*leaves, lw, kv, backend="triton")
     ro, rlse = gated_prefix_attention_ref(q.double(), k.double(), v.double(), pk.double(), pv.double(),
                                           logw.double(), kv)
-    hidden = torch.isnan(ro).any(-1)
-    assert hidden[0].any() and not hidden[1].any()
+    hidden = ~kv[:, None, :].expand(2, 2, 20)
+    assert hidden[0].any() and not hidden[1].any() and not torch.isnan(ro).any()
     assert torch.isfinite(o).all()
-    assert (o[hidden] == 0).all() and torch.isneginf(lse[hidden]).all()
+    assert (o[hidden] == 0).all() and torch.isneginf(lse[hidden]).all() and (ro[hidden] == 0).all()
     assert rel(o[~hidden], ro[~hidden]) < FP32
     o.sum().backward()
     for t in leaves + [lw]:
@@ -358,8 +376,10 @@ def test_torch_compile_fullgraph(tk):
 
 
 # Shared-prefix cascade (prefix_cascade.py): own keys by FlashAttention -- here its float32 stand-in --,
-# prompts by the Triton kernels from that softmax state; fp16 / bf16, no key padding.
+# prompts by the Triton kernels from that softmax state; fp16 / bf16, no key padding or right padding.
 CASCADE_CASES = {
+    # right padding (sample 1's last 7 tokens): no key mask, the padded queries zeroed and hidden
+    "right_pad_gqa3_bf16": (dict(B=3, Sq=37, dtype=torch.bfloat16, pad="right", seed=46), 2e-2, True),
     "gqa3_bf16": (dict(Sq=37, dtype=torch.bfloat16, pad=None, seed=41), 2e-2, True),
     "fp16_d24_one_prompt_token": (dict(B=1, Hq=2, Hkv=1, Sq=33, d=24, J=1, L=1, dtype=torch.float16,
                                        pad=None, seed=42), 2e-3, True),
@@ -379,7 +399,8 @@ def test_cascade(tk, cascade_calls, case):
     assert cascade_calls == {"fwd": 1, "bwd": 1}
 
 
-@pytest.mark.parametrize("case", ["gqa3_bf16", "per_sample_not_causal_sq_lt_sk", "fp32_prompts_top_k"])
+@pytest.mark.parametrize("case", ["gqa3_bf16", "per_sample_not_causal_sq_lt_sk", "fp32_prompts_top_k",
+                                  "right_pad_gqa3_bf16"])
 @pytest.mark.parametrize("cascade_dq", ["kernel", "fused"])
 def test_cascade_backward_from_the_fused_forward(tk, cascade_calls, case, cascade_dq):
     # Mode "bwd" (what "auto" does on a GPU from CASCADE_MIN_S keys): the fused kernel's (o, lse) feed
@@ -389,6 +410,47 @@ def test_cascade_backward_from_the_fused_forward(tk, cascade_calls, case, cascad
     with tk.override_configs(cascade="bwd", cascade_dq=cascade_dq, dkdv=(16, 16, 4, 1)):
         check(make_inputs(**kw), tol, causal=causal, use_lse=False)
     assert cascade_calls == {"fwd": 0, "bwd": 1}
+
+
+@pytest.mark.parametrize("pad", ["left", "both", "one_valid"])
+def test_cascade_keeps_the_fused_kernels_for_other_padding(tk, cascade_calls, pad):
+    # Padding before a real token: FlashAttention (no mask) would let real queries see it.
+    with tk.override_configs(cascade=True, dkdv=(16, 16, 4, 1)):
+        check(make_inputs(Sq=30, dtype=torch.bfloat16, pad=pad, seed=47), 2e-2, use_lse=False)
+    assert cascade_calls == {"fwd": 0, "bwd": 0}
+
+
+def test_right_padding_drops_the_key_mask(tk, monkeypatch):
+    from mops_fast.ops import prefix_cascade as pc
+
+    kv = torch.ones(3, 10, dtype=torch.bool)
+    kv[1, 6:] = False
+    kv[2, 9:] = False
+    q, k = torch.randn(3, 2, 10, 16), torch.randn(3, 1, 10, 16)
+    reads = []
+    real_any = torch.Tensor.any
+    monkeypatch.setattr(torch.Tensor, "any", lambda t, *a, **kw: reads.append(1) or real_any(t, *a, **kw))
+    key_mask, rows = pc.masks(q, k, kv, True)
+    assert key_mask is None and torch.equal(rows, kv)
+    assert pc.masks(q, k, kv, True)[0] is None and len(reads) == 1  # read once, remembered on the tensor
+    kv[0, 0] = False  # in place: a new version, read again; padding before a real token keeps the mask
+    assert pc.masks(q, k, kv, True)[0] is kv and len(reads) == 2
+    monkeypatch.setattr(torch.Tensor, "any", real_any)
+    right = torch.ones(3, 10, dtype=torch.bool)
+    right[0, 4:] = False
+    assert pc.masks(q, k, right, False)[0] is right  # not causal: real queries would see later padding
+    assert pc.masks(q[:, :, :4], k, right, True)[0] is right  # Sq != Sk (decode, chunks): the mask stays
+    assert torch.equal(pc.masks(q[:, :, :4], k, right, True)[1], right[:, 6:])
+    meta = right.to("meta")
+    assert pc.masks(q.to("meta"), k.to("meta"), meta, True)[0] is meta  # no host read while tracing
+    # The fused kernels then run with no key mask and the rows mask alone.
+    seen = {}
+    fwd = tk.gpa_forward
+    monkeypatch.setattr(tk, "gpa_forward", lambda *a, **kw: seen.update(kv=a[6], qv=kw.get("query_valid"))
+                        or fwd(*a, **kw))
+    q, k, v, pk, pv, logw, kvr = make_inputs(Sq=20, pad="right", seed=48)
+    gated_prefix_attention(q, k, v, pk, pv, logw, kvr, backend="triton")
+    assert seen["kv"] is None and torch.equal(seen["qv"], kvr)
 
 
 def test_cascade_fused_dq_skips_the_dq_kernel(tk, monkeypatch):

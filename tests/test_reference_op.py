@@ -19,6 +19,9 @@ def naive(q, k, v, pk, pv, logw, key_valid, causal=True):
         for h in range(Hq):
             hk = h // G
             for i in range(Sq):
+                if key_valid is not None and Sq <= Sk and not bool(key_valid[b, Sk - Sq + i]):
+                    rows.append(q.new_zeros(d))  # a query at a padded position: o = 0 (the contract)
+                    continue
                 scores, vals = [], []
                 for e in range(J):
                     for t in range(L):
@@ -77,8 +80,21 @@ def test_all_padding_but_one_and_lse():
     kv[1] = False
     kv[1, 3] = True
     o, lse = gated_prefix_attention_with_lse(q, k, v, pk, pv, logw, kv)
-    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    # queries at padded positions: o = 0, lse = -inf (the contract); every other row is finite
+    assert torch.isfinite(o).all() and (o[1, :, [0, 1, 2, 4, 5, 6]] == 0).all()
+    assert torch.isneginf(lse[1, :, [0, 1, 2, 4, 5, 6]]).all()
+    assert torch.isfinite(lse[0]).all() and torch.isfinite(lse[1, :, 3]).all()
     torch.testing.assert_close(o, naive(q, k, v, pk, pv, logw, kv))
+
+
+def test_padded_queries_pass_no_gradient():
+    q, k, v, pk, pv, logw, kv = make()  # left padding in sample 0, right padding in sample 1
+    ts = [t.requires_grad_() for t in (q, k, v)]
+    o, lse = gated_prefix_attention_with_lse(*ts, pk, pv, logw, kv)
+    padded = ~kv  # Sq == Sk: a query's own position is its index
+    o.masked_select(padded[:, None, :, None]).sum().backward()  # only the padded rows' outputs
+    for t in ts:
+        assert (t.grad == 0).all()
 
 
 def test_identity_equal_experts_equals_single_prompt():
@@ -172,15 +188,13 @@ def test_inference_path_fp32_and_dispatch(sdpa_calls):
 
 
 def test_inference_path_rows_that_see_nothing_are_zero():
-    # sample 0: every expert dropped and its first keys padding, so its first queries see nothing; the
-    # reference gives NaN there, the inference path 0 (as the fused kernels do)
+    # sample 0: every expert dropped and its first keys padding, so its first queries would see nothing
+    # (a softmax over nothing: NaN); they sit at padded positions, so every path gives 0 there
     q, k, v, pk, pv, logw, kv = make(pad=False, Sq=6, Sk=6)
     logw[0] = float("-inf")
     kv[0, :3] = False
     with torch.no_grad():
         out = gated_prefix_attention(q, k, v, pk, pv, logw, kv)
     ref = gated_prefix_attention(q, k, v, pk, pv, logw, kv, backend="reference")
-    hidden = torch.isnan(ref)
-    assert hidden[0, :, :3].all() and not hidden[1].any()
-    assert (out[hidden] == 0).all()
-    torch.testing.assert_close(out[~hidden], ref[~hidden], rtol=1e-10, atol=1e-10)
+    assert not torch.isnan(ref).any() and (ref[0, :, :3] == 0).all() and (out[0, :, :3] == 0).all()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

@@ -45,6 +45,9 @@ class ForwardState:
     hooks: list = field(default_factory=list)
     saved_requires_grad: dict = field(default_factory=dict)
     saved_attn_impl: str | None = None
+    # (mask, B, Sk, key_valid): one key-mask tensor for every layer of a forward, so that what the
+    # attention learns about it once (right padding: one host read, prefix_cascade.py) holds for all
+    key_valid_of: tuple | None = None
 
 
 def _register_attention() -> None:
@@ -87,7 +90,12 @@ def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.
             f"sequence of {Sk} keys exceeds the sliding window {window}: MoPs attention supports causal "
             "attention with padding only; shorten the inputs below the window"
         )
-    key_valid = _key_valid_from_mask(attention_mask, B, Sk)
+    seen = state.key_valid_of
+    if seen is not None and seen[0] is attention_mask and seen[1] == B and seen[2] == Sk:
+        key_valid = seen[3]
+    else:
+        key_valid = _key_valid_from_mask(attention_mask, B, Sk)
+        state.key_valid_of = (attention_mask, B, Sk, key_valid)
     pk = mops.prompt_k[slot].to(query.dtype)
     pv = mops.prompt_v[slot].to(query.dtype)
     logw = state.logw

@@ -8,6 +8,9 @@ Contract (DESIGN.md §1 and §4):
   gate_logw    (B, J) or None       log gate weights; -inf drops an expert; None means all zeros
   key_valid    (B, Sk) bool or None True for real tokens, False for padding; None means all valid
   causal       own key j is visible to query i iff j <= Sk - Sq + i (prompt tokens always visible)
+A query whose own position is padding (key_valid[b, Sk - Sq + i] False, Sq <= Sk) returns o = 0 and
+lse = -inf and passes no gradient: nothing real reads it in a causal model, and it lets a right-padded
+causal batch drop the key mask altogether (prefix_cascade.py), so that it runs at unpadded speed.
 Score of prompt token (e, t): q . PK[e, t] * scale + logw[b, e]; of own token j: q . k_j * scale.
 Returns o (B, Hq, Sq, d) in q's dtype and, from the *_with_lse variant, lse (B, Hq, Sq) float32.
 
@@ -44,6 +47,7 @@ __all__ = [
     "gated_prefix_attention_with_lse",
     "gated_prefix_attention_ref",
     "check_inputs",
+    "query_valid",
 ]
 
 
@@ -116,6 +120,14 @@ def check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
         raise ValueError(f"gated_prefix_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def query_valid(key_valid: Optional[Tensor], Sq: int, Sk: int) -> Optional[Tensor]:
+    """(B, Sq) bool: whether query i's own position Sk - Sq + i is a real token (None: no padding, or
+    more queries than keys, whose positions the keys do not cover). See the contract above."""
+    if key_valid is None or Sq > Sk:
+        return None
+    return key_valid[:, Sk - Sq:]
+
+
 def gated_prefix_attention_ref(
     q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True
 ):
@@ -162,7 +174,13 @@ def gated_prefix_attention_ref(
     p = torch.exp(s - lse)
     o = torch.matmul(p[..., :P], pv) + torch.matmul(p[..., P:], v.to(cdt))
     o = o.view(B, Hq, Sq, d).to(q.dtype)
-    return o, lse.view(B, Hq, Sq).to(torch.float32 if cdt == torch.float32 else cdt)
+    lse = lse.view(B, Hq, Sq).to(torch.float32 if cdt == torch.float32 else cdt)
+    qv = query_valid(key_valid, Sq, Sk)
+    if qv is not None:
+        drop = ~qv[:, None, :]
+        o = o.masked_fill(drop[..., None], 0.0)
+        lse = lse.masked_fill(drop, float("-inf"))
+    return o, lse
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,7 +351,9 @@ def _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causa
         pre = gate_logw.to(q.dtype)[:, None, None, :, None].expand(B, 1, 1, J, L).reshape(B, 1, 1, P)
     rows = own.shape[2]  # Sq, or 1 when every query sees the same keys (the mask broadcasts)
     mask = torch.cat([pre.expand(B, 1, rows, P), own.expand(B, 1, rows, Sk)], dim=-1)
-    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    qv = query_valid(key_valid, Sq, Sk)
+    return o if qv is None else o.masked_fill(~qv[:, None, :, None], 0.0)
 
 
 def _needs_grad(*tensors) -> bool:

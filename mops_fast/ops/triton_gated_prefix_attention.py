@@ -6,7 +6,8 @@ forward   one program per (batch, query head, query block) -- or, for short quer
           per (batch, KV head, block of the group's query rows) so that one K/V read serves all the
           query heads of a GQA group. It streams the J*L prompt tokens (shared by the batch, biased per
           sample by the log gate weight, tiles whose experts are all dropped are skipped), then the
-          sample's own keys (causal and key-padding masks), with an online softmax in base 2.
+          sample's own keys (causal and key-padding masks), with an online softmax in base 2;
+          queries at padded positions are written as o = 0, lse = -inf (they see +inf in the backward).
 backward  Delta = rowsum(o * do) - dlse; then
           dK/dV   one program per (batch, KV head, key block) over the group's query heads and the
                   query blocks that see the block: own keys are written directly; prompt blocks are
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 import torch
 import triton
 import triton.language as tl
+
+from mops_fast.ops.gated_prefix_attention import query_valid as gpa_query_valid
 
 try:
     from triton.runtime.errors import OutOfResources
@@ -157,13 +160,13 @@ def _fwd_own(acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_vn, lo, hi, N, q_pos, o
 
 @triton.jit(do_not_specialize=["Hq", "Hkv", "G", "Sq", "Sk", "P", "L"])
 def _gpa_fwd_kernel(
-    Q, K, V, PK, PV, LW, KVM, O, LSE, O0, LSE0,
+    Q, K, V, PK, PV, LW, KVM, RVM, O, LSE, O0, LSE0,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     spkb, spkp, spkh, spvb, spvp, spvh,
-    slwb, skvmb, sob, soh, som, so0b, so0h, so0m,
+    slwb, skvmb, srvmb, sob, soh, som, so0b, so0h, so0m,
     Hq, Hkv, G, Sq, Sk, P, L, qk_scale,
-    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, PACK: tl.constexpr, EVEN_P: tl.constexpr,
-    HAS_INIT: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KVM: tl.constexpr, HAS_RVM: tl.constexpr, PACK: tl.constexpr,
+    EVEN_P: tl.constexpr, HAS_INIT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -236,10 +239,16 @@ def _gpa_fwd_kernel(
         acc, l_i, m_i, q, Kb, Vb, skn, svn, mid, hi, Sk, q_pos, offs_d, KVMb, qk_scale,
         IS_CAUSAL, True, HAS_KVM, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, UPCAST)
 
-    # A row that sees nothing (every expert dropped and every own key hidden) gets o = 0, lse = -inf.
+    # A row that sees nothing (every expert dropped and every own key hidden) gets o = 0, lse = -inf;
+    # so does a query at a padded position (RVM: its row bias -inf; the contract in
+    # gated_prefix_attention.py).
     empty = l_i == 0.0
+    if HAS_RVM:
+        empty = empty | (tl.load(RVM + b64 * srvmb + i, mask=row_ok, other=0.0) < 0.0)
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
+    if HAS_RVM:
+        o = tl.where(empty[:, None], 0.0, o)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     o_rows = b64 * sob + head64 * soh + i * som
     _store_2d(O + o_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), row_ok, offs_d,
@@ -539,6 +548,10 @@ _SM90 = {  # H100 / H200 (and sm_100): 227 KB shared memory per block, wgmma
     "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
     "dkdv": {64: (32, 128, 8, 2), 128: (16, 128, 8, 2), 256: (32, 32, 8, 1)},
     "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (32, 32, 8, 1)},
+    # The cascade's prompt-only forward (memory-bound: q and o0 in, o out): small tiles keep more
+    # programs resident. d = 128 measured on an H100 (1.153 ms the cascade's forward against 1.241 with
+    # the fwd tile, 2026-11-27); the other head dims keep the fwd tile.
+    "fwd_init": {64: (128, 64, 4, 3), 128: (64, 64, 4, 1), 256: (64, 32, 8, 2)},
 }
 # dK/dV when it also adds dQ (dq_mode "atomic"): the extra product and the atomics' addresses need
 # registers, and at d = 128 every tile with 128 keys spilled on sm_90 (160-240 bytes), so 64 keys.
@@ -569,10 +582,12 @@ DQ_MODES = ("split", "atomic")
 DEFAULT_DQ_MODE = "split"
 # dQ of the cascade's prompt-only backward (prefix_cascade.py): "kernel", the dQ kernel adding into
 # FlashAttention's dq; "fused", the dK/dV programs add it where one prompt block holds every prompt
-# (J*L <= BLOCK_N), saving the dQ kernel's S and dP products and its pass over q and do. Not yet timed:
-# "kernel" until a GPU run says otherwise. MOPS_FAST_GPA_CASCADE_DQ or override_configs(cascade_dq=...).
+# (J*L <= BLOCK_N), saving the dQ kernel's S and dP products and its pass over q and do. Measured on an
+# H100 (bf16, B=8 Hq=32 Hkv=8 d=128 J*L=128, 2026-11-27): the cascade's backward 3.98 vs 4.11 ms at
+# S = 2048, 11.79 vs 12.10 at 4096, 0.90 vs 1.03 at 512; a tie at J*L = 512 (two prompt blocks: the
+# dQ kernel runs either way). MOPS_FAST_GPA_CASCADE_DQ or override_configs(cascade_dq=...).
 CASCADE_DQ_MODES = ("kernel", "fused")
-DEFAULT_CASCADE_DQ = "kernel"
+DEFAULT_CASCADE_DQ = "fused"
 _MODE_KEYS = ("dq_mode", "cascade", "cascade_dq")  # override_configs keys that are not tiles
 
 
@@ -685,8 +700,10 @@ def _check_device(q):
                          "TRITON_INTERPRET=1 (set before this module is imported); use the reference")
 
 
-def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
-    """Shared argument preparation: dtype/layout normalization and the flat prompt views."""
+def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, query_valid=None):
+    """Shared argument preparation: dtype/layout normalization, the flat prompt views, and the masks:
+    key padding (kvm) and the queries at padded positions (qv, rvm; from key_valid unless query_valid
+    is given, as the cascade and a right-padded batch do without a key mask)."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"gated_prefix_attention (Triton): dtype {q.dtype} not supported; use fp16, "
                          "bf16 or fp32 (float64 goes through the reference)")
@@ -712,9 +729,17 @@ def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
         # An additive fp32 bias (0 / -inf) rather than bytes: it pipelines through shared memory like
         # the K/V tiles (a byte mask cost ~70 registers per thread in the forward on sm_90).
         kvm = torch.where(key_valid, 0.0, float("-inf")).float()  # one kernel; .float() is a no-op
+    qv, rvm = query_valid, None
+    if qv is None and key_valid is not None:
+        qv = gpa_query_valid(key_valid, Sq, Sk)
+        rvm = kvm[:, Sk - Sq:] if qv is not None else None  # a view: no kernel
+    elif qv is not None:
+        if tuple(qv.shape) != (B, Sq) or qv.dtype != torch.bool:
+            raise ValueError(f"gated_prefix_attention: query_valid must be ({B}, {Sq}) bool")
+        rvm = torch.where(qv, 0.0, float("-inf")).float()
     return dict(
         q=_last_dim_contig(q), k=_last_dim_contig(k), v=_last_dim_contig(v), pk=pk, pv=pv, lw=lw,
-        kvm=kvm, B=B, Hq=Hq, Hkv=Hkv, G=Hq // Hkv, Sq=Sq, Sk=Sk, d=d, J=J, L=L, P=P, Bp=Bp,
+        kvm=kvm, qv=qv, rvm=rvm, B=B, Hq=Hq, Hkv=Hkv, G=Hq // Hkv, Sq=Sq, Sk=Sk, d=d, J=J, L=L, P=P, Bp=Bp,
         per_sample=per_sample, block_d=max(16, _next_pow2(d)),
     )
 
@@ -759,18 +784,21 @@ def _launch(kind, key, cfg, launch):
 
 
 def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float, causal: bool,
-                init=None):
+                init=None, query_valid=None):
     """Fused forward: returns (o (B, Hq, Sq, d) in q's dtype, lse (B, Hq, Sq) float32).
+
+    Queries at padded positions (query_valid (B, Sq) False, by default from key_valid) get o = 0 and
+    lse = -inf (the contract in gated_prefix_attention.py).
 
     init=(o0, lse0): continue from the softmax state of keys attended elsewhere (o0 normalized, lse0
     natural log, rows with lse0 = -inf saw nothing), as the shared-prefix cascade does (prefix_cascade.py)."""
-    a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
+    a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, query_valid)
     B, Hq, Hkv, G, Sq, Sk, d = a["B"], a["Hq"], a["Hkv"], a["G"], a["Sq"], a["Sk"], a["d"]
     o = torch.empty((B, Hq, Sq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    q_, k_, v_, pk, pv, kvm = a["q"], a["k"], a["v"], a["pk"], a["pv"], a["kvm"]
+    q_, k_, v_, pk, pv, kvm, rvm = a["q"], a["k"], a["v"], a["pk"], a["pv"], a["kvm"], a["rvm"]
     pack = G * Sq <= 64
     kind = "fwd_pack" if pack else ("fwd_init" if init is not None else "fwd")
     ieee, upcast = _flags(q.dtype)
@@ -787,32 +815,40 @@ def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float,
         bm, bn, warps, stages = cfg
         grid = (B * Hkv, _cdiv(G * Sq, bm)) if pack else (B * Hq, _cdiv(Sq, bm))
         _gpa_fwd_kernel[grid](
-            q_, k_, v_, pk, pv, a["lw"], kvm if kvm is not None else a["lw"], o, lse, o0, lse0,
+            q_, k_, v_, pk, pv, a["lw"], kvm if kvm is not None else a["lw"],
+            rvm if rvm is not None else a["lw"], o, lse, o0, lse0,
             q_.stride(0), q_.stride(1), q_.stride(2), k_.stride(0), k_.stride(1), k_.stride(2),
             v_.stride(0), v_.stride(1), v_.stride(2),
             *_prompt_strides(pk, a["per_sample"]), *_prompt_strides(pv, a["per_sample"]),
-            a["lw"].stride(0), kvm.stride(0) if kvm is not None else 0,
+            a["lw"].stride(0), kvm.stride(0) if kvm is not None else 0, rvm.stride(0) if rvm is not None else 0,
             o.stride(0), o.stride(1), o.stride(2), o0.stride(0), o0.stride(1), o0.stride(2),
             Hq, Hkv, G, Sq, Sk, a["P"], a["L"], scale * LOG2E,
-            IS_CAUSAL=causal, HAS_KVM=kvm is not None, PACK=pack, EVEN_P=a["P"] % bn == 0,
-            HAS_INIT=init is not None,
+            IS_CAUSAL=causal, HAS_KVM=kvm is not None, HAS_RVM=rvm is not None, PACK=pack,
+            EVEN_P=a["P"] % bn == 0, HAS_INIT=init is not None,
             HEAD_DIM=d, BLOCK_D=a["block_d"], BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, UPCAST=upcast,
             num_warps=warps, num_stages=stages,
         )
 
     cfg = _config(kind, q.dtype, a["block_d"], q.device, G * Sq)
-    _launch(kind, (q.dtype, d, causal, kvm is not None, init is not None), cfg, launch)
+    _launch(kind, (q.dtype, d, causal, kvm is not None, rvm is not None, init is not None), cfg, launch)
     return o, lse
 
 
+def hide_rows(lse, query_valid):
+    """lse with +inf at queries of padded positions: a backward then gives those rows probabilities
+    exp(s - inf) = 0, so they add to no gradient (FlashAttention's backward included) and get dq = 0."""
+    return lse if query_valid is None else lse.masked_fill(~query_valid[:, None, :], float("inf"))
+
+
 def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o, lse, scale: float,
-                 causal: bool, dq_init=None):
+                 causal: bool, dq_init=None, query_valid=None):
     """Fused backward: returns (dq, dk, dv, d prompt_k, d prompt_v, d gate_logw (B, J) float32).
 
     Prompt gradients are summed over the batch (shared prompts) or kept per sample (5-D prompts),
     in the prompts' own dtype and shape. dq_init (B, Hq, Sq, d): dq is added to it in place and it is
-    returned as dq (the cascade's own-key share); dQ is then computed by its own kernel ("split")."""
-    a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
+    returned as dq (the cascade's own-key share); dQ is then computed by its own kernel ("split").
+    Queries at padded positions (query_valid, by default from key_valid) pass no gradient."""
+    a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, query_valid)
     B, Hq, Hkv, G, Sq, Sk, d = a["B"], a["Hq"], a["Hkv"], a["G"], a["Sq"], a["Sk"], a["d"]
     P, L, J, Bp, bd = a["P"], a["L"], a["J"], a["Bp"], a["block_d"]
     dev = q.device
@@ -833,7 +869,7 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
         q_, k_, v_, pk, pv, kvm = a["q"], a["k"], a["v"], a["pk"], a["pv"], a["kvm"]
         do_ = _last_dim_contig(do)
         o_ = _last_dim_contig(o)
-        lse_ = lse.contiguous()
+        lse_ = hide_rows(lse, a["qv"]).contiguous()
         ieee, upcast = _flags(q.dtype)
         delta = torch.empty((B, Hq, Sq), device=dev, dtype=torch.float32)
         pre_bm = 16 if INTERPRETED else 64
