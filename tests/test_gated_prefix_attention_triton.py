@@ -535,3 +535,22 @@ def test_cascade_flash_calls_trace_on_meta(tk):
     assert o.shape == q.shape and lse.shape == (2, 6, 40) and lse.dtype == torch.float32
     dq, dk, dv = pc._flash_backward(o, q, k, k, o, lse, 0.125, True)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
+
+
+def test_tile_tables_per_kind(tk, monkeypatch):
+    # The GPU tables (the interpreter has its own small tiles): the cascade's passes have their own
+    # measured tiles where one was measured, else their base kernel's.
+    monkeypatch.setattr(tk, "INTERPRETED", False)
+    monkeypatch.setattr(tk, "_arch", lambda device: "sm90")
+    bf = torch.bfloat16
+    assert tk._config("dkdv_prompt", bf, 128, None) == (32, 128, 8, 2) != tk._config("dkdv", bf, 128, None)
+    assert tk._config("dkdv_prompt", bf, 64, None) == tk._SM90["dkdv"][64]
+    assert tk._config("fwd_init", bf, 128, None) == (64, 64, 4, 1)
+    assert tk._config("fwd_init", bf, 256, None) == tk._SM90["fwd"][256]
+    assert tk._config("dkdv_prompt", torch.float32, 128, None) == tk._FP32["dkdv"][128]
+    with tk.override_configs(dkdv=(16, 16, 4, 1)):  # a dK/dV override holds for the prompt pass too
+        assert tk._config("dkdv_prompt", bf, 128, None) == (16, 16, 4, 1)
+        with tk.override_configs(dkdv_prompt=(64, 128, 8, 2)):
+            assert tk._config("dkdv_prompt", bf, 128, None) == (64, 128, 8, 2)
+    monkeypatch.setattr(tk, "_arch", lambda device: "sm80")  # untimed on an A100: the dK/dV tile
+    assert tk._config("dkdv_prompt", bf, 128, None) == tk._SM80["dkdv"][128]

@@ -558,6 +558,11 @@ _SM90 = {  # H100 / H200 (and sm_100): 227 KB shared memory per block, wgmma
 _SM90["dkdv_atomic"] = {64: (32, 128, 8, 2), 128: (16, 64, 8, 2), 256: (16, 32, 8, 1)}
 _SM80 = {**_SM90, "dq": {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (32, 32, 8, 1)},  # A100: mma.sync
          "dkdv_atomic": {64: (16, 128, 8, 2), 128: (16, 64, 8, 2), 256: (16, 16, 8, 1)}}
+# The cascade's prompt-only dK/dV pass (no own keys; with cascade_dq "fused" it also adds dQ): a wider
+# query tile than the fused backward's. H100, main shape, 2026-11-27: the cascade's backward 3.83 ms with
+# (32, 128, 8, 2), 3.86 with (16, 128, 8, 3), 4.03 with the dkdv tile (16, 128, 8, 2), 4.91 with
+# (16, 128, 4, 2). Set after _SM80 copies _SM90: untimed on an A100, which keeps the dkdv tile.
+_SM90["dkdv_prompt"] = {128: (32, 128, 8, 2)}
 _SMALL_SMEM = {  # consumer parts (~100 KB shared memory per block), fp16 / bf16 operands
     "fwd": {64: (128, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 4, 1)},
     "dkdv": {64: (32, 64, 4, 2), 128: (32, 64, 8, 1), 256: (32, 32, 8, 1)},
@@ -594,12 +599,13 @@ _MODE_KEYS = ("dq_mode", "cascade", "cascade_dq")  # override_configs keys that 
 @contextmanager
 def override_configs(**cfgs):
     """Force (BLOCK_M, BLOCK_N, num_warps, num_stages) for 'fwd', 'fwd_pack', 'fwd_init' (the cascade's
-    prompt pass), 'dkdv' and/or 'dq', the
+    forward prompt pass), 'dkdv', 'dkdv_prompt' (the cascade's backward prompt pass; a 'dkdv' override
+    holds for it too) and/or 'dq', the
     backward's dQ strategy with dq_mode='split' | 'atomic', and the shared-prefix cascade of
     prefix_cascade.py with cascade=True | False | 'bwd' | 'auto' and cascade_dq='kernel' | 'fused' for its
     prompt-only backward (tests use it to put block edges in awkward
     places and to cover every strategy; benchmarks to sweep)."""
-    unknown = set(cfgs) - {"fwd", "fwd_pack", "fwd_init", "dkdv", "dq", *_MODE_KEYS}
+    unknown = set(cfgs) - {"fwd", "fwd_pack", "fwd_init", "dkdv", "dkdv_prompt", "dq", *_MODE_KEYS}
     if unknown:
         raise ValueError(f"override_configs: unknown kernels {sorted(unknown)}")
     if "dq_mode" in cfgs and cfgs["dq_mode"] not in DQ_MODES:
@@ -652,10 +658,17 @@ def _arch(device) -> str:
     return "sm80" if cap == (8, 0) else "small"
 
 
+# Kinds whose tile, where their own table has none, is that of another kind.
+_BASE_KIND = {"fwd_pack": "fwd", "fwd_init": "fwd", "dkdv_prompt": "dkdv"}
+
+
 def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int = 0, atomic_dq: bool = False):
-    cfg = {**_env_override(), **{k: v for k, v in _OVERRIDE.items() if k not in _MODE_KEYS}}.get(kind)
+    overrides = {**_env_override(), **{k: v for k, v in _OVERRIDE.items() if k not in _MODE_KEYS}}
+    cfg = overrides.get(kind)
+    if cfg is None and kind == "dkdv_prompt":
+        cfg = overrides.get("dkdv")
     if cfg is None and INTERPRETED:
-        cfg = _INTERP["fwd" if kind in ("fwd_pack", "fwd_init") else kind]
+        cfg = _INTERP[_BASE_KIND.get(kind, kind)]
     if cfg is None:
         dkey = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
         arch = _arch(device)
@@ -670,7 +683,7 @@ def _config(kind: str, dtype: torch.dtype, block_d: int, device, pack_rows: int 
             table = _FP32 if dtype == torch.float32 else {"sm90": _SM90, "sm80": _SM80}.get(arch, _SMALL_SMEM)
             if kind == "dkdv" and atomic_dq and "dkdv_atomic" in table:
                 kind = "dkdv_atomic"
-            cfg = table.get(kind, table["fwd"] if kind == "fwd_init" else None)[dkey]
+            cfg = table.get(kind, {}).get(dkey) or table[_BASE_KIND.get(kind, kind)][dkey]
     bm, bn, warps, stages = cfg
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"gated_prefix_attention: block sizes must be powers of two >= 16, got {cfg}")
@@ -930,7 +943,8 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
                 num_warps=warps, num_stages=stages,
             )
 
-        _launch("dkdv", key + (atomic_dq, owned_dq), _config("dkdv", q.dtype, bd, dev, atomic_dq=atomic_dq),
+        dkdv_kind = "dkdv_prompt" if Sk == 0 else "dkdv"
+        _launch(dkdv_kind, key + (atomic_dq, owned_dq), _config(dkdv_kind, q.dtype, bd, dev, atomic_dq=atomic_dq),
                 launch_dkdv)
         if atomic_dq:
             if dqa is not dq:
