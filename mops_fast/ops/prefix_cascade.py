@@ -28,9 +28,9 @@ the tensor (the MoPs attention builds one per forward); a call that may not sync
 capture) keeps the mask.
 
 The backward depends only on the saved (o, lse), so each direction chooses for itself. Measured on an
-H100 (bf16, B=8 Hq=32 Hkv=8 d=128 J*L=128, no padding; docs/kernels.md): the cascade's backward beats
-the fused one from S = 2048 (4.15 vs 4.37 ms; S = 4096: 12.2 vs 15.2 ms) and loses at S = 512, and its
-forward loses at every S (the prompt pass re-reads q and o: 1.25 vs 1.05 ms at S = 2048). Modes
+H100 (bf16, B=8 Hq=32 Hkv=8 d=128 J*L=128; docs/kernels.md): the cascade's backward beats the fused
+one from S = 2048 (3.84 vs 4.39 ms; S = 4096: 11.7 vs 15.2 ms) and loses at S = 512, and its forward
+loses at every S (the prompt pass re-reads q and o: 1.16 vs 1.03 ms at S = 2048). Modes
 (MOPS_FAST_GPA_CASCADE, or override_configs(cascade=...)):
   auto  (default) the backward from CASCADE_MIN_S own keys on, the forward never; CUDA only
   bwd   the backward wherever eligible           1 / True   forward and backward      0 / False  never
