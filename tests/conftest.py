@@ -17,6 +17,22 @@ SHARED = ROOT.parent / "shared"
 DOLLY = SHARED / "data" / "dolly15k"
 
 
+# gated-prefix attention: queries at padded positions (the interpreter and the GPU tests)
+def padded_queries(kv, Sq, Sk):
+    """(B, 1, Sq) bool: queries at padded positions (o = 0, lse = -inf, no gradient: the contract)."""
+    if kv is None:
+        return torch.zeros((1, 1, Sq), dtype=torch.bool)
+    return ~kv[:, None, Sk - Sq:]
+
+
+def check_padded_rows(o, lse, padded):
+    """o is 0 and lse -inf exactly at the padded queries; everything else finite. lse with 0 there."""
+    pad = padded.to(o.device).expand_as(lse)
+    assert torch.isfinite(o).all() and (o[pad] == 0).all()
+    assert torch.isneginf(lse[pad]).all() and torch.isfinite(lse[~pad]).all()
+    return lse.masked_fill(pad, 0.0)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of small-tensor tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):

@@ -23,6 +23,7 @@ from mops_fast.ops.gated_prefix_attention import (  # noqa: E402
     gated_prefix_attention_ref,
     gated_prefix_attention_with_lse,
 )
+from tests.conftest import check_padded_rows, padded_queries  # noqa: E402
 
 DEV = "cuda"
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -83,21 +84,6 @@ def make_inputs(B=2, Hq=32, Hkv=8, Sq=1000, Sk=None, d=128, J=8, L=16, dtype=tor
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def padded_queries(kv, Sq, Sk):
-    """(B, 1, Sq) bool: queries at padded positions (o = 0, lse = -inf, no gradient: the contract)."""
-    if kv is None:
-        return torch.zeros((1, 1, Sq), dtype=torch.bool)
-    return ~kv[:, None, Sk - Sq:]
-
-
-def check_padded_rows(o, lse, padded):
-    """o is 0 and lse -inf exactly at the padded queries; everything else finite. lse with 0 there."""
-    pad = padded.to(o.device).expand_as(lse)
-    assert torch.isfinite(o).all() and (o[pad] == 0).all()
-    assert torch.isneginf(lse[pad]).all() and torch.isfinite(lse[~pad]).all()
-    return lse.masked_fill(pad, 0.0)
 
 
 def check(inputs, tol, causal=True, seed=1, use_lse=True):

@@ -550,8 +550,8 @@ _SM90 = {  # H100 / H200 (and sm_100): 227 KB shared memory per block, wgmma
     "dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (32, 32, 8, 1)},
     # The cascade's prompt-only forward (memory-bound: q and o0 in, o out): small tiles keep more
     # programs resident. d = 128 measured on an H100 (1.153 ms the cascade's forward against 1.241 with
-    # the fwd tile, 2026-11-27); the other head dims keep the fwd tile.
-    "fwd_init": {64: (128, 64, 4, 3), 128: (64, 64, 4, 1), 256: (64, 32, 8, 2)},
+    # the fwd tile, 2026-11-27); the other head dims take the fwd tile (_BASE_KIND).
+    "fwd_init": {128: (64, 64, 4, 1)},
 }
 # dK/dV when it also adds dQ (dq_mode "atomic"): the extra product and the atomics' addresses need
 # registers, and at d = 128 every tile with 128 keys spilled on sm_90 (160-240 bytes), so 64 keys.
