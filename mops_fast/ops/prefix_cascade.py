@@ -78,13 +78,13 @@ def right_padded(key_valid) -> bool:
 
 
 def masks(q, k, key_valid, causal: bool):
-    """(key mask the kernels need, queries at real positions): a causal self-attention batch (Sq == Sk)
-    with right padding needs no key mask (module docstring)."""
+    """(key mask, query mask) for the kernels: a causal self-attention batch (Sq == Sk) with right padding
+    needs no key mask, only the queries at real positions (module docstring); any other key mask is
+    kept, and the kernels take the query mask from it (None)."""
     Sq, Sk = q.shape[2], k.shape[2]
-    qv = query_valid(key_valid, Sq, Sk)
-    if qv is not None and causal and Sq == Sk and right_padded(key_valid):
-        return None, qv
-    return key_valid, qv
+    if key_valid is not None and causal and Sq == Sk and right_padded(key_valid):
+        return None, query_valid(key_valid, Sq, Sk)
+    return key_valid, None
 
 
 def applies(q, k, key_valid, causal: bool, backward: bool) -> bool:
