@@ -18,8 +18,9 @@ from tune_int4_gpu import GROUP, make_weight  # noqa: E402
 
 from mops_fast import native  # noqa: E402
 
-# steps hints of csrc/cuda/int4_small_m.cu launch(): the default, x in shared memory, the pipelined ones
-VARIANTS = (0, -8, 22, -22, 24)
+# (steps hint of csrc/cuda/int4_small_m.cu launch(), tiled qweight): the default (pipelined at M = 1), the
+# streamed kernel, both on tiled weights
+VARIANTS = ((0, False), (32, False), (22, True), (32, True))
 
 
 def main() -> int:
@@ -30,10 +31,13 @@ def main() -> int:
     qw, qz, sc, gi = make_weight(K, N, seed=0)
     x = torch.randn(1, K, device="cuda", dtype=torch.float16)
     ref = native.int4_cuda_small_m_validated(x, qw, qz, sc, gi, K, N, sc.shape[0], group_size=GROUP)
-    for steps in VARIANTS:
-        y = native.int4_cuda_small_m_validated(x, qw, qz, sc, gi, K, N, sc.shape[0], group_size=GROUP, steps=steps)
+    qt = native.tile_qweight(qw)
+    for steps, tiled in VARIANTS:
+        y = native.int4_cuda_small_m_validated(x, qt if tiled else qw, qz, sc, gi, K, N, sc.shape[0],
+                                               group_size=GROUP, steps=steps, tiled=tiled)
         torch.cuda.synchronize()
-        print(f"steps={steps}: max abs diff vs default {(y.float() - ref.float()).abs().max().item():.3e}", flush=True)
+        print(f"steps={steps} tiled={tiled}: max abs diff vs default {(y.float() - ref.float()).abs().max().item():.3e}",
+              flush=True)
     return 0
 
 

@@ -8,7 +8,8 @@
 #
 # Steps: build; tests (every GPU test, one JUnit file) or tests_int4 and tests_attn (the int4/native and
 # the attention/attach GPU tests, a JUnit file each); tune_int4 (launch variants of the int4 kernels,
-# benchmarks/tune_int4_gpu.py); ncu_int4 (Nsight Compute on each small-M kernel variant);
+# benchmarks/tune_int4_gpu.py; tune_int4_small: only its small-M CUDA rows); ncu_int4 (Nsight Compute on
+# each small-M kernel variant);
 # bench_int4_cuda_small_m, bench_gptq_matmul, bench_gated_prefix_attention, bench_e2e_gpu.
 # The default (in the order the open work needs them; bench_gptq_matmul last, it re-measures defaults):
 # build tests_int4 tests_attn bench_gated_prefix_attention bench_int4_cuda_small_m bench_gptq_matmul --
@@ -48,6 +49,7 @@ for s in $STEPS; do
     tests_attn) step tests_attn 200 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_attn.xml" tests/test_gated_prefix_attention_gpu.py \
                   tests/test_attach_gpu.py tests/test_quant_refine.py ;;
     tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT" ;;
+    tune_int4_small) step tune_int4_small 90 python3 benchmarks/tune_int4_gpu.py --small-native --out "$OUT" ;;
     ncu_int4) step ncu_int4 150 bash -c "ncu -k regex:int4_small_m --section SpeedOfLight --section Occupancy \
                 --section LaunchStats --section WarpStateStats python3 benchmarks/ncu_int4_small_m.py \
                 > '$OUT/ncu_int4_small_m.txt' 2>&1; tail -3 '$OUT/ncu_int4_small_m.txt'" ;;

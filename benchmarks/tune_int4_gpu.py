@@ -5,7 +5,8 @@ in flight, warps a CTA). Every variant is checked against the fp32 product befor
   python benchmarks/tune_int4_gpu.py --out DIR     -> DIR/tune_int4-<gpu slug>.json, and a table
 
 Small M (<= 64): CUDA-graph replays over weight copies beyond the L2 cache (common.bench_cuda_graph);
-larger M: triton.testing.do_bench. fp16 activations, group 128, asym zeros. About 60-90 s on an H100.
+larger M: triton.testing.do_bench. fp16 activations, group 128, asym zeros. About 60-90 s on an H100;
+--small-native: only the small-M CUDA variants beside fp16 matmul.
 """
 from __future__ import annotations
 
@@ -28,12 +29,14 @@ GROUP = 128
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 SMALL_MS = [1, 4, 16]
 LARGE_MS = [64, 512, 4096]
-# (steps, warps) of the small-M CUDA kernel, 0 = the default; steps -4 / -8: x staged in shared memory
-# (M <= 8); 22: software-pipelined (two 2-step batches in flight); -22 / 24: pipelined with x in shared
-# memory, 2- / 4-step batches (M <= 8). See launch() in csrc/cuda/int4_small_m.cu. The file in
-# benchmarks/results from 2026-11-26 holds rows of a cp.async-ring variant under steps < 0 and of steps 8
-# (spills), since dropped as slower.
-NATIVE_VARIANTS = [(0, 0), (4, 16), (-4, 0), (-8, 0), (22, 0), (22, 8), (-22, 0), (24, 0)]
+# (steps, warps, tiled) of the small-M CUDA kernel, 0 = the default (launch() in csrc/cuda/int4_small_m.cu):
+# 22 software-pipelined (two 2-step batches in flight; the M <= 8 default); 32 streamed (each warp's whole
+# slice copied into shared memory at the start, where every CTA's slices fit at once; else the default);
+# tiled: qweight in native.tile_qweight's order (each CTA's columns contiguous along K). The files in
+# benchmarks/results from 2026-11-26/27 hold rows of variants decided then (steps 4, 8, -4, -8, -22, 24, a
+# cp.async ring) under their own names.
+NATIVE_VARIANTS = [(0, 0, False), (22, 0, False), (32, 0, False), (32, 8, False),
+                   (0, 0, True), (22, 0, True), (32, 0, True)]
 BIG_TILES = [dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
              dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)]
@@ -53,6 +56,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--budget", type=float, default=100.0, help="seconds; later cases are skipped")
+    ap.add_argument("--small-native", action="store_true",
+                    help="only M <= 16 and only fp16 and the small-M CUDA variants (the open question; ~30 s)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("tune_int4_gpu: no CUDA device, nothing measured")
@@ -106,9 +111,18 @@ def main() -> int:
             weights[(K, N)] = (*weight_copies(packed, W16), W32)
         return weights[(K, N)]
 
+    tiled_sets: dict = {}
+
+    def tiled(K, N, qsets):
+        # the same weight copies with qweight in the tiled order
+        if (K, N) not in tiled_sets:
+            tiled_sets[(K, N)] = [(native.tile_qweight(q[0]), *q[1:]) for q in qsets]
+        return tiled_sets[(K, N)]
+
     # Every shape's small-M rows first (the open question), then the large-M ones, so that a run cut
     # short by the budget still has the small-M variants of every shape.
-    for Ms, (K, N) in [(ms, kn) for ms in (SMALL_MS, LARGE_MS) for kn in SHAPES]:
+    for Ms, (K, N) in [(ms, kn) for ms in ((SMALL_MS,) if args.small_native else (SMALL_MS, LARGE_MS))
+                       for kn in SHAPES]:
         qsets, hsets, W32 = prepared(K, N)
         n_q, n_h = len(qsets), len(hsets)
         for M in Ms:
@@ -123,14 +137,20 @@ def main() -> int:
             nq, nh = (n_q, n_h) if graph else (1, 1)
             print(f"K={K} N={N} M={M}", flush=True)
             record(shape, "fp16", "fwd", lambda i: lambda: x @ hsets[i].t(), ref_f, nh, graph)
-            record(shape, "fp16", "bwd", lambda i: lambda: dy @ hsets[i], ref_b, nh, graph)
+            if not args.small_native:
+                record(shape, "fp16", "bwd", lambda i: lambda: dy @ hsets[i], ref_b, nh, graph)
             if M <= op.SMALL_M_NATIVE and has_native:
-                for steps, warps in NATIVE_VARIANTS:
-                    for gs in ((GROUP, 0) if (steps, warps) == (0, 0) else (GROUP,)):
-                        record(shape, f"native[steps={steps},warps={warps},gs={gs}]", "fwd",
-                               lambda i, s=steps, w=warps, g=gs: lambda: native.int4_cuda_small_m_validated(
-                                   x, *qsets[i], K, N, qsets[i][2].shape[0], group_size=g, steps=s, warps=w),
+                for steps, warps, tl in NATIVE_VARIANTS:
+                    sets = tiled(K, N, qsets) if tl else qsets
+                    for gs in ((GROUP, 0) if (steps, warps, tl) == (0, 0, False) else (GROUP,)):
+                        name = f"native[steps={steps},warps={warps},gs={gs}{',tiled' if tl else ''}]"
+                        record(shape, name, "fwd",
+                               lambda i, s=steps, w=warps, g=gs, q=sets, t=tl: lambda:
+                               native.int4_cuda_small_m_validated(x, *q[i], K, N, q[i][2].shape[0], group_size=g,
+                                                                  steps=s, warps=w, tiled=t),
                                ref_f, nq, graph)
+            if args.small_native:
+                continue
             for unpack in (0, 1):
                 cfg = {"UNPACK": unpack}
                 record(shape, f"triton[unpack={unpack}]", "fwd",

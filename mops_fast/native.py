@@ -18,6 +18,7 @@ API:
   int4_matmul_t_cuda_small_m(dy, ..., group_size)  dx = dy W on CUDA for M <= 16 (grouped weights)
   int4_cpu_validated, int4_cuda_small_m_validated  the same calls without the checks, for mops_fast.ops,
                               which validates each call once itself
+  tile_qweight / untile_qweight  qweight in the small-M CUDA kernel's tiled order and back (experimental)
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ __all__ = [
     "int4_matmul_t_cuda_small_m",
     "int4_cuda_small_m_t_validated",
     "small_m_t_supports",
+    "tile_qweight",
+    "untile_qweight",
     "CUDA_SMALL_M_MAX",
     "CUDA_SMALL_M_DTYPES",
 ]
@@ -292,14 +295,16 @@ def _group_promise(op: str, group_size: int, K: int, G: int) -> int:
 
 
 def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: int, G: int,
-                                group_size: int = 0, steps: int = 0, warps: int = 0) -> torch.Tensor:
+                                group_size: int = 0, steps: int = 0, warps: int = 0,
+                                tiled: bool = False) -> torch.Tensor:
     """The CUDA small-M kernel call for a caller that has already validated what int4_matmul_cuda_small_m
     checks (mops_fast.ops does, once per call): at decode the kernel takes microseconds, so every check
     repeated in Python shows in the token rate. group_size > 0: g_idx == arange(K) // group_size (a
     promise); steps (8: twice the loads in flight; -4 / -8: x staged in shared memory, M <= 8; 22: two
     batches in flight, one computed while the other loads; -22 / 24: the same with x in shared memory,
-    M <= 8; launch() in csrc/cuda/int4_small_m.cu) and warps (a CTA) override the launch the kernel picks
-    when nonzero (benchmarks/tune_int4_gpu.py)."""
+    M <= 8; 32: each warp's whole slice streamed into shared memory at the start; launch() in
+    csrc/cuda/int4_small_m.cu) and warps (a CTA) override the launch the kernel picks when nonzero
+    (benchmarks/tune_int4_gpu.py). tiled: qweight is tile_qweight's layout (K and N stay the weight's)."""
     mod = _require_cuda_module("int4_matmul_cuda_small_m")
     M = x.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -309,9 +314,34 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     mod.int4_matmul_small_m(
         x.data_ptr(), _DTYPE_CODE[x.dtype], qweight.data_ptr(), qzeros.data_ptr(),
         scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G, group_size,
-        y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream, steps, warps,
+        y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream, steps, warps, tiled,
     )
     return y
+
+
+TILE_N = 32  # output columns a CTA of the small-M CUDA kernel owns
+
+
+def tile_qweight(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight (K/8, N) in GPTQ order -> (ceil(N/32), K/8, 32): the 32 columns a CTA of the small-M CUDA
+    kernel owns, contiguous along K (GPTQ order puts them 4 N bytes apart). Columns past N are zero. An
+    experimental kernel layout (int4_cuda_small_m_validated(..., tiled=True)), not a checkpoint format."""
+    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or qweight.dtype != torch.int32:
+        raise ValueError(f"tile_qweight: need a 2-D int32 qweight (K/8, N), got "
+                         f"{getattr(qweight, 'dtype', type(qweight))} {tuple(getattr(qweight, 'shape', ()))}")
+    R, N = qweight.shape
+    pad = -N % TILE_N
+    q = torch.nn.functional.pad(qweight, (0, pad)) if pad else qweight
+    return q.view(R, (N + pad) // TILE_N, TILE_N).permute(1, 0, 2).contiguous()
+
+
+def untile_qweight(tiled: torch.Tensor, N: int) -> torch.Tensor:
+    """The inverse of tile_qweight: (ceil(N/32), K/8, 32) -> (K/8, N)."""
+    if (not isinstance(tiled, torch.Tensor) or tiled.dim() != 3 or tiled.shape[2] != TILE_N
+            or tiled.shape[0] != -(-N // TILE_N)):
+        raise ValueError(f"untile_qweight: need ({-(-N // TILE_N)}, K/8, {TILE_N}) for N={N}, got "
+                         f"{tuple(getattr(tiled, 'shape', ()))}")
+    return tiled.permute(1, 0, 2).reshape(tiled.shape[1], -1)[:, :N].contiguous()
 
 
 def int4_matmul_t_cuda_small_m(dy, qweight, qzeros, scales, g_idx, group_size: int) -> torch.Tensor:

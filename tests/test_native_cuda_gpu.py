@@ -89,7 +89,8 @@ def test_awkward_shapes(K, N, group, kw, M):
 
 
 @pytest.mark.parametrize("steps, warps", [(4, 0), (8, 0), (4, 4), (8, 16), (4, 3), (-4, 0), (-8, 0), (-8, 16),
-                                          (22, 0), (22, 3), (-22, 0), (24, 0), (24, 16), (-22, 5)])
+                                          (22, 0), (22, 3), (-22, 0), (24, 0), (24, 16), (-22, 5),
+                                          (32, 0), (32, 3), (32, 8)])
 def test_launch_overrides_compute_the_same(steps, warps):
     # the launch variants the benchmarks time: every one must compute the product
     qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
@@ -101,7 +102,7 @@ def test_launch_overrides_compute_the_same(steps, warps):
         assert torch.allclose(y.float(), want.float(), rtol=1e-3, atol=1e-3), (M, steps, warps)
 
 
-@pytest.mark.parametrize("steps", [22, -22, 24])
+@pytest.mark.parametrize("steps", [22, -22, 24, 32])
 @pytest.mark.parametrize(
     "K, N, group, kw",
     [
@@ -109,12 +110,15 @@ def test_launch_overrides_compute_the_same(steps, warps):
         (4104, 264, 64, {"sym": True}),                           # K not a multiple of 32, partial tile
         (1024, 72, None, {"scales_dtype": torch.bfloat16}),       # one group
         (11008, 4096, 128, {}),                                   # down_proj: 16 warps, long slices
+        (4096, 520, 32, {}),                                      # group 32: a group a step, many groups a warp
+        (16384, 64, 128, {}),                                     # 256 KB of weights a CTA: 32 falls back
     ],
-    ids=["K576N40", "K4104N264", "onegroup", "down_proj"],
+    ids=["K576N40", "K4104N264", "onegroup", "down_proj", "g32", "K16384"],
 )
 def test_pipelined_variants_awkward_shapes(steps, K, N, group, kw):
-    # two batches in flight per warp (and x in shared memory for -22 / 24, M <= 8): slices whose step
-    # count is odd, shorter than one batch, or ends inside a batch
+    # two batches in flight per warp (and x in shared memory for -22 / 24, M <= 8), or the whole slice
+    # streamed through shared memory (32): slices whose step count is odd, shorter than one batch or one
+    # chunk, or ends inside a batch
     dev = torch.device("cuda")
     qw, qz, s, g = _weight(K, N, group, dev, seed=K + N, **kw)
     ref_w = dequant_f64(qw, qz, s, g).t()
@@ -124,6 +128,32 @@ def test_pipelined_variants_awkward_shapes(steps, K, N, group, kw):
             y = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=group or K,
                                                    steps=steps)
             _assert_matches(y, x.double() @ ref_w, dtype, f"K={K} N={N} M={M} steps={steps} {dtype}")
+
+
+@pytest.mark.parametrize(
+    "K, N, group, kw",
+    [
+        (576, 40, 128, {}),                                       # N not a multiple of 32: a padded tile
+        (4104, 264, 64, {"sym": True}),                           # K not a multiple of 32
+        (576, 200, 128, {"act_order": True}),                     # act-order: the g_idx table kernel
+        (4096, 11008, 128, {}),                                   # up_proj
+    ],
+    ids=["K576N40", "K4104N264", "K576N200act", "up_proj"],
+)
+def test_tiled_weights_compute_the_same(K, N, group, kw):
+    # qweight in tile_qweight's order changes only where each kernel reads a word: every launch variant
+    # gives the bits it gives on GPTQ order
+    qw, qz, s, g = _weight(K, N, group, torch.device("cuda"), seed=K + N + 2, **kw)
+    qt = native.tile_qweight(qw)
+    gs = 0 if kw.get("act_order") else group
+    for M in (1, 6, 16):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16 if M == 6 else torch.float16)
+        for steps in (0, 4, 22, -22, 32):
+            a = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=gs, steps=steps)
+            b = native.int4_cuda_small_m_validated(x, qt, qz, s, g, K, N, s.shape[0], group_size=gs, steps=steps,
+                                                   tiled=True)
+            torch.cuda.synchronize()
+            assert torch.equal(a, b), (K, N, M, steps)
 
 
 def test_stream_and_empty_and_errors():

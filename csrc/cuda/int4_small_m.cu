@@ -2,7 +2,8 @@
 //
 // Format (DESIGN §3): qweight (K/8, N) int32, code of (k, n) at bits 4*(k%8) of qweight[k/8, n];
 // qzeros (G, N/8) int32 packed along n; scales (G, N) fp16/bf16/fp32; g_idx (K,) int32.
-// W[n, k] = (code - zero[g_idx[k], n]) * scale[g_idx[k], n].
+// W[n, k] = (code - zero[g_idx[k], n]) * scale[g_idx[k], n]. Every kernel here also takes qweight in a
+// tiled order, each CTA's 32 columns contiguous along K (weight_word; an experiment, opt-in).
 //
 // Work split. A CTA owns 32 output columns and the whole K (no cross-CTA reduction, so no workspace
 // and no extra kernel); its KW warps each take a contiguous slice of K and are summed through shared
@@ -53,7 +54,16 @@ struct Params {
   int M, K, N, G;
   int scales_dtype;
   int group_shift;  // GROUPED kernels: qweight row r lies in group min(r >> group_shift, G - 1)
+  int tiled;        // qweight in the tiled order (see weight_word)
 };
+
+// The word of qweight row r, column ncol (a multiple of 4: the first of a lane's 4 columns). GPTQ order:
+// (K/8, N) row-major. Tiled order (native.tile_qweight): (ceil(N/32), K/8, 32), so the 32 columns a CTA
+// owns lie contiguous along K and a warp step of 4 rows reads one contiguous 512-byte block.
+__device__ __forceinline__ const int32_t* weight_word(const Params& p, int r, int ncol) {
+  if (p.tiled) return p.qweight + ((int64_t)(ncol >> 5) * (p.K / 8) + r) * 32 + (ncol & 31);
+  return p.qweight + (int64_t)r * p.N + ncol;
+}
 
 // Sum the warps' partial tiles through shared memory and store the tile. Lane (q, t) holds rows q and
 // q+8, output columns n0 + 8t .. n0 + 8t + 7: accumulator i of slot c is row q + 8*(i/2), column
@@ -241,7 +251,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       xhi[u] = make_uint4(0, 0, 0, 0);
       sv[u] = make_uint2(0, 0);
       zv[u] = 0;
-      if (ok && col_ok) qv[u] = __ldg(reinterpret_cast<const int4*>(p.qweight + (int64_t)r * N + ncol));
+      if (ok && col_ok) qv[u] = __ldg(reinterpret_cast<const int4*>(weight_word(p, r, ncol)));
       if (!XS && ok && row_lo)
         xlo[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)lq * K + 8 * r));
       if (MT == 16 && ok && row_hi)
@@ -355,7 +365,7 @@ __device__ __forceinline__ void issue_batch(const Params& p, const Lane& l, int 
     b.z[u] = 0;
     if (ok && l.col_ok) {
       const int g = min(r >> p.group_shift, p.G - 1);
-      b.q[u] = __ldg(reinterpret_cast<const int4*>(p.qweight + (int64_t)r * p.N + l.ncol));
+      b.q[u] = __ldg(reinterpret_cast<const int4*>(weight_word(p, r, l.ncol)));
       b.s[u] = __ldg(reinterpret_cast<const uint2*>(sc16 + (int64_t)g * p.N + l.ncol));
       b.z[u] = uint32_t(__ldg(p.qzeros + (int64_t)g * (p.N / 8) + l.ncol / 8));
     }
@@ -451,6 +461,159 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   reduce_and_store<T, MT>(acc, XS ? smem + p.M * xs_stride / 2 : smem, p, n0, lane, warp, nwarps, l.lq, l.lt);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Streamed variant (grouped weights; steps_hint 32). The register kernels wait for DRAM once a batch:
+// at 4096x4096 a warp's slice is 8 steps, so a warp waits 3-4 times in a row, and the bytes a warp can
+// hold in flight are capped by its registers. Here every lane issues cp.async copies of its whole share
+// of the CTA's slice at the start (its weight words, the x fragments it will read, and, lanes t == 0,
+// the scales and zeros of every group the warp's slice touches) into shared memory, in kChunks commit
+// groups along its steps, and then computes chunk c once cp.async.wait_group(kChunks - 1 - c) returns:
+// a warp waits for DRAM about once, no register holds a load in flight, and the whole weight is
+// requested within the first microsecond. It needs the slices of every CTA in shared memory at once
+// (launched as one resident wave); where they do not fit the launch takes the default kernel.
+
+constexpr int kChunks = 8;
+
+// cp.async of 16, 8 or 4 bytes global -> shared; valid false writes zeros and reads nothing.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const int n = valid ? BYTES : 0;
+  if (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(BYTES), "r"(n)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most n (< kChunks) of this thread's commit groups are pending; n folds to a constant
+// in the unrolled chunk loop.
+__device__ __forceinline__ void cp_async_wait_pending(int n) {
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
+  }
+}
+static_assert(kChunks == 8, "cp_async_wait_pending covers 8 groups");
+
+// Shared-memory layout of the streamed kernel, the same on host and device. Per warp: its steps' weight
+// words [i * 32 + lane] (16 bytes each), its x fragments [(i * M + m) * 4 + t] (16 bytes: x[m, 8r .. 8r+7]
+// of row r = 4 (s_begin + i) + t), and per group it touches 8 scale quads [gi * 8 + q] (8 bytes) and 8
+// zero words (4 bytes). The reduction at the end reuses the start once every warp is done.
+struct StreamLayout {
+  int per_warp;  // steps a warp
+  int ngw;       // group slots a warp
+  int x_off, s_off, z_off, bytes;
+};
+
+inline StreamLayout stream_layout(const Params& p, int nwarps) {
+  StreamLayout l;
+  const int steps = (p.K / 8 + 3) / 4;
+  l.per_warp = (steps + nwarps - 1) / nwarps;
+  // groups an interval of 4 * per_warp rows can touch (rows a group: 1 << group_shift)
+  l.ngw = std::min(p.G, ((4 * l.per_warp - 1) >> std::min(p.group_shift, 30)) + 2);
+  const int64_t w = int64_t(nwarps) * l.per_warp * 512;
+  const int64_t x = int64_t(nwarps) * l.per_warp * p.M * 64;
+  const int64_t s = int64_t(nwarps) * l.ngw * 8 * 8;
+  const int64_t z = int64_t(nwarps) * l.ngw * 8 * 4;
+  const int64_t red = int64_t(nwarps) * 16 * 32 * 4;
+  const int64_t total = std::max(w + x + s + z, red);
+  l.x_off = int(w);
+  l.s_off = int(w + x);
+  l.z_off = int(w + x + s);
+  l.bytes = total > (int64_t(1) << 30) ? -1 : int(total);
+  return l;
+}
+
+template <class T, int MT>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+    int4_small_m_stream_kernel(const Params p, const StreamLayout lay) {
+  extern __shared__ int32_t smem[];
+  unsigned char* sb = reinterpret_cast<unsigned char*>(smem);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int lq = lane >> 2, lt = lane & 3;
+  const int M = p.M, K = p.K, N = p.N, G = p.G, R = K / 8;
+  const int n0 = blockIdx.x * 32;
+  const int ncol = n0 + 4 * lq;
+  const bool col_ok = ncol < N;
+  const bool row_lo = lq < M, row_hi = MT == 16 && lq + 8 < M;
+  const int steps = (R + 3) / 4;
+  const int s_begin = warp * lay.per_warp;
+  const int nst = max(0, min(steps, s_begin + lay.per_warp) - s_begin);  // this warp's steps
+  const int cs = (nst + kChunks - 1) / kChunks;                          // steps a chunk
+
+  int4* wq = reinterpret_cast<int4*>(sb) + warp * lay.per_warp * 32;
+  uint4* xq = reinterpret_cast<uint4*>(sb + lay.x_off) + warp * lay.per_warp * M * 4;
+  uint2* sq = reinterpret_cast<uint2*>(sb + lay.s_off) + warp * lay.ngw * 8;
+  uint32_t* zq = reinterpret_cast<uint32_t*>(sb + lay.z_off) + warp * lay.ngw * 8;
+  const int g0 = min((4 * s_begin) >> p.group_shift, G - 1);  // the slice's first group
+
+  const T* xg = static_cast<const T*>(p.x);
+  const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
+  for (int c = 0; c < kChunks; ++c) {
+    if (c == 0 && lt == 0 && nst > 0) {
+      const int g1 = min((min(4 * (s_begin + nst), R) - 1) >> p.group_shift, G - 1);
+      for (int g = g0; g <= g1; ++g) {
+        cp_async<8>(sq + (g - g0) * 8 + lq, col_ok ? (const void*)(sc16 + (int64_t)g * N + ncol) : p.scales, col_ok);
+        cp_async<4>(zq + (g - g0) * 8 + lq,
+                    col_ok ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + ncol / 8) : (const void*)p.qzeros,
+                    col_ok);
+      }
+    }
+    const int ie = min(nst, (c + 1) * cs);
+    for (int i = c * cs; i < ie; ++i) {
+      const int r = 4 * (s_begin + i) + lt;
+      const bool ok = r < R;
+      cp_async<16>(wq + i * 32 + lane, ok && col_ok ? (const void*)weight_word(p, r, ncol) : (const void*)p.qweight,
+                   ok && col_ok);
+      if (row_lo)
+        cp_async<16>(xq + (i * M + lq) * 4 + lt, ok ? (const void*)(xg + (int64_t)lq * K + 8 * r) : p.x, ok);
+      if (MT == 16 && row_hi)
+        cp_async<16>(xq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)(xg + (int64_t)(lq + 8) * K + 8 * r) : p.x,
+                     ok);
+    }
+    cp_async_commit();  // one group a chunk, empty ones included, so the waits below count right
+  }
+
+  float acc[4][4];
+  int cur_g = -1;
+  typename Traits<T>::T2 ss[4], zz[4];
+  init_state<T>(acc, ss, zz);
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    cp_async_wait_pending(kChunks - 1 - c);
+    __syncwarp();  // the scales lanes t == 0 copied are visible to the warp
+    const int ie = min(nst, (c + 1) * cs);
+    for (int i = c * cs; i < ie; ++i) {  // warp-uniform bounds
+      const int r = 4 * (s_begin + i) + lt;
+      const bool ok = r < R;
+      uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
+      if (row_lo) xlo = xq[(i * M + lq) * 4 + lt];  // rows past the end were copied as zeros
+      if (MT == 16 && row_hi) xhi = xq[(i * M + lq + 8) * 4 + lt];
+      uint32_t a0[4], a1[4];
+      a_frags<MT>(xlo, xhi, a0, a1);
+      const int rg = ok ? min(r >> p.group_shift, G - 1) : cur_g;  // rows past the end keep the group
+      if (rg != cur_g && col_ok) {
+        group_scales<T>(sq[(rg - g0) * 8 + lq], zq[(rg - g0) * 8 + lq], lq, p.scales_dtype, ss, zz);
+        cur_g = rg;
+      }
+      uint32_t bf[4][4];
+      dequant_step<T>(wq[i * 32 + lane], ss, zz, bf);
+      __syncwarp();
+      mma_step<T>(acc, a0, a1, bf);
+    }
+  }
+  __syncthreads();  // every warp done with its slice before the reduction reuses the memory
+  reduce_and_store<T, MT>(acc, smem, p, n0, lane, warp, nwarps, lq, lt);
+}
+
 // The kernels need up to 128 registers a thread, so an SM holds about 16 of their warps. Give each CTA
 // as many warps (K slices) as keeps every CTA resident at once (no second wave), at least 4 for enough
 // 16-byte loads in flight, and no more than there are 4-row steps.
@@ -508,6 +671,27 @@ cudaError_t launch_pipe(const Params& p, const DeviceInfo& dev, int steps, bool 
   return launch_kernel(int4_small_m_pipe_kernel<T, MT, 2, false>, p, dev, warps_hint, false, false, stream);
 }
 
+// Streamed kernel, where the slices of every CTA fit in shared memory at once (one resident wave);
+// *fits false and nothing launched otherwise. (The occupancy query costs host time on every call; the
+// variant is opt-in until a GPU run decides it.)
+template <class T, int MT>
+cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int warps_hint, cudaStream_t stream, bool* fits) {
+  *fits = false;
+  const int warps = pick_warps(p, dev, warps_hint);
+  const StreamLayout lay = stream_layout(p, warps);
+  if (lay.bytes < 0 || lay.bytes > dev.smem_optin) return cudaSuccess;
+  auto kernel = int4_small_m_stream_kernel<T, MT>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.bytes);
+  int per_sm = 0;
+  if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, lay.bytes);
+  if (e != cudaSuccess) return e;
+  const int tiles = (p.N + 31) / 32;
+  if (int64_t(per_sm) * dev.sm_count < tiles) return cudaSuccess;
+  *fits = true;
+  kernel<<<tiles, warps * 32, lay.bytes, stream>>>(p, lay);
+  return cudaGetLastError();
+}
+
 // steps_hint selects the variant of grouped weights (act-order and fp32 scales always take the table path):
 //   0        the default: 22 for M <= 8 (an H100, 2026-11-27: 3-7% faster than 4 at 4096x4096 and
 //            11008x4096, even at 4096x11008), 4 for M > 8 (where 22 lost at 4096x11008);
@@ -518,12 +702,21 @@ cudaError_t launch_pipe(const Params& p, const DeviceInfo& dev, int steps, bool 
 //            x loaded with the weights;
 //   -22, 24  the same with x in shared memory, batches of 2 / 4 steps (M <= 8 and every CTA resident;
 //            otherwise 22): within 0-8% of 22 at M <= 4, the fastest by 1-5% at M = 16 on 2 of 3 shapes.
+//   32       streamed: each lane's whole share of the slice copied into shared memory with cp.async at
+//            the start, computed chunk by chunk as it lands (where every CTA's slices fit at once;
+//            otherwise the default). Not yet timed on a GPU.
 // A variant that streamed each step through a cp.async ring in shared memory (fewer registers, more bytes
 // in flight) measured 1.2-2.5x slower than the default (benchmarks/results/tune_int4-*.json) and was dropped.
 template <class T, int MT>
 cudaError_t launch(const Params& p, const DeviceInfo& dev, int steps_hint, int warps_hint, cudaStream_t s) {
   if (p.group_shift < 0) return launch_variant<T, MT, false, 4>(p, dev, warps_hint, s);
   if (steps_hint == 8) return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);
+  if (steps_hint == 32) {
+    bool fits = false;
+    const cudaError_t e = launch_stream<T, MT>(p, dev, warps_hint, s, &fits);
+    if (e != cudaSuccess || fits) return e;
+    steps_hint = 0;  // the slices do not fit in shared memory: the default
+  }
   if (steps_hint == 0 && MT == 8) steps_hint = 22;
   if (steps_hint == 22 || steps_hint == -22 || steps_hint == 24) {
     const bool xs = steps_hint != 22 && MT == 8 && xs_resident(p, dev, warps_hint);
@@ -542,7 +735,7 @@ cudaError_t launch(const Params& p, const DeviceInfo& dev, int steps_hint, int w
 extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qweight,
                                  const int32_t* qzeros, const void* scales, int scales_dtype,
                                  const int32_t* g_idx, int M, int K, int N, int G, int group_size,
-                                 void* y, int device, void* stream, int steps_hint, int warps_hint,
+                                 int tiled, void* y, int device, void* stream, int steps_hint, int warps_hint,
                                  char* err, int err_len) {
   auto fail = [&](const char* msg) {
     std::snprintf(err, size_t(err_len), "%s", msg);
@@ -559,7 +752,7 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   // the g_idx table path.
   const int group_shift = group_size > 0 && scales_dtype != 0 ? row_group_shift(group_size, G) : -1;
   cudaError_t e;
-  Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift};
+  Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift, tiled ? 1 : 0};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (x_dtype == 1)
     e = M <= 8 ? launch<__half, 8>(p, dev, steps_hint, warps_hint, s)
