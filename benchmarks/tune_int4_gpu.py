@@ -6,7 +6,7 @@ in flight, warps a CTA). Every variant is checked against the fp32 product befor
 
 Small M (<= 64): CUDA-graph replays over weight copies beyond the L2 cache (common.bench_cuda_graph);
 larger M: triton.testing.do_bench. fp16 activations, group 128, asym zeros. About 60-90 s on an H100;
---small-native: only the small-M CUDA variants beside fp16 matmul.
+--small-native: only the small-M CUDA variants (forward and backward) beside fp16 matmul.
 """
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ LARGE_MS = [64, 512, 4096]
 # cp.async ring) under their own names.
 NATIVE_VARIANTS = [(0, 0, False), (22, 0, False), (32, 0, False), (32, 8, False),
                    (0, 0, True), (22, 0, True), (32, 0, True)]
+# steps of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed
+NATIVE_BWD_VARIANTS = [0, 32]
 BIG_TILES = [dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
              dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)]
@@ -57,7 +59,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--budget", type=float, default=100.0, help="seconds; later cases are skipped")
     ap.add_argument("--small-native", action="store_true",
-                    help="only M <= 16 and only fp16 and the small-M CUDA variants (the open question; ~30 s)")
+                    help="only M <= 16, only fp16 matmul and the small-M CUDA variants (the open question; ~40 s)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("tune_int4_gpu: no CUDA device, nothing measured")
@@ -137,8 +139,7 @@ def main() -> int:
             nq, nh = (n_q, n_h) if graph else (1, 1)
             print(f"K={K} N={N} M={M}", flush=True)
             record(shape, "fp16", "fwd", lambda i: lambda: x @ hsets[i].t(), ref_f, nh, graph)
-            if not args.small_native:
-                record(shape, "fp16", "bwd", lambda i: lambda: dy @ hsets[i], ref_b, nh, graph)
+            record(shape, "fp16", "bwd", lambda i: lambda: dy @ hsets[i], ref_b, nh, graph)
             if M <= op.SMALL_M_NATIVE and has_native:
                 for steps, warps, tl in NATIVE_VARIANTS:
                     sets = tiled(K, N, qsets) if tl else qsets
@@ -149,6 +150,10 @@ def main() -> int:
                                native.int4_cuda_small_m_validated(x, *q[i], K, N, q[i][2].shape[0], group_size=g,
                                                                   steps=s, warps=w, tiled=t),
                                ref_f, nq, graph)
+                for steps in NATIVE_BWD_VARIANTS:
+                    record(shape, f"native[steps={steps}]", "bwd",
+                           lambda i, s=steps: lambda: native.int4_cuda_small_m_t_validated(
+                               dy, *qsets[i][:3], K, N, qsets[i][2].shape[0], GROUP, steps=s), ref_b, nq, graph)
             if args.small_native:
                 continue
             for unpack in (0, 1):

@@ -366,8 +366,10 @@ def small_m_t_supports(scales: torch.Tensor, group_size: int, G: int) -> bool:
     return G == 1 or (group_size > 0 and group_size % 8 == 0 and rows & (rows - 1) == 0)
 
 
-def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G: int, group_size: int):
-    """The CUDA small-M backward for a caller that has validated what int4_matmul_t_cuda_small_m checks."""
+def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G: int, group_size: int,
+                                  steps: int = 0):
+    """The CUDA small-M backward for a caller that has validated what int4_matmul_t_cuda_small_m checks.
+    steps=32: the streamed kernel where it applies (group_size a multiple of 64 or one group; benchmarks)."""
     mod = _require_cuda_module("int4_matmul_t_cuda_small_m")
     M = dy.shape[0]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
@@ -379,6 +381,6 @@ def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G
     mod.int4_matmul_small_m_t(
         dy.data_ptr(), _DTYPE_CODE[dy.dtype], qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(),
         _DTYPE_CODE[scales.dtype], M, K, N, G, group_size, dx.data_ptr(), 0 if ws is None else ws.data_ptr(), need,
-        dev, torch.cuda.current_stream(dy.device).cuda_stream,
+        dev, torch.cuda.current_stream(dy.device).cuda_stream, steps,
     )
     return dx

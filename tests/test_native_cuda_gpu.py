@@ -213,6 +213,29 @@ def test_backward_awkward_shapes(K, N, group, kw, M):
         _check_t(dy, qw, qz, s, g, group or -1, f"backward K={K} N={N} g={group} {kw} M={M} {dtype}")
 
 
+@pytest.mark.parametrize(
+    "K, N, group",
+    [
+        (4096, 11008, 128),  # N split over 9 CTAs: partial sums and the sum kernel
+        (11008, 4096, 128),
+        (576, 40, 128),      # the last row block short; N not a multiple of 16
+        (1024, 72, None),    # one group
+        (4104, 264, 64),     # group 64: 8 packed rows, the smallest the streamed kernel takes; R % 8 != 0
+        (4096, 264, 32),     # group 32: falls back to the register kernel
+    ],
+    ids=["up_proj", "down_proj", "K576N40", "onegroup", "g64", "g32"],
+)
+def test_streamed_backward(K, N, group):
+    # steps=32: each warp's slice streamed through shared memory; the same products as float64
+    qw, qz, s, g = _weight(K, N, group, torch.device("cuda"), seed=K + N + 3)
+    ref_w = dequant_f64(qw, qz, s, g)
+    for M in (1, 5, 16):
+        for dtype in (torch.float16, torch.bfloat16):
+            dy = torch.randn(M, N, device="cuda", dtype=dtype)
+            dx = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, s.shape[0], group or K, steps=32)
+            _assert_matches(dx, dy.double() @ ref_w, dtype, f"streamed backward K={K} N={N} g={group} M={M} {dtype}")
+
+
 def test_backward_refusals_and_dispatch(monkeypatch):
     from mops_fast.ops import int4_matmul as op
 

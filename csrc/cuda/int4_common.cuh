@@ -123,6 +123,37 @@ __device__ __forceinline__ bool sum_over_warps(const float (&acc)[R], float* red
   return true;
 }
 
+// Commit groups a lane of the streamed kernels issues its slice in (each consumed as it lands).
+constexpr int kStreamChunks = 8;
+
+// cp.async of 16, 8 or 4 bytes global -> shared; valid false writes zeros and reads nothing.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const int n = valid ? BYTES : 0;
+  if (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(BYTES), "r"(n)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most n (< kStreamChunks) of this thread's commit groups are pending; n folds to a constant
+// in the unrolled chunk loop.
+__device__ __forceinline__ void cp_async_wait_pending(int n) {
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
+  }
+}
+static_assert(kStreamChunks == 8, "cp_async_wait_pending covers 8 groups");
+
 // Shift that maps a packed qweight row to its group (row >> shift) when g_idx == arange(K) / group_size
 // with a power-of-two count of whole packed rows a group (GPTQ's 32, 64, 128, ...) or when there is one
 // group; -1 when the group of a row cannot be computed that way.
@@ -154,6 +185,18 @@ inline cudaError_t device_info(int device, const DeviceInfo** out) {
   }
   *out = &d;
   return cudaSuccess;
+}
+
+// Allow Kernel up to `bytes` of dynamic shared memory on `device` (the current one), once per kernel and
+// device: occupancy follows the size each launch asks for, not this ceiling. False if the runtime refuses.
+// (A template on the kernel itself: kernels of one signature share a pointer type, not this flag.)
+template <auto Kernel>
+bool set_max_dynamic_smem(int device, int bytes) {
+  static bool done[128] = {};
+  if (done[device]) return true;
+  if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) return false;
+  done[device] = true;
+  return true;
 }
 
 // Shapes both small-M entry points take: 1 <= M <= 16 rows, K and N multiples of 8, G > 0. nullptr if

@@ -33,8 +33,11 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 #include "int4_common.cuh"
 #include "int4_small_m.h"
@@ -466,62 +469,37 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 // at 4096x4096 a warp's slice is 8 steps, so a warp waits 3-4 times in a row, and the bytes a warp can
 // hold in flight are capped by its registers. Here every lane issues cp.async copies of its whole share
 // of the CTA's slice at the start (its weight words, the x fragments it will read, and, lanes t == 0,
-// the scales and zeros of every group the warp's slice touches) into shared memory, in kChunks commit
-// groups along its steps, and then computes chunk c once cp.async.wait_group(kChunks - 1 - c) returns:
-// a warp waits for DRAM about once, no register holds a load in flight, and the whole weight is
-// requested within the first microsecond. It needs the slices of every CTA in shared memory at once
-// (launched as one resident wave); where they do not fit the launch takes the default kernel.
-
-constexpr int kChunks = 8;
-
-// cp.async of 16, 8 or 4 bytes global -> shared; valid false writes zeros and reads nothing.
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  const int n = valid ? BYTES : 0;
-  if (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n) : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(BYTES), "r"(n)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Wait until at most n (< kChunks) of this thread's commit groups are pending; n folds to a constant
-// in the unrolled chunk loop.
-__device__ __forceinline__ void cp_async_wait_pending(int n) {
-  switch (n) {
-    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
-    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
-    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
-    case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
-    case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
-  }
-}
-static_assert(kChunks == 8, "cp_async_wait_pending covers 8 groups");
+// the scales and zeros of every group the warp's slice touches) into shared memory, in kStreamChunks
+// commit groups along its steps, and then computes chunk c once cp.async.wait_group(kStreamChunks - 1 - c)
+// returns: a warp waits for DRAM about once, no register holds a load in flight, and the whole weight is
+// requested within the first microsecond (where every CTA is resident at once; stream_warps). A CTA's
+// slices must fit in shared memory (16 K + 2 M K bytes); where they do not the launch takes the default.
 
 // Shared-memory layout of the streamed kernel, the same on host and device. Per warp: its steps' weight
 // words [i * 32 + lane] (16 bytes each), its x fragments [(i * M + m) * 4 + t] (16 bytes: x[m, 8r .. 8r+7]
-// of row r = 4 (s_begin + i) + t), and per group it touches 8 scale quads [gi * 8 + q] (8 bytes) and 8
-// zero words (4 bytes). The reduction at the end reuses the start once every warp is done.
+// of row r = 4 (s_begin + i) + t), and per group it touches 8 scale quads [gi * 8 + q] (8 bytes) and the
+// CTA's 4 zero words [gi * 4 + q / 2]. The reduction at the end reuses the start once every warp is done.
+// Every byte counts: at 4096x11008, M = 1, three CTAs must share an SM's 228 KB.
 struct StreamLayout {
   int per_warp;  // steps a warp
-  int ngw;       // group slots a warp
+  int ngw;       // group slots a warp: the most groups any warp's slice touches
   int x_off, s_off, z_off, bytes;
 };
 
 inline StreamLayout stream_layout(const Params& p, int nwarps) {
   StreamLayout l;
-  const int steps = (p.K / 8 + 3) / 4;
+  const int R = p.K / 8, steps = (R + 3) / 4;
   l.per_warp = (steps + nwarps - 1) / nwarps;
-  // groups an interval of 4 * per_warp rows can touch (rows a group: 1 << group_shift)
-  l.ngw = std::min(p.G, ((4 * l.per_warp - 1) >> std::min(p.group_shift, 30)) + 2);
+  l.ngw = 1;
+  for (int w = 0; w < nwarps && 4 * w * l.per_warp < R; ++w) {
+    const int r0 = 4 * w * l.per_warp, r1 = std::min(4 * (w + 1) * l.per_warp, R) - 1;
+    const int g0 = std::min(r0 >> p.group_shift, p.G - 1), g1 = std::min(r1 >> p.group_shift, p.G - 1);
+    l.ngw = std::max(l.ngw, g1 - g0 + 1);
+  }
   const int64_t w = int64_t(nwarps) * l.per_warp * 512;
   const int64_t x = int64_t(nwarps) * l.per_warp * p.M * 64;
   const int64_t s = int64_t(nwarps) * l.ngw * 8 * 8;
-  const int64_t z = int64_t(nwarps) * l.ngw * 8 * 4;
+  const int64_t z = int64_t(nwarps) * l.ngw * 4 * 4;
   const int64_t red = int64_t(nwarps) * 16 * 32 * 4;
   const int64_t total = std::max(w + x + s + z, red);
   l.x_off = int(w);
@@ -547,24 +525,25 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int steps = (R + 3) / 4;
   const int s_begin = warp * lay.per_warp;
   const int nst = max(0, min(steps, s_begin + lay.per_warp) - s_begin);  // this warp's steps
-  const int cs = (nst + kChunks - 1) / kChunks;                          // steps a chunk
+  const int cs = (nst + kStreamChunks - 1) / kStreamChunks;             // steps a chunk
 
   int4* wq = reinterpret_cast<int4*>(sb) + warp * lay.per_warp * 32;
   uint4* xq = reinterpret_cast<uint4*>(sb + lay.x_off) + warp * lay.per_warp * M * 4;
   uint2* sq = reinterpret_cast<uint2*>(sb + lay.s_off) + warp * lay.ngw * 8;
-  uint32_t* zq = reinterpret_cast<uint32_t*>(sb + lay.z_off) + warp * lay.ngw * 8;
+  uint32_t* zq = reinterpret_cast<uint32_t*>(sb + lay.z_off) + warp * lay.ngw * 4;
   const int g0 = min((4 * s_begin) >> p.group_shift, G - 1);  // the slice's first group
 
   const T* xg = static_cast<const T*>(p.x);
   const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
-  for (int c = 0; c < kChunks; ++c) {
+  for (int c = 0; c < kStreamChunks; ++c) {
     if (c == 0 && lt == 0 && nst > 0) {
       const int g1 = min((min(4 * (s_begin + nst), R) - 1) >> p.group_shift, G - 1);
       for (int g = g0; g <= g1; ++g) {
         cp_async<8>(sq + (g - g0) * 8 + lq, col_ok ? (const void*)(sc16 + (int64_t)g * N + ncol) : p.scales, col_ok);
-        cp_async<4>(zq + (g - g0) * 8 + lq,
-                    col_ok ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + ncol / 8) : (const void*)p.qzeros,
-                    col_ok);
+        if ((lq & 1) == 0)  // one zero word holds 8 columns: lanes q and q + 1 share it
+          cp_async<4>(zq + (g - g0) * 4 + lq / 2,
+                      col_ok ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + ncol / 8) : (const void*)p.qzeros,
+                      col_ok);
       }
     }
     const int ie = min(nst, (c + 1) * cs);
@@ -587,8 +566,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   typename Traits<T>::T2 ss[4], zz[4];
   init_state<T>(acc, ss, zz);
 #pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    cp_async_wait_pending(kChunks - 1 - c);
+  for (int c = 0; c < kStreamChunks; ++c) {
+    cp_async_wait_pending(kStreamChunks - 1 - c);
     __syncwarp();  // the scales lanes t == 0 copied are visible to the warp
     const int ie = min(nst, (c + 1) * cs);
     for (int i = c * cs; i < ie; ++i) {  // warp-uniform bounds
@@ -601,7 +580,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       a_frags<MT>(xlo, xhi, a0, a1);
       const int rg = ok ? min(r >> p.group_shift, G - 1) : cur_g;  // rows past the end keep the group
       if (rg != cur_g && col_ok) {
-        group_scales<T>(sq[(rg - g0) * 8 + lq], zq[(rg - g0) * 8 + lq], lq, p.scales_dtype, ss, zz);
+        group_scales<T>(sq[(rg - g0) * 8 + lq], zq[(rg - g0) * 4 + lq / 2], lq, p.scales_dtype, ss, zz);
         cur_g = rg;
       }
       uint32_t bf[4][4];
@@ -671,24 +650,50 @@ cudaError_t launch_pipe(const Params& p, const DeviceInfo& dev, int steps, bool 
   return launch_kernel(int4_small_m_pipe_kernel<T, MT, 2, false>, p, dev, warps_hint, false, false, stream);
 }
 
-// Streamed kernel, where the slices of every CTA fit in shared memory at once (one resident wave);
-// *fits false and nothing launched otherwise. (The occupancy query costs host time on every call; the
-// variant is opt-in until a GPU run decides it.)
+// Warps a CTA for the streamed kernel: the most (at most pick_warps' choice, at least 2) with which every
+// CTA's slices fit in shared memory at once, one resident wave; else pick_warps' choice if one CTA fits
+// (later CTAs request their whole slices as soon as they start, so the waves overlap their loads); 0
+// where no CTA fits. warps_hint > 0 is taken as it is. Decided once per shape and device (occupancy
+// queries cost host time).
 template <class T, int MT>
-cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int warps_hint, cudaStream_t stream, bool* fits) {
-  *fits = false;
-  const int warps = pick_warps(p, dev, warps_hint);
-  const StreamLayout lay = stream_layout(p, warps);
-  if (lay.bytes < 0 || lay.bytes > dev.smem_optin) return cudaSuccess;
+int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_hint) {
+  static std::mutex mu;
+  static std::map<std::array<int, 7>, int> decided;
+  const std::array<int, 7> key{p.M, p.K, p.N, p.G, p.group_shift, warps_hint, device};
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = decided.find(key);
+  if (it != decided.end()) return it->second;
   auto kernel = int4_small_m_stream_kernel<T, MT>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.bytes);
-  int per_sm = 0;
-  if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, lay.bytes);
-  if (e != cudaSuccess) return e;
+  if (!set_max_dynamic_smem<int4_small_m_stream_kernel<T, MT>>(device, dev.smem_optin))
+    return 0;  // not remembered: a later call may succeed
   const int tiles = (p.N + 31) / 32;
-  if (int64_t(per_sm) * dev.sm_count < tiles) return cudaSuccess;
-  *fits = true;
-  kernel<<<tiles, warps * 32, lay.bytes, stream>>>(p, lay);
+  const int first = warps_hint > 0 ? warps_hint : pick_warps(p, dev, 0);
+  const int last = warps_hint > 0 ? warps_hint : std::min(2, first);
+  auto per_sm = [&](int w) {
+    const StreamLayout lay = stream_layout(p, w);
+    int n = 0;
+    if (lay.bytes < 0 || lay.bytes > dev.smem_optin ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, w * 32, lay.bytes) != cudaSuccess)
+      return 0;
+    return n;
+  };
+  int chosen = 0;
+  for (int w = first; w >= last && !chosen; --w)
+    if (int64_t(per_sm(w)) * dev.sm_count >= tiles) chosen = w;
+  if (!chosen && per_sm(first) > 0) chosen = first;
+  decided[key] = chosen;
+  return chosen;
+}
+
+// Streamed kernel where stream_warps finds room; *fits false and nothing launched otherwise.
+template <class T, int MT>
+cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int device, int warps_hint, cudaStream_t stream,
+                          bool* fits) {
+  const int warps = stream_warps<T, MT>(p, dev, device, warps_hint);
+  *fits = warps > 0;
+  if (!*fits) return cudaSuccess;
+  const StreamLayout lay = stream_layout(p, warps);
+  int4_small_m_stream_kernel<T, MT><<<(p.N + 31) / 32, warps * 32, lay.bytes, stream>>>(p, lay);
   return cudaGetLastError();
 }
 
@@ -703,17 +708,18 @@ cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int warps_hint
 //   -22, 24  the same with x in shared memory, batches of 2 / 4 steps (M <= 8 and every CTA resident;
 //            otherwise 22): within 0-8% of 22 at M <= 4, the fastest by 1-5% at M = 16 on 2 of 3 shapes.
 //   32       streamed: each lane's whole share of the slice copied into shared memory with cp.async at
-//            the start, computed chunk by chunk as it lands (where every CTA's slices fit at once;
-//            otherwise the default). Not yet timed on a GPU.
+//            the start, computed chunk by chunk as it lands (where a CTA's slices fit in shared memory:
+//            stream_warps; otherwise the default). Not yet timed on a GPU.
 // A variant that streamed each step through a cp.async ring in shared memory (fewer registers, more bytes
 // in flight) measured 1.2-2.5x slower than the default (benchmarks/results/tune_int4-*.json) and was dropped.
 template <class T, int MT>
-cudaError_t launch(const Params& p, const DeviceInfo& dev, int steps_hint, int warps_hint, cudaStream_t s) {
+cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps_hint, int warps_hint,
+                   cudaStream_t s) {
   if (p.group_shift < 0) return launch_variant<T, MT, false, 4>(p, dev, warps_hint, s);
   if (steps_hint == 8) return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);
   if (steps_hint == 32) {
     bool fits = false;
-    const cudaError_t e = launch_stream<T, MT>(p, dev, warps_hint, s, &fits);
+    const cudaError_t e = launch_stream<T, MT>(p, dev, device, warps_hint, s, &fits);
     if (e != cudaSuccess || fits) return e;
     steps_hint = 0;  // the slices do not fit in shared memory: the default
   }
@@ -755,11 +761,11 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift, tiled ? 1 : 0};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (x_dtype == 1)
-    e = M <= 8 ? launch<__half, 8>(p, dev, steps_hint, warps_hint, s)
-               : launch<__half, 16>(p, dev, steps_hint, warps_hint, s);
+    e = M <= 8 ? launch<__half, 8>(p, dev, device, steps_hint, warps_hint, s)
+               : launch<__half, 16>(p, dev, device, steps_hint, warps_hint, s);
   else
-    e = M <= 8 ? launch<__nv_bfloat16, 8>(p, dev, steps_hint, warps_hint, s)
-               : launch<__nv_bfloat16, 16>(p, dev, steps_hint, warps_hint, s);
+    e = M <= 8 ? launch<__nv_bfloat16, 8>(p, dev, device, steps_hint, warps_hint, s)
+               : launch<__nv_bfloat16, 16>(p, dev, device, steps_hint, warps_hint, s);
   if (e == cudaErrorInvalidValue && group_shift < 0 && size_t(K / 8) * 4 > 48 * 1024)
     return fail("K too large for the shared-memory row-group table of this GPU");
   if (e != cudaSuccess) return fail(cudaGetErrorString(e));

@@ -56,98 +56,54 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t src, int shift, typena
   return bits(__hmul2(__hsub2(v, zz), ss));
 }
 
+// One step of the backward: lane (q, t) brings the 16-byte word quad of its packed row at columns
+// col .. col+3, their scales (sv) and zero word (zv), and dy[q, col .. col+3] (dlo) and dy[q + 8, ...]
+// (dhi, MT == 16). Whole warp (mma.sync).
 template <class T, int MT>
-__global__ void __launch_bounds__(kWarps * 32)
-    int4_small_m_t_kernel(const TParams p) {
+__device__ __forceinline__ void t_step(int col, int4 qv, uint2 sv, uint32_t zv, uint2 dlo, uint2 dhi,
+                                       int scales_dtype, float (&acc)[8][4]) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
-  __shared__ float red[kWarps * 32 * 32];
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int lq = lane >> 2, lt = lane & 3;
-  const int N = p.N, K = p.K, M = p.M;
-  const int R = K / 8;
-  const int i0 = blockIdx.x * 8;
-  const int row = i0 + lq;  // this lane's packed row
-  const bool row_ok = row < R;
-  const int g = row_ok ? min(row >> p.group_shift, p.G - 1) : 0;
-
-  const int nb = blockIdx.y * p.n_per_cta;
-  const int ne = min(N, nb + p.n_per_cta);
-  const int steps = (max(ne - nb, 0) + 15) / 16;
-  const int per_warp = (steps + kWarps - 1) / kWarps;
-  const int s_begin = warp * per_warp;
-  const int s_end = min(steps, s_begin + per_warp);
-
-  float acc[8][4];
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
-
-  const T* dyg = static_cast<const T*>(p.dy);
-  const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
-  const bool m_lo = lq < M, m_hi = MT == 16 && lq + 8 < M;
-  const bool same_dtype = p.scales_dtype == Tr::kCode;  // scale pairs are then T2 bits as loaded
-
-  for (int s0 = s_begin; s0 < s_end; s0 += kSteps) {
-    int4 qv[kSteps];
-    uint2 sv[kSteps], dlo[kSteps], dhi[kSteps];
-    uint32_t zv[kSteps];
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      const int col = nb + 16 * (s0 + u) + 4 * lt;
-      // N is a multiple of 8 and col of 4, so col < N means all four columns exist
-      const bool ok = s0 + u < s_end && col < N;
-      qv[u] = make_int4(0, 0, 0, 0);
-      sv[u] = dlo[u] = dhi[u] = make_uint2(0, 0);
-      zv[u] = 0;
-      if (ok && row_ok) {
-        qv[u] = __ldg(reinterpret_cast<const int4*>(p.qweight + (int64_t)row * N + col));
-        sv[u] = __ldg(reinterpret_cast<const uint2*>(sc16 + (int64_t)g * N + col));
-        zv[u] = uint32_t(__ldg(p.qzeros + (int64_t)g * (N / 8) + col / 8));
-      }
-      if (ok && m_lo) dlo[u] = __ldg(reinterpret_cast<const uint2*>(dyg + (int64_t)lq * N + col));
-      if (MT == 16 && ok && m_hi) dhi[u] = __ldg(reinterpret_cast<const uint2*>(dyg + (int64_t)(lq + 8) * N + col));
-    }
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      if (s0 + u >= s_end) break;  // warp-uniform
-      const int col = nb + 16 * (s0 + u) + 4 * lt;
-      // A fragment: rows lq (a0, a2) and lq + 8 (a1, a3); reduction slots (2t, 2t+1) = columns col, col+1
-      // and (2t+8, 2t+9) = col+2, col+3.
-      const uint32_t a[4] = {dlo[u].x, MT == 16 ? dhi[u].x : 0u, dlo[u].y, MT == 16 ? dhi[u].y : 0u};
-      // zeros and scales of columns (col, col+1) and (col+2, col+3)
-      const uint32_t zw = zv[u] >> (4 * (col & 7));
-      const T2 zz0 = from_bits<T2>((Tr::kBias + (zw & 0xfu)) | ((Tr::kBias + ((zw >> 4) & 0xfu)) << 16));
-      const T2 zz1 = from_bits<T2>((Tr::kBias + ((zw >> 8) & 0xfu)) | ((Tr::kBias + ((zw >> 12) & 0xfu)) << 16));
-      T2 ss0, ss1;
-      if (same_dtype) {
-        ss0 = from_bits<T2>(sv[u].x);
-        ss1 = from_bits<T2>(sv[u].y);
-      } else {
-        ss0 = Tr::from_floats(scale16(sv[u], 0, p.scales_dtype), scale16(sv[u], 1, p.scales_dtype));
-        ss1 = Tr::from_floats(scale16(sv[u], 2, p.scales_dtype), scale16(sv[u], 3, p.scales_dtype));
-      }
-      // nibbles 0-3 (low halves) and 4-7 (high halves) of the word pairs (col, col+1), (col+2, col+3)
-      const uint32_t w01[2] = {__byte_perm(uint32_t(qv[u].x), uint32_t(qv[u].y), 0x5410),
-                               __byte_perm(uint32_t(qv[u].x), uint32_t(qv[u].y), 0x7632)};
-      const uint32_t w23[2] = {__byte_perm(uint32_t(qv[u].z), uint32_t(qv[u].w), 0x5410),
-                               __byte_perm(uint32_t(qv[u].z), uint32_t(qv[u].w), 0x7632)};
-      uint32_t b[8][2];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        b[j][0] = dequant_pair<T>(w01[j >> 2], 4 * (j & 3), zz0, ss0);
-        b[j][1] = dequant_pair<T>(w23[j >> 2], 4 * (j & 3), zz1, ss1);
-      }
-      __syncwarp();
-#pragma unroll
-      for (int j = 0; j < 8; ++j) Tr::mma(acc[j], a, b[j][0], b[j][1]);
-    }
+  // A fragment: rows lq (a0, a2) and lq + 8 (a1, a3); reduction slots (2t, 2t+1) = columns col, col+1
+  // and (2t+8, 2t+9) = col+2, col+3.
+  const uint32_t a[4] = {dlo.x, MT == 16 ? dhi.x : 0u, dlo.y, MT == 16 ? dhi.y : 0u};
+  // zeros and scales of columns (col, col+1) and (col+2, col+3)
+  const uint32_t zw = zv >> (4 * (col & 7));
+  const T2 zz0 = from_bits<T2>((Tr::kBias + (zw & 0xfu)) | ((Tr::kBias + ((zw >> 4) & 0xfu)) << 16));
+  const T2 zz1 = from_bits<T2>((Tr::kBias + ((zw >> 8) & 0xfu)) | ((Tr::kBias + ((zw >> 12) & 0xfu)) << 16));
+  T2 ss0, ss1;
+  if (scales_dtype == Tr::kCode) {  // scale pairs are T2 bits as loaded
+    ss0 = from_bits<T2>(sv.x);
+    ss1 = from_bits<T2>(sv.y);
+  } else {
+    ss0 = Tr::from_floats(scale16(sv, 0, scales_dtype), scale16(sv, 1, scales_dtype));
+    ss1 = Tr::from_floats(scale16(sv, 2, scales_dtype), scale16(sv, 3, scales_dtype));
   }
+  // nibbles 0-3 (low halves) and 4-7 (high halves) of the word pairs (col, col+1), (col+2, col+3)
+  const uint32_t w01[2] = {__byte_perm(uint32_t(qv.x), uint32_t(qv.y), 0x5410),
+                           __byte_perm(uint32_t(qv.x), uint32_t(qv.y), 0x7632)};
+  const uint32_t w23[2] = {__byte_perm(uint32_t(qv.z), uint32_t(qv.w), 0x5410),
+                           __byte_perm(uint32_t(qv.z), uint32_t(qv.w), 0x7632)};
+  uint32_t b[8][2];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    b[j][0] = dequant_pair<T>(w01[j >> 2], 4 * (j & 3), zz0, ss0);
+    b[j][1] = dequant_pair<T>(w23[j >> 2], 4 * (j & 3), zz1, ss1);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < 8; ++j) Tr::mma(acc[j], a, b[j][0], b[j][1]);
+}
 
+// Sum the warps' accumulators through shared memory (red: kWarps * 32 * 32 floats) and write the CTA's
+// outputs: dx, or its slice's fp32 partial sums.
+template <class T, int MT>
+__device__ __forceinline__ void t_store(const TParams& p, const float (&acc)[8][4], float* red, int warp, int lane,
+                                        int i0) {
+  using Tr = Traits<T>;
   float tot[32];  // tot[4 j + i] = accumulator i of mma j, summed over the warps
   if (!sum_over_warps<32>(*reinterpret_cast<const float(*)[32]>(&acc[0][0]), red, warp, kWarps, lane, tot)) return;
+  const int lq = lane >> 2, lt = lane & 3, M = p.M, K = p.K, R = K / 8;
 
   // Accumulator i of mma j: row lq + 8 * (i / 2), packed row i0 + 2t + (i % 2), input k = 8 * that + j.
   // Lane (q, t) thus holds, for each of its rows, the 16 consecutive inputs 8 (i0 + 2t) .. + 15.
@@ -178,6 +134,159 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+template <class T, int MT>
+__global__ void __launch_bounds__(kWarps * 32)
+    int4_small_m_t_kernel(const TParams p) {
+  __shared__ float red[kWarps * 32 * 32];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lq = lane >> 2, lt = lane & 3;
+  const int N = p.N, K = p.K, M = p.M;
+  const int R = K / 8;
+  const int i0 = blockIdx.x * 8;
+  const int row = i0 + lq;  // this lane's packed row
+  const bool row_ok = row < R;
+  const int g = row_ok ? min(row >> p.group_shift, p.G - 1) : 0;
+
+  const int nb = blockIdx.y * p.n_per_cta;
+  const int ne = min(N, nb + p.n_per_cta);
+  const int steps = (max(ne - nb, 0) + 15) / 16;
+  const int per_warp = (steps + kWarps - 1) / kWarps;
+  const int s_begin = warp * per_warp;
+  const int s_end = min(steps, s_begin + per_warp);
+
+  float acc[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+
+  const T* dyg = static_cast<const T*>(p.dy);
+  const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
+  const bool m_lo = lq < M, m_hi = MT == 16 && lq + 8 < M;
+
+  for (int s0 = s_begin; s0 < s_end; s0 += kSteps) {
+    int4 qv[kSteps];
+    uint2 sv[kSteps], dlo[kSteps], dhi[kSteps];
+    uint32_t zv[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      const int col = nb + 16 * (s0 + u) + 4 * lt;
+      // N is a multiple of 8 and col of 4, so col < N means all four columns exist
+      const bool ok = s0 + u < s_end && col < N;
+      qv[u] = make_int4(0, 0, 0, 0);
+      sv[u] = dlo[u] = dhi[u] = make_uint2(0, 0);
+      zv[u] = 0;
+      if (ok && row_ok) {
+        qv[u] = __ldg(reinterpret_cast<const int4*>(p.qweight + (int64_t)row * N + col));
+        sv[u] = __ldg(reinterpret_cast<const uint2*>(sc16 + (int64_t)g * N + col));
+        zv[u] = uint32_t(__ldg(p.qzeros + (int64_t)g * (N / 8) + col / 8));
+      }
+      if (ok && m_lo) dlo[u] = __ldg(reinterpret_cast<const uint2*>(dyg + (int64_t)lq * N + col));
+      if (MT == 16 && ok && m_hi) dhi[u] = __ldg(reinterpret_cast<const uint2*>(dyg + (int64_t)(lq + 8) * N + col));
+    }
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      if (s0 + u >= s_end) break;  // warp-uniform
+      t_step<T, MT>(nb + 16 * (s0 + u) + 4 * lt, qv[u], sv[u], zv[u], dlo[u], dhi[u], p.scales_dtype, acc);
+    }
+  }
+
+  t_store<T, MT>(p, acc, red, warp, lane, i0);
+}
+
+// Streamed backward (steps_hint 32): grouped weights whose groups cover whole 8-row blocks (group_size a
+// multiple of 64, or one group), so one group's scales serve all 8 rows of a CTA. As the streamed forward
+// (int4_small_m.cu): each lane copies its share of the CTA's slice (its word quads, its dy pairs; lanes
+// q == 0 each step's 16 scales and zero words) into shared memory with cp.async at the start, in
+// kStreamChunks commit groups, and computes each chunk as it lands: a warp waits for DRAM about once.
+struct TStreamLayout {
+  int per_warp;  // 16-column steps a warp
+  int d_off, s_off, z_off, bytes;
+};
+
+inline TStreamLayout t_stream_layout(int M, int n_per_cta) {
+  TStreamLayout l;
+  l.per_warp = (n_per_cta / 16 + kWarps - 1) / kWarps;
+  const int64_t steps = int64_t(kWarps) * l.per_warp;
+  const int64_t w = steps * 512, d = steps * M * 32, s = steps * 4 * 8, z = steps * 4 * 4;
+  const int64_t total = std::max<int64_t>(w + d + s + z, kWarps * 32 * 32 * 4);
+  l.d_off = int(w);
+  l.s_off = int(w + d);
+  l.z_off = int(w + d + s);
+  l.bytes = total > (int64_t(1) << 30) ? -1 : int(total);
+  return l;
+}
+
+template <class T, int MT>
+__global__ void __launch_bounds__(kWarps * 32)
+    int4_small_m_t_stream_kernel(const TParams p, const TStreamLayout lay) {
+  extern __shared__ float tsmem[];
+  unsigned char* sb = reinterpret_cast<unsigned char*>(tsmem);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lq = lane >> 2, lt = lane & 3;
+  const int N = p.N, K = p.K, M = p.M, R = K / 8;
+  const int i0 = blockIdx.x * 8;
+  const int row = i0 + lq;  // this lane's packed row
+  const bool row_ok = row < R;
+  const int g = min(i0 >> p.group_shift, p.G - 1);  // the CTA's rows share it
+  const bool m_lo = lq < M, m_hi = MT == 16 && lq + 8 < M;
+
+  const int nb = blockIdx.y * p.n_per_cta;
+  const int ne = min(N, nb + p.n_per_cta);
+  const int steps = (max(ne - nb, 0) + 15) / 16;
+  const int s_begin = warp * lay.per_warp;
+  const int nst = max(0, min(steps, s_begin + lay.per_warp) - s_begin);
+  const int cs = (nst + kStreamChunks - 1) / kStreamChunks;
+
+  int4* wq = reinterpret_cast<int4*>(sb) + warp * lay.per_warp * 32;               // [i * 32 + lane]
+  uint2* dq = reinterpret_cast<uint2*>(sb + lay.d_off) + warp * lay.per_warp * M * 4;  // [(i * M + m) * 4 + t]
+  uint2* sq = reinterpret_cast<uint2*>(sb + lay.s_off) + warp * lay.per_warp * 4;      // [i * 4 + t]
+  uint32_t* zq = reinterpret_cast<uint32_t*>(sb + lay.z_off) + warp * lay.per_warp * 4;
+
+  const T* dyg = static_cast<const T*>(p.dy);
+  const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
+  for (int c = 0; c < kStreamChunks; ++c) {
+    const int ie = min(nst, (c + 1) * cs);
+    for (int i = c * cs; i < ie; ++i) {
+      const int col = nb + 16 * (s_begin + i) + 4 * lt;
+      const bool ok = col < N;  // N is a multiple of 8 and col of 4: all four columns exist
+      cp_async<16>(wq + i * 32 + lane, ok && row_ok ? (const void*)(p.qweight + (int64_t)row * N + col) : p.qweight,
+                   ok && row_ok);
+      if (m_lo) cp_async<8>(dq + (i * M + lq) * 4 + lt, ok ? (const void*)(dyg + (int64_t)lq * N + col) : p.dy, ok);
+      if (MT == 16 && m_hi)
+        cp_async<8>(dq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)(dyg + (int64_t)(lq + 8) * N + col) : p.dy, ok);
+      if (lq == 0) {
+        cp_async<8>(sq + i * 4 + lt, ok ? (const void*)(sc16 + (int64_t)g * N + col) : p.scales, ok);
+        cp_async<4>(zq + i * 4 + lt, ok ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + col / 8) : p.qzeros, ok);
+      }
+    }
+    cp_async_commit();  // one group a chunk, empty ones included
+  }
+
+  float acc[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+#pragma unroll
+  for (int c = 0; c < kStreamChunks; ++c) {
+    cp_async_wait_pending(kStreamChunks - 1 - c);
+    __syncwarp();  // the scales lanes q == 0 copied are visible to the warp
+    const int ie = min(nst, (c + 1) * cs);
+    for (int i = c * cs; i < ie; ++i) {  // warp-uniform bounds
+      const uint2 dlo = m_lo ? dq[(i * M + lq) * 4 + lt] : make_uint2(0, 0);
+      const uint2 dhi = MT == 16 && m_hi ? dq[(i * M + lq + 8) * 4 + lt] : make_uint2(0, 0);
+      // rows past K: their words are zeros and their outputs are not stored
+      t_step<T, MT>(nb + 16 * (s_begin + i) + 4 * lt, wq[i * 32 + lane], sq[i * 4 + lt], zq[i * 4 + lt], dlo, dhi,
+                    p.scales_dtype, acc);
+    }
+  }
+  __syncthreads();  // every warp done with its slice before the reduction reuses the memory
+  t_store<T, MT>(p, acc, tsmem, warp, lane, i0);
+}
+
 // dx[i] = sum over slices of partial[s][i], rounded once to T.
 template <class T>
 __global__ void sum_slices_kernel(const float* partial, int n_split, int64_t count, T* dx) {
@@ -201,12 +310,20 @@ int n_split_for(int K, int N, int sm_count) {
 
 int n_per_cta_for(int N, int n_split) { return ((N + n_split - 1) / n_split + 15) / 16 * 16; }
 
+// The streamed backward where it applies (steps_hint 32, groups of whole 8-row blocks, a CTA's slice in
+// shared memory), else the register kernel; then the slices' sum where N is split.
 template <class T, int MT>
-cudaError_t launch_t(const TParams& p0, int n_split, int64_t count, cudaStream_t s) {
+cudaError_t launch_t(const TParams& p0, const DeviceInfo& dev, int device, int n_split, int64_t count,
+                     int steps_hint, cudaStream_t s) {
   TParams p = p0;
   p.n_per_cta = n_per_cta_for(p.N, n_split);
   const dim3 grid((p.K / 8 + 7) / 8, n_split);
-  int4_small_m_t_kernel<T, MT><<<grid, kWarps * 32, 0, s>>>(p);
+  const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
+  if (steps_hint == 32 && p.group_shift >= 3 && lay.bytes > 0 && lay.bytes <= dev.smem_optin &&
+      set_max_dynamic_smem<int4_small_m_t_stream_kernel<T, MT>>(device, dev.smem_optin))
+    int4_small_m_t_stream_kernel<T, MT><<<grid, kWarps * 32, lay.bytes, s>>>(p, lay);
+  else
+    int4_small_m_t_kernel<T, MT><<<grid, kWarps * 32, 0, s>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.partial == nullptr) return e;
   const int threads = 256;
@@ -228,7 +345,7 @@ extern "C" long long mops_int4_small_m_t_workspace(int M, int K, int N, int devi
 extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* qweight, const int32_t* qzeros,
                                    const void* scales, int scales_dtype, int M, int K, int N, int G,
                                    int group_size, void* dx, float* workspace, long long workspace_floats,
-                                   int device, void* stream, char* err, int err_len) {
+                                   int device, void* stream, int steps_hint, char* err, int err_len) {
   auto fail = [&](const char* msg) {
     std::snprintf(err, size_t(err_len), "%s", msg);
     return 1;
@@ -249,11 +366,13 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
             group_shift, 0};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
+  const DeviceInfo& dev = *info;
   if (dy_dtype == 1)
-    e = M <= 8 ? launch_t<__half, 8>(p, n_split, count, s) : launch_t<__half, 16>(p, n_split, count, s);
+    e = M <= 8 ? launch_t<__half, 8>(p, dev, device, n_split, count, steps_hint, s)
+               : launch_t<__half, 16>(p, dev, device, n_split, count, steps_hint, s);
   else
-    e = M <= 8 ? launch_t<__nv_bfloat16, 8>(p, n_split, count, s)
-               : launch_t<__nv_bfloat16, 16>(p, n_split, count, s);
+    e = M <= 8 ? launch_t<__nv_bfloat16, 8>(p, dev, device, n_split, count, steps_hint, s)
+               : launch_t<__nv_bfloat16, 16>(p, dev, device, n_split, count, steps_hint, s);
   if (e != cudaSuccess) return fail(cudaGetErrorString(e));
   return 0;
 }
