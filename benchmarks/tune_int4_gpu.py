@@ -37,8 +37,9 @@ LARGE_MS = [64, 512, 4096]
 # cp.async ring) under their own names.
 NATIVE_VARIANTS = [(0, 0, False), (22, 0, False), (32, 0, False), (32, 8, False),
                    (0, 0, True), (22, 0, True), (32, 0, True)]
-# steps of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed
-NATIVE_BWD_VARIANTS = [0, 32]
+# steps of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed, 33
+# streamed with the N slices summed in a thread-block cluster (sm_90)
+NATIVE_BWD_VARIANTS = [0, 32, 33]
 BIG_TILES = [dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
              dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)]

@@ -369,7 +369,8 @@ def small_m_t_supports(scales: torch.Tensor, group_size: int, G: int) -> bool:
 def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G: int, group_size: int,
                                   steps: int = 0):
     """The CUDA small-M backward for a caller that has validated what int4_matmul_t_cuda_small_m checks.
-    steps=32: the streamed kernel where it applies (group_size a multiple of 64 or one group; benchmarks)."""
+    steps=32: the streamed kernel where it applies (group_size a multiple of 64 or one group), 33: that with
+    the N slices summed in a thread-block cluster on sm_90, no workspace (benchmarks)."""
     mod = _require_cuda_module("int4_matmul_t_cuda_small_m")
     M = dy.shape[0]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)

@@ -225,15 +225,18 @@ def test_backward_awkward_shapes(K, N, group, kw, M):
     ],
     ids=["up_proj", "down_proj", "K576N40", "onegroup", "g64", "g32"],
 )
-def test_streamed_backward(K, N, group):
-    # steps=32: each warp's slice streamed through shared memory; the same products as float64
+@pytest.mark.parametrize("steps", [32, 33])
+def test_streamed_backward(K, N, group, steps):
+    # steps=32: each warp's slice streamed through shared memory; 33: and the N slices summed inside a
+    # thread-block cluster (sm_90; elsewhere 32). The same products as float64.
     qw, qz, s, g = _weight(K, N, group, torch.device("cuda"), seed=K + N + 3)
     ref_w = dequant_f64(qw, qz, s, g)
     for M in (1, 5, 16):
         for dtype in (torch.float16, torch.bfloat16):
             dy = torch.randn(M, N, device="cuda", dtype=dtype)
-            dx = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, s.shape[0], group or K, steps=32)
-            _assert_matches(dx, dy.double() @ ref_w, dtype, f"streamed backward K={K} N={N} g={group} M={M} {dtype}")
+            dx = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, s.shape[0], group or K, steps=steps)
+            _assert_matches(dx, dy.double() @ ref_w, dtype,
+                            f"streamed backward steps={steps} K={K} N={N} g={group} M={M} {dtype}")
 
 
 def test_backward_refusals_and_dispatch(monkeypatch):

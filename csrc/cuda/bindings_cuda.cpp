@@ -67,5 +67,5 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("dx"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("device"), py::arg("stream"),
       py::arg("steps") = 0,
       "dx (M,K) = dy (M,N) W on CUDA for M <= 16, grouped weights; pointers and the stream as integers; "
-      "steps 32: the streamed kernel where it applies (benchmarks)");
+      "steps 32: the streamed kernel where it applies, 33: with cluster sums on sm_90 (benchmarks)");
 }

@@ -166,10 +166,10 @@ inline int row_group_shift(int group_size, int G) {
 }
 
 struct DeviceInfo {
-  int sm_count = 0, smem_optin = 0, smem_per_sm = 0;
+  int sm_count = 0, smem_optin = 0, smem_per_sm = 0, cc_major = 0;
 };
 
-// Multiprocessor count and shared-memory limits (opt-in per block, per SM) of a device (0 <= device < 128), queried once.
+// Multiprocessor count, shared-memory limits (opt-in per block, per SM) and compute capability of a device (0 <= device < 128), queried once.
 inline cudaError_t device_info(int device, const DeviceInfo** out) {
   static DeviceInfo info[128];
   DeviceInfo& d = info[device];
@@ -177,6 +177,7 @@ inline cudaError_t device_info(int device, const DeviceInfo** out) {
     cudaError_t e = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     if (e == cudaSuccess)
       e = cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device);
     if (e != cudaSuccess) {
       d.sm_count = 0;

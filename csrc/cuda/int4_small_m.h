@@ -21,8 +21,9 @@ int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qweight, const 
 // dx (M,K) = dy (M,N) W for 1 <= M <= 16, the backward to the input. dy_dtype: 1 fp16, 2 bf16;
 // scales fp16 or bf16; grouped weights only (group_size a power-of-two multiple of 8 with the promise
 // above, or G == 1). workspace: fp32, at least mops_int4_small_m_t_workspace(M, K, N, device) elements
-// (0: none needed, nullptr allowed). steps_hint: 0 the register kernel, 32 the streamed one where it applies
-// (int4_small_m_t.cu; benchmarks). Returns 0, or 1 with a message in err.
+// (0: none needed, nullptr allowed). steps_hint: 0 the register kernel, 32 the streamed one where it applies,
+// 33 that with its N slices summed in a thread-block cluster on sm_90 (int4_small_m_t.cu; benchmarks).
+// Returns 0, or 1 with a message in err.
 long long mops_int4_small_m_t_workspace(int M, int K, int N, int device);
 int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* qweight, const int32_t* qzeros,
                         const void* scales, int scales_dtype, int M, int K, int N, int G, int group_size,

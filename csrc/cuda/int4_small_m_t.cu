@@ -21,6 +21,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <cstdio>
 
@@ -95,14 +97,11 @@ __device__ __forceinline__ void t_step(int col, int4 qv, uint2 sv, uint32_t zv, 
   for (int j = 0; j < 8; ++j) Tr::mma(acc[j], a, b[j][0], b[j][1]);
 }
 
-// Sum the warps' accumulators through shared memory (red: kWarps * 32 * 32 floats) and write the CTA's
-// outputs: dx, or its slice's fp32 partial sums.
+// Write the CTA's outputs from warp 0's sums (tot[4 j + i] = accumulator i of mma j over the warps): dx,
+// or its slice's fp32 partial sums (p.partial).
 template <class T, int MT>
-__device__ __forceinline__ void t_store(const TParams& p, const float (&acc)[8][4], float* red, int warp, int lane,
-                                        int i0) {
+__device__ __forceinline__ void t_write(const TParams& p, const float (&tot)[32], int lane, int i0) {
   using Tr = Traits<T>;
-  float tot[32];  // tot[4 j + i] = accumulator i of mma j, summed over the warps
-  if (!sum_over_warps<32>(*reinterpret_cast<const float(*)[32]>(&acc[0][0]), red, warp, kWarps, lane, tot)) return;
   const int lq = lane >> 2, lt = lane & 3, M = p.M, K = p.K, R = K / 8;
 
   // Accumulator i of mma j: row lq + 8 * (i / 2), packed row i0 + 2t + (i % 2), input k = 8 * that + j.
@@ -132,6 +131,15 @@ __device__ __forceinline__ void t_store(const TParams& p, const float (&acc)[8][
       }
     }
   }
+}
+
+// Sum the warps' accumulators through shared memory (red: kWarps * 32 * 32 floats) and write the outputs.
+template <class T, int MT>
+__device__ __forceinline__ void t_store(const TParams& p, const float (&acc)[8][4], float* red, int warp, int lane,
+                                        int i0) {
+  float tot[32];
+  if (sum_over_warps<32>(*reinterpret_cast<const float(*)[32]>(&acc[0][0]), red, warp, kWarps, lane, tot))
+    t_write<T, MT>(p, tot, lane, i0);
 }
 
 template <class T, int MT>
@@ -218,7 +226,10 @@ inline TStreamLayout t_stream_layout(int M, int n_per_cta) {
   return l;
 }
 
-template <class T, int MT>
+// CLUSTER (sm_90, steps_hint 33): the n_split CTAs of a row block form one thread-block cluster, and
+// rank 0 adds the others' sums from their shared memory (distributed shared memory) in rank order and
+// writes dx: no workspace and no second kernel.
+template <class T, int MT, bool CLUSTER>
 __global__ void __launch_bounds__(kWarps * 32)
     int4_small_m_t_stream_kernel(const TParams p, const TStreamLayout lay) {
   extern __shared__ float tsmem[];
@@ -284,7 +295,33 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
   __syncthreads();  // every warp done with its slice before the reduction reuses the memory
-  t_store<T, MT>(p, acc, tsmem, warp, lane, i0);
+  if constexpr (!CLUSTER) {
+    t_store<T, MT>(p, acc, tsmem, warp, lane, i0);
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    float tot[32];
+    const bool w0 = sum_over_warps<32>(*reinterpret_cast<const float(*)[32]>(&acc[0][0]), tsmem, warp, kWarps, lane,
+                                       tot);
+    // warp 0 publishes the CTA's sums in its own slots of the reduction buffer (only this lane reads them)
+    if (w0)
+#pragma unroll
+      for (int r = 0; r < 32; ++r) tsmem[r * 32 + lane] = tot[r];
+    cluster.sync();
+    if (w0 && cluster.block_rank() == 0) {
+      for (unsigned c = 1; c < cluster.num_blocks(); ++c) {
+        const float* other = cluster.map_shared_rank(tsmem, c);
+#pragma unroll
+        for (int r = 0; r < 32; ++r) tot[r] += other[r * 32 + lane];
+      }
+      t_write<T, MT>(p, tot, lane, i0);
+    }
+    cluster.sync();  // the other CTAs keep their shared memory until rank 0 has read it
+#else
+    __trap();  // launched only on sm_90 and newer
+#endif
+  }
 }
 
 // dx[i] = sum over slices of partial[s][i], rounded once to T.
@@ -310,18 +347,51 @@ int n_split_for(int K, int N, int sm_count) {
 
 int n_per_cta_for(int N, int n_split) { return ((N + n_split - 1) / n_split + 15) / 16 * 16; }
 
-// The streamed backward where it applies (steps_hint 32, groups of whole 8-row blocks, a CTA's slice in
-// shared memory), else the register kernel; then the slices' sum where N is split.
+// The streamed backward with its N slices summed inside a thread-block cluster (at most 8 slices, the
+// portable cluster size); false (nothing launched) where it does not apply.
+template <class T, int MT>
+bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int n_split, cudaStream_t s,
+                      cudaError_t* e) {
+  TParams p = p0;
+  const int ns = std::min(n_split, 8);
+  p.n_per_cta = n_per_cta_for(p.N, ns);
+  p.partial = nullptr;  // rank 0 of each cluster writes dx
+  const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
+  if (dev.cc_major < 9 || p.group_shift < 3 || lay.bytes <= 0 || lay.bytes > dev.smem_optin ||
+      !set_max_dynamic_smem<int4_small_m_t_stream_kernel<T, MT, true>>(device, dev.smem_optin))
+    return false;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((p.K / 8 + 7) / 8, ns);
+  cfg.blockDim = dim3(kWarps * 32);
+  cfg.dynamicSmemBytes = size_t(lay.bytes);
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = unsigned(ns);
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  *e = cudaLaunchKernelEx(&cfg, int4_small_m_t_stream_kernel<T, MT, true>, p, lay);
+  if (*e == cudaSuccess) *e = cudaGetLastError();
+  return true;
+}
+
+// The backward: steps_hint 33 the streamed kernel with cluster sums where it applies; 32 the streamed
+// kernel (groups of whole 8-row blocks, a CTA's slice in shared memory); else the register kernel; then
+// the slices' sum where N is split.
 template <class T, int MT>
 cudaError_t launch_t(const TParams& p0, const DeviceInfo& dev, int device, int n_split, int64_t count,
                      int steps_hint, cudaStream_t s) {
+  cudaError_t ce = cudaSuccess;
+  if (steps_hint == 33 && launch_t_cluster<T, MT>(p0, dev, device, n_split, s, &ce)) return ce;
   TParams p = p0;
   p.n_per_cta = n_per_cta_for(p.N, n_split);
   const dim3 grid((p.K / 8 + 7) / 8, n_split);
   const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
-  if (steps_hint == 32 && p.group_shift >= 3 && lay.bytes > 0 && lay.bytes <= dev.smem_optin &&
-      set_max_dynamic_smem<int4_small_m_t_stream_kernel<T, MT>>(device, dev.smem_optin))
-    int4_small_m_t_stream_kernel<T, MT><<<grid, kWarps * 32, lay.bytes, s>>>(p, lay);
+  if ((steps_hint == 32 || steps_hint == 33) && p.group_shift >= 3 && lay.bytes > 0 && lay.bytes <= dev.smem_optin &&
+      set_max_dynamic_smem<int4_small_m_t_stream_kernel<T, MT, false>>(device, dev.smem_optin))
+    int4_small_m_t_stream_kernel<T, MT, false><<<grid, kWarps * 32, lay.bytes, s>>>(p, lay);
   else
     int4_small_m_t_kernel<T, MT><<<grid, kWarps * 32, 0, s>>>(p);
   cudaError_t e = cudaGetLastError();
