@@ -154,6 +154,33 @@ __device__ __forceinline__ void cp_async_wait_pending(int n) {
 }
 static_assert(kStreamChunks == 8, "cp_async_wait_pending covers 8 groups");
 
+// A lane's steps 0 .. nst-1 in kStreamChunks chunks of equal length (the last ones shorter or empty).
+__device__ __forceinline__ int stream_chunk_len(int nst) { return (nst + kStreamChunks - 1) / kStreamChunks; }
+
+// Issue copy(i) for each of a lane's nst steps, one commit group a chunk (empty ones included, so that
+// stream_consume's waits count right). Copies issued before this call join the first chunk's group.
+template <class Copy>
+__device__ __forceinline__ void stream_issue(int nst, Copy&& copy) {
+  const int cs = stream_chunk_len(nst);
+  for (int c = 0; c < kStreamChunks; ++c) {
+    for (int i = c * cs; i < min(nst, (c + 1) * cs); ++i) copy(i);
+    cp_async_commit();
+  }
+}
+
+// Run body(i) over the steps stream_issue copied, each chunk once its copies (and, after the warp
+// barrier, those of the warp's other lanes) have landed. nst must be warp-uniform (body may mma.sync).
+template <class Body>
+__device__ __forceinline__ void stream_consume(int nst, Body&& body) {
+  const int cs = stream_chunk_len(nst);
+#pragma unroll
+  for (int c = 0; c < kStreamChunks; ++c) {
+    cp_async_wait_pending(kStreamChunks - 1 - c);
+    __syncwarp();
+    for (int i = c * cs; i < min(nst, (c + 1) * cs); ++i) body(i);
+  }
+}
+
 // Shift that maps a packed qweight row to its group (row >> shift) when g_idx == arange(K) / group_size
 // with a power-of-two count of whole packed rows a group (GPTQ's 32, 64, 128, ...) or when there is one
 // group; -1 when the group of a row cannot be computed that way.

@@ -525,7 +525,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int steps = (R + 3) / 4;
   const int s_begin = warp * lay.per_warp;
   const int nst = max(0, min(steps, s_begin + lay.per_warp) - s_begin);  // this warp's steps
-  const int cs = (nst + kStreamChunks - 1) / kStreamChunks;             // steps a chunk
 
   int4* wq = reinterpret_cast<int4*>(sb) + warp * lay.per_warp * 32;
   uint4* xq = reinterpret_cast<uint4*>(sb + lay.x_off) + warp * lay.per_warp * M * 4;
@@ -535,60 +534,48 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 
   const T* xg = static_cast<const T*>(p.x);
   const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
-  for (int c = 0; c < kStreamChunks; ++c) {
-    if (c == 0 && lt == 0 && nst > 0) {
-      const int g1 = min((min(4 * (s_begin + nst), R) - 1) >> p.group_shift, G - 1);
-      for (int g = g0; g <= g1; ++g) {
-        cp_async<8>(sq + (g - g0) * 8 + lq, col_ok ? (const void*)(sc16 + (int64_t)g * N + ncol) : p.scales, col_ok);
-        if ((lq & 1) == 0)  // one zero word holds 8 columns: lanes q and q + 1 share it
-          cp_async<4>(zq + (g - g0) * 4 + lq / 2,
-                      col_ok ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + ncol / 8) : (const void*)p.qzeros,
-                      col_ok);
-      }
+  if (lt == 0 && nst > 0) {  // the scales and zeros of the slice's groups, in the first chunk
+    const int g1 = min((min(4 * (s_begin + nst), R) - 1) >> p.group_shift, G - 1);
+    for (int g = g0; g <= g1; ++g) {
+      cp_async<8>(sq + (g - g0) * 8 + lq, col_ok ? (const void*)(sc16 + (int64_t)g * N + ncol) : p.scales, col_ok);
+      if ((lq & 1) == 0)  // one zero word holds 8 columns: lanes q and q + 1 share it
+        cp_async<4>(zq + (g - g0) * 4 + lq / 2,
+                    col_ok ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + ncol / 8) : (const void*)p.qzeros,
+                    col_ok);
     }
-    const int ie = min(nst, (c + 1) * cs);
-    for (int i = c * cs; i < ie; ++i) {
-      const int r = 4 * (s_begin + i) + lt;
-      const bool ok = r < R;
-      cp_async<16>(wq + i * 32 + lane, ok && col_ok ? (const void*)weight_word(p, r, ncol) : (const void*)p.qweight,
-                   ok && col_ok);
-      if (row_lo)
-        cp_async<16>(xq + (i * M + lq) * 4 + lt, ok ? (const void*)(xg + (int64_t)lq * K + 8 * r) : p.x, ok);
-      if (MT == 16 && row_hi)
-        cp_async<16>(xq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)(xg + (int64_t)(lq + 8) * K + 8 * r) : p.x,
-                     ok);
-    }
-    cp_async_commit();  // one group a chunk, empty ones included, so the waits below count right
   }
+  stream_issue(nst, [&](int i) {
+    const int r = 4 * (s_begin + i) + lt;
+    const bool ok = r < R;
+    cp_async<16>(wq + i * 32 + lane, ok && col_ok ? (const void*)weight_word(p, r, ncol) : (const void*)p.qweight,
+                 ok && col_ok);
+    if (row_lo) cp_async<16>(xq + (i * M + lq) * 4 + lt, ok ? (const void*)(xg + (int64_t)lq * K + 8 * r) : p.x, ok);
+    if (MT == 16 && row_hi)
+      cp_async<16>(xq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)(xg + (int64_t)(lq + 8) * K + 8 * r) : p.x, ok);
+  });
 
   float acc[4][4];
   int cur_g = -1;
   typename Traits<T>::T2 ss[4], zz[4];
   init_state<T>(acc, ss, zz);
-#pragma unroll
-  for (int c = 0; c < kStreamChunks; ++c) {
-    cp_async_wait_pending(kStreamChunks - 1 - c);
-    __syncwarp();  // the scales lanes t == 0 copied are visible to the warp
-    const int ie = min(nst, (c + 1) * cs);
-    for (int i = c * cs; i < ie; ++i) {  // warp-uniform bounds
-      const int r = 4 * (s_begin + i) + lt;
-      const bool ok = r < R;
-      uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
-      if (row_lo) xlo = xq[(i * M + lq) * 4 + lt];  // rows past the end were copied as zeros
-      if (MT == 16 && row_hi) xhi = xq[(i * M + lq + 8) * 4 + lt];
-      uint32_t a0[4], a1[4];
-      a_frags<MT>(xlo, xhi, a0, a1);
-      const int rg = ok ? min(r >> p.group_shift, G - 1) : cur_g;  // rows past the end keep the group
-      if (rg != cur_g && col_ok) {
-        group_scales<T>(sq[(rg - g0) * 8 + lq], zq[(rg - g0) * 4 + lq / 2], lq, p.scales_dtype, ss, zz);
-        cur_g = rg;
-      }
-      uint32_t bf[4][4];
-      dequant_step<T>(wq[i * 32 + lane], ss, zz, bf);
-      __syncwarp();
-      mma_step<T>(acc, a0, a1, bf);
+  stream_consume(nst, [&](int i) {  // the barrier makes the scales lanes t == 0 copied visible
+    const int r = 4 * (s_begin + i) + lt;
+    const bool ok = r < R;
+    uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
+    if (row_lo) xlo = xq[(i * M + lq) * 4 + lt];  // rows past the end were copied as zeros
+    if (MT == 16 && row_hi) xhi = xq[(i * M + lq + 8) * 4 + lt];
+    uint32_t a0[4], a1[4];
+    a_frags<MT>(xlo, xhi, a0, a1);
+    const int rg = ok ? min(r >> p.group_shift, G - 1) : cur_g;  // rows past the end keep the group
+    if (rg != cur_g && col_ok) {
+      group_scales<T>(sq[(rg - g0) * 8 + lq], zq[(rg - g0) * 4 + lq / 2], lq, p.scales_dtype, ss, zz);
+      cur_g = rg;
     }
-  }
+    uint32_t bf[4][4];
+    dequant_step<T>(wq[i * 32 + lane], ss, zz, bf);
+    __syncwarp();
+    mma_step<T>(acc, a0, a1, bf);
+  });
   __syncthreads();  // every warp done with its slice before the reduction reuses the memory
   reduce_and_store<T, MT>(acc, smem, p, n0, lane, warp, nwarps, lq, lt);
 }

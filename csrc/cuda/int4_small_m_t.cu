@@ -249,7 +249,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int steps = (max(ne - nb, 0) + 15) / 16;
   const int s_begin = warp * lay.per_warp;
   const int nst = max(0, min(steps, s_begin + lay.per_warp) - s_begin);
-  const int cs = (nst + kStreamChunks - 1) / kStreamChunks;
 
   int4* wq = reinterpret_cast<int4*>(sb) + warp * lay.per_warp * 32;               // [i * 32 + lane]
   uint2* dq = reinterpret_cast<uint2*>(sb + lay.d_off) + warp * lay.per_warp * M * 4;  // [(i * M + m) * 4 + t]
@@ -258,42 +257,32 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   const T* dyg = static_cast<const T*>(p.dy);
   const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
-  for (int c = 0; c < kStreamChunks; ++c) {
-    const int ie = min(nst, (c + 1) * cs);
-    for (int i = c * cs; i < ie; ++i) {
-      const int col = nb + 16 * (s_begin + i) + 4 * lt;
-      const bool ok = col < N;  // N is a multiple of 8 and col of 4: all four columns exist
-      cp_async<16>(wq + i * 32 + lane, ok && row_ok ? (const void*)(p.qweight + (int64_t)row * N + col) : p.qweight,
-                   ok && row_ok);
-      if (m_lo) cp_async<8>(dq + (i * M + lq) * 4 + lt, ok ? (const void*)(dyg + (int64_t)lq * N + col) : p.dy, ok);
-      if (MT == 16 && m_hi)
-        cp_async<8>(dq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)(dyg + (int64_t)(lq + 8) * N + col) : p.dy, ok);
-      if (lq == 0) {
-        cp_async<8>(sq + i * 4 + lt, ok ? (const void*)(sc16 + (int64_t)g * N + col) : p.scales, ok);
-        cp_async<4>(zq + i * 4 + lt, ok ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + col / 8) : p.qzeros, ok);
-      }
+  stream_issue(nst, [&](int i) {
+    const int col = nb + 16 * (s_begin + i) + 4 * lt;
+    const bool ok = col < N;  // N is a multiple of 8 and col of 4: all four columns exist
+    cp_async<16>(wq + i * 32 + lane, ok && row_ok ? (const void*)(p.qweight + (int64_t)row * N + col) : p.qweight,
+                 ok && row_ok);
+    if (m_lo) cp_async<8>(dq + (i * M + lq) * 4 + lt, ok ? (const void*)(dyg + (int64_t)lq * N + col) : p.dy, ok);
+    if (MT == 16 && m_hi)
+      cp_async<8>(dq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)(dyg + (int64_t)(lq + 8) * N + col) : p.dy, ok);
+    if (lq == 0) {
+      cp_async<8>(sq + i * 4 + lt, ok ? (const void*)(sc16 + (int64_t)g * N + col) : p.scales, ok);
+      cp_async<4>(zq + i * 4 + lt, ok ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + col / 8) : p.qzeros, ok);
     }
-    cp_async_commit();  // one group a chunk, empty ones included
-  }
+  });
 
   float acc[8][4];
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
-#pragma unroll
-  for (int c = 0; c < kStreamChunks; ++c) {
-    cp_async_wait_pending(kStreamChunks - 1 - c);
-    __syncwarp();  // the scales lanes q == 0 copied are visible to the warp
-    const int ie = min(nst, (c + 1) * cs);
-    for (int i = c * cs; i < ie; ++i) {  // warp-uniform bounds
-      const uint2 dlo = m_lo ? dq[(i * M + lq) * 4 + lt] : make_uint2(0, 0);
-      const uint2 dhi = MT == 16 && m_hi ? dq[(i * M + lq + 8) * 4 + lt] : make_uint2(0, 0);
-      // rows past K: their words are zeros and their outputs are not stored
-      t_step<T, MT>(nb + 16 * (s_begin + i) + 4 * lt, wq[i * 32 + lane], sq[i * 4 + lt], zq[i * 4 + lt], dlo, dhi,
-                    p.scales_dtype, acc);
-    }
-  }
+  stream_consume(nst, [&](int i) {  // the barrier makes the scales lanes q == 0 copied visible
+    const uint2 dlo = m_lo ? dq[(i * M + lq) * 4 + lt] : make_uint2(0, 0);
+    const uint2 dhi = MT == 16 && m_hi ? dq[(i * M + lq + 8) * 4 + lt] : make_uint2(0, 0);
+    // rows past K: their words are zeros and their outputs are not stored
+    t_step<T, MT>(nb + 16 * (s_begin + i) + 4 * lt, wq[i * 32 + lane], sq[i * 4 + lt], zq[i * 4 + lt], dlo, dhi,
+                  p.scales_dtype, acc);
+  });
   __syncthreads();  // every warp done with its slice before the reduction reuses the memory
   if constexpr (!CLUSTER) {
     t_store<T, MT>(p, acc, tsmem, warp, lane, i0);
