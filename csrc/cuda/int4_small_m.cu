@@ -637,11 +637,11 @@ cudaError_t launch_pipe(const Params& p, const DeviceInfo& dev, int steps, bool 
   return launch_kernel(int4_small_m_pipe_kernel<T, MT, 2, false>, p, dev, warps_hint, false, false, stream);
 }
 
-// Warps a CTA for the streamed kernel: the most (at most pick_warps' choice, at least 2) with which every
-// CTA's slices fit in shared memory at once, one resident wave; else pick_warps' choice if one CTA fits
-// (later CTAs request their whole slices as soon as they start, so the waves overlap their loads); 0
-// where no CTA fits. warps_hint > 0 is taken as it is. Decided once per shape and device (occupancy
-// queries cost host time).
+// Warps a CTA for the streamed kernel: the most (2 to 16) with which every CTA is resident at once, one
+// wave (a CTA's shared memory barely depends on its warps: they split the same slice; registers and
+// threads decide); else pick_warps' choice if one CTA fits (later CTAs request their whole slices as
+// soon as they start, so the waves overlap their loads); 0 where no CTA fits. warps_hint > 0 is taken as
+// it is. Decided once per shape and device (occupancy queries cost host time).
 template <class T, int MT>
 int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_hint) {
   static std::mutex mu;
@@ -654,8 +654,10 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
   if (!set_max_dynamic_smem<int4_small_m_stream_kernel<T, MT>>(device, dev.smem_optin))
     return 0;  // not remembered: a later call may succeed
   const int tiles = (p.N + 31) / 32;
-  const int first = warps_hint > 0 ? warps_hint : pick_warps(p, dev, 0);
+  const int steps = (p.K / 8 + 3) / 4;
+  const int first = warps_hint > 0 ? warps_hint : std::min(kMaxWarps, steps);
   const int last = warps_hint > 0 ? warps_hint : std::min(2, first);
+  const int fallback = warps_hint > 0 ? warps_hint : pick_warps(p, dev, 0);
   auto per_sm = [&](int w) {
     const StreamLayout lay = stream_layout(p, w);
     int n = 0;
@@ -667,7 +669,7 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
   int chosen = 0;
   for (int w = first; w >= last && !chosen; --w)
     if (int64_t(per_sm(w)) * dev.sm_count >= tiles) chosen = w;
-  if (!chosen && per_sm(first) > 0) chosen = first;
+  if (!chosen && per_sm(fallback) > 0) chosen = fallback;
   decided[key] = chosen;
   return chosen;
 }
