@@ -19,8 +19,8 @@ from tune_int4_gpu import GROUP, make_weight  # noqa: E402
 from mops_fast import native  # noqa: E402
 
 # (steps hint of csrc/cuda/int4_small_m.cu launch(), tiled qweight): the default (pipelined at M = 1), the
-# streamed kernel, both on tiled weights
-VARIANTS = ((0, False), (32, False), (22, True), (32, True))
+# streamed kernel (34: scales after the mma), the pipelined and streamed ones on tiled weights
+VARIANTS = ((0, False), (32, False), (34, False), (22, True), (32, True))
 
 
 def main() -> int:

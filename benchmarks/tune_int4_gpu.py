@@ -31,12 +31,13 @@ SMALL_MS = [1, 4, 16]
 LARGE_MS = [64, 512, 4096]
 # (steps, warps, tiled) of the small-M CUDA kernel, 0 = the default (launch() in csrc/cuda/int4_small_m.cu):
 # 22 software-pipelined (two 2-step batches in flight; the M <= 8 default); 32 streamed (each warp's whole
-# slice copied into shared memory at the start, where every CTA's slices fit at once; else the default);
+# slice copied into shared memory at the start, where a CTA's slices fit; else the default); 34 streamed with
+# the scales applied after the mma;
 # tiled: qweight in native.tile_qweight's order (each CTA's columns contiguous along K). The files in
 # benchmarks/results from 2026-11-26/27 hold rows of variants decided then (steps 4, 8, -4, -8, -22, 24, a
 # cp.async ring) under their own names.
-NATIVE_VARIANTS = [(0, 0, False), (22, 0, False), (32, 0, False), (32, 8, False),
-                   (0, 0, True), (22, 0, True), (32, 0, True)]
+NATIVE_VARIANTS = [(0, 0, False), (22, 0, False), (32, 0, False), (34, 0, False),
+                   (0, 0, True), (22, 0, True), (32, 0, True), (34, 0, True)]
 # steps of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed, 33
 # streamed with the N slices summed in a thread-block cluster (sm_90)
 NATIVE_BWD_VARIANTS = [0, 32, 33]

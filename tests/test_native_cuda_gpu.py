@@ -90,7 +90,7 @@ def test_awkward_shapes(K, N, group, kw, M):
 
 @pytest.mark.parametrize("steps, warps", [(4, 0), (8, 0), (4, 4), (8, 16), (4, 3), (-4, 0), (-8, 0), (-8, 16),
                                           (22, 0), (22, 3), (-22, 0), (24, 0), (24, 16), (-22, 5),
-                                          (32, 0), (32, 3), (32, 8)])
+                                          (32, 0), (32, 3), (32, 8), (34, 0), (34, 5)])
 def test_launch_overrides_compute_the_same(steps, warps):
     # the launch variants the benchmarks time: every one must compute the product
     qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
@@ -102,7 +102,7 @@ def test_launch_overrides_compute_the_same(steps, warps):
         assert torch.allclose(y.float(), want.float(), rtol=1e-3, atol=1e-3), (M, steps, warps)
 
 
-@pytest.mark.parametrize("steps", [22, -22, 24, 32])
+@pytest.mark.parametrize("steps", [22, -22, 24, 32, 34])
 @pytest.mark.parametrize(
     "K, N, group, kw",
     [
@@ -112,13 +112,14 @@ def test_launch_overrides_compute_the_same(steps, warps):
         (11008, 4096, 128, {}),                                   # down_proj: 16 warps, long slices
         (4096, 520, 32, {}),                                      # group 32: a group a step, many groups a warp
         (16384, 64, 128, {}),                                     # 256 KB of weights a CTA: 32 falls back
+        (4104, 136, 16, {}),                                      # group 16: a step spans groups, 34 is 32
     ],
-    ids=["K576N40", "K4104N264", "onegroup", "down_proj", "g32", "K16384"],
+    ids=["K576N40", "K4104N264", "onegroup", "down_proj", "g32", "K16384", "g16"],
 )
 def test_pipelined_variants_awkward_shapes(steps, K, N, group, kw):
     # two batches in flight per warp (and x in shared memory for -22 / 24, M <= 8), or the whole slice
-    # streamed through shared memory (32): slices whose step count is odd, shorter than one batch or one
-    # chunk, or ends inside a batch
+    # streamed through shared memory (32; 34 with the scales applied after the mma): slices whose step
+    # count is odd, shorter than one batch or one chunk, or ends inside a batch
     dev = torch.device("cuda")
     qw, qz, s, g = _weight(K, N, group, dev, seed=K + N, **kw)
     ref_w = dequant_f64(qw, qz, s, g).t()
@@ -148,7 +149,7 @@ def test_tiled_weights_compute_the_same(K, N, group, kw):
     gs = 0 if kw.get("act_order") else group
     for M in (1, 6, 16):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16 if M == 6 else torch.float16)
-        for steps in (0, 4, 22, -22, 32):
+        for steps in (0, 4, 22, -22, 32, 34):
             a = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=gs, steps=steps)
             b = native.int4_cuda_small_m_validated(x, qt, qz, s, g, K, N, s.shape[0], group_size=gs, steps=steps,
                                                    tiled=True)

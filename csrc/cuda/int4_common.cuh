@@ -18,6 +18,8 @@ struct Traits<__half> {
   using T2 = __half2;
   static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in both halves
   static constexpr uint32_t kBias = 0x6400u;
+  static constexpr float kMagicF = 1024.f;
+  static constexpr uint32_t kOne2 = 0x3C003C00u;  // 1.0 in both halves
   static constexpr int kCode = 1;  // dtype code of the C interfaces
   static __device__ __forceinline__ T2 from_float(float f) { return __float2half2_rn(f); }
   static __device__ __forceinline__ T2 from_floats(float lo, float hi) {
@@ -43,6 +45,8 @@ struct Traits<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in both halves
   static constexpr uint32_t kBias = 0x4300u;
+  static constexpr float kMagicF = 128.f;
+  static constexpr uint32_t kOne2 = 0x3F803F80u;
   static constexpr int kCode = 2;
   static __device__ __forceinline__ T2 from_float(float f) { return __float2bfloat162_rn(f); }
   static __device__ __forceinline__ T2 from_floats(float lo, float hi) {

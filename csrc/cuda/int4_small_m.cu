@@ -509,7 +509,31 @@ inline StreamLayout stream_layout(const Params& p, int nwarps) {
   return l;
 }
 
+// FOLD (steps_hint 34; groups of at least 4 packed rows, so that a step lies in one group): the scales
+// and zeros are applied after the mma instead of to each weight. The mma sums x * (magic + code) over a
+// group into raw, a second pair of mma against ones sums x into xsum, and at the group's end each output
+// takes acc += scale * (raw - (magic + zero) * xsum): 2 bit operations a nibble pair instead of 4, and an
+// unrounded (code - zero) instead of a 16-bit dequantized weight.
 template <class T, int MT>
+__device__ __forceinline__ void fold_group(float (&acc)[4][4], float (&raw)[4][4], float (&xsum)[4], uint2 sv0,
+                                           uint2 sv1, uint32_t zw, int scales_dtype) {
+  // Accumulator i of slot c is column n0 + 4 (2t + i % 2) + c: its scale is slot c of lane 2t + i % 2's
+  // quad (sv0 / sv1), its zero nibble 4 (i % 2) + c of the word of columns n0 + 8t .. + 7 (zw).
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+#pragma unroll
+    for (int i = 0; i < (MT == 16 ? 4 : 2); ++i) {  // MT == 8: rows 8-15 are zero
+      const int e = i & 1;
+      const float s = scale16(e ? sv1 : sv0, c, scales_dtype);
+      const float zb = Traits<T>::kMagicF + float((zw >> (4 * (4 * e + c))) & 0xfu);
+      acc[c][i] = fmaf(s, fmaf(-zb, xsum[i], raw[c][i]), acc[c][i]);
+      raw[c][i] = 0.f;
+    }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) xsum[i] = 0.f;
+}
+
+template <class T, int MT, bool FOLD>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     int4_small_m_stream_kernel(const Params p, const StreamLayout lay) {
   extern __shared__ int32_t smem[];
@@ -558,24 +582,62 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   int cur_g = -1;
   typename Traits<T>::T2 ss[4], zz[4];
   init_state<T>(acc, ss, zz);
-  stream_consume(nst, [&](int i) {  // the barrier makes the scales lanes t == 0 copied visible
-    const int r = 4 * (s_begin + i) + lt;
-    const bool ok = r < R;
-    uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
-    if (row_lo) xlo = xq[(i * M + lq) * 4 + lt];  // rows past the end were copied as zeros
-    if (MT == 16 && row_hi) xhi = xq[(i * M + lq + 8) * 4 + lt];
-    uint32_t a0[4], a1[4];
-    a_frags<MT>(xlo, xhi, a0, a1);
-    const int rg = ok ? min(r >> p.group_shift, G - 1) : cur_g;  // rows past the end keep the group
-    if (rg != cur_g && col_ok) {
-      group_scales<T>(sq[(rg - g0) * 8 + lq], zq[(rg - g0) * 4 + lq / 2], lq, p.scales_dtype, ss, zz);
-      cur_g = rg;
-    }
-    uint32_t bf[4][4];
-    dequant_step<T>(wq[i * 32 + lane], ss, zz, bf);
-    __syncwarp();
-    mma_step<T>(acc, a0, a1, bf);
-  });
+  if constexpr (!FOLD) {
+    stream_consume(nst, [&](int i) {  // the barrier makes the scales lanes t == 0 copied visible
+      const int r = 4 * (s_begin + i) + lt;
+      const bool ok = r < R;
+      uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
+      if (row_lo) xlo = xq[(i * M + lq) * 4 + lt];  // rows past the end were copied as zeros
+      if (MT == 16 && row_hi) xhi = xq[(i * M + lq + 8) * 4 + lt];
+      uint32_t a0[4], a1[4];
+      a_frags<MT>(xlo, xhi, a0, a1);
+      const int rg = ok ? min(r >> p.group_shift, G - 1) : cur_g;  // rows past the end keep the group
+      if (rg != cur_g && col_ok) {
+        group_scales<T>(sq[(rg - g0) * 8 + lq], zq[(rg - g0) * 4 + lq / 2], lq, p.scales_dtype, ss, zz);
+        cur_g = rg;
+      }
+      uint32_t bf[4][4];
+      dequant_step<T>(wq[i * 32 + lane], ss, zz, bf);
+      __syncwarp();
+      mma_step<T>(acc, a0, a1, bf);
+    });
+  } else {
+    float raw[4][4], xsum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) raw[c][i] = 0.f;
+    uint2 sv0 = make_uint2(0, 0), sv1 = make_uint2(0, 0);
+    uint32_t zw = 0;
+    stream_consume(nst, [&](int i) {
+      uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
+      if (row_lo) xlo = xq[(i * M + lq) * 4 + lt];  // rows past the end were copied as zeros
+      if (MT == 16 && row_hi) xhi = xq[(i * M + lq + 8) * 4 + lt];
+      uint32_t a0[4], a1[4];
+      a_frags<MT>(xlo, xhi, a0, a1);
+      // the step's group, from its first row (always inside K); warp-uniform
+      const int gs = min((4 * (s_begin + i)) >> p.group_shift, G - 1);
+      if (gs != cur_g) {
+        if (cur_g >= 0) fold_group<T, MT>(acc, raw, xsum, sv0, sv1, zw, p.scales_dtype);
+        sv0 = sq[(gs - g0) * 8 + 2 * lt];
+        sv1 = sq[(gs - g0) * 8 + 2 * lt + 1];
+        zw = zq[(gs - g0) * 4 + lt];
+        cur_g = gs;
+      }
+      const int4 q = wq[i * 32 + lane];
+      const uint32_t qw[4] = {uint32_t(q.x), uint32_t(q.y), uint32_t(q.z), uint32_t(q.w)};
+      uint32_t bf[4][4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) bf[c][j] = lop3_and_or(qw[c] >> (4 * j), 0x000f000fu, Traits<T>::kMagic);
+      __syncwarp();
+      mma_step<T>(raw, a0, a1, bf);
+      Traits<T>::mma(xsum, a0, Traits<T>::kOne2, Traits<T>::kOne2);
+      Traits<T>::mma(xsum, a1, Traits<T>::kOne2, Traits<T>::kOne2);
+    });
+    if (cur_g >= 0) fold_group<T, MT>(acc, raw, xsum, sv0, sv1, zw, p.scales_dtype);
+  }
   __syncthreads();  // every warp done with its slice before the reduction reuses the memory
   reduce_and_store<T, MT>(acc, smem, p, n0, lane, warp, nwarps, lq, lt);
 }
@@ -642,7 +704,7 @@ cudaError_t launch_pipe(const Params& p, const DeviceInfo& dev, int steps, bool 
 // threads decide); else pick_warps' choice if one CTA fits (later CTAs request their whole slices as
 // soon as they start, so the waves overlap their loads); 0 where no CTA fits. warps_hint > 0 is taken as
 // it is. Decided once per shape and device (occupancy queries cost host time).
-template <class T, int MT>
+template <class T, int MT, bool FOLD>
 int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_hint) {
   static std::mutex mu;
   static std::map<std::array<int, 7>, int> decided;
@@ -650,8 +712,8 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
   std::lock_guard<std::mutex> lock(mu);
   const auto it = decided.find(key);
   if (it != decided.end()) return it->second;
-  auto kernel = int4_small_m_stream_kernel<T, MT>;
-  if (!set_max_dynamic_smem<int4_small_m_stream_kernel<T, MT>>(device, dev.smem_optin))
+  auto kernel = int4_small_m_stream_kernel<T, MT, FOLD>;
+  if (!set_max_dynamic_smem<int4_small_m_stream_kernel<T, MT, FOLD>>(device, dev.smem_optin))
     return 0;  // not remembered: a later call may succeed
   const int tiles = (p.N + 31) / 32;
   const int steps = (p.K / 8 + 3) / 4;
@@ -675,14 +737,14 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
 }
 
 // Streamed kernel where stream_warps finds room; *fits false and nothing launched otherwise.
-template <class T, int MT>
+template <class T, int MT, bool FOLD>
 cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int device, int warps_hint, cudaStream_t stream,
                           bool* fits) {
-  const int warps = stream_warps<T, MT>(p, dev, device, warps_hint);
+  const int warps = stream_warps<T, MT, FOLD>(p, dev, device, warps_hint);
   *fits = warps > 0;
   if (!*fits) return cudaSuccess;
   const StreamLayout lay = stream_layout(p, warps);
-  int4_small_m_stream_kernel<T, MT><<<(p.N + 31) / 32, warps * 32, lay.bytes, stream>>>(p, lay);
+  int4_small_m_stream_kernel<T, MT, FOLD><<<(p.N + 31) / 32, warps * 32, lay.bytes, stream>>>(p, lay);
   return cudaGetLastError();
 }
 
@@ -699,6 +761,7 @@ cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int device, in
 //   32       streamed: each lane's whole share of the slice copied into shared memory with cp.async at
 //            the start, computed chunk by chunk as it lands (where a CTA's slices fit in shared memory:
 //            stream_warps; otherwise the default). Not yet timed on a GPU.
+//   34       streamed with the scales applied after the mma (fold_group; groups of >= 32 inputs, else 32).
 // A variant that streamed each step through a cp.async ring in shared memory (fewer registers, more bytes
 // in flight) measured 1.2-2.5x slower than the default (benchmarks/results/tune_int4-*.json) and was dropped.
 template <class T, int MT>
@@ -706,9 +769,12 @@ cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps
                    cudaStream_t s) {
   if (p.group_shift < 0) return launch_variant<T, MT, false, 4>(p, dev, warps_hint, s);
   if (steps_hint == 8) return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);
-  if (steps_hint == 32) {
+  if (steps_hint == 32 || steps_hint == 34) {
     bool fits = false;
-    const cudaError_t e = launch_stream<T, MT>(p, dev, device, warps_hint, s, &fits);
+    // folding needs every step inside one group: groups of at least 4 packed rows
+    const cudaError_t e = steps_hint == 34 && p.group_shift >= 2
+                              ? launch_stream<T, MT, true>(p, dev, device, warps_hint, s, &fits)
+                              : launch_stream<T, MT, false>(p, dev, device, warps_hint, s, &fits);
     if (e != cudaSuccess || fits) return e;
     steps_hint = 0;  // the slices do not fit in shared memory: the default
   }
