@@ -102,7 +102,8 @@ def main() -> int:
     def write():
         path.write_text(json.dumps({"benchmark": "tune_int4", "device": torch.cuda.get_device_name(),
                                     "torch": torch.__version__, "triton": triton.__version__,
-                                    "cuda": torch.version.cuda, "rows": rows}, indent=1) + "\n")
+                                    "cuda": torch.version.cuda, "stream_warps": stream_warps, "rows": rows},
+                                   indent=1) + "\n")
 
     weights: dict = {}
 
@@ -116,6 +117,7 @@ def main() -> int:
         return weights[(K, N)]
 
     tiled_sets: dict = {}
+    stream_warps: dict = {}  # "MxKxN" -> warps a CTA of the streamed kernel (steps 32 / 34; 0: it fell back)
 
     def tiled(K, N, qsets):
         # the same weight copies with qweight in the tiled order
@@ -143,6 +145,10 @@ def main() -> int:
             record(shape, "fp16", "fwd", lambda i: lambda: x @ hsets[i].t(), ref_f, nh, graph)
             record(shape, "fp16", "bwd", lambda i: lambda: dy @ hsets[i], ref_b, nh, graph)
             if M <= op.SMALL_M_NATIVE and has_native:
+                G, key = qsets[0][2].shape[0], f"{M}x{K}x{N}"
+                stream_warps[key] = {str(st): native.int4_small_m_stream_warps(M, K, N, G, GROUP, fold=st == 34)
+                                     for st in (32, 34)}
+                print(f"  streamed kernel warps a CTA: {stream_warps[key]}", flush=True)
                 for steps, warps, tl in NATIVE_VARIANTS:
                     sets = tiled(K, N, qsets) if tl else qsets
                     for gs in ((GROUP, 0) if (steps, warps, tl) == (0, 0, False) else (GROUP,)):

@@ -43,6 +43,7 @@ __all__ = [
     "small_m_t_supports",
     "tile_qweight",
     "untile_qweight",
+    "int4_small_m_stream_warps",
     "CUDA_SMALL_M_MAX",
     "CUDA_SMALL_M_DTYPES",
 ]
@@ -318,6 +319,20 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
         y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream, steps, warps, tiled,
     )
     return y
+
+
+def int4_small_m_stream_warps(M: int, K: int, N: int, G: int, group_size: int, dtype: torch.dtype = torch.float16,
+                             fold: bool = False, device: int | None = None) -> int:
+    """Warps a CTA the streamed small-M CUDA kernel (steps=32, or 34 with fold) takes for this shape on a
+    device (its shared memory and multiprocessors decide): 0 where that launch falls back to the default
+    kernel. For benchmarks and tests; group_size as int4_cuda_small_m_validated takes it."""
+    mod = _require_cuda_module("int4_small_m_stream_warps")
+    dev = torch.cuda.current_device() if device is None else device
+    w = mod.int4_small_m_stream_warps(M, K, N, G, group_size, _DTYPE_CODE[dtype], fold, dev)
+    if w < 0:
+        raise ValueError(f"int4_small_m_stream_warps: bad arguments M={M} K={K} N={N} G={G} "
+                         f"group_size={group_size} {dtype}")
+    return w
 
 
 TILE_N = 32  # output columns a CTA of the small-M CUDA kernel owns

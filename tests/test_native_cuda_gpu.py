@@ -131,6 +131,22 @@ def test_pipelined_variants_awkward_shapes(steps, K, N, group, kw):
             _assert_matches(y, x.double() @ ref_w, dtype, f"K={K} N={N} M={M} steps={steps} {dtype}")
 
 
+def test_streamed_kernel_applies_where_its_slices_fit():
+    # the decode shapes the streamed kernel is built for run it (on an H100- or A100-class GPU: one wave of
+    # resident CTAs at M = 1); a slice beyond shared memory falls back to the default kernel
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    if props.multi_processor_count < 100 or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("sized for H100/A100-class GPUs")
+    for K, N in ((4096, 4096), (4096, 11008), (11008, 4096)):
+        for fold in (False, True):
+            assert native.int4_small_m_stream_warps(1, K, N, -(-K // 128), 128, fold=fold) >= 2, (K, N, fold)
+    assert native.int4_small_m_stream_warps(16, 4096, 4096, 32, 128) >= 2
+    assert native.int4_small_m_stream_warps(1, 16384, 64, 128, 128) == 0  # 256 KB of weights a CTA
+    assert native.int4_small_m_stream_warps(1, 4096, 4096, 256, 16, fold=True) == 0  # a step spans groups
+    with pytest.raises(ValueError, match="bad arguments"):
+        native.int4_small_m_stream_warps(17, 4096, 4096, 32, 128)
+
+
 @pytest.mark.parametrize(
     "K, N, group, kw",
     [

@@ -200,7 +200,8 @@ struct DeviceInfo {
   int sm_count = 0, smem_optin = 0, smem_per_sm = 0, cc_major = 0;
 };
 
-// Multiprocessor count, shared-memory limits (opt-in per block, per SM) and compute capability of a device (0 <= device < 128), queried once.
+// Multiprocessor count, shared-memory limits (opt-in per block, per SM) and compute capability of a device
+// (0 <= device < 128), queried once.
 inline cudaError_t device_info(int device, const DeviceInfo** out) {
   static DeviceInfo info[128];
   DeviceInfo& d = info[device];

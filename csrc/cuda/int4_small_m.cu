@@ -793,6 +793,27 @@ cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps
 
 }  // namespace
 
+extern "C" int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int group_size, int x_dtype, int fold,
+                                              int device) {
+  if (small_m_shape_error(M, K, N, G) != nullptr || (x_dtype != 1 && x_dtype != 2) || group_size <= 0) return -1;
+  const DeviceInfo* info = nullptr;
+  if (use_device(device, &info) != nullptr) return -1;
+  const int group_shift = row_group_shift(group_size, G);
+  if (group_shift < 0 || (fold && group_shift < 2)) return 0;
+  const Params p{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, K, N, G, /*16-bit scales*/ 1,
+                 group_shift, 0};
+  const DeviceInfo& d = *info;
+  using H = __half;
+  using B = __nv_bfloat16;
+  const int dv = device;
+  if (x_dtype == 1) {
+    if (fold) return M <= 8 ? stream_warps<H, 8, true>(p, d, dv, 0) : stream_warps<H, 16, true>(p, d, dv, 0);
+    return M <= 8 ? stream_warps<H, 8, false>(p, d, dv, 0) : stream_warps<H, 16, false>(p, d, dv, 0);
+  }
+  if (fold) return M <= 8 ? stream_warps<B, 8, true>(p, d, dv, 0) : stream_warps<B, 16, true>(p, d, dv, 0);
+  return M <= 8 ? stream_warps<B, 8, false>(p, d, dv, 0) : stream_warps<B, 16, false>(p, d, dv, 0);
+}
+
 extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qweight,
                                  const int32_t* qzeros, const void* scales, int scales_dtype,
                                  const int32_t* g_idx, int M, int K, int N, int G, int group_size,
