@@ -304,9 +304,9 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     promise); steps (8: twice the loads in flight; -4 / -8: x staged in shared memory, M <= 8; 22: two
     batches in flight, one computed while the other loads; -22 / 24: the same with x in shared memory,
     M <= 8; 32: each warp's whole slice streamed into shared memory at the start, 34: that with the scales
-    applied after the mma; launch() in
-    csrc/cuda/int4_small_m.cu) and warps (a CTA) override the launch the kernel picks when nonzero
-    (benchmarks/tune_int4_gpu.py). tiled: qweight is tile_qweight's layout (K and N stay the weight's)."""
+    applied after the mma; launch() in csrc/cuda/int4_small_m.cu) and warps (a CTA) override the launch
+    the kernel picks when nonzero (benchmarks/tune_int4_gpu.py). tiled: qweight is tile_qweight's layout
+    (K and N stay the weight's)."""
     mod = _require_cuda_module("int4_matmul_cuda_small_m")
     M = x.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)

@@ -16,6 +16,8 @@
 // Work split: a CTA owns 8 packed rows and a slice of N (blockIdx.y of n_split slices); its warps
 // split the slice and are summed in shared memory. With one slice the CTA writes dx; with several each
 // writes fp32 partial sums to a workspace and a second kernel adds them (deterministic, no atomics).
+// The streamed variant (steps 32; 33 with the slices summed in a thread-block cluster) copies each warp's
+// share of the slice into shared memory first, as the streamed forward does.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
