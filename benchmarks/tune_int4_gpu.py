@@ -32,11 +32,11 @@ LARGE_MS = [64, 512, 4096]
 # (steps, warps, tiled) of the small-M CUDA kernel, 0 = the default (launch() in csrc/cuda/int4_small_m.cu):
 # 22 software-pipelined (two 2-step batches in flight; the M <= 8 default); 32 streamed (each warp's whole
 # slice copied into shared memory at the start, where a CTA's slices fit; else the default); 34 streamed with
-# the scales applied after the mma;
+# the scales applied after the mma; 36 / 38: 32 / 34 with x read from global memory;
 # tiled: qweight in native.tile_qweight's order (each CTA's columns contiguous along K). The files in
 # benchmarks/results from 2026-11-26/27 hold rows of variants decided then (steps 4, 8, -4, -8, -22, 24, a
 # cp.async ring) under their own names.
-NATIVE_VARIANTS = [(0, 0, False), (22, 0, False), (32, 0, False), (34, 0, False),
+NATIVE_VARIANTS = [(0, 0, False), (22, 0, False), (32, 0, False), (34, 0, False), (36, 0, False), (38, 0, False),
                    (0, 0, True), (22, 0, True), (32, 0, True), (34, 0, True)]
 # steps of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed, 33
 # streamed with the N slices summed in a thread-block cluster (sm_90)
@@ -117,7 +117,7 @@ def main() -> int:
         return weights[(K, N)]
 
     tiled_sets: dict = {}
-    stream_warps: dict = {}  # "MxKxN" -> warps a CTA of the streamed kernel (steps 32 / 34; 0: it fell back)
+    stream_warps: dict = {}  # "MxKxN" -> warps a CTA of each streamed kernel (steps 32-38; 0: it fell back)
 
     def tiled(K, N, qsets):
         # the same weight copies with qweight in the tiled order
@@ -146,8 +146,8 @@ def main() -> int:
             record(shape, "fp16", "bwd", lambda i: lambda: dy @ hsets[i], ref_b, nh, graph)
             if M <= op.SMALL_M_NATIVE and has_native:
                 G, key = qsets[0][2].shape[0], f"{M}x{K}x{N}"
-                stream_warps[key] = {str(st): native.int4_small_m_stream_warps(M, K, N, G, GROUP, fold=st == 34)
-                                     for st in (32, 34)}
+                stream_warps[key] = {str(st): native.int4_small_m_stream_warps(M, K, N, G, GROUP, st)
+                                     for st in (32, 34, 36, 38)}
                 print(f"  streamed kernel warps a CTA: {stream_warps[key]}", flush=True)
                 for steps, warps, tl in NATIVE_VARIANTS:
                     sets = tiled(K, N, qsets) if tl else qsets

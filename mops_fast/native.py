@@ -304,7 +304,8 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     promise); steps (8: twice the loads in flight; -4 / -8: x staged in shared memory, M <= 8; 22: two
     batches in flight, one computed while the other loads; -22 / 24: the same with x in shared memory,
     M <= 8; 32: each warp's whole slice streamed into shared memory at the start, 34: that with the scales
-    applied after the mma; launch() in csrc/cuda/int4_small_m.cu) and warps (a CTA) override the launch
+    applied after the mma, 36 / 38: 32 / 34 with x read from global memory; launch() in
+    csrc/cuda/int4_small_m.cu) and warps (a CTA) override the launch
     the kernel picks when nonzero (benchmarks/tune_int4_gpu.py). tiled: qweight is tile_qweight's layout
     (K and N stay the weight's)."""
     mod = _require_cuda_module("int4_matmul_cuda_small_m")
@@ -321,17 +322,18 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     return y
 
 
-def int4_small_m_stream_warps(M: int, K: int, N: int, G: int, group_size: int, dtype: torch.dtype = torch.float16,
-                             fold: bool = False, device: int | None = None) -> int:
-    """Warps a CTA the streamed small-M CUDA kernel (steps=32, or 34 with fold) takes for this shape on a
-    device (its shared memory and multiprocessors decide): 0 where that launch falls back to the default
-    kernel. For benchmarks and tests; group_size as int4_cuda_small_m_validated takes it."""
+def int4_small_m_stream_warps(M: int, K: int, N: int, G: int, group_size: int, steps: int = 32,
+                             dtype: torch.dtype = torch.float16, device: int | None = None) -> int:
+    """Warps a CTA the streamed small-M CUDA kernel of `steps` (32, 34 folded, 36 x from global memory, 38
+    both) takes for this shape on a device (its shared memory and multiprocessors decide): 0 where that
+    launch falls back to the default kernel. For benchmarks and tests; group_size as
+    int4_cuda_small_m_validated takes it."""
     mod = _require_cuda_module("int4_small_m_stream_warps")
     dev = torch.cuda.current_device() if device is None else device
-    w = mod.int4_small_m_stream_warps(M, K, N, G, group_size, _DTYPE_CODE[dtype], fold, dev)
+    w = mod.int4_small_m_stream_warps(M, K, N, G, group_size, _DTYPE_CODE[dtype], steps, dev)
     if w < 0:
         raise ValueError(f"int4_small_m_stream_warps: bad arguments M={M} K={K} N={N} G={G} "
-                         f"group_size={group_size} {dtype}")
+                         f"group_size={group_size} steps={steps} {dtype}")
     return w
 
 

@@ -90,7 +90,7 @@ def test_awkward_shapes(K, N, group, kw, M):
 
 @pytest.mark.parametrize("steps, warps", [(4, 0), (8, 0), (4, 4), (8, 16), (4, 3), (-4, 0), (-8, 0), (-8, 16),
                                           (22, 0), (22, 3), (-22, 0), (24, 0), (24, 16), (-22, 5),
-                                          (32, 0), (32, 3), (32, 8), (34, 0), (34, 5)])
+                                          (32, 0), (32, 3), (32, 8), (34, 0), (34, 5), (36, 0), (38, 0), (38, 3)])
 def test_launch_overrides_compute_the_same(steps, warps):
     # the launch variants the benchmarks time: every one must compute the product
     qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
@@ -102,7 +102,7 @@ def test_launch_overrides_compute_the_same(steps, warps):
         assert torch.allclose(y.float(), want.float(), rtol=1e-3, atol=1e-3), (M, steps, warps)
 
 
-@pytest.mark.parametrize("steps", [22, -22, 24, 32, 34])
+@pytest.mark.parametrize("steps", [22, -22, 24, 32, 34, 36, 38])
 @pytest.mark.parametrize(
     "K, N, group, kw",
     [
@@ -118,8 +118,9 @@ def test_launch_overrides_compute_the_same(steps, warps):
 )
 def test_pipelined_variants_awkward_shapes(steps, K, N, group, kw):
     # two batches in flight per warp (and x in shared memory for -22 / 24, M <= 8), or the whole slice
-    # streamed through shared memory (32; 34 with the scales applied after the mma): slices whose step
-    # count is odd, shorter than one batch or one chunk, or ends inside a batch
+    # streamed through shared memory (32; 34 with the scales applied after the mma; 36 / 38 with x from
+    # global memory): slices whose step count is odd, shorter than one batch or one chunk, or ends inside
+    # a batch
     dev = torch.device("cuda")
     qw, qz, s, g = _weight(K, N, group, dev, seed=K + N, **kw)
     ref_w = dequant_f64(qw, qz, s, g).t()
@@ -138,13 +139,16 @@ def test_streamed_kernel_applies_where_its_slices_fit():
     if props.multi_processor_count < 100 or torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("sized for H100/A100-class GPUs")
     for K, N in ((4096, 4096), (4096, 11008), (11008, 4096)):
-        for fold in (False, True):
-            assert native.int4_small_m_stream_warps(1, K, N, -(-K // 128), 128, fold=fold) >= 2, (K, N, fold)
+        for steps in (32, 34, 36, 38):
+            assert native.int4_small_m_stream_warps(1, K, N, -(-K // 128), 128, steps) >= 2, (K, N, steps)
+            # x from global memory: the slices fit at every M
+            assert native.int4_small_m_stream_warps(16, K, N, -(-K // 128), 128, 36) >= 2, (K, N)
     assert native.int4_small_m_stream_warps(16, 4096, 4096, 32, 128) >= 2
     assert native.int4_small_m_stream_warps(1, 16384, 64, 128, 128) == 0  # 256 KB of weights a CTA
-    assert native.int4_small_m_stream_warps(1, 4096, 4096, 256, 16, fold=True) == 0  # a step spans groups
     with pytest.raises(ValueError, match="bad arguments"):
         native.int4_small_m_stream_warps(17, 4096, 4096, 32, 128)
+    with pytest.raises(ValueError, match="bad arguments"):
+        native.int4_small_m_stream_warps(1, 4096, 4096, 32, 128, steps=22)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +169,7 @@ def test_tiled_weights_compute_the_same(K, N, group, kw):
     gs = 0 if kw.get("act_order") else group
     for M in (1, 6, 16):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16 if M == 6 else torch.float16)
-        for steps in (0, 4, 22, -22, 32, 34):
+        for steps in (0, 4, 22, -22, 32, 34, 38):
             a = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=gs, steps=steps)
             b = native.int4_cuda_small_m_validated(x, qt, qz, s, g, K, N, s.shape[0], group_size=gs, steps=steps,
                                                    tiled=True)

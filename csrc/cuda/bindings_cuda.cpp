@@ -40,12 +40,13 @@ PYBIND11_MODULE(_C_cuda, m) {
       "tiled: qweight in the order of mops_fast.native.tile_qweight");
   m.def(
       "int4_small_m_stream_warps",
-      [](int M, int K, int N, int G, int group_size, int x_dtype, bool fold, int device) {
-        return mops_int4_small_m_stream_warps(M, K, N, G, group_size, x_dtype, fold ? 1 : 0, device);
+      [](int M, int K, int N, int G, int group_size, int x_dtype, int steps, int device) {
+        return mops_int4_small_m_stream_warps(M, K, N, G, group_size, x_dtype, steps, device);
       },
       py::arg("M"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("group_size"), py::arg("x_dtype"),
-      py::arg("fold"), py::arg("device"),
-      "warps a CTA of the streamed small-M kernel for this shape (0: it falls back to the default)");
+      py::arg("steps"), py::arg("device"),
+      "warps a CTA of the streamed small-M kernel (steps 32/34/36/38) for this shape (0: it falls back to the "
+      "default; -1: bad arguments)");
   m.def(
       "int4_matmul_small_m_t_workspace",
       [](int M, int K, int N, int device) { return mops_int4_small_m_t_workspace(M, K, N, device); },

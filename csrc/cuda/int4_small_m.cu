@@ -38,6 +38,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <type_traits>
 
 #include "int4_common.cuh"
 #include "int4_small_m.h"
@@ -486,7 +487,8 @@ struct StreamLayout {
   int x_off, s_off, z_off, bytes;
 };
 
-inline StreamLayout stream_layout(const Params& p, int nwarps) {
+// xg: the x fragments are read from global memory instead (no x region).
+inline StreamLayout stream_layout(const Params& p, int nwarps, bool xg) {
   StreamLayout l;
   const int R = p.K / 8, steps = (R + 3) / 4;
   l.per_warp = (steps + nwarps - 1) / nwarps;
@@ -497,7 +499,7 @@ inline StreamLayout stream_layout(const Params& p, int nwarps) {
     l.ngw = std::max(l.ngw, g1 - g0 + 1);
   }
   const int64_t w = int64_t(nwarps) * l.per_warp * 512;
-  const int64_t x = int64_t(nwarps) * l.per_warp * p.M * 64;
+  const int64_t x = xg ? 0 : int64_t(nwarps) * l.per_warp * p.M * 64;
   const int64_t s = int64_t(nwarps) * l.ngw * 8 * 8;
   const int64_t z = int64_t(nwarps) * l.ngw * 4 * 4;
   const int64_t red = int64_t(nwarps) * 16 * 32 * 4;
@@ -533,7 +535,10 @@ __device__ __forceinline__ void fold_group(float (&acc)[4][4], float (&raw)[4][4
   for (int i = 0; i < 4; ++i) xsum[i] = 0.f;
 }
 
-template <class T, int MT, bool FOLD>
+// XG (steps_hint 36; 38 with FOLD): x stays in global memory (L2: every CTA reads the same x) and each
+// step's fragments are loaded one step ahead into registers. x then takes no shared memory, which at
+// M > 1 is what keeps every CTA resident (x is per CTA: 2 M K bytes, beside 16 K of weights).
+template <class T, int MT, bool FOLD, bool XG>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     int4_small_m_stream_kernel(const Params p, const StreamLayout lay) {
   extern __shared__ int32_t smem[];
@@ -573,10 +578,34 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     const bool ok = r < R;
     cp_async<16>(wq + i * 32 + lane, ok && col_ok ? (const void*)weight_word(p, r, ncol) : (const void*)p.qweight,
                  ok && col_ok);
-    if (row_lo) cp_async<16>(xq + (i * M + lq) * 4 + lt, ok ? (const void*)(xg + (int64_t)lq * K + 8 * r) : p.x, ok);
-    if (MT == 16 && row_hi)
+    if (!XG && row_lo)
+      cp_async<16>(xq + (i * M + lq) * 4 + lt, ok ? (const void*)(xg + (int64_t)lq * K + 8 * r) : p.x, ok);
+    if (!XG && MT == 16 && row_hi)
       cp_async<16>(xq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)(xg + (int64_t)(lq + 8) * K + 8 * r) : p.x, ok);
   });
+
+  // x fragments of step i (rows past the end are zeros): from shared memory, or (XG) from the registers
+  // loaded one step ahead, then the next step's load is issued
+  uint4 nlo = make_uint4(0, 0, 0, 0), nhi = make_uint4(0, 0, 0, 0);
+  auto load_x = [&](int i) {
+    const int r = 4 * (s_begin + i) + lt;
+    nlo = nhi = make_uint4(0, 0, 0, 0);
+    if (r < R && row_lo) nlo = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)lq * K + 8 * r));
+    if (MT == 16 && r < R && row_hi) nhi = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)(lq + 8) * K + 8 * r));
+  };
+  if (XG && nst > 0) load_x(0);
+  auto x_frags = [&](int i, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
+    uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
+    if (XG) {
+      xlo = nlo;
+      xhi = nhi;
+      if (i + 1 < nst) load_x(i + 1);
+    } else {
+      if (row_lo) xlo = xq[(i * M + lq) * 4 + lt];  // rows past the end were copied as zeros
+      if (MT == 16 && row_hi) xhi = xq[(i * M + lq + 8) * 4 + lt];
+    }
+    a_frags<MT>(xlo, xhi, a0, a1);
+  };
 
   float acc[4][4];
   int cur_g = -1;
@@ -586,11 +615,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     stream_consume(nst, [&](int i) {  // the barrier makes the scales lanes t == 0 copied visible
       const int r = 4 * (s_begin + i) + lt;
       const bool ok = r < R;
-      uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
-      if (row_lo) xlo = xq[(i * M + lq) * 4 + lt];  // rows past the end were copied as zeros
-      if (MT == 16 && row_hi) xhi = xq[(i * M + lq + 8) * 4 + lt];
       uint32_t a0[4], a1[4];
-      a_frags<MT>(xlo, xhi, a0, a1);
+      x_frags(i, a0, a1);
       const int rg = ok ? min(r >> p.group_shift, G - 1) : cur_g;  // rows past the end keep the group
       if (rg != cur_g && col_ok) {
         group_scales<T>(sq[(rg - g0) * 8 + lq], zq[(rg - g0) * 4 + lq / 2], lq, p.scales_dtype, ss, zz);
@@ -610,11 +636,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     uint2 sv0 = make_uint2(0, 0), sv1 = make_uint2(0, 0);
     uint32_t zw = 0;
     stream_consume(nst, [&](int i) {
-      uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
-      if (row_lo) xlo = xq[(i * M + lq) * 4 + lt];  // rows past the end were copied as zeros
-      if (MT == 16 && row_hi) xhi = xq[(i * M + lq + 8) * 4 + lt];
       uint32_t a0[4], a1[4];
-      a_frags<MT>(xlo, xhi, a0, a1);
+      x_frags(i, a0, a1);
       // the step's group, from its first row (always inside K); warp-uniform
       const int gs = min((4 * (s_begin + i)) >> p.group_shift, G - 1);
       if (gs != cur_g) {
@@ -704,7 +727,7 @@ cudaError_t launch_pipe(const Params& p, const DeviceInfo& dev, int steps, bool 
 // threads decide); else pick_warps' choice if one CTA fits (later CTAs request their whole slices as
 // soon as they start, so the waves overlap their loads); 0 where no CTA fits. warps_hint > 0 is taken as
 // it is. Decided once per shape and device (occupancy queries cost host time).
-template <class T, int MT, bool FOLD>
+template <class T, int MT, bool FOLD, bool XG>
 int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_hint) {
   static std::mutex mu;
   static std::map<std::array<int, 7>, int> decided;
@@ -712,8 +735,8 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
   std::lock_guard<std::mutex> lock(mu);
   const auto it = decided.find(key);
   if (it != decided.end()) return it->second;
-  auto kernel = int4_small_m_stream_kernel<T, MT, FOLD>;
-  if (!set_max_dynamic_smem<int4_small_m_stream_kernel<T, MT, FOLD>>(device, dev.smem_optin))
+  auto kernel = int4_small_m_stream_kernel<T, MT, FOLD, XG>;
+  if (!set_max_dynamic_smem<int4_small_m_stream_kernel<T, MT, FOLD, XG>>(device, dev.smem_optin))
     return 0;  // not remembered: a later call may succeed
   const int tiles = (p.N + 31) / 32;
   const int steps = (p.K / 8 + 3) / 4;
@@ -721,7 +744,7 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
   const int last = warps_hint > 0 ? warps_hint : std::min(2, first);
   const int fallback = warps_hint > 0 ? warps_hint : pick_warps(p, dev, 0);
   auto per_sm = [&](int w) {
-    const StreamLayout lay = stream_layout(p, w);
+    const StreamLayout lay = stream_layout(p, w, XG);
     int n = 0;
     if (lay.bytes < 0 || lay.bytes > dev.smem_optin ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, w * 32, lay.bytes) != cudaSuccess)
@@ -737,15 +760,33 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
 }
 
 // Streamed kernel where stream_warps finds room; *fits false and nothing launched otherwise.
-template <class T, int MT, bool FOLD>
+template <class T, int MT, bool FOLD, bool XG>
 cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int device, int warps_hint, cudaStream_t stream,
                           bool* fits) {
-  const int warps = stream_warps<T, MT, FOLD>(p, dev, device, warps_hint);
+  const int warps = stream_warps<T, MT, FOLD, XG>(p, dev, device, warps_hint);
   *fits = warps > 0;
   if (!*fits) return cudaSuccess;
-  const StreamLayout lay = stream_layout(p, warps);
-  int4_small_m_stream_kernel<T, MT, FOLD><<<(p.N + 31) / 32, warps * 32, lay.bytes, stream>>>(p, lay);
+  const StreamLayout lay = stream_layout(p, warps, XG);
+  int4_small_m_stream_kernel<T, MT, FOLD, XG><<<(p.N + 31) / 32, warps * 32, lay.bytes, stream>>>(p, lay);
   return cudaGetLastError();
+}
+
+// Call f(fold, xg) with the two streamed-kernel flags as compile-time constants (std::bool_constant).
+template <class F>
+auto with_stream_flags(bool fold, bool xg, F&& f) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (fold) return xg ? f(Y{}, Y{}) : f(Y{}, N{});
+  return xg ? f(N{}, Y{}) : f(N{}, N{});
+}
+
+// The streamed variant a steps hint names (32, 34 folded, 36 x from global, 38 both); false if none.
+// Folding needs every step inside one group (groups of at least 4 packed rows); without it, no fold.
+inline bool stream_flags(int steps_hint, int group_shift, bool* fold, bool* xg) {
+  if (steps_hint != 32 && steps_hint != 34 && steps_hint != 36 && steps_hint != 38) return false;
+  *fold = (steps_hint == 34 || steps_hint == 38) && group_shift >= 2;
+  *xg = steps_hint >= 36;
+  return true;
 }
 
 // steps_hint selects the variant of grouped weights (act-order and fp32 scales always take the table path):
@@ -761,7 +802,8 @@ cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int device, in
 //   32       streamed: each lane's whole share of the slice copied into shared memory with cp.async at
 //            the start, computed chunk by chunk as it lands (where a CTA's slices fit in shared memory:
 //            stream_warps; otherwise the default). Not yet timed on a GPU.
-//   34       streamed with the scales applied after the mma (fold_group; groups of >= 32 inputs, else 32).
+//   34       streamed with the scales applied after the mma (fold_group; groups of >= 32 inputs, else 32);
+//   36, 38   32 and 34 with the x fragments read from global memory (XG), so x takes no shared memory.
 // A variant that streamed each step through a cp.async ring in shared memory (fewer registers, more bytes
 // in flight) measured 1.2-2.5x slower than the default (benchmarks/results/tune_int4-*.json) and was dropped.
 template <class T, int MT>
@@ -769,12 +811,12 @@ cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps
                    cudaStream_t s) {
   if (p.group_shift < 0) return launch_variant<T, MT, false, 4>(p, dev, warps_hint, s);
   if (steps_hint == 8) return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);
-  if (steps_hint == 32 || steps_hint == 34) {
+  bool fold = false, xg = false;
+  if (stream_flags(steps_hint, p.group_shift, &fold, &xg)) {
     bool fits = false;
-    // folding needs every step inside one group: groups of at least 4 packed rows
-    const cudaError_t e = steps_hint == 34 && p.group_shift >= 2
-                              ? launch_stream<T, MT, true>(p, dev, device, warps_hint, s, &fits)
-                              : launch_stream<T, MT, false>(p, dev, device, warps_hint, s, &fits);
+    const cudaError_t e = with_stream_flags(fold, xg, [&](auto f, auto g) {
+      return launch_stream<T, MT, decltype(f)::value, decltype(g)::value>(p, dev, device, warps_hint, s, &fits);
+    });
     if (e != cudaSuccess || fits) return e;
     steps_hint = 0;  // the slices do not fit in shared memory: the default
   }
@@ -793,25 +835,25 @@ cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps
 
 }  // namespace
 
-extern "C" int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int group_size, int x_dtype, int fold,
-                                              int device) {
+extern "C" int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int group_size, int x_dtype,
+                                              int steps_hint, int device) {
   if (small_m_shape_error(M, K, N, G) != nullptr || (x_dtype != 1 && x_dtype != 2) || group_size <= 0) return -1;
   const DeviceInfo* info = nullptr;
   if (use_device(device, &info) != nullptr) return -1;
   const int group_shift = row_group_shift(group_size, G);
-  if (group_shift < 0 || (fold && group_shift < 2)) return 0;
+  bool fold = false, xg = false;
+  if (!stream_flags(steps_hint, group_shift, &fold, &xg)) return -1;
+  if (group_shift < 0) return 0;
   const Params p{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, K, N, G, /*16-bit scales*/ 1,
                  group_shift, 0};
-  const DeviceInfo& d = *info;
-  using H = __half;
-  using B = __nv_bfloat16;
-  const int dv = device;
-  if (x_dtype == 1) {
-    if (fold) return M <= 8 ? stream_warps<H, 8, true>(p, d, dv, 0) : stream_warps<H, 16, true>(p, d, dv, 0);
-    return M <= 8 ? stream_warps<H, 8, false>(p, d, dv, 0) : stream_warps<H, 16, false>(p, d, dv, 0);
-  }
-  if (fold) return M <= 8 ? stream_warps<B, 8, true>(p, d, dv, 0) : stream_warps<B, 16, true>(p, d, dv, 0);
-  return M <= 8 ? stream_warps<B, 8, false>(p, d, dv, 0) : stream_warps<B, 16, false>(p, d, dv, 0);
+  return with_stream_flags(fold, xg, [&](auto f, auto g) {
+    constexpr bool F = decltype(f)::value, X = decltype(g)::value;
+    if (x_dtype == 1)
+      return M <= 8 ? stream_warps<__half, 8, F, X>(p, *info, device, 0)
+                    : stream_warps<__half, 16, F, X>(p, *info, device, 0);
+    return M <= 8 ? stream_warps<__nv_bfloat16, 8, F, X>(p, *info, device, 0)
+                  : stream_warps<__nv_bfloat16, 16, F, X>(p, *info, device, 0);
+  });
 }
 
 extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qweight,
