@@ -99,7 +99,21 @@ def test_launch_overrides_compute_the_same(steps, warps):
         want = native.int4_matmul_cuda_small_m(x, qw, qz, s, g)  # the g_idx table kernel
         y = native.int4_cuda_small_m_validated(x, qw, qz, s, g, 4096, 11008, 32, group_size=128, steps=steps,
                                                warps=warps)
-        assert torch.allclose(y.float(), want.float(), rtol=1e-3, atol=1e-3), (M, steps, warps)
+        if steps in (34, 38):
+            # scales applied after the mma round differently (no 16-bit weight, fp32 sums of codes offset by
+            # the magic number), so the bits differ from the other kernels': about as close to float64
+            ref = x.double() @ _dequant_t(qw, qz, s, g)
+            _assert_matches(y, ref, x.dtype, f"M={M} steps={steps} warps={warps}")
+            err, err_table = ((t.double() - ref).abs().max().item() for t in (y, want))
+            assert err <= 2 * err_table, (M, steps, warps, err, err_table)
+        else:
+            assert torch.allclose(y.float(), want.float(), rtol=1e-3, atol=1e-3), (M, steps, warps)
+
+
+@functools.lru_cache(maxsize=4)
+def _dequant_t(qw, qz, s, g):
+    """W^T (K, N) in float64 on the GPU, kept for the layers the tests reuse."""
+    return dequant_f64(qw, qz, s, g).t().contiguous()
 
 
 @pytest.mark.parametrize("steps", [22, -22, 24, 32, 34, 36, 38])
