@@ -514,8 +514,8 @@ inline StreamLayout stream_layout(const Params& p, int nwarps, bool xg) {
 // FOLD (steps_hint 34; groups of at least 4 packed rows, so that a step lies in one group): the scales
 // and zeros are applied after the mma instead of to each weight. The mma sums x * (magic + code) over a
 // group into raw, a second pair of mma against ones sums x into xsum, and at the group's end each output
-// takes acc += scale * (raw - (magic + zero) * xsum): 2 bit operations a nibble pair instead of 4, and an
-// unrounded (code - zero) instead of a 16-bit dequantized weight.
+// takes acc += scale * (raw - (magic + zero) * xsum): 2 bit operations a nibble pair instead of 4. (No
+// 16-bit weight is rounded; the fp32 sums carry the magic offset instead: about the same error.)
 template <class T, int MT>
 __device__ __forceinline__ void fold_group(float (&acc)[4][4], float (&raw)[4][4], float (&xsum)[4], uint2 sv0,
                                            uint2 sv1, uint32_t zw, int scales_dtype) {
