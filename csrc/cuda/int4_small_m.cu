@@ -562,6 +562,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int g0 = min((4 * s_begin) >> p.group_shift, G - 1);  // the slice's first group
 
   const T* xg = static_cast<const T*>(p.x);
+  // x[m, 8r .. 8r + 7]: the 16 bytes of x a lane's step reads for row m
+  auto x_at = [&](int m, int r) { return reinterpret_cast<const uint4*>(xg + (int64_t)m * K + 8 * r); };
   const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
   if (lt == 0 && nst > 0) {  // the scales and zeros of the slice's groups, in the first chunk
     const int g1 = min((min(4 * (s_begin + nst), R) - 1) >> p.group_shift, G - 1);
@@ -578,10 +580,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     const bool ok = r < R;
     cp_async<16>(wq + i * 32 + lane, ok && col_ok ? (const void*)weight_word(p, r, ncol) : (const void*)p.qweight,
                  ok && col_ok);
-    if (!XG && row_lo)
-      cp_async<16>(xq + (i * M + lq) * 4 + lt, ok ? (const void*)(xg + (int64_t)lq * K + 8 * r) : p.x, ok);
+    if (!XG && row_lo) cp_async<16>(xq + (i * M + lq) * 4 + lt, ok ? (const void*)x_at(lq, r) : p.x, ok);
     if (!XG && MT == 16 && row_hi)
-      cp_async<16>(xq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)(xg + (int64_t)(lq + 8) * K + 8 * r) : p.x, ok);
+      cp_async<16>(xq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)x_at(lq + 8, r) : p.x, ok);
   });
 
   // x fragments of step i (rows past the end are zeros): from shared memory, or (XG) from the registers
@@ -590,8 +591,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   auto load_x = [&](int i) {
     const int r = 4 * (s_begin + i) + lt;
     nlo = nhi = make_uint4(0, 0, 0, 0);
-    if (r < R && row_lo) nlo = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)lq * K + 8 * r));
-    if (MT == 16 && r < R && row_hi) nhi = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)(lq + 8) * K + 8 * r));
+    if (r < R && row_lo) nlo = __ldg(x_at(lq, r));
+    if (MT == 16 && r < R && row_hi) nhi = __ldg(x_at(lq + 8, r));
   };
   if (XG && nst > 0) load_x(0);
   auto x_frags = [&](int i, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
@@ -740,9 +741,6 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
     return 0;  // not remembered: a later call may succeed
   const int tiles = (p.N + 31) / 32;
   const int steps = (p.K / 8 + 3) / 4;
-  const int first = warps_hint > 0 ? warps_hint : std::min(kMaxWarps, steps);
-  const int last = warps_hint > 0 ? warps_hint : std::min(2, first);
-  const int fallback = warps_hint > 0 ? warps_hint : pick_warps(p, dev, 0);
   auto per_sm = [&](int w) {
     const StreamLayout lay = stream_layout(p, w, XG);
     int n = 0;
@@ -752,9 +750,15 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
     return n;
   };
   int chosen = 0;
-  for (int w = first; w >= last && !chosen; --w)
-    if (int64_t(per_sm(w)) * dev.sm_count >= tiles) chosen = w;
-  if (!chosen && per_sm(fallback) > 0) chosen = fallback;
+  if (warps_hint > 0) {
+    chosen = per_sm(warps_hint) > 0 ? warps_hint : 0;
+  } else {
+    const int most = std::min(kMaxWarps, steps);
+    for (int w = most; w >= std::min(2, most) && !chosen; --w)
+      if (int64_t(per_sm(w)) * dev.sm_count >= tiles) chosen = w;
+    const int fallback = pick_warps(p, dev, 0);
+    if (!chosen && per_sm(fallback) > 0) chosen = fallback;
+  }
   decided[key] = chosen;
   return chosen;
 }

@@ -9,10 +9,11 @@ extern "C" {
 // y (M,N) = x (M,K) W^T for 1 <= M <= 16. x_dtype: 1 fp16, 2 bf16; scales_dtype: 0 f32, 1 f16,
 // 2 bf16. group_size > 0 is the caller's promise that g_idx == arange(K) / group_size (the kernel
 // then computes groups instead of reading g_idx); 0 reads g_idx. tiled: qweight is in the tiled order
-// (ceil(N/32), K/8, 32) of mops_fast.native.tile_qweight instead of GPTQ's (K/8, N). All pointers device pointers on
-// `device`; stream is a cudaStream_t. steps_hint and warps_hint (warps a CTA) override the tuned choice
-// when nonzero (benchmarks); the steps variants are listed at launch() in int4_small_m.cu (8 row steps
-// in flight, x in shared memory, the software-pipelined kernel). Returns 0, or 1 with a message in err.
+// (ceil(N/32), K/8, 32) of mops_fast.native.tile_qweight instead of GPTQ's (K/8, N). All pointers
+// device pointers on `device`; stream is a cudaStream_t. steps_hint and warps_hint (warps a CTA)
+// override the tuned choice when nonzero (benchmarks); the steps variants are listed at launch() in
+// int4_small_m.cu (8 row steps in flight, x in shared memory, the software-pipelined kernel, the
+// streamed ones). Returns 0, or 1 with a message in err.
 int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qweight, const int32_t* qzeros,
                       const void* scales, int scales_dtype, const int32_t* g_idx, int M, int K,
                       int N, int G, int group_size, int tiled, void* y, int device, void* stream,

@@ -338,6 +338,14 @@ int n_split_for(int K, int N, int sm_count) {
 
 int n_per_cta_for(int N, int n_split) { return ((N + n_split - 1) / n_split + 15) / 16 * 16; }
 
+// Whether the streamed backward (CLUSTER or not) takes p with this layout: groups of whole 8-row blocks
+// and a CTA's slice in shared memory (the kernel then allowed that much).
+template <class T, int MT, bool CLUSTER>
+bool t_stream_fits(const TParams& p, const TStreamLayout& lay, const DeviceInfo& dev, int device) {
+  return p.group_shift >= 3 && lay.bytes > 0 && lay.bytes <= dev.smem_optin &&
+         set_max_dynamic_smem<int4_small_m_t_stream_kernel<T, MT, CLUSTER>>(device, dev.smem_optin);
+}
+
 // The streamed backward with its N slices summed inside a thread-block cluster (at most 8 slices, the
 // portable cluster size); false (nothing launched) where it does not apply.
 template <class T, int MT>
@@ -348,9 +356,7 @@ bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int 
   p.n_per_cta = n_per_cta_for(p.N, ns);
   p.partial = nullptr;  // rank 0 of each cluster writes dx
   const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
-  if (dev.cc_major < 9 || p.group_shift < 3 || lay.bytes <= 0 || lay.bytes > dev.smem_optin ||
-      !set_max_dynamic_smem<int4_small_m_t_stream_kernel<T, MT, true>>(device, dev.smem_optin))
-    return false;
+  if (dev.cc_major < 9 || !t_stream_fits<T, MT, true>(p, lay, dev, device)) return false;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((p.K / 8 + 7) / 8, ns);
   cfg.blockDim = dim3(kWarps * 32);
@@ -380,8 +386,7 @@ cudaError_t launch_t(const TParams& p0, const DeviceInfo& dev, int device, int n
   p.n_per_cta = n_per_cta_for(p.N, n_split);
   const dim3 grid((p.K / 8 + 7) / 8, n_split);
   const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
-  if ((steps_hint == 32 || steps_hint == 33) && p.group_shift >= 3 && lay.bytes > 0 && lay.bytes <= dev.smem_optin &&
-      set_max_dynamic_smem<int4_small_m_t_stream_kernel<T, MT, false>>(device, dev.smem_optin))
+  if ((steps_hint == 32 || steps_hint == 33) && t_stream_fits<T, MT, false>(p, lay, dev, device))
     int4_small_m_t_stream_kernel<T, MT, false><<<grid, kWarps * 32, lay.bytes, s>>>(p, lay);
   else
     int4_small_m_t_kernel<T, MT><<<grid, kWarps * 32, 0, s>>>(p);
