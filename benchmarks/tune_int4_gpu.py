@@ -155,13 +155,13 @@ def main() -> int:
                         name = f"native[steps={steps},warps={warps},gs={gs}{',tiled' if tl else ''}]"
                         record(shape, name, "fwd",
                                lambda i, s=steps, w=warps, g=gs, q=sets, t=tl: lambda:
-                               native.int4_cuda_small_m_validated(x, *q[i], K, N, q[i][2].shape[0], group_size=g,
-                                                                  steps=s, warps=w, tiled=t),
+                               native.int4_cuda_small_m_validated(x, *q[i], K, N, G, group_size=g, steps=s,
+                                                                  warps=w, tiled=t),
                                ref_f, nq, graph)
                 for steps in NATIVE_BWD_VARIANTS:
                     record(shape, f"native[steps={steps}]", "bwd",
                            lambda i, s=steps: lambda: native.int4_cuda_small_m_t_validated(
-                               dy, *qsets[i][:3], K, N, qsets[i][2].shape[0], GROUP, steps=s), ref_b, nq, graph)
+                               dy, *qsets[i][:3], K, N, G, GROUP, steps=s), ref_b, nq, graph)
             if args.small_native:
                 continue
             for unpack in (0, 1):
