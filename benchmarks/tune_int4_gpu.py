@@ -34,7 +34,7 @@ LARGE_MS = [64, 512, 4096]
 # slice copied into shared memory at the start, where a CTA's slices fit; else the default); 34 streamed with
 # the scales applied after the mma; 36 / 38: 32 / 34 with x read from global memory;
 # tiled: qweight in native.tile_qweight's order (each CTA's columns contiguous along K). The files in
-# benchmarks/results from 2026-11-26/27 hold rows of variants decided then (steps 4, 8, -4, -8, -22, 24, a
+# benchmarks/results from 2026-11-26/27 hold rows of variants dropped since (steps 8, -4, -8, -22, 24, a
 # cp.async ring) under their own names.
 NATIVE_VARIANTS = [(0, 0, False), (22, 0, False), (32, 0, False), (34, 0, False), (36, 0, False), (38, 0, False),
                    (0, 0, True), (22, 0, True), (32, 0, True), (34, 0, True)]

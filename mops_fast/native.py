@@ -301,12 +301,11 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     """The CUDA small-M kernel call for a caller that has already validated what int4_matmul_cuda_small_m
     checks (mops_fast.ops does, once per call): at decode the kernel takes microseconds, so every check
     repeated in Python shows in the token rate. group_size > 0: g_idx == arange(K) // group_size (a
-    promise); steps (8: twice the loads in flight; -4 / -8: x staged in shared memory, M <= 8; 22: two
-    batches in flight, one computed while the other loads; -22 / 24: the same with x in shared memory,
-    M <= 8; 32: each warp's whole slice streamed into shared memory at the start, 34: that with the scales
-    applied after the mma, 36 / 38: 32 / 34 with x read from global memory; launch() in
-    csrc/cuda/int4_small_m.cu) and warps (a CTA) override the launch
-    the kernel picks when nonzero (benchmarks/tune_int4_gpu.py). tiled: qweight is tile_qweight's layout
+    promise); steps (4: batches of 4 steps, each waited for; 22: two batches in flight, one computed
+    while the other loads; 32: each warp's whole slice streamed into shared memory at the start, 34: that
+    with the scales applied after the mma, 36 / 38: 32 / 34 with x read from global memory; launch() in
+    csrc/cuda/int4_small_m.cu; other values are refused) and warps (a CTA) override the launch the
+    kernel picks when nonzero (benchmarks/tune_int4_gpu.py). tiled: qweight is tile_qweight's layout
     (K and N stay the weight's)."""
     mod = _require_cuda_module("int4_matmul_cuda_small_m")
     M = x.shape[0]

@@ -3,7 +3,7 @@
 // Format (DESIGN §3): qweight (K/8, N) int32, code of (k, n) at bits 4*(k%8) of qweight[k/8, n];
 // qzeros (G, N/8) int32 packed along n; scales (G, N) fp16/bf16/fp32; g_idx (K,) int32.
 // W[n, k] = (code - zero[g_idx[k], n]) * scale[g_idx[k], n]. Every kernel here also takes qweight in a
-// tiled order, each CTA's 32 columns contiguous along K (weight_word; an experiment, opt-in).
+// tiled order, each CTA's 32 columns contiguous along K (weight_offset; an experiment, opt-in).
 //
 // Work split. A CTA owns 32 output columns and the whole K (no cross-CTA reduction, so no workspace
 // and no extra kernel); its KW warps each take a contiguous slice of K and are summed through shared
@@ -58,15 +58,23 @@ struct Params {
   int M, K, N, G;
   int scales_dtype;
   int group_shift;  // GROUPED kernels: qweight row r lies in group min(r >> group_shift, G - 1)
-  int tiled;        // qweight in the tiled order (see weight_word)
+  int tiled;        // qweight in the tiled order (see weight_offset)
+  int w_stride;     // words between a column's qweight rows: N, or 32 when tiled
 };
 
-// The word of qweight row r, column ncol (a multiple of 4: the first of a lane's 4 columns). GPTQ order:
-// (K/8, N) row-major. Tiled order (native.tile_qweight): (ceil(N/32), K/8, 32), so the 32 columns a CTA
-// owns lie contiguous along K and a warp step of 4 rows reads one contiguous 512-byte block.
-__device__ __forceinline__ const int32_t* weight_word(const Params& p, int r, int ncol) {
-  if (p.tiled) return p.qweight + ((int64_t)(ncol >> 5) * (p.K / 8) + r) * 32 + (ncol & 31);
-  return p.qweight + (int64_t)r * p.N + ncol;
+// A lane's column of qweight: the word of row r lies at qweight + w_off + r * stride in either order,
+// w_off per thread (decided once), stride N or 32. ncol is a multiple of 4, the first of a lane's 4
+// columns. GPTQ order: (K/8, N) row-major, stride N. Tiled order (native.tile_qweight): (ceil(N/32), K/8,
+// 32), stride 32, so the 32 columns a CTA owns lie contiguous along K and a warp step of 4 rows reads one
+// contiguous 512-byte block. The register kernel takes `tiled` at compile time: it sits at the
+// 128-register cap, where any run-time form spilled 4-20 bytes; the others pass p.tiled and
+// p.w_stride (a kernel parameter, no register). The host checks that offsets fit in 32 bits.
+__device__ __forceinline__ int weight_offset(const Params& p, int ncol, bool tiled) {
+  return tiled ? (ncol >> 5) * (p.K / 8) * 32 + (ncol & 31) : ncol;
+}
+
+__device__ __forceinline__ const int4* weight_row(const Params& p, int w_off, int r, int stride) {
+  return reinterpret_cast<const int4*>(p.qweight + w_off + (int64_t)r * stride);
 }
 
 // Sum the warps' partial tiles through shared memory and store the tile. Lane (q, t) holds rows q and
@@ -156,18 +164,6 @@ __device__ __forceinline__ void mma_step(float (&acc)[4][4], const uint32_t (&a0
   }
 }
 
-// Copy x (M x K) into shared memory, rows padded to xs_stride halves, and wait for the whole CTA.
-template <class T>
-__device__ __forceinline__ void stage_x(const Params& p, int32_t* smem, int xs_stride) {
-  const int R = p.K / 8;
-  for (int i = threadIdx.x; i < p.M * R; i += blockDim.x) {
-    const int m = i / R, c = i - m * R;
-    *reinterpret_cast<uint4*>(reinterpret_cast<T*>(smem) + m * xs_stride + 8 * c) =
-        __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + (int64_t)m * p.K + 8 * c));
-  }
-  __syncthreads();
-}
-
 // Zero accumulators; no group cached yet (scale 0, bias + zero = the magic number: a row outside the
 // weight dequantizes to 0).
 template <class T>
@@ -189,17 +185,15 @@ __device__ __forceinline__ void init_state(float (&acc)[4][4], typename Traits<T
 // and each step's scales and zeros are loaded together with its weights, so no load waits on a group
 // change. Otherwise (act-order, fp32 scales) a per-row group table is built in shared memory first and
 // scales are fetched when the group changes.
-// STEPS: 4-row steps whose loads are issued together (bytes in flight per lane: 16 * STEPS of weights).
-// XS (grouped, M <= 8): the CTA first copies x into shared memory (rows padded by 16 bytes against bank
-// conflicts) and reads its fragments from there, so no register holds x while the weight loads are in
-// flight and 8 steps fit without spilling. Not yet timed on a GPU: chosen only by steps_hint (< 0).
-template <class T, int MT, bool GROUPED, int STEPS, bool XS = false>
+// Each batch issues the loads of 4 four-row steps together (64 bytes of weights a lane in flight), then
+// waits for them before its arithmetic; 8 steps spilled at the 128-register cap and ran slower.
+template <class T, int MT, bool GROUPED, bool TILED>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     int4_small_m_kernel(const Params p) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
-  static_assert(!XS || (GROUPED && MT == 8), "x in shared memory: grouped weights, M <= 8");
-  // rowg[R] during the main loop (table path) or x (XS), then the reduction buffer
+  constexpr int STEPS = 4;
+  // rowg[R] during the main loop (table path), then the reduction buffer
   extern __shared__ int32_t smem[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -209,6 +203,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int n0 = blockIdx.x * 32;
   const int ncol = n0 + 4 * lq;            // this lane's 4 columns
   const bool col_ok = ncol < N;
+  const int w_off = weight_offset(p, ncol, TILED);
 
   if (!GROUPED) {
     // Group of each qweight row (-1: its 8 inputs span several groups, as with act-order).
@@ -221,9 +216,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     }
     __syncthreads();
   }
-  const int xs_stride = K + 8;  // halves a row of x in shared memory
-  const T* xs = reinterpret_cast<const T*>(smem);
-  if (XS) stage_x<T>(p, smem, xs_stride);
 
   // This warp's contiguous slice of 4-row steps.
   const int steps = (R + 3) / 4;
@@ -255,8 +247,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       xhi[u] = make_uint4(0, 0, 0, 0);
       sv[u] = make_uint2(0, 0);
       zv[u] = 0;
-      if (ok && col_ok) qv[u] = __ldg(reinterpret_cast<const int4*>(weight_word(p, r, ncol)));
-      if (!XS && ok && row_lo)
+      if (ok && col_ok) qv[u] = __ldg(weight_row(p, w_off, r, TILED ? 32 : N));
+      if (ok && row_lo)
         xlo[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)lq * K + 8 * r));
       if (MT == 16 && ok && row_hi)
         xhi[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)(lq + 8) * K + 8 * r));
@@ -271,7 +263,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       if (s0 + u >= s_end) break;  // warp-uniform
       const int r = 4 * (s0 + u) + lt;
       const bool ok = r < R;
-      if (XS && ok && row_lo) xlo[u] = *reinterpret_cast<const uint4*>(xs + lq * xs_stride + 8 * r);
 
       uint32_t a0[4], a1[4];
       a_frags<MT>(xlo[u], xhi[u], a0, a1);
@@ -329,39 +320,40 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   }
 
   if (!GROUPED) __syncthreads();  // rowg no longer needed; reuse smem
-  // XS: the reduction buffer lies after x (other warps may still be reading x)
-  reduce_and_store<T, MT>(acc, XS ? smem + M * xs_stride / 2 : smem, p, n0, lane, warp, nwarps, lq, lt);
+  reduce_and_store<T, MT>(acc, smem, p, n0, lane, warp, nwarps, lq, lt);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Software-pipelined variant (grouped weights). The kernel above issues a batch of loads and then waits
 // for it before any arithmetic, so each warp's memory traffic stops while it dequantizes and multiplies
 // (Nsight Compute on an H100: 36% of DRAM bandwidth, 6.4 cycles per issued instruction). Here each warp
-// holds two batches: while it computes one, the other's weights, scales and zeros (and x, unless x is
-// staged in shared memory: XS, M <= 8) are in flight, and the batch just computed is refilled at once.
+// holds two batches of 2 steps: while it computes one, the other's weights, scales, zeros and x are in
+// flight, and the batch just computed is refilled at once. (4-step batches spill at the 128-register
+// cap; with x staged in shared memory instead they fit, and measured 0-8% slower on an H100.)
+constexpr int kPipeSteps = 2;
 
-// One warp's loads for STEPS 4-row steps. x travels with the weights unless it is in shared memory.
-template <int MT, int STEPS, bool XS>
+// One warp's loads for kPipeSteps 4-row steps.
+template <int MT>
 struct Batch {
-  int4 q[STEPS];
-  uint2 s[STEPS];
-  uint32_t z[STEPS];
-  uint4 xlo[XS ? 1 : STEPS], xhi[(!XS && MT == 16) ? STEPS : 1];
+  int4 q[kPipeSteps];
+  uint2 s[kPipeSteps];
+  uint32_t z[kPipeSteps];
+  uint4 xlo[kPipeSteps], xhi[MT == 16 ? kPipeSteps : 1];
 };
 
 // The per-lane constants of a warp's slice.
 struct Lane {
-  int lq, lt, ncol, s_end;
+  int lq, lt, ncol, w_off, s_end;
   bool col_ok, row_lo, row_hi;
 };
 
-template <class T, int MT, int STEPS, bool XS>
-__device__ __forceinline__ void issue_batch(const Params& p, const Lane& l, int s0, Batch<MT, STEPS, XS>& b) {
+template <class T, int MT>
+__device__ __forceinline__ void issue_batch(const Params& p, const Lane& l, int s0, Batch<MT>& b) {
   const T* xg = static_cast<const T*>(p.x);
   const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
   const int R = p.K / 8;
 #pragma unroll
-  for (int u = 0; u < STEPS; ++u) {
+  for (int u = 0; u < kPipeSteps; ++u) {
     const int r = 4 * (s0 + u) + l.lt;
     const bool ok = s0 + u < l.s_end && r < R;
     b.q[u] = make_int4(0, 0, 0, 0);
@@ -369,42 +361,34 @@ __device__ __forceinline__ void issue_batch(const Params& p, const Lane& l, int 
     b.z[u] = 0;
     if (ok && l.col_ok) {
       const int g = min(r >> p.group_shift, p.G - 1);
-      b.q[u] = __ldg(reinterpret_cast<const int4*>(weight_word(p, r, l.ncol)));
+      b.q[u] = __ldg(weight_row(p, l.w_off, r, p.w_stride));
       b.s[u] = __ldg(reinterpret_cast<const uint2*>(sc16 + (int64_t)g * p.N + l.ncol));
       b.z[u] = uint32_t(__ldg(p.qzeros + (int64_t)g * (p.N / 8) + l.ncol / 8));
     }
-    if (!XS) {
-      b.xlo[u] = make_uint4(0, 0, 0, 0);
-      if (ok && l.row_lo) b.xlo[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)l.lq * p.K + 8 * r));
-      if (MT == 16) {
-        b.xhi[u] = make_uint4(0, 0, 0, 0);
-        if (ok && l.row_hi)
-          b.xhi[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)(l.lq + 8) * p.K + 8 * r));
-      }
+    b.xlo[u] = make_uint4(0, 0, 0, 0);
+    if (ok && l.row_lo) b.xlo[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)l.lq * p.K + 8 * r));
+    if (MT == 16) {
+      b.xhi[u] = make_uint4(0, 0, 0, 0);
+      if (ok && l.row_hi)
+        b.xhi[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)(l.lq + 8) * p.K + 8 * r));
     }
   }
 }
 
-template <class T, int MT, int STEPS, bool XS>
-__device__ __forceinline__ void compute_batch(const Params& p, const Lane& l, int s0, const Batch<MT, STEPS, XS>& b,
-                                              const T* xs, int xs_stride, int& cur_g,
+template <class T, int MT>
+__device__ __forceinline__ void compute_batch(const Params& p, const Lane& l, int s0, const Batch<MT>& b, int& cur_g,
                                               typename Traits<T>::T2 (&ss)[4], typename Traits<T>::T2 (&zz)[4],
                                               float (&acc)[4][4]) {
   const int R = p.K / 8;
 #pragma unroll
-  for (int u = 0; u < STEPS; ++u) {
+  for (int u = 0; u < kPipeSteps; ++u) {
     if (s0 + u >= l.s_end) break;  // warp-uniform
     const int r = 4 * (s0 + u) + l.lt;
     const bool ok = r < R;
-    uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
-    if (XS) {
-      if (ok && l.row_lo) xlo = *reinterpret_cast<const uint4*>(xs + l.lq * xs_stride + 8 * r);
-    } else {
-      xlo = b.xlo[u];
-      if (MT == 16) xhi = b.xhi[u];
-    }
+    uint4 xhi = make_uint4(0, 0, 0, 0);
+    if (MT == 16) xhi = b.xhi[u];
     uint32_t a0[4], a1[4];
-    a_frags<MT>(xlo, xhi, a0, a1);
+    a_frags<MT>(b.xlo[u], xhi, a0, a1);
     // Rows past the end carry x = 0 and keep the current group.
     const int rg = ok ? min(r >> p.group_shift, p.G - 1) : cur_g;
     if (rg != cur_g && l.col_ok) {
@@ -418,13 +402,12 @@ __device__ __forceinline__ void compute_batch(const Params& p, const Lane& l, in
   }
 }
 
-template <class T, int MT, int STEPS, bool XS>
+template <class T, int MT>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     int4_small_m_pipe_kernel(const Params p) {
   using Tr = Traits<T>;
   using T2 = typename Tr::T2;
-  static_assert(!XS || MT == 8, "x in shared memory: M <= 8");
-  extern __shared__ int32_t smem[];  // x (XS), then the reduction buffer
+  extern __shared__ int32_t smem[];  // the reduction buffer
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int R = p.K / 8;
@@ -436,33 +419,30 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   l.lq = lane >> 2;
   l.lt = lane & 3;
   l.ncol = n0 + 4 * l.lq;
+  l.w_off = weight_offset(p, l.ncol, p.tiled);
   l.s_end = min(steps, s_begin + per_warp);
   l.col_ok = l.ncol < p.N;
   l.row_lo = l.lq < p.M;
   l.row_hi = MT == 16 && l.lq + 8 < p.M;
 
-  // Both batches in flight before anything waits (x's staging included).
-  Batch<MT, STEPS, XS> a, b;
-  issue_batch<T, MT, STEPS, XS>(p, l, s_begin, a);
-  issue_batch<T, MT, STEPS, XS>(p, l, s_begin + STEPS, b);
-  const int xs_stride = p.K + 8;  // halves a row of x in shared memory (16 bytes of padding: no bank conflicts)
-  const T* xs = reinterpret_cast<const T*>(smem);
-  if (XS) stage_x<T>(p, smem, xs_stride);
+  // Both batches in flight before anything waits.
+  Batch<MT> a, b;
+  issue_batch<T, MT>(p, l, s_begin, a);
+  issue_batch<T, MT>(p, l, s_begin + kPipeSteps, b);
 
   float acc[4][4];
   int cur_g = -1;
   T2 ss[4], zz[4];
   init_state<T>(acc, ss, zz);
 
-  for (int s0 = s_begin; s0 < l.s_end; s0 += 2 * STEPS) {
-    compute_batch<T, MT, STEPS, XS>(p, l, s0, a, xs, xs_stride, cur_g, ss, zz, acc);
-    issue_batch<T, MT, STEPS, XS>(p, l, s0 + 2 * STEPS, a);
-    compute_batch<T, MT, STEPS, XS>(p, l, s0 + STEPS, b, xs, xs_stride, cur_g, ss, zz, acc);
-    issue_batch<T, MT, STEPS, XS>(p, l, s0 + 3 * STEPS, b);
+  for (int s0 = s_begin; s0 < l.s_end; s0 += 2 * kPipeSteps) {
+    compute_batch<T, MT>(p, l, s0, a, cur_g, ss, zz, acc);
+    issue_batch<T, MT>(p, l, s0 + 2 * kPipeSteps, a);
+    compute_batch<T, MT>(p, l, s0 + kPipeSteps, b, cur_g, ss, zz, acc);
+    issue_batch<T, MT>(p, l, s0 + 3 * kPipeSteps, b);
   }
 
-  // XS: the reduction buffer lies after x (other warps may still be reading x)
-  reduce_and_store<T, MT>(acc, XS ? smem + p.M * xs_stride / 2 : smem, p, n0, lane, warp, nwarps, l.lq, l.lt);
+  reduce_and_store<T, MT>(acc, smem, p, n0, lane, warp, nwarps, l.lq, l.lt);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -550,6 +530,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int n0 = blockIdx.x * 32;
   const int ncol = n0 + 4 * lq;
   const bool col_ok = ncol < N;
+  const int w_off = weight_offset(p, ncol, p.tiled);
   const bool row_lo = lq < M, row_hi = MT == 16 && lq + 8 < M;
   const int steps = (R + 3) / 4;
   const int s_begin = warp * lay.per_warp;
@@ -578,7 +559,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   stream_issue(nst, [&](int i) {
     const int r = 4 * (s_begin + i) + lt;
     const bool ok = r < R;
-    cp_async<16>(wq + i * 32 + lane, ok && col_ok ? (const void*)weight_word(p, r, ncol) : (const void*)p.qweight,
+    cp_async<16>(wq + i * 32 + lane, ok && col_ok ? (const void*)weight_row(p, w_off, r, p.w_stride) : (const void*)p.qweight,
                  ok && col_ok);
     if (!XG && row_lo) cp_async<16>(xq + (i * M + lq) * 4 + lt, ok ? (const void*)x_at(lq, r) : p.x, ok);
     if (!XG && MT == 16 && row_hi)
@@ -678,24 +659,13 @@ int pick_warps(const Params& p, const DeviceInfo& dev, int warps_hint) {
   return std::max(1, std::min(warps, steps));
 }
 
-size_t xs_bytes(const Params& p) { return size_t(p.M) * (p.K + 8) * 2; }
-
-// Whether x in shared memory leaves every CTA of the grid resident at once (x is per CTA: M * K * 2
-// bytes each, beside the reduction buffer and the 1 KB the runtime reserves per CTA).
-bool xs_resident(const Params& p, const DeviceInfo& dev, int warps_hint) {
-  const int tiles = (p.N + 31) / 32;
-  const size_t ctas_per_sm = size_t((tiles + dev.sm_count - 1) / dev.sm_count);
-  const size_t per_cta = xs_bytes(p) + size_t(pick_warps(p, dev, warps_hint)) * 16 * 32 * 4 + 1024;
-  return per_cta <= size_t(dev.smem_optin) && ctas_per_sm * per_cta <= size_t(dev.smem_per_sm);
-}
-
 template <class Kernel>
 cudaError_t launch_kernel(Kernel kernel, const Params& p, const DeviceInfo& dev, int warps_hint, bool table,
-                          bool xs, cudaStream_t stream) {
+                          cudaStream_t stream) {
   const int warps = pick_warps(p, dev, warps_hint);
   const size_t tbl = table ? size_t(p.K / 8) * 4 : 0;
   const size_t red = size_t(warps) * 16 * 32 * 4;
-  const size_t smem = xs ? xs_bytes(p) + red : std::max(tbl, red);
+  const size_t smem = std::max(tbl, red);
   if (smem > 48 * 1024) {
     if (smem > size_t(dev.smem_optin)) return cudaErrorInvalidValue;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -705,22 +675,10 @@ cudaError_t launch_kernel(Kernel kernel, const Params& p, const DeviceInfo& dev,
   return cudaGetLastError();
 }
 
-template <class T, int MT, bool GROUPED, int STEPS, bool XS = false>
+template <class T, int MT, bool GROUPED>
 cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hint, cudaStream_t stream) {
-  return launch_kernel(int4_small_m_kernel<T, MT, GROUPED, STEPS, XS>, p, dev, warps_hint, !GROUPED, XS, stream);
-}
-
-// Pipelined kernel: 4-step batches only with x in shared memory (with x in registers they spill at the
-// 128-register cap, ptxas for sm_90), else 2-step batches.
-template <class T, int MT>
-cudaError_t launch_pipe(const Params& p, const DeviceInfo& dev, int steps, bool xs, int warps_hint,
-                        cudaStream_t stream) {
-  if constexpr (MT == 8) {
-    if (xs && steps == 4)
-      return launch_kernel(int4_small_m_pipe_kernel<T, MT, 4, true>, p, dev, warps_hint, false, true, stream);
-    if (xs) return launch_kernel(int4_small_m_pipe_kernel<T, MT, 2, true>, p, dev, warps_hint, false, true, stream);
-  }
-  return launch_kernel(int4_small_m_pipe_kernel<T, MT, 2, false>, p, dev, warps_hint, false, false, stream);
+  if (p.tiled) return launch_kernel(int4_small_m_kernel<T, MT, GROUPED, true>, p, dev, warps_hint, !GROUPED, stream);
+  return launch_kernel(int4_small_m_kernel<T, MT, GROUPED, false>, p, dev, warps_hint, !GROUPED, stream);
 }
 
 // Warps a CTA for the streamed kernel: the most (2 to 16) with which every CTA is resident at once, one
@@ -793,28 +751,31 @@ inline bool stream_flags(int steps_hint, int group_shift, bool* fold, bool* xg) 
   return true;
 }
 
+// The steps hints launch() takes; anything else is refused (mops_int4_small_m).
+inline bool known_steps_hint(int steps_hint) {
+  switch (steps_hint) {
+    case 0: case 4: case 22: case 32: case 34: case 36: case 38: return true;
+    default: return false;
+  }
+}
+
 // steps_hint selects the variant of grouped weights (act-order and fp32 scales always take the table path):
 //   0        the default: 22 for M <= 8 (an H100, 2026-11-27: 3-7% faster than 4 at 4096x4096 and
 //            11008x4096, even at 4096x11008), 4 for M > 8 (where 22 lost at 4096x11008);
 //   4        batches of 4 steps, each waited for before its arithmetic;
-//   8        batches of 8 (measured slower on an H100: it spills at the 128-register cap);
-//   -4 / -8  x in shared memory with 4 / 8 steps (M <= 8, where x fits; not yet timed);
-//   22       software-pipelined: two batches of 2 steps in flight, one computed while the other loads,
-//            x loaded with the weights;
-//   -22, 24  the same with x in shared memory, batches of 2 / 4 steps (M <= 8 and every CTA resident;
-//            otherwise 22): within 0-8% of 22 at M <= 4, the fastest by 1-5% at M = 16 on 2 of 3 shapes.
+//   22       software-pipelined: two batches of 2 steps in flight, one computed while the other loads;
 //   32       streamed: each lane's whole share of the slice copied into shared memory with cp.async at
 //            the start, computed chunk by chunk as it lands (where a CTA's slices fit in shared memory:
 //            stream_warps; otherwise the default). Not yet timed on a GPU.
 //   34       streamed with the scales applied after the mma (fold_group; groups of >= 32 inputs, else 32);
 //   36, 38   32 and 34 with the x fragments read from global memory (XG), so x takes no shared memory.
-// A variant that streamed each step through a cp.async ring in shared memory (fewer registers, more bytes
-// in flight) measured 1.2-2.5x slower than the default (benchmarks/results/tune_int4-*.json) and was dropped.
+// Dropped after the H100 runs of 2026-11-26/27 (benchmarks/results/tune_int4-*.json): batches of 8 steps
+// (spills), x staged in shared memory for the register and pipelined kernels (-4, -8, -22, 24: 0-8% slower
+// than 22 at M <= 4, ties at M = 16), and each step streamed through a cp.async ring (1.2-2.5x slower).
 template <class T, int MT>
 cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps_hint, int warps_hint,
                    cudaStream_t s) {
-  if (p.group_shift < 0) return launch_variant<T, MT, false, 4>(p, dev, warps_hint, s);
-  if (steps_hint == 8) return launch_variant<T, MT, true, 8>(p, dev, warps_hint, s);
+  if (p.group_shift < 0) return launch_variant<T, MT, false>(p, dev, warps_hint, s);
   bool fold = false, xg = false;
   if (stream_flags(steps_hint, p.group_shift, &fold, &xg)) {
     bool fits = false;
@@ -824,17 +785,9 @@ cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps
     if (e != cudaSuccess || fits) return e;
     steps_hint = 0;  // the slices do not fit in shared memory: the default
   }
-  if (steps_hint == 0 && MT == 8) steps_hint = 22;
-  if (steps_hint == 22 || steps_hint == -22 || steps_hint == 24) {
-    const bool xs = steps_hint != 22 && MT == 8 && xs_resident(p, dev, warps_hint);
-    return launch_pipe<T, MT>(p, dev, steps_hint == 24 ? 4 : 2, xs, warps_hint, s);
-  }
-  if constexpr (MT == 8) {  // x in shared memory (steps_hint -4 / -8) where it fits
-    if (steps_hint < 0 && xs_bytes(p) + size_t(kMaxWarps) * 16 * 32 * 4 <= size_t(dev.smem_optin))
-      return steps_hint == -4 ? launch_variant<T, MT, true, 4, true>(p, dev, warps_hint, s)
-                              : launch_variant<T, MT, true, 8, true>(p, dev, warps_hint, s);
-  }
-  return launch_variant<T, MT, true, 4>(p, dev, warps_hint, s);
+  if (steps_hint == 22 || (steps_hint == 0 && MT == 8))
+    return launch_kernel(int4_small_m_pipe_kernel<T, MT>, p, dev, warps_hint, false, s);
+  return launch_variant<T, MT, true>(p, dev, warps_hint, s);
 }
 
 }  // namespace
@@ -849,7 +802,7 @@ extern "C" int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int gr
   if (!stream_flags(steps_hint, group_shift, &fold, &xg)) return -1;
   if (group_shift < 0) return 0;
   const Params p{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, K, N, G, /*16-bit scales*/ 1,
-                 group_shift, 0};
+                 group_shift, 0, N};
   return with_stream_flags(fold, xg, [&](auto f, auto g) {
     constexpr bool F = decltype(f)::value, X = decltype(g)::value;
     if (x_dtype == 1)
@@ -873,6 +826,8 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   if (x_dtype != 1 && x_dtype != 2) return fail("activations must be fp16 or bf16");
   if (scales_dtype < 0 || scales_dtype > 2) return fail("bad scales dtype");
   if (group_size < 0) return fail("group_size must be >= 0 (0: read the groups from g_idx)");
+  if (!known_steps_hint(steps_hint)) return fail("unknown steps hint: use 0 (the default), 4, 22, 32, 34, 36 or 38");
+  if (warps_hint < 0) return fail("warps hint must be >= 0 (0: the kernel picks)");
   const DeviceInfo* info = nullptr;
   if (const char* msg = use_device(device, &info)) return fail(msg);
   const DeviceInfo& dev = *info;
@@ -880,7 +835,10 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   // the g_idx table path.
   const int group_shift = group_size > 0 && scales_dtype != 0 ? row_group_shift(group_size, G) : -1;
   cudaError_t e;
-  Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift, tiled ? 1 : 0};
+  // Word offsets within a column are 32-bit (weight_offset): qweight up to 2^31 words (8 GiB).
+  if (int64_t((N + 31) / 32) * 32 * (K / 8) >= (int64_t(1) << 31)) return fail("qweight too large (>= 2^31 words)");
+  Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift, tiled ? 1 : 0,
+           tiled ? 32 : N};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (x_dtype == 1)
     e = M <= 8 ? launch<__half, 8>(p, dev, device, steps_hint, warps_hint, s)

@@ -419,6 +419,8 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   if (const char* msg = small_m_shape_error(M, K, N, G)) return fail(msg);
   if (dy_dtype != 1 && dy_dtype != 2) return fail("dy must be fp16 or bf16");
   if (scales_dtype != 1 && scales_dtype != 2) return fail("scales must be fp16 or bf16 here");
+  if (steps_hint != 0 && steps_hint != 32 && steps_hint != 33)
+    return fail("unknown steps hint: use 0 (the default), 32 or 33");
   const DeviceInfo* info = nullptr;
   if (const char* msg = use_device(device, &info)) return fail(msg);
   const int group_shift = row_group_shift(group_size, G);
