@@ -22,6 +22,9 @@ def test_gptq_matmul_benchmark_smoke(tmp_path):
     for impl in ("fused", "fused_triton", "fp16", "unpack_matmul", "dequant_chunked"):
         assert {(impl, "fwd"), (impl, "bwd")} <= impls, impl
     assert all("warning" not in r and r["rel_err_vs_fp32"] < 2e-2 for r in doc["rows"])
+    # act-order rows: the QuantLinear forward and the group-sorted backward, checked against the reference
+    act = {(r["impl"], r["mode"]) for r in doc["rows"] if r["shape"]["act_order"]}
+    assert {("fused", "fwd"), ("fused", "bwd")} <= act
 
 
 @pytest.mark.slow
