@@ -29,15 +29,20 @@ GROUP = 128
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 SMALL_MS = [1, 4, 16]
 LARGE_MS = [64, 512, 4096]
-# (steps, warps, tiled) of the small-M CUDA kernel, 0 = the default (launch() in csrc/cuda/int4_small_m.cu):
+# (steps, warps, tiled, pdl) of the small-M CUDA kernel, 0 = the default (launch() in csrc/cuda/int4_small_m.cu):
 # 22 software-pipelined (two 2-step batches in flight; the M <= 8 default); 32 streamed (each warp's whole
 # slice copied into shared memory at the start, where a CTA's slices fit; else the default); 34 streamed with
 # the scales applied after the mma; 36 / 38: 32 / 34 with x read from global memory;
-# tiled: qweight in native.tile_qweight's order (each CTA's columns contiguous along K). The files in
+# tiled: qweight in native.tile_qweight's order (each CTA's columns contiguous along K); pdl: launched as a
+# programmatic dependent of the previous call (sm_90: it starts, and the streamed kernels request their weights,
+# while that call finishes; x is read after it). The files in
 # benchmarks/results from 2026-11-26/27 hold rows of variants dropped since (steps 8, -4, -8, -22, 24, a
 # cp.async ring) under their own names.
-NATIVE_VARIANTS = [(0, 0, False), (22, 0, False), (32, 0, False), (34, 0, False), (36, 0, False), (38, 0, False),
-                   (0, 0, True), (22, 0, True), (32, 0, True), (34, 0, True)]
+NATIVE_VARIANTS = [(0, 0, False, False), (22, 0, False, False), (32, 0, False, False), (34, 0, False, False),
+                   (36, 0, False, False), (38, 0, False, False),
+                   (0, 0, True, False), (22, 0, True, False), (32, 0, True, False), (34, 0, True, False),
+                   (0, 0, False, True), (32, 0, False, True), (36, 0, False, True), (38, 0, False, True),
+                   (32, 0, True, True)]
 # steps of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed, 33
 # streamed with the N slices summed in a thread-block cluster (sm_90)
 NATIVE_BWD_VARIANTS = [0, 32, 33]
@@ -149,14 +154,15 @@ def main() -> int:
                 stream_warps[key] = {str(st): native.int4_small_m_stream_warps(M, K, N, G, GROUP, st)
                                      for st in (32, 34, 36, 38)}
                 print(f"  streamed kernel warps a CTA: {stream_warps[key]}", flush=True)
-                for steps, warps, tl in NATIVE_VARIANTS:
+                for steps, warps, tl, pdl in NATIVE_VARIANTS:
                     sets = tiled(K, N, qsets) if tl else qsets
-                    for gs in ((GROUP, 0) if (steps, warps, tl) == (0, 0, False) else (GROUP,)):
-                        name = f"native[steps={steps},warps={warps},gs={gs}{',tiled' if tl else ''}]"
+                    for gs in ((GROUP, 0) if (steps, warps, tl, pdl) == (0, 0, False, False) else (GROUP,)):
+                        name = (f"native[steps={steps},warps={warps},gs={gs}{',tiled' if tl else ''}"
+                                f"{',pdl' if pdl else ''}]")
                         record(shape, name, "fwd",
-                               lambda i, s=steps, w=warps, g=gs, q=sets, t=tl: lambda:
+                               lambda i, s=steps, w=warps, g=gs, q=sets, t=tl, d=pdl: lambda:
                                native.int4_cuda_small_m_validated(x, *q[i], K, N, G, group_size=g, steps=s,
-                                                                  warps=w, tiled=t),
+                                                                  warps=w, tiled=t, pdl=d),
                                ref_f, nq, graph)
                 for steps in NATIVE_BWD_VARIANTS:
                     record(shape, f"native[steps={steps}]", "bwd",

@@ -297,7 +297,7 @@ def _group_promise(op: str, group_size: int, K: int, G: int) -> int:
 
 def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: int, G: int,
                                 group_size: int = 0, steps: int = 0, warps: int = 0,
-                                tiled: bool = False) -> torch.Tensor:
+                                tiled: bool = False, pdl: bool = False) -> torch.Tensor:
     """The CUDA small-M kernel call for a caller that has already validated what int4_matmul_cuda_small_m
     checks (mops_fast.ops does, once per call): at decode the kernel takes microseconds, so every check
     repeated in Python shows in the token rate. group_size > 0: g_idx == arange(K) // group_size (a
@@ -306,7 +306,9 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     with the scales applied after the mma, 36 / 38: 32 / 34 with x read from global memory; launch() in
     csrc/cuda/int4_small_m.cu; other values are refused) and warps (a CTA) override the launch the
     kernel picks when nonzero (benchmarks/tune_int4_gpu.py). tiled: qweight is tile_qweight's layout
-    (K and N stay the weight's)."""
+    (K and N stay the weight's). pdl: launch as a programmatic dependent of the stream's previous kernel
+    (sm_90; ignored elsewhere): the kernel starts, and may fetch weights, while that kernel finishes, and
+    reads x only after it has, so the previous kernel must not write the weights."""
     mod = _require_cuda_module("int4_matmul_cuda_small_m")
     M = x.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -316,7 +318,7 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     mod.int4_matmul_small_m(
         x.data_ptr(), _DTYPE_CODE[x.dtype], qweight.data_ptr(), qzeros.data_ptr(),
         scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G, group_size,
-        y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream, steps, warps, tiled,
+        y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream, steps, warps, tiled, pdl,
     )
     return y
 

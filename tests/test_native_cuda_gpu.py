@@ -189,6 +189,55 @@ def test_tiled_weights_compute_the_same(K, N, group, kw):
             assert torch.equal(a, b), (K, N, M, steps)
 
 
+@functools.lru_cache(maxsize=None)
+def _chain_layers(K, n, group=128):
+    """n K x K layers whose scales are divided by their float64 gain, so that a chain of them keeps its
+    activations near unit size in fp16."""
+    layers = []
+    x = torch.randn(64, K, device="cuda", dtype=torch.float64)
+    for i in range(n):
+        qw, qz, s, g = _layer(K, K, group, seed=50 + i)
+        gain = (x @ dequant_f64(qw, qz, s, g).t()).norm() / x.norm()
+        layers.append((qw, qz, (s.double() / gain).half(), g))
+    return layers
+
+
+@pytest.mark.parametrize("steps", [0, 4, 22, 32, 34, 36, 38])
+def test_pdl_chain_reads_x_after_the_previous_kernel(steps):
+    # launched as programmatic dependents, the kernels of a chain (each layer's input the previous one's
+    # output, nothing in between) may start while the previous one finishes and fetch their weights, but
+    # must read x only once it has: the same bits as ordinary launches, eagerly and as CUDA-graph replays
+    K, tiled = 1024, steps == 32
+    layers = _chain_layers(K, 4)
+    if tiled:
+        layers = [(native.tile_qweight(qw), qz, s, g) for qw, qz, s, g in layers]
+
+    def chain(x, pdl):
+        for qw, qz, s, g in layers:
+            x = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, K, s.shape[0], group_size=128, steps=steps,
+                                                   tiled=tiled, pdl=pdl)
+        return x
+
+    for M in (1, 5, 16):
+        x0 = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        want = chain(x0, False)
+        assert torch.isfinite(want).all() and want.abs().max() > 1e-3, M
+        assert torch.equal(chain(x0, True), want), (steps, M)
+        side = torch.cuda.Stream()  # warm-up and capture off the default stream, as torch requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain(x0, True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(x0, True)
+        for trial in range(3):
+            x0.copy_(torch.randn(M, K, device="cuda", dtype=torch.float16))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, chain(x0, False)), (steps, M, trial)
+
+
 def test_stream_and_empty_and_errors():
     dev = torch.device("cuda")
     qw, qz, s, g = _weight(512, 64, 128, dev, seed=1)

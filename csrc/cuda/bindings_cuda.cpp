@@ -16,7 +16,7 @@ PYBIND11_MODULE(_C_cuda, m) {
       "int4_matmul_small_m",
       [](uintptr_t x, int x_dtype, uintptr_t qweight, uintptr_t qzeros, uintptr_t scales,
          int scales_dtype, uintptr_t g_idx, int M, int K, int N, int G, int group_size, uintptr_t y,
-         int device, uintptr_t stream, int steps, int warps, bool tiled) {
+         int device, uintptr_t stream, int steps, int warps, bool tiled, bool pdl) {
         char err[256] = {0};
         int rc;
         {
@@ -26,7 +26,8 @@ PYBIND11_MODULE(_C_cuda, m) {
                                  reinterpret_cast<const int32_t*>(qzeros),
                                  reinterpret_cast<const void*>(scales), scales_dtype,
                                  reinterpret_cast<const int32_t*>(g_idx), M, K, N, G, group_size,
-                                 tiled ? 1 : 0, reinterpret_cast<void*>(y), device,
+                                 (tiled ? MOPS_INT4_TILED : 0) | (pdl ? MOPS_INT4_PDL : 0),
+                                 reinterpret_cast<void*>(y), device,
                                  reinterpret_cast<void*>(stream), steps, warps, err, int(sizeof err));
         }
         if (rc != 0) throw std::runtime_error(std::string("int4_matmul_small_m: ") + err);
@@ -34,10 +35,11 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("x"), py::arg("x_dtype"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"),
       py::arg("scales_dtype"), py::arg("g_idx"), py::arg("M"), py::arg("K"), py::arg("N"),
       py::arg("G"), py::arg("group_size"), py::arg("y"), py::arg("device"), py::arg("stream"),
-      py::arg("steps") = 0, py::arg("warps") = 0, py::arg("tiled") = false,
+      py::arg("steps") = 0, py::arg("warps") = 0, py::arg("tiled") = false, py::arg("pdl") = false,
       "y (M,N) = x (M,K) W^T on CUDA for M <= 16; pointers and the stream as integers. group_size > 0 "
       "promises g_idx == arange(K) / group_size; steps / warps > 0 override the tuned launch (benchmarks); "
-      "tiled: qweight in the order of mops_fast.native.tile_qweight");
+      "tiled: qweight in the order of mops_fast.native.tile_qweight; pdl: launched as a programmatic "
+      "dependent of the stream's previous grid (sm_90)");
   m.def(
       "int4_small_m_stream_warps",
       [](int M, int K, int N, int G, int group_size, int x_dtype, int steps, int device) {

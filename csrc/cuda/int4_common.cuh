@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include <cstring>
+#include <utility>
 
 namespace mops_int4 {
 
@@ -127,6 +128,21 @@ __device__ __forceinline__ bool sum_over_warps(const float (&acc)[R], float* red
   return true;
 }
 
+// Programmatic dependent launch (sm_90). A forward kernel lets the next grid on its stream launch once
+// all of its CTAs have started (launch_dependents), and, launched as a dependent itself, reads nothing
+// the previous grid may write before griddep_wait returns: it may fetch the frozen weight first, never x.
+// Both are no-ops in a kernel launched without the attribute (launch_maybe_pdl) and below sm_90.
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Commit groups a lane of the streamed kernels issues its slice in (each consumed as it lands).
 constexpr int kStreamChunks = 8;
 
@@ -230,6 +246,28 @@ bool set_max_dynamic_smem(int device, int bytes) {
   if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) return false;
   done[device] = true;
   return true;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the stream's previous
+// grid when pdl (sm_90 and later: it may start while that grid finishes; see griddep_wait).
+template <class... Params, class... Args>
+cudaError_t launch_maybe_pdl(void (*kernel)(Params...), int grid, int block, size_t smem, cudaStream_t stream,
+                             bool pdl, Args&&... args) {
+  if (!pdl) {
+    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 // Shapes both small-M entry points take: 1 <= M <= 16 rows, K and N multiples of 8, G > 0. nullptr if

@@ -204,6 +204,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int ncol = n0 + 4 * lq;            // this lane's 4 columns
   const bool col_ok = ncol < N;
   const int w_off = weight_offset(p, ncol, TILED);
+  griddep_launch_dependents();
 
   if (!GROUPED) {
     // Group of each qweight row (-1: its 8 inputs span several groups, as with act-order).
@@ -216,6 +217,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     }
     __syncthreads();
   }
+  griddep_wait();  // x comes with the first batch's weights
 
   // This warp's contiguous slice of 4-row steps.
   const int steps = (R + 3) / 4;
@@ -425,7 +427,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   l.row_lo = l.lq < p.M;
   l.row_hi = MT == 16 && l.lq + 8 < p.M;
 
-  // Both batches in flight before anything waits.
+  // Both batches in flight before anything waits (x comes with them: after the previous grid).
+  griddep_launch_dependents();
+  griddep_wait();
   Batch<MT> a, b;
   issue_batch<T, MT>(p, l, s_begin, a);
   issue_batch<T, MT>(p, l, s_begin + kPipeSteps, b);
@@ -546,6 +550,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   // x[m, 8r .. 8r + 7]: the 16 bytes of x a lane's step reads for row m
   auto x_at = [&](int m, int r) { return reinterpret_cast<const uint4*>(xg + (int64_t)m * K + 8 * r); };
   const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
+  griddep_launch_dependents();
   if (lt == 0 && nst > 0) {  // the scales and zeros of the slice's groups, in the first chunk
     const int g1 = min((min(4 * (s_begin + nst), R) - 1) >> p.group_shift, G - 1);
     for (int g = g0; g <= g1; ++g) {
@@ -556,11 +561,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
                     col_ok);
     }
   }
+  if (!XG) griddep_wait();  // x is copied beside the weights
   stream_issue(nst, [&](int i) {
     const int r = 4 * (s_begin + i) + lt;
     const bool ok = r < R;
-    cp_async<16>(wq + i * 32 + lane, ok && col_ok ? (const void*)weight_row(p, w_off, r, p.w_stride) : (const void*)p.qweight,
-                 ok && col_ok);
+    const bool w_ok = ok && col_ok;
+    cp_async<16>(wq + i * 32 + lane, w_ok ? (const void*)weight_row(p, w_off, r, p.w_stride) : p.qweight, w_ok);
     if (!XG && row_lo) cp_async<16>(xq + (i * M + lq) * 4 + lt, ok ? (const void*)x_at(lq, r) : p.x, ok);
     if (!XG && MT == 16 && row_hi)
       cp_async<16>(xq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)x_at(lq + 8, r) : p.x, ok);
@@ -575,6 +581,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     if (r < R && row_lo) nlo = __ldg(x_at(lq, r));
     if (MT == 16 && r < R && row_hi) nhi = __ldg(x_at(lq + 8, r));
   };
+  if (XG) griddep_wait();  // the whole slice of weights is in flight; x only from here on
   if (XG && nst > 0) load_x(0);
   auto x_frags = [&](int i, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
     uint4 xlo = make_uint4(0, 0, 0, 0), xhi = make_uint4(0, 0, 0, 0);
@@ -661,7 +668,7 @@ int pick_warps(const Params& p, const DeviceInfo& dev, int warps_hint) {
 
 template <class Kernel>
 cudaError_t launch_kernel(Kernel kernel, const Params& p, const DeviceInfo& dev, int warps_hint, bool table,
-                          cudaStream_t stream) {
+                          bool pdl, cudaStream_t stream) {
   const int warps = pick_warps(p, dev, warps_hint);
   const size_t tbl = table ? size_t(p.K / 8) * 4 : 0;
   const size_t red = size_t(warps) * 16 * 32 * 4;
@@ -671,14 +678,14 @@ cudaError_t launch_kernel(Kernel kernel, const Params& p, const DeviceInfo& dev,
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return e;
   }
-  kernel<<<(p.N + 31) / 32, warps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_maybe_pdl(kernel, (p.N + 31) / 32, warps * 32, smem, stream, pdl, p);
 }
 
 template <class T, int MT, bool GROUPED>
-cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hint, cudaStream_t stream) {
-  if (p.tiled) return launch_kernel(int4_small_m_kernel<T, MT, GROUPED, true>, p, dev, warps_hint, !GROUPED, stream);
-  return launch_kernel(int4_small_m_kernel<T, MT, GROUPED, false>, p, dev, warps_hint, !GROUPED, stream);
+cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hint, bool pdl, cudaStream_t stream) {
+  if (p.tiled)
+    return launch_kernel(int4_small_m_kernel<T, MT, GROUPED, true>, p, dev, warps_hint, !GROUPED, pdl, stream);
+  return launch_kernel(int4_small_m_kernel<T, MT, GROUPED, false>, p, dev, warps_hint, !GROUPED, pdl, stream);
 }
 
 // Warps a CTA for the streamed kernel: the most (2 to 16) with which every CTA is resident at once, one
@@ -723,14 +730,14 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
 
 // Streamed kernel where stream_warps finds room; *fits false and nothing launched otherwise.
 template <class T, int MT, bool FOLD, bool XG>
-cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int device, int warps_hint, cudaStream_t stream,
-                          bool* fits) {
+cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int device, int warps_hint, bool pdl,
+                          cudaStream_t stream, bool* fits) {
   const int warps = stream_warps<T, MT, FOLD, XG>(p, dev, device, warps_hint);
   *fits = warps > 0;
   if (!*fits) return cudaSuccess;
   const StreamLayout lay = stream_layout(p, warps, XG);
-  int4_small_m_stream_kernel<T, MT, FOLD, XG><<<(p.N + 31) / 32, warps * 32, lay.bytes, stream>>>(p, lay);
-  return cudaGetLastError();
+  return launch_maybe_pdl(int4_small_m_stream_kernel<T, MT, FOLD, XG>, (p.N + 31) / 32, warps * 32, lay.bytes,
+                          stream, pdl, p, lay);
 }
 
 // Call f(fold, xg) with the two streamed-kernel flags as compile-time constants (std::bool_constant).
@@ -772,22 +779,24 @@ inline bool known_steps_hint(int steps_hint) {
 // Dropped after the H100 runs of 2026-11-26/27 (benchmarks/results/tune_int4-*.json): batches of 8 steps
 // (spills), x staged in shared memory for the register and pipelined kernels (-4, -8, -22, 24: 0-8% slower
 // than 22 at M <= 4, ties at M = 16), and each step streamed through a cp.async ring (1.2-2.5x slower).
+// pdl: launched as a programmatic dependent of the stream's previous grid (sm_90; griddep_wait).
 template <class T, int MT>
-cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps_hint, int warps_hint,
+cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps_hint, int warps_hint, bool pdl,
                    cudaStream_t s) {
-  if (p.group_shift < 0) return launch_variant<T, MT, false>(p, dev, warps_hint, s);
+  if (p.group_shift < 0) return launch_variant<T, MT, false>(p, dev, warps_hint, pdl, s);
   bool fold = false, xg = false;
   if (stream_flags(steps_hint, p.group_shift, &fold, &xg)) {
     bool fits = false;
     const cudaError_t e = with_stream_flags(fold, xg, [&](auto f, auto g) {
-      return launch_stream<T, MT, decltype(f)::value, decltype(g)::value>(p, dev, device, warps_hint, s, &fits);
+      return launch_stream<T, MT, decltype(f)::value, decltype(g)::value>(p, dev, device, warps_hint, pdl, s,
+                                                                          &fits);
     });
     if (e != cudaSuccess || fits) return e;
     steps_hint = 0;  // the slices do not fit in shared memory: the default
   }
   if (steps_hint == 22 || (steps_hint == 0 && MT == 8))
-    return launch_kernel(int4_small_m_pipe_kernel<T, MT>, p, dev, warps_hint, false, s);
-  return launch_variant<T, MT, true>(p, dev, warps_hint, s);
+    return launch_kernel(int4_small_m_pipe_kernel<T, MT>, p, dev, warps_hint, false, pdl, s);
+  return launch_variant<T, MT, true>(p, dev, warps_hint, pdl, s);
 }
 
 }  // namespace
@@ -816,7 +825,7 @@ extern "C" int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int gr
 extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qweight,
                                  const int32_t* qzeros, const void* scales, int scales_dtype,
                                  const int32_t* g_idx, int M, int K, int N, int G, int group_size,
-                                 int tiled, void* y, int device, void* stream, int steps_hint, int warps_hint,
+                                 int flags, void* y, int device, void* stream, int steps_hint, int warps_hint,
                                  char* err, int err_len) {
   auto fail = [&](const char* msg) {
     std::snprintf(err, size_t(err_len), "%s", msg);
@@ -828,6 +837,8 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   if (group_size < 0) return fail("group_size must be >= 0 (0: read the groups from g_idx)");
   if (!known_steps_hint(steps_hint)) return fail("unknown steps hint: use 0 (the default), 4, 22, 32, 34, 36 or 38");
   if (warps_hint < 0) return fail("warps hint must be >= 0 (0: the kernel picks)");
+  if (flags & ~(MOPS_INT4_TILED | MOPS_INT4_PDL)) return fail("unknown flags");
+  const bool tiled = flags & MOPS_INT4_TILED;
   const DeviceInfo* info = nullptr;
   if (const char* msg = use_device(device, &info)) return fail(msg);
   const DeviceInfo& dev = *info;
@@ -840,12 +851,13 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift, tiled ? 1 : 0,
            tiled ? 32 : N};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool pdl = (flags & MOPS_INT4_PDL) && dev.cc_major >= 9;  // earlier parts: an ordinary launch
   if (x_dtype == 1)
-    e = M <= 8 ? launch<__half, 8>(p, dev, device, steps_hint, warps_hint, s)
-               : launch<__half, 16>(p, dev, device, steps_hint, warps_hint, s);
+    e = M <= 8 ? launch<__half, 8>(p, dev, device, steps_hint, warps_hint, pdl, s)
+               : launch<__half, 16>(p, dev, device, steps_hint, warps_hint, pdl, s);
   else
-    e = M <= 8 ? launch<__nv_bfloat16, 8>(p, dev, device, steps_hint, warps_hint, s)
-               : launch<__nv_bfloat16, 16>(p, dev, device, steps_hint, warps_hint, s);
+    e = M <= 8 ? launch<__nv_bfloat16, 8>(p, dev, device, steps_hint, warps_hint, pdl, s)
+               : launch<__nv_bfloat16, 16>(p, dev, device, steps_hint, warps_hint, pdl, s);
   if (e == cudaErrorInvalidValue && group_shift < 0 && size_t(K / 8) * 4 > 48 * 1024)
     return fail("K too large for the shared-memory row-group table of this GPU");
   if (e != cudaSuccess) return fail(cudaGetErrorString(e));

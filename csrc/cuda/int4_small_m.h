@@ -6,17 +6,23 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+// Flags of mops_int4_small_m. TILED: qweight is in the tiled order (ceil(N/32), K/8, 32) of
+// mops_fast.native.tile_qweight instead of GPTQ's (K/8, N). PDL: launch as a programmatic dependent of
+// the stream's previous grid (sm_90; elsewhere ignored): the kernel may start, and fetch weights, while
+// that grid finishes, and reads x only once it has (so nothing before it may write the weights).
+#define MOPS_INT4_TILED 1
+#define MOPS_INT4_PDL 2
+
 // y (M,N) = x (M,K) W^T for 1 <= M <= 16. x_dtype: 1 fp16, 2 bf16; scales_dtype: 0 f32, 1 f16,
 // 2 bf16. group_size > 0 is the caller's promise that g_idx == arange(K) / group_size (the kernel
-// then computes groups instead of reading g_idx); 0 reads g_idx. tiled: qweight is in the tiled order
-// (ceil(N/32), K/8, 32) of mops_fast.native.tile_qweight instead of GPTQ's (K/8, N). All pointers
+// then computes groups instead of reading g_idx); 0 reads g_idx. flags: MOPS_INT4_* above. All pointers
 // device pointers on `device`; stream is a cudaStream_t. steps_hint and warps_hint (warps a CTA)
 // override the tuned choice when nonzero (benchmarks); the steps variants are listed at launch() in
-// int4_small_m.cu (8 row steps in flight, x in shared memory, the software-pipelined kernel, the
-// streamed ones). Returns 0, or 1 with a message in err.
+// int4_small_m.cu (4-step batches, the software-pipelined kernel, the streamed ones). Returns 0, or 1
+// with a message in err.
 int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qweight, const int32_t* qzeros,
                       const void* scales, int scales_dtype, const int32_t* g_idx, int M, int K,
-                      int N, int G, int group_size, int tiled, void* y, int device, void* stream,
+                      int N, int G, int group_size, int flags, void* y, int device, void* stream,
                       int steps_hint, int warps_hint, char* err, int err_len);
 
 // Warps a CTA the streamed kernel of steps_hint 32, 34, 36 or 38 takes for this shape on `device` with
