@@ -43,9 +43,9 @@ NATIVE_VARIANTS = [(0, 0, False, False), (22, 0, False, False), (32, 0, False, F
                    (0, 0, True, False), (22, 0, True, False), (32, 0, True, False), (34, 0, True, False),
                    (0, 0, False, True), (32, 0, False, True), (36, 0, False, True), (38, 0, False, True),
                    (32, 0, True, True)]
-# steps of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed, 33
-# streamed with the N slices summed in a thread-block cluster (sm_90)
-NATIVE_BWD_VARIANTS = [0, 32, 33]
+# (steps, pdl) of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed,
+# 33 streamed with the N slices summed in a thread-block cluster (sm_90)
+NATIVE_BWD_VARIANTS = [(0, False), (32, False), (33, False), (0, True), (33, True)]
 BIG_TILES = [dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
              dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)]
@@ -164,10 +164,10 @@ def main() -> int:
                                native.int4_cuda_small_m_validated(x, *q[i], K, N, G, group_size=g, steps=s,
                                                                   warps=w, tiled=t, pdl=d),
                                ref_f, nq, graph)
-                for steps in NATIVE_BWD_VARIANTS:
-                    record(shape, f"native[steps={steps}]", "bwd",
-                           lambda i, s=steps: lambda: native.int4_cuda_small_m_t_validated(
-                               dy, *qsets[i][:3], K, N, G, GROUP, steps=s), ref_b, nq, graph)
+                for steps, pdl in NATIVE_BWD_VARIANTS:
+                    record(shape, f"native[steps={steps}{',pdl' if pdl else ''}]", "bwd",
+                           lambda i, s=steps, d=pdl: lambda: native.int4_cuda_small_m_t_validated(
+                               dy, *qsets[i][:3], K, N, G, GROUP, steps=s, pdl=d), ref_b, nq, graph)
             if args.small_native:
                 continue
             for unpack in (0, 1):

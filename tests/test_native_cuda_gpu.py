@@ -238,6 +238,38 @@ def test_pdl_chain_reads_x_after_the_previous_kernel(steps):
             assert torch.equal(out, chain(x0, False)), (steps, M, trial)
 
 
+@pytest.mark.parametrize("steps", [0, 32, 33])
+def test_pdl_backward_chain_reads_dy_after_the_previous_kernel(steps):
+    # the backward's kernels (and the slices' sum where N is split: 1024 x 1024 splits) as programmatic
+    # dependents, each reading the previous layer's dx as its dy: the bits of ordinary launches
+    K = 1024
+    layers = _chain_layers(K, 4)
+
+    def chain(dy, pdl):
+        for qw, qz, s, _ in layers:
+            dy = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, K, s.shape[0], 128, steps=steps, pdl=pdl)
+        return dy
+
+    for M in (1, 9):
+        dy0 = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        want = chain(dy0, False)
+        assert torch.isfinite(want).all() and want.abs().max() > 1e-3, M
+        assert torch.equal(chain(dy0, True), want), (steps, M)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain(dy0, True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(dy0, True)
+        for trial in range(3):
+            dy0.copy_(torch.randn(M, K, device="cuda", dtype=torch.float16))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, chain(dy0, False)), (steps, M, trial)
+
+
 def test_stream_and_empty_and_errors():
     dev = torch.device("cuda")
     qw, qz, s, g = _weight(512, 64, 128, dev, seed=1)

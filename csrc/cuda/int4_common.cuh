@@ -251,7 +251,7 @@ bool set_max_dynamic_smem(int device, int bytes) {
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the stream's previous
 // grid when pdl (sm_90 and later: it may start while that grid finishes; see griddep_wait).
 template <class... Params, class... Args>
-cudaError_t launch_maybe_pdl(void (*kernel)(Params...), int grid, int block, size_t smem, cudaStream_t stream,
+cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, int block, size_t smem, cudaStream_t stream,
                              bool pdl, Args&&... args) {
   if (!pdl) {
     kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
@@ -261,13 +261,14 @@ cudaError_t launch_maybe_pdl(void (*kernel)(Params...), int grid, int block, siz
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
+  cfg.gridDim = grid;
   cfg.blockDim = dim3(block);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 // Shapes both small-M entry points take: 1 <= M <= 16 rows, K and N multiples of 8, G > 0. nullptr if

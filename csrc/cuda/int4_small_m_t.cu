@@ -174,6 +174,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* dyg = static_cast<const T*>(p.dy);
   const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
   const bool m_lo = lq < M, m_hi = MT == 16 && lq + 8 < M;
+  griddep_launch_dependents();
+  griddep_wait();  // dy comes with the first batch's weights
 
   for (int s0 = s_begin; s0 < s_end; s0 += kSteps) {
     int4 qv[kSteps];
@@ -259,6 +261,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   const T* dyg = static_cast<const T*>(p.dy);
   const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
+  griddep_launch_dependents();
+  griddep_wait();  // dy is copied beside the weights
   stream_issue(nst, [&](int i) {
     const int col = nb + 16 * (s_begin + i) + 4 * lt;
     const bool ok = col < N;  // N is a multiple of 8 and col of 4: all four columns exist
@@ -319,6 +323,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <class T>
 __global__ void sum_slices_kernel(const float* partial, int n_split, int64_t count, T* dx) {
   using Tr = Traits<T>;
+  griddep_launch_dependents();
+  griddep_wait();  // the partial sums of the kernel before
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
     float s = 0.f;
     for (int k = 0; k < n_split; ++k) s += partial[k * count + i];
@@ -349,7 +355,7 @@ bool t_stream_fits(const TParams& p, const TStreamLayout& lay, const DeviceInfo&
 // The streamed backward with its N slices summed inside a thread-block cluster (at most 8 slices, the
 // portable cluster size); false (nothing launched) where it does not apply.
 template <class T, int MT>
-bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int n_split, cudaStream_t s,
+bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int n_split, bool pdl, cudaStream_t s,
                       cudaError_t* e) {
   TParams p = p0;
   const int ns = std::min(n_split, 8);
@@ -362,13 +368,15 @@ bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int 
   cfg.blockDim = dim3(kWarps * 32);
   cfg.dynamicSmemBytes = size_t(lay.bytes);
   cfg.stream = s;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = 1;
   attr[0].val.clusterDim.y = unsigned(ns);
   attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = pdl ? 2 : 1;
   *e = cudaLaunchKernelEx(&cfg, int4_small_m_t_stream_kernel<T, MT, true>, p, lay);
   if (*e == cudaSuccess) *e = cudaGetLastError();
   return true;
@@ -376,26 +384,26 @@ bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int 
 
 // The backward: steps_hint 33 the streamed kernel with cluster sums where it applies; 32 the streamed
 // kernel (groups of whole 8-row blocks, a CTA's slice in shared memory); else the register kernel; then
-// the slices' sum where N is split.
+// the slices' sum where N is split. pdl: each launched as a programmatic dependent of the grid before it
+// (sm_90; griddep_wait).
 template <class T, int MT>
 cudaError_t launch_t(const TParams& p0, const DeviceInfo& dev, int device, int n_split, int64_t count,
-                     int steps_hint, cudaStream_t s) {
+                     int steps_hint, bool pdl, cudaStream_t s) {
   cudaError_t ce = cudaSuccess;
-  if (steps_hint == 33 && launch_t_cluster<T, MT>(p0, dev, device, n_split, s, &ce)) return ce;
+  if (steps_hint == 33 && launch_t_cluster<T, MT>(p0, dev, device, n_split, pdl, s, &ce)) return ce;
   TParams p = p0;
   p.n_per_cta = n_per_cta_for(p.N, n_split);
   const dim3 grid((p.K / 8 + 7) / 8, n_split);
   const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
-  if ((steps_hint == 32 || steps_hint == 33) && t_stream_fits<T, MT, false>(p, lay, dev, device))
-    int4_small_m_t_stream_kernel<T, MT, false><<<grid, kWarps * 32, lay.bytes, s>>>(p, lay);
-  else
-    int4_small_m_t_kernel<T, MT><<<grid, kWarps * 32, 0, s>>>(p);
-  cudaError_t e = cudaGetLastError();
+  const cudaError_t e =
+      (steps_hint == 32 || steps_hint == 33) && t_stream_fits<T, MT, false>(p, lay, dev, device)
+          ? launch_maybe_pdl(int4_small_m_t_stream_kernel<T, MT, false>, grid, kWarps * 32, lay.bytes, s, pdl, p, lay)
+          : launch_maybe_pdl(int4_small_m_t_kernel<T, MT>, grid, kWarps * 32, 0, s, pdl, p);
   if (e != cudaSuccess || p.partial == nullptr) return e;
   const int threads = 256;
   const int blocks = int(std::min<int64_t>((count + threads - 1) / threads, 1024));
-  sum_slices_kernel<T><<<blocks, threads, 0, s>>>(p.partial, n_split, count, static_cast<T*>(p.dx));
-  return cudaGetLastError();
+  return launch_maybe_pdl(sum_slices_kernel<T>, dim3(blocks), threads, 0, s, pdl, p.partial, n_split, count,
+                          static_cast<T*>(p.dx));
 }
 
 }  // namespace
@@ -411,7 +419,7 @@ extern "C" long long mops_int4_small_m_t_workspace(int M, int K, int N, int devi
 extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* qweight, const int32_t* qzeros,
                                    const void* scales, int scales_dtype, int M, int K, int N, int G,
                                    int group_size, void* dx, float* workspace, long long workspace_floats,
-                                   int device, void* stream, int steps_hint, char* err, int err_len) {
+                                   int device, void* stream, int steps_hint, int flags, char* err, int err_len) {
   auto fail = [&](const char* msg) {
     std::snprintf(err, size_t(err_len), "%s", msg);
     return 1;
@@ -421,6 +429,7 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   if (scales_dtype != 1 && scales_dtype != 2) return fail("scales must be fp16 or bf16 here");
   if (steps_hint != 0 && steps_hint != 32 && steps_hint != 33)
     return fail("unknown steps hint: use 0 (the default), 32 or 33");
+  if (flags & ~MOPS_INT4_PDL) return fail("unknown flags (the backward takes MOPS_INT4_PDL only)");
   const DeviceInfo* info = nullptr;
   if (const char* msg = use_device(device, &info)) return fail(msg);
   const int group_shift = row_group_shift(group_size, G);
@@ -435,12 +444,13 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
   const DeviceInfo& dev = *info;
+  const bool pdl = (flags & MOPS_INT4_PDL) && dev.cc_major >= 9;  // earlier parts: ordinary launches
   if (dy_dtype == 1)
-    e = M <= 8 ? launch_t<__half, 8>(p, dev, device, n_split, count, steps_hint, s)
-               : launch_t<__half, 16>(p, dev, device, n_split, count, steps_hint, s);
+    e = M <= 8 ? launch_t<__half, 8>(p, dev, device, n_split, count, steps_hint, pdl, s)
+               : launch_t<__half, 16>(p, dev, device, n_split, count, steps_hint, pdl, s);
   else
-    e = M <= 8 ? launch_t<__nv_bfloat16, 8>(p, dev, device, n_split, count, steps_hint, s)
-               : launch_t<__nv_bfloat16, 16>(p, dev, device, n_split, count, steps_hint, s);
+    e = M <= 8 ? launch_t<__nv_bfloat16, 8>(p, dev, device, n_split, count, steps_hint, pdl, s)
+               : launch_t<__nv_bfloat16, 16>(p, dev, device, n_split, count, steps_hint, pdl, s);
   if (e != cudaSuccess) return fail(cudaGetErrorString(e));
   return 0;
 }
