@@ -44,12 +44,12 @@ for s in $STEPS; do
     tests) step tests 300 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests.xml" tests/test_gated_prefix_attention_gpu.py \
              tests/test_int4_matmul_gpu.py tests/test_native_cuda_gpu.py tests/test_attach_gpu.py \
              tests/test_quant_refine.py ;;
-    tests_int4) step tests_int4 120 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_int4.xml" tests/test_int4_matmul_gpu.py \
+    tests_int4) step tests_int4 180 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_int4.xml" tests/test_int4_matmul_gpu.py \
                   tests/test_native_cuda_gpu.py ;;
     tests_attn) step tests_attn 200 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_attn.xml" tests/test_gated_prefix_attention_gpu.py \
                   tests/test_attach_gpu.py tests/test_quant_refine.py ;;
     tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT" ;;
-    tune_int4_small) step tune_int4_small 90 python3 benchmarks/tune_int4_gpu.py --small-native --budget 75 --out "$OUT" ;;
+    tune_int4_small) step tune_int4_small 150 python3 benchmarks/tune_int4_gpu.py --small-native --budget 130 --out "$OUT" ;;
     ncu_int4) step ncu_int4 150 bash -c "ncu -k regex:int4_small_m --section SpeedOfLight --section Occupancy \
                 --section LaunchStats --section WarpStateStats python3 benchmarks/ncu_int4_small_m.py \
                 > '$OUT/ncu_int4_small_m.txt' 2>&1; tail -3 '$OUT/ncu_int4_small_m.txt'" ;;
