@@ -202,11 +202,32 @@ def _chain_layers(K, n, group=128):
     return layers
 
 
+def _check_pdl_chain(chain, x0, what):
+    """chain(x, pdl) launched as programmatic dependents gives the bits of ordinary launches, eagerly and
+    as CUDA-graph replays on fresh inputs."""
+    want = chain(x0, False)
+    assert torch.isfinite(want).all() and want.abs().max() > 1e-3, what
+    assert torch.equal(chain(x0, True), want), what
+    side = torch.cuda.Stream()  # warm-up and capture off the default stream, as torch requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(x0, True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x0, True)
+    for trial in range(3):
+        x0.copy_(torch.randn_like(x0))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, chain(x0, False)), (what, trial)
+
+
 @pytest.mark.parametrize("steps", [0, 4, 22, 32, 34, 36, 38])
 def test_pdl_chain_reads_x_after_the_previous_kernel(steps):
     # launched as programmatic dependents, the kernels of a chain (each layer's input the previous one's
     # output, nothing in between) may start while the previous one finishes and fetch their weights, but
-    # must read x only once it has: the same bits as ordinary launches, eagerly and as CUDA-graph replays
+    # must read x only once it has
     K, tiled = 1024, steps == 32
     layers = _chain_layers(K, 4)
     if tiled:
@@ -219,29 +240,13 @@ def test_pdl_chain_reads_x_after_the_previous_kernel(steps):
         return x
 
     for M in (1, 5, 16):
-        x0 = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        want = chain(x0, False)
-        assert torch.isfinite(want).all() and want.abs().max() > 1e-3, M
-        assert torch.equal(chain(x0, True), want), (steps, M)
-        side = torch.cuda.Stream()  # warm-up and capture off the default stream, as torch requires
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            chain(x0, True)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain(x0, True)
-        for trial in range(3):
-            x0.copy_(torch.randn(M, K, device="cuda", dtype=torch.float16))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, chain(x0, False)), (steps, M, trial)
+        _check_pdl_chain(chain, torch.randn(M, K, device="cuda", dtype=torch.float16), f"steps={steps} M={M}")
 
 
 @pytest.mark.parametrize("steps", [0, 32, 33])
 def test_pdl_backward_chain_reads_dy_after_the_previous_kernel(steps):
     # the backward's kernels (and the slices' sum where N is split: 1024 x 1024 splits) as programmatic
-    # dependents, each reading the previous layer's dx as its dy: the bits of ordinary launches
+    # dependents, each reading the previous layer's dx as its dy
     K = 1024
     layers = _chain_layers(K, 4)
 
@@ -251,23 +256,7 @@ def test_pdl_backward_chain_reads_dy_after_the_previous_kernel(steps):
         return dy
 
     for M in (1, 9):
-        dy0 = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        want = chain(dy0, False)
-        assert torch.isfinite(want).all() and want.abs().max() > 1e-3, M
-        assert torch.equal(chain(dy0, True), want), (steps, M)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            chain(dy0, True)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain(dy0, True)
-        for trial in range(3):
-            dy0.copy_(torch.randn(M, K, device="cuda", dtype=torch.float16))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, chain(dy0, False)), (steps, M, trial)
+        _check_pdl_chain(chain, torch.randn(M, K, device="cuda", dtype=torch.float16), f"bwd steps={steps} M={M}")
 
 
 def test_stream_and_empty_and_errors():
