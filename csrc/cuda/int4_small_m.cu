@@ -349,9 +349,10 @@ struct Lane {
   bool col_ok, row_lo, row_hi;
 };
 
-template <class T, int MT>
-__device__ __forceinline__ void issue_batch(const Params& p, const Lane& l, int s0, Batch<MT>& b) {
-  const T* xg = static_cast<const T*>(p.x);
+// A batch's weights, scales and zeros (issue_weights) and its x (issue_x): split so that the first
+// batches' weights can be requested before griddep_wait.
+template <int MT>
+__device__ __forceinline__ void issue_weights(const Params& p, const Lane& l, int s0, Batch<MT>& b) {
   const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
   const int R = p.K / 8;
 #pragma unroll
@@ -367,6 +368,17 @@ __device__ __forceinline__ void issue_batch(const Params& p, const Lane& l, int 
       b.s[u] = __ldg(reinterpret_cast<const uint2*>(sc16 + (int64_t)g * p.N + l.ncol));
       b.z[u] = uint32_t(__ldg(p.qzeros + (int64_t)g * (p.N / 8) + l.ncol / 8));
     }
+  }
+}
+
+template <class T, int MT>
+__device__ __forceinline__ void issue_x(const Params& p, const Lane& l, int s0, Batch<MT>& b) {
+  const T* xg = static_cast<const T*>(p.x);
+  const int R = p.K / 8;
+#pragma unroll
+  for (int u = 0; u < kPipeSteps; ++u) {
+    const int r = 4 * (s0 + u) + l.lt;
+    const bool ok = s0 + u < l.s_end && r < R;
     b.xlo[u] = make_uint4(0, 0, 0, 0);
     if (ok && l.row_lo) b.xlo[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)l.lq * p.K + 8 * r));
     if (MT == 16) {
@@ -375,6 +387,12 @@ __device__ __forceinline__ void issue_batch(const Params& p, const Lane& l, int 
         b.xhi[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)(l.lq + 8) * p.K + 8 * r));
     }
   }
+}
+
+template <class T, int MT>
+__device__ __forceinline__ void issue_batch(const Params& p, const Lane& l, int s0, Batch<MT>& b) {
+  issue_weights<MT>(p, l, s0, b);
+  issue_x<T, MT>(p, l, s0, b);
 }
 
 template <class T, int MT>
@@ -427,12 +445,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   l.row_lo = l.lq < p.M;
   l.row_hi = MT == 16 && l.lq + 8 < p.M;
 
-  // Both batches in flight before anything waits (x comes with them: after the previous grid).
+  // Both batches in flight before anything waits; their x only once the previous grid has finished.
   griddep_launch_dependents();
-  griddep_wait();
   Batch<MT> a, b;
-  issue_batch<T, MT>(p, l, s_begin, a);
-  issue_batch<T, MT>(p, l, s_begin + kPipeSteps, b);
+  issue_weights<MT>(p, l, s_begin, a);
+  issue_weights<MT>(p, l, s_begin + kPipeSteps, b);
+  griddep_wait();
+  issue_x<T, MT>(p, l, s_begin, a);
+  issue_x<T, MT>(p, l, s_begin + kPipeSteps, b);
 
   float acc[4][4];
   int cur_g = -1;
