@@ -6,7 +6,8 @@ in flight, warps a CTA). Every variant is checked against the fp32 product befor
 
 Small M (<= 64): CUDA-graph replays over weight copies beyond the L2 cache (common.bench_cuda_graph);
 larger M: triton.testing.do_bench. fp16 activations, group 128, asym zeros. About 60-90 s on an H100;
---small-native: only the small-M CUDA variants (forward and backward) beside fp16 matmul.
+--small-native: only the small-M CUDA variants (forward and backward) beside fp16 matmul, and a read-only
+kernel's speed on the same weights in GPTQ and tiled order (benchmarks/bandwidth_probe.py: the floor).
 """
 from __future__ import annotations
 
@@ -124,6 +125,27 @@ def main() -> int:
     tiled_sets: dict = {}
     stream_warps: dict = {}  # "MxKxN" -> warps a CTA of each streamed kernel (steps 32-38; 0: it fell back)
 
+    def record_read(K, N, qsets):
+        # the read-only kernel on the weight copies, per order and K split: its sums checked, then timed
+        from bandwidth_probe import read_sum, wrapped_sum
+
+        shape, nbytes = {"M": 0, "K": K, "N": N}, qsets[0][0].numel() * 4
+        for order in ("gptq", "tiled"):
+            sets = [q[0] for q in (qsets if order == "gptq" else tiled(K, N, qsets))]
+            for ksplit in (1, 4):
+                name = f"read[order={order},ksplit={ksplit}]"
+                try:
+                    ok = wrapped_sum(read_sum(sets[0], K, N, order, ksplit)) == wrapped_sum(qsets[0][0])
+                    med, p20, p80 = bench_cuda_graph([lambda q=q: read_sum(q, K, N, order, ksplit) for q in sets])
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(f"  {name} {shape} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                rows.append({"shape": shape, "impl": name, "mode": "read", "median_ms": med, "p20_ms": p20,
+                             "p80_ms": p80, "timing": "cuda_graph", "bytes": nbytes,
+                             "tb_per_s": nbytes / (med * 1e-3) / 1e12, "checksum_ok": ok})
+                print(f"  {str(shape):40s} {name:28s} read {med * 1e3:9.1f} us  "
+                      f"{nbytes / (med * 1e-3) / 1e12:.2f} TB/s{'' if ok else '  BAD SUM'}", flush=True)
+
     def tiled(K, N, qsets):
         # the same weight copies with qweight in the tiled order
         if (K, N) not in tiled_sets:
@@ -136,6 +158,8 @@ def main() -> int:
                        for kn in SHAPES]:
         qsets, hsets, W32 = prepared(K, N)
         n_q, n_h = len(qsets), len(hsets)
+        if args.small_native:
+            record_read(K, N, qsets)
         for M in Ms:
             if time.time() - t0 > args.budget:
                 print("budget reached, stopping")
