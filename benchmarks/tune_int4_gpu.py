@@ -132,7 +132,7 @@ def main() -> int:
         shape, nbytes = {"M": 0, "K": K, "N": N}, qsets[0][0].numel() * 4
         for order in ("gptq", "tiled"):
             sets = [q[0] for q in (qsets if order == "gptq" else tiled(K, N, qsets))]
-            for ksplit in (1, 4):
+            for ksplit in (1, 4, 16):  # 1-3 programs an SM at ksplit 1 (as the kernels' CTAs), many at 16
                 name = f"read[order={order},ksplit={ksplit}]"
                 try:
                     ok = wrapped_sum(read_sum(sets[0], K, N, order, ksplit)) == wrapped_sum(qsets[0][0])
