@@ -366,3 +366,9 @@ def test_backward_refusals_and_dispatch(monkeypatch):
     monkeypatch.delenv("MOPS_FAST_INT4_NATIVE_BWD", raising=False)
     _assert_matches(op.int4_matmul_t(dy, qw, qz, s, g, 128), dy.double() @ dequant_f64(qw, qz, s, g),
                     torch.float16, "dispatch, native backward by default")
+    # MOPS_FAST_INT4_PDL=1: the dispatch launches both directions as programmatic dependents, same bits
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.float16)
+    want_f, want_b = op.int4_matmul(x, qw, qz, s, g, 128), op.int4_matmul_t(dy, qw, qz, s, g, 128)
+    monkeypatch.setenv("MOPS_FAST_INT4_PDL", "1")
+    assert torch.equal(op.int4_matmul(x, qw, qz, s, g, 128), want_f)
+    assert torch.equal(op.int4_matmul_t(dy, qw, qz, s, g, 128), want_b)

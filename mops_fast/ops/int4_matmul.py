@@ -648,7 +648,7 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
                 xc = x.contiguous()
                 if _native_small_m_fits(xc, qweight, scales, g_idx):
                     return nat.int4_cuda_small_m_validated(xc, qweight, qzeros, scales, g_idx, *_dims(qweight, scales),
-                                                           group_size=max(int(group_size), 0))
+                                                           group_size=max(int(group_size), 0), pdl=_pdl_enabled())
         if HAS_TRITON:
             if impl == "auto" and x.shape[0] >= CHUNKED_MIN_M:
                 return int4_matmul_chunked(x, qweight, qzeros, scales, g_idx, group_size)
@@ -660,6 +660,14 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
             return nat.int4_cpu_validated(x.contiguous(), qweight, qzeros, scales, g_idx, *_dims(qweight, scales),
                                           transposed=False)
     return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
+
+
+def _pdl_enabled() -> bool:
+    # Programmatic dependent launch of the small-M CUDA kernels (sm_90): each may start, and fetch its
+    # weights, while the kernel before it on the stream finishes. Safe with frozen weights (only these
+    # kernels trigger early, and none writes a weight); not yet timed on a GPU, so opt-in:
+    # MOPS_FAST_INT4_PDL=1.
+    return os.environ.get("MOPS_FAST_INT4_PDL", "0") == "1"
 
 
 def _native_backward_enabled() -> bool:
@@ -683,7 +691,8 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
                     and nat.small_m_t_supports(scales, gs, G)):
                 dyc = dy.contiguous()
                 if _native_small_m_fits(dyc, qweight, scales, g_idx):
-                    return nat.int4_cuda_small_m_t_validated(dyc, qweight, qzeros, scales, K, N, G, gs)
+                    return nat.int4_cuda_small_m_t_validated(dyc, qweight, qzeros, scales, K, N, G, gs,
+                                                             pdl=_pdl_enabled())
         if HAS_TRITON:
             if impl == "auto" and dy.shape[0] >= CHUNKED_MIN_M:
                 return int4_matmul_t_chunked(dy, qweight, qzeros, scales, g_idx, group_size)
