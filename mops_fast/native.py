@@ -18,7 +18,7 @@ API:
   int4_matmul_t_cuda_small_m(dy, ..., group_size)  dx = dy W on CUDA for M <= 16 (grouped weights)
   int4_cpu_validated, int4_cuda_small_m_validated  the same calls without the checks, for mops_fast.ops,
                               which validates each call once itself
-  tile_qweight / untile_qweight  qweight in the small-M CUDA kernel's tiled order and back (experimental)
+  tile_qweight / untile_qweight  qweight in the tiled order and back (mops_fast.quant.pack; experimental)
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import os
 from types import ModuleType
 
 import torch
+
+from mops_fast.quant.pack import TILE_N, tile_qweight, untile_qweight  # noqa: F401 - re-exported
 
 __all__ = [
     "available",
@@ -336,31 +338,6 @@ def int4_small_m_stream_warps(M: int, K: int, N: int, G: int, group_size: int, s
         raise ValueError(f"int4_small_m_stream_warps: bad arguments M={M} K={K} N={N} G={G} "
                          f"group_size={group_size} steps={steps} {dtype}")
     return w
-
-
-TILE_N = 32  # output columns a CTA of the small-M CUDA kernel owns
-
-
-def tile_qweight(qweight: torch.Tensor) -> torch.Tensor:
-    """qweight (K/8, N) in GPTQ order -> (ceil(N/32), K/8, 32): the 32 columns a CTA of the small-M CUDA
-    kernel owns, contiguous along K (GPTQ order puts them 4 N bytes apart). Columns past N are zero. An
-    experimental kernel layout (int4_cuda_small_m_validated(..., tiled=True)), not a checkpoint format."""
-    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or qweight.dtype != torch.int32:
-        raise ValueError(f"tile_qweight: need a 2-D int32 qweight (K/8, N), got "
-                         f"{getattr(qweight, 'dtype', type(qweight))} {tuple(getattr(qweight, 'shape', ()))}")
-    R, N = qweight.shape
-    pad = -N % TILE_N
-    q = torch.nn.functional.pad(qweight, (0, pad)) if pad else qweight
-    return q.view(R, (N + pad) // TILE_N, TILE_N).permute(1, 0, 2).contiguous()
-
-
-def untile_qweight(tiled: torch.Tensor, N: int) -> torch.Tensor:
-    """The inverse of tile_qweight: (ceil(N/32), K/8, 32) -> (K/8, N)."""
-    if (not isinstance(tiled, torch.Tensor) or tiled.dim() != 3 or tiled.shape[2] != TILE_N
-            or tiled.shape[0] != -(-N // TILE_N)):
-        raise ValueError(f"untile_qweight: need ({-(-N // TILE_N)}, K/8, {TILE_N}) for N={N}, got "
-                         f"{tuple(getattr(tiled, 'shape', ()))}")
-    return tiled.permute(1, 0, 2).reshape(tiled.shape[1], -1)[:, :N].contiguous()
 
 
 def int4_matmul_t_cuda_small_m(dy, qweight, qzeros, scales, g_idx, group_size: int) -> torch.Tensor:

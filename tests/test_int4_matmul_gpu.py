@@ -109,3 +109,39 @@ def test_repeated_calls_are_deterministic_and_every_output_is_written():
     b = op.int4_matmul_triton(x, qw, qz, sc, gi, 128)
     assert torch.isfinite(b).all()
     assert rel(a, b.float()) < 1e-3  # split-K atomics reorder sums, nothing more
+
+
+@pytest.mark.parametrize("K,N,M,dtype,act", [
+    (4096, 11008, 1, torch.float16, False),    # the native small-M kernel reads it; the backward takes Triton
+    (4096, 520, 16, torch.bfloat16, False),    # a padded last tile
+    (4096, 4096, 64, torch.float16, False),    # Triton, split-K
+    (4096, 4096, 1024, torch.float16, False),  # dequantized slices + cuBLAS
+    (1024, 264, 9, torch.float16, True),       # act-order groups through g_idx
+])
+def test_tiled_order_computes_the_same(K, N, M, dtype, act):
+    # qweight in the tiled order (3-D): every path the dispatch picks gives what GPTQ order gives (bit for
+    # bit on the native small-M kernel; split-K atomics reorder Triton's sums), the native backward steps
+    # aside for Triton, and the Triton kernels read it in both unpack variants
+    from mops_fast.quant.pack import tile_qweight
+
+    qw, qz, sc, gi = make_weight(K, N, 128, act_order=act, seed=K + N + M)
+    qt = tile_qweight(qw)
+    promise = 0 if act else 128
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    dy = torch.randn(M, N, device="cuda").to(dtype)
+
+    def same(a, b, what):
+        if M <= op.SMALL_M_NATIVE and what == "dispatch fwd" and not act:
+            assert torch.equal(a, b), what
+        else:
+            assert rel(a, b.float()) < 1e-3, what
+
+    same(op.int4_matmul(x, qt, qz, sc, gi, promise), op.int4_matmul(x, qw, qz, sc, gi, promise), "dispatch fwd")
+    same(op.int4_matmul_t(dy, qt, qz, sc, gi, promise), op.int4_matmul_t(dy, qw, qz, sc, gi, promise),
+         "dispatch bwd")
+    for unpack in (0, 1):
+        cfg = {"UNPACK": unpack}
+        same(op.int4_matmul_triton(x, qt, qz, sc, gi, promise, config=cfg),
+             op.int4_matmul_triton(x, qw, qz, sc, gi, promise, config=cfg), f"triton fwd unpack={unpack}")
+        same(op.int4_matmul_t_triton(dy, qt, qz, sc, gi, promise, config=cfg),
+             op.int4_matmul_t_triton(dy, qw, qz, sc, gi, promise, config=cfg), f"triton bwd unpack={unpack}")

@@ -9,6 +9,9 @@ Contract (DESIGN.md §4; the same layout the C++ kernels in mops_fast.native rea
   W[n, k] = (code[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]
 `group_size` > 0 is the caller's promise that g_idx == arange(K) // group_size; the kernels then read one
 scale row per tile instead of gathering per input. 0 means "unknown": the kernels gather through g_idx.
+qweight may also come in the tiled order, (ceil(N/32), K/8, 32) (mops_fast.quant.pack.tile_qweight; a
+3-D qweight is that order): every CUDA and Triton kernel here reads it in place (an experimental layout;
+the CPU paths and the CUDA backward untile or fall back).
 
 This file holds the pure-PyTorch reference, the Triton kernels (dequantize tiles in registers; the whole
 float weight is never materialized), the dispatch by device, and the torch custom ops with autograd
@@ -21,6 +24,7 @@ import os
 import torch
 
 from mops_fast.ops.tracing import traced
+from mops_fast.quant.pack import TILE_N, untile_qweight
 
 try:  # Triton is optional: CPU installs run the reference or the C++ kernel
     import triton
@@ -42,6 +46,7 @@ __all__ = [
     "int4_matmul_t_triton",
     "act_order_repack",
     "check_int4_args",
+    "is_tiled",
 ]
 
 
@@ -50,12 +55,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def is_tiled(qweight) -> bool:
+    """Whether qweight is in the tiled order (3-D, see the module docstring)."""
+    return qweight.dim() == 3
+
+
+def _rows(qweight) -> int:
+    return qweight.shape[1] if qweight.dim() == 3 else qweight.shape[0]
+
+
 def check_int4_args(qweight, qzeros, scales, g_idx) -> tuple[int, int, int]:
     """Validate the packed weight; return (K, N, G). Errors name the tensor and the expected shape."""
-    if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise ValueError(f"int4_matmul: qweight must be a 2-D int32 tensor (K/8, N), got {qweight.dtype} "
-                         f"{tuple(qweight.shape)}")
-    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    if qweight.dtype != torch.int32 or qweight.dim() not in (2, 3):
+        raise ValueError(f"int4_matmul: qweight must be an int32 tensor (K/8, N), or (ceil(N/32), K/8, 32) in "
+                         f"the tiled order, got {qweight.dtype} {tuple(qweight.shape)}")
+    if qweight.dim() == 3:
+        N = scales.shape[1] if scales.dim() == 2 else -1
+        if N < 0 or tuple(qweight.shape) != (-(-N // TILE_N), qweight.shape[1], TILE_N):
+            raise ValueError(f"int4_matmul: a 3-D qweight is the tiled order (ceil(N/32), K/8, 32) with N = "
+                             f"scales.shape[1]; got qweight {tuple(qweight.shape)} and scales "
+                             f"{tuple(scales.shape)}")
+        K = qweight.shape[1] * 8
+    else:
+        K, N = qweight.shape[0] * 8, qweight.shape[1]
     if N % 8:
         raise ValueError(f"int4_matmul: out_features N={N} must be a multiple of 8 (qzeros packs 8 per int32)")
     if scales.dim() != 2 or scales.shape[1] != N or not scales.is_floating_point():
@@ -82,6 +104,8 @@ def _shifts(device):
 
 def _dequantize_t(qweight, qzeros, scales, g_idx, dtype) -> torch.Tensor:
     """W^T (K, N): this is the layout x @ W^T wants, so the reference never transposes."""
+    if qweight.dim() == 3:
+        qweight = untile_qweight(qweight, scales.shape[1])
     sh = _shifts(qweight.device)
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     codes = ((qweight.unsqueeze(1) >> sh.view(1, 8, 1)) & 0xF).reshape(K, N)
@@ -122,6 +146,8 @@ def act_order_repack(qweight, g_idx, group_size: int):
     not have that shape (then the gathering kernels are used as they are)."""
     from mops_fast.quant.pack import pack_rows, unpack_rows
 
+    if qweight.dim() != 2:
+        raise ValueError(f"act_order_repack: needs qweight in GPTQ order (K/8, N), got {tuple(qweight.shape)}")
     K = g_idx.numel()
     if group_size <= 0:
         return None
@@ -151,7 +177,7 @@ if HAS_TRITON:
         stride_xm, stride_xk, stride_ym, stride_yn,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
         ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
-        UNPACK: tl.constexpr,
+        UNPACK: tl.constexpr, TILED: tl.constexpr,
     ):
         # y[m, n] = sum_k x[m, k] * W[n, k]; program = one (BM, BN) tile and one K slice (split-K)
         pid = tl.program_id(0)
@@ -174,6 +200,13 @@ if HAS_TRITON:
         shifts = tl.arange(0, 8) * 4
         zshift = (offs_n % 8) * 4
         N8 = N // 8
+        # word of packed row r, column n: qw_ptr + r * q_stride + q_col (GPTQ order, or tiled)
+        if TILED:
+            q_col = (offs_n // 32) * (K // 8 * 32) + offs_n % 32
+            q_stride = 32
+        else:
+            q_col = offs_n
+            q_stride = N
 
         k_tiles = tl.cdiv(K, BK)
         per_split = tl.cdiv(k_tiles, n_split)
@@ -189,12 +222,12 @@ if HAS_TRITON:
             if UNPACK == 0:
                 # packed rows, each int32 read once; the 8 codes of a word are unpacked in registers
                 rows = k0 // 8 + offs_i
-                qw = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
+                qw = tl.load(qw_ptr + rows[:, None] * q_stride + q_col[None, :],
                              mask=(rows[:, None] < K // 8) & n_mask[None, :], other=0)
                 codes = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BK, BN))
             else:
                 # each input row reads its word (8 rows share one, served by L1): no reshape
-                qw = tl.load(qw_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
+                qw = tl.load(qw_ptr + (offs_k // 8)[:, None] * q_stride + q_col[None, :],
                              mask=k_mask[:, None] & n_mask[None, :], other=0)
                 codes = (qw >> ((offs_k % 8) * 4)[:, None]) & 0xF
             if GROUPED:
@@ -237,7 +270,7 @@ if HAS_TRITON:
         stride_dym, stride_dyn, stride_dxm, stride_dxk,
         BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
         ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
-        UNPACK: tl.constexpr,
+        UNPACK: tl.constexpr, TILED: tl.constexpr,
     ):
         # dx[m, k] = sum_n dy[m, n] * W[n, k]; program = one (BM, BK) tile and one N slice (split-N)
         pid = tl.program_id(0)
@@ -272,14 +305,20 @@ if HAS_TRITON:
         for n0 in range(n_begin, n_end, BN):
             offs_n = n0 + tl.arange(0, BN)
             n_mask = offs_n < N
+            if TILED:  # word of packed row r, column n: qw_ptr + r * q_stride + q_col
+                q_col = (offs_n // 32) * (K // 8 * 32) + offs_n % 32
+                q_stride = 32
+            else:
+                q_col = offs_n
+                q_stride = N
             dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                          mask=m_mask[:, None] & n_mask[None, :], other=0.0)
             if UNPACK == 0:
-                qw = tl.load(qw_ptr + offs_i[None, :] * N + offs_n[:, None],
+                qw = tl.load(qw_ptr + offs_i[None, :] * q_stride + q_col[:, None],
                              mask=n_mask[:, None] & i_mask[None, :], other=0)
                 codes = tl.reshape((qw[:, :, None] >> shifts[None, None, :]) & 0xF, (BN, BK))
             else:
-                qw = tl.load(qw_ptr + (offs_k // 8)[None, :] * N + offs_n[:, None],
+                qw = tl.load(qw_ptr + (offs_k // 8)[None, :] * q_stride + q_col[:, None],
                              mask=n_mask[:, None] & k_mask[None, :], other=0)
                 codes = (qw >> ((offs_k % 8) * 4)[None, :]) & 0xF
             zshift = (offs_n % 8) * 4
@@ -317,7 +356,7 @@ if HAS_TRITON:
     def _int4_dequant_kernel(
         qw_ptr, qz_ptr, sc_ptr, gi_ptr, out_ptr,
         N, K, k0, k1, n0, n1, GS, stride_o,
-        BK: tl.constexpr, BN: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr,
+        BK: tl.constexpr, BN: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, TILED: tl.constexpr,
     ):
         # out[k - k0, n - n0] = W[n, k] for k in [k0, k1), n in [n0, n1): one slice of W^T (chunked path).
         # Each packed word is loaded once; nibble j of the (BK/8, BN) words is output rows 8i + j, stored
@@ -330,7 +369,13 @@ if HAS_TRITON:
         n_mask = offs_n < n1
         N8 = N // 8
         zshift = (offs_n % 8) * 4
-        qw = tl.load(qw_ptr + offs_i[:, None] * N + offs_n[None, :],
+        if TILED:  # word of packed row r, column n: qw_ptr + r * q_stride + q_col
+            q_col = (offs_n // 32) * (K // 8 * 32) + offs_n % 32
+            q_stride = 32
+        else:
+            q_col = offs_n
+            q_stride = N
+        qw = tl.load(qw_ptr + offs_i[:, None] * q_stride + q_col[None, :],
                      mask=(offs_i * 8 < k1)[:, None] & n_mask[None, :], other=0)
         if GROUPED:  # the tile lies in group kt // GS: one row of scales and zeros
             g = kt // GS
@@ -493,7 +538,7 @@ def int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size: int = 0, c
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], ATOMIC=split > 1,
         GROUPED=cfg["GROUPED"], MODE=_mode(x.dtype), DOT_F32=_dot_f32(x.dtype), UNPACK=cfg["UNPACK"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        TILED=is_tiled(qweight), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -521,7 +566,7 @@ def int4_matmul_t_triton(dy, qweight, qzeros, scales, g_idx, group_size: int = 0
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
         BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], ATOMIC=split > 1,
         GROUPED=cfg["GROUPED"], MODE=_mode(dy.dtype), DOT_F32=_dot_f32(dy.dtype), UNPACK=cfg["UNPACK"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        TILED=is_tiled(qweight), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dx if dx.dtype == dy.dtype else dx.to(dy.dtype)
 
@@ -539,7 +584,7 @@ def dequantize_int4_slice_triton(qweight, qzeros, scales, g_idx, k0: int, k1: in
         out = torch.empty((k1 - k0, n1 - n0), device=qweight.device, dtype=dtype)
     grid = (-(-(k1 - k0) // BK), -(-(n1 - n0) // BN))
     _kernels()[2][grid](qweight, qzeros, scales, g_idx, out, N, K, k0, k1, n0, n1, GS, out.stride(0),
-                        BK=BK, BN=BN, GROUPED=grouped, MODE=_mode(dtype), num_warps=4)
+                        BK=BK, BN=BN, GROUPED=grouped, MODE=_mode(dtype), TILED=is_tiled(qweight), num_warps=4)
     return out
 
 
@@ -632,7 +677,7 @@ def _native_small_m_fits(x, qweight, scales, g_idx) -> bool:
 
 
 def _dims(qweight, scales) -> tuple[int, int, int]:
-    return qweight.shape[0] * 8, qweight.shape[1], scales.shape[0]
+    return _rows(qweight) * 8, scales.shape[1], scales.shape[0]
 
 
 def _forward(x, qweight, qzeros, scales, g_idx, group_size):
@@ -648,7 +693,8 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
                 xc = x.contiguous()
                 if _native_small_m_fits(xc, qweight, scales, g_idx):
                     return nat.int4_cuda_small_m_validated(xc, qweight, qzeros, scales, g_idx, *_dims(qweight, scales),
-                                                           group_size=max(int(group_size), 0), pdl=_pdl_enabled())
+                                                           group_size=max(int(group_size), 0),
+                                                           tiled=is_tiled(qweight), pdl=_pdl_enabled())
         if HAS_TRITON:
             if impl == "auto" and x.shape[0] >= CHUNKED_MIN_M:
                 return int4_matmul_chunked(x, qweight, qzeros, scales, g_idx, group_size)
@@ -657,9 +703,14 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
     if impl in ("auto", "native") and x.dtype in _NATIVE_DTYPES:
         nat = _native_cpu()
         if nat is not None and _weight_fits_native(qweight, qzeros, scales, g_idx):
-            return nat.int4_cpu_validated(x.contiguous(), qweight, qzeros, scales, g_idx, *_dims(qweight, scales),
-                                          transposed=False)
+            return nat.int4_cpu_validated(x.contiguous(), _gptq_order(qweight, scales), qzeros, scales, g_idx,
+                                          *_dims(qweight, scales), transposed=False)
     return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
+
+
+def _gptq_order(qweight, scales):
+    # the C++ CPU kernels read GPTQ order only: a tiled weight (a CUDA layout) is untiled per call
+    return untile_qweight(qweight, scales.shape[1]) if is_tiled(qweight) else qweight
 
 
 def _pdl_enabled() -> bool:
@@ -683,7 +734,7 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
         return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
     if dy.is_cuda:
         if (impl in ("auto", "native") and dy.shape[0] <= SMALL_M_NATIVE and group_size > 0
-                and _native_backward_enabled()):
+                and _native_backward_enabled() and not is_tiled(qweight)):  # it reads GPTQ order only
             nat = _native_cuda_small_m()
             K, N, G = _dims(qweight, scales)
             gs = min(group_size, K)  # one group: any size >= K
@@ -701,8 +752,8 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
     if impl in ("auto", "native") and dy.dtype in _NATIVE_DTYPES:
         nat = _native_cpu()
         if nat is not None and _weight_fits_native(qweight, qzeros, scales, g_idx):
-            return nat.int4_cpu_validated(dy.contiguous(), qweight, qzeros, scales, g_idx, *_dims(qweight, scales),
-                                          transposed=True)
+            return nat.int4_cpu_validated(dy.contiguous(), _gptq_order(qweight, scales), qzeros, scales, g_idx,
+                                          *_dims(qweight, scales), transposed=True)
     return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
 
 
@@ -715,7 +766,7 @@ def _int4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor
 
 @_int4_matmul_op.register_fake
 def _(x, qweight, qzeros, scales, g_idx, group_size):
-    return x.new_empty((x.shape[0], qweight.shape[1]))
+    return x.new_empty((x.shape[0], scales.shape[1]))
 
 
 @torch.library.custom_op("mops_fast::int4_matmul_t", mutates_args=())
@@ -726,7 +777,7 @@ def _int4_matmul_t_op(dy: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
 
 @_int4_matmul_t_op.register_fake
 def _(dy, qweight, qzeros, scales, g_idx, group_size):
-    return dy.new_empty((dy.shape[0], qweight.shape[0] * 8))
+    return dy.new_empty((dy.shape[0], _rows(qweight) * 8))
 
 
 def _setup_context(ctx, inputs, output):
