@@ -363,10 +363,10 @@ def small_m_t_supports(scales: torch.Tensor, group_size: int, G: int) -> bool:
 
 
 def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G: int, group_size: int,
-                                  steps: int = 0, pdl: bool = False):
+                                  steps: int = 0, tiled: bool = False, pdl: bool = False):
     """The CUDA small-M backward for a caller that has validated what int4_matmul_t_cuda_small_m checks.
     steps=32: the streamed kernel where it applies (group_size a multiple of 64 or one group), 33: that with
-    the N slices summed in a thread-block cluster on sm_90, no workspace (benchmarks). pdl: as in
+    the N slices summed in a thread-block cluster on sm_90, no workspace (benchmarks). tiled and pdl: as in
     int4_cuda_small_m_validated (dy is read only after the previous kernel finished)."""
     mod = _require_cuda_module("int4_matmul_t_cuda_small_m")
     M = dy.shape[0]
@@ -379,6 +379,6 @@ def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G
     mod.int4_matmul_small_m_t(
         dy.data_ptr(), _DTYPE_CODE[dy.dtype], qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(),
         _DTYPE_CODE[scales.dtype], M, K, N, G, group_size, dx.data_ptr(), 0 if ws is None else ws.data_ptr(), need,
-        dev, torch.cuda.current_stream(dy.device).cuda_stream, steps, pdl,
+        dev, torch.cuda.current_stream(dy.device).cuda_stream, steps, tiled, pdl,
     )
     return dx

@@ -347,6 +347,21 @@ def test_streamed_backward(K, N, group, steps):
                             f"streamed backward steps={steps} K={K} N={N} g={group} M={M} {dtype}")
 
 
+@pytest.mark.parametrize("K, N, group", [(4096, 11008, 128), (576, 40, 128), (4104, 264, 64)],
+                         ids=["up_proj", "K576N40", "g64"])
+def test_tiled_backward_computes_the_same(K, N, group):
+    # the backward's kernels (register, streamed, cluster) read qweight in the tiled order: the same bits
+    qw, qz, s, g = _weight(K, N, group, torch.device("cuda"), seed=K + N + 4)
+    qt = native.tile_qweight(qw)
+    for M in (1, 7, 16):
+        dy = torch.randn(M, N, device="cuda", dtype=torch.float16)
+        for steps in (0, 32, 33):
+            a = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, s.shape[0], group, steps=steps)
+            b = native.int4_cuda_small_m_t_validated(dy, qt, qz, s, K, N, s.shape[0], group, steps=steps, tiled=True)
+            torch.cuda.synchronize()
+            assert torch.equal(a, b), (K, N, M, steps)
+
+
 def test_backward_refusals_and_dispatch(monkeypatch):
     from mops_fast.ops import int4_matmul as op
 

@@ -58,7 +58,7 @@ PYBIND11_MODULE(_C_cuda, m) {
       "int4_matmul_small_m_t",
       [](uintptr_t dy, int dy_dtype, uintptr_t qweight, uintptr_t qzeros, uintptr_t scales, int scales_dtype,
          int M, int K, int N, int G, int group_size, uintptr_t dx, uintptr_t workspace, long long workspace_floats,
-         int device, uintptr_t stream, int steps, bool pdl) {
+         int device, uintptr_t stream, int steps, bool tiled, bool pdl) {
         char err[256] = {0};
         int rc;
         {
@@ -69,14 +69,15 @@ PYBIND11_MODULE(_C_cuda, m) {
                                    reinterpret_cast<const void*>(scales), scales_dtype, M, K, N, G, group_size,
                                    reinterpret_cast<void*>(dx), reinterpret_cast<float*>(workspace),
                                    workspace_floats, device, reinterpret_cast<void*>(stream), steps,
-                                   pdl ? MOPS_INT4_PDL : 0, err, int(sizeof err));
+                                   (tiled ? MOPS_INT4_TILED : 0) | (pdl ? MOPS_INT4_PDL : 0), err,
+                                   int(sizeof err));
         }
         if (rc != 0) throw std::runtime_error(std::string("int4_matmul_small_m_t: ") + err);
       },
       py::arg("dy"), py::arg("dy_dtype"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"),
       py::arg("scales_dtype"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("group_size"),
       py::arg("dx"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("device"), py::arg("stream"),
-      py::arg("steps") = 0, py::arg("pdl") = false,
+      py::arg("steps") = 0, py::arg("tiled") = false, py::arg("pdl") = false,
       "dx (M,K) = dy (M,N) W on CUDA for M <= 16, grouped weights; pointers and the stream as integers; "
       "steps 32: the streamed kernel where it applies, 33: with cluster sums on sm_90 (benchmarks)");
 }

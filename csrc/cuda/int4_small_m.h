@@ -36,8 +36,8 @@ int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int group_size, i
 // above, or G == 1). workspace: fp32, at least mops_int4_small_m_t_workspace(M, K, N, device) elements
 // (0: none needed, nullptr allowed). steps_hint: 0 the register kernel, 32 the streamed one where it applies,
 // 33 that with its N slices summed in a thread-block cluster on sm_90 (int4_small_m_t.cu; benchmarks).
-// flags: MOPS_INT4_PDL or 0 (dy is read only after the previous grid finished). Returns 0, or 1 with a
-// message in err.
+// flags: MOPS_INT4_TILED (qweight in the tiled order) and MOPS_INT4_PDL (dy is read only after the
+// previous grid finished). Returns 0, or 1 with a message in err.
 long long mops_int4_small_m_t_workspace(int M, int K, int N, int device);
 int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* qweight, const int32_t* qzeros,
                         const void* scales, int scales_dtype, int M, int K, int N, int G, int group_size,

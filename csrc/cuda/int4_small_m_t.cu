@@ -48,7 +48,16 @@ struct TParams {
   int scales_dtype;
   int group_shift;  // packed row i lies in group min(i >> group_shift, G - 1)
   int n_per_cta;    // columns of each N slice, a multiple of 16
+  // qweight word of packed row r, column n: r * w_row + (n / 32) * w_tile + n % 32 (t_word). GPTQ order
+  // (K/8, N): w_row N, w_tile 32; tiled order (ceil(N/32), K/8, 32): w_row 32, w_tile 32 K/8. Kernel
+  // parameters, so either order costs no register and no branch.
+  int w_row, w_tile;
 };
+
+// The 16 bytes of qweight at packed row `row`, columns col .. col + 3 (col a multiple of 4).
+__device__ __forceinline__ const void* t_word(const TParams& p, int row, int col) {
+  return p.qweight + (int64_t)row * p.w_row + (int64_t)(col >> 5) * p.w_tile + (col & 31);
+}
 
 // A pair of column slots (n, n+1) of one packed row: nibble j of words a and b, dequantized.
 template <class T>
@@ -190,7 +199,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       sv[u] = dlo[u] = dhi[u] = make_uint2(0, 0);
       zv[u] = 0;
       if (ok && row_ok) {
-        qv[u] = __ldg(reinterpret_cast<const int4*>(p.qweight + (int64_t)row * N + col));
+        qv[u] = __ldg(reinterpret_cast<const int4*>(t_word(p, row, col)));
         sv[u] = __ldg(reinterpret_cast<const uint2*>(sc16 + (int64_t)g * N + col));
         zv[u] = uint32_t(__ldg(p.qzeros + (int64_t)g * (N / 8) + col / 8));
       }
@@ -266,7 +275,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   stream_issue(nst, [&](int i) {
     const int col = nb + 16 * (s_begin + i) + 4 * lt;
     const bool ok = col < N;  // N is a multiple of 8 and col of 4: all four columns exist
-    cp_async<16>(wq + i * 32 + lane, ok && row_ok ? (const void*)(p.qweight + (int64_t)row * N + col) : p.qweight,
+    cp_async<16>(wq + i * 32 + lane, ok && row_ok ? t_word(p, row, col) : (const void*)p.qweight,
                  ok && row_ok);
     if (m_lo) cp_async<8>(dq + (i * M + lq) * 4 + lt, ok ? (const void*)(dyg + (int64_t)lq * N + col) : p.dy, ok);
     if (MT == 16 && m_hi)
@@ -429,7 +438,9 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   if (scales_dtype != 1 && scales_dtype != 2) return fail("scales must be fp16 or bf16 here");
   if (steps_hint != 0 && steps_hint != 32 && steps_hint != 33)
     return fail("unknown steps hint: use 0 (the default), 32 or 33");
-  if (flags & ~MOPS_INT4_PDL) return fail("unknown flags (the backward takes MOPS_INT4_PDL only)");
+  if (flags & ~(MOPS_INT4_TILED | MOPS_INT4_PDL)) return fail("unknown flags");
+  const bool tiled = flags & MOPS_INT4_TILED;
+  if (int64_t((N + 31) / 32) * 32 * (K / 8) >= (int64_t(1) << 31)) return fail("qweight too large (>= 2^31 words)");
   const DeviceInfo* info = nullptr;
   if (const char* msg = use_device(device, &info)) return fail(msg);
   const int group_shift = row_group_shift(group_size, G);
@@ -440,7 +451,7 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   if (n_split > 1 && (workspace == nullptr || workspace_floats < n_split * count))
     return fail("workspace too small: size it with mops_int4_small_m_t_workspace");
   TParams p{dy, qweight, qzeros, scales, dx, n_split > 1 ? workspace : nullptr, M, K, N, G, scales_dtype,
-            group_shift, 0};
+            group_shift, 0, tiled ? 32 : N, tiled ? 32 * (K / 8) : 32};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
   const DeviceInfo& dev = *info;

@@ -11,7 +11,7 @@ Contract (DESIGN.md §4; the same layout the C++ kernels in mops_fast.native rea
 scale row per tile instead of gathering per input. 0 means "unknown": the kernels gather through g_idx.
 qweight may also come in the tiled order, (ceil(N/32), K/8, 32) (mops_fast.quant.pack.tile_qweight; a
 3-D qweight is that order): every CUDA and Triton kernel here reads it in place (an experimental layout;
-the CPU paths and the CUDA backward untile or fall back).
+the C++ CPU kernels untile it per call).
 
 This file holds the pure-PyTorch reference, the Triton kernels (dequantize tiles in registers; the whole
 float weight is never materialized), the dispatch by device, and the torch custom ops with autograd
@@ -734,7 +734,7 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
         return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
     if dy.is_cuda:
         if (impl in ("auto", "native") and dy.shape[0] <= SMALL_M_NATIVE and group_size > 0
-                and _native_backward_enabled() and not is_tiled(qweight)):  # it reads GPTQ order only
+                and _native_backward_enabled()):
             nat = _native_cuda_small_m()
             K, N, G = _dims(qweight, scales)
             gs = min(group_size, K)  # one group: any size >= K
@@ -743,7 +743,7 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
                 dyc = dy.contiguous()
                 if _native_small_m_fits(dyc, qweight, scales, g_idx):
                     return nat.int4_cuda_small_m_t_validated(dyc, qweight, qzeros, scales, K, N, G, gs,
-                                                             pdl=_pdl_enabled())
+                                                             tiled=is_tiled(qweight), pdl=_pdl_enabled())
         if HAS_TRITON:
             if impl == "auto" and dy.shape[0] >= CHUNKED_MIN_M:
                 return int4_matmul_t_chunked(dy, qweight, qzeros, scales, g_idx, group_size)
