@@ -145,3 +145,30 @@ def test_tiled_order_computes_the_same(K, N, M, dtype, act):
              op.int4_matmul_triton(x, qw, qz, sc, gi, promise, config=cfg), f"triton fwd unpack={unpack}")
         same(op.int4_matmul_t_triton(dy, qt, qz, sc, gi, promise, config=cfg),
              op.int4_matmul_t_triton(dy, qw, qz, sc, gi, promise, config=cfg), f"triton bwd unpack={unpack}")
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_quant_linear_with_tiled_cuda_weights(act):
+    # cuda_weight_order "tiled": the layer converts at its first CUDA forward, computes what GPTQ order
+    # computes (forward and backward to the input, decode and training shapes) and saves GPTQ order
+    K, N = 1024, 264
+    qw, qz, sc, gi = make_weight(K, N, 128, act_order=act, seed=31)
+    layer = QuantLinear(K, N, bits=4, group_size=128, device="cuda")
+    layer.set_quantized(qw, qz, sc, gi)
+    outs = {}
+    try:
+        for order in ("gptq", "tiled"):
+            op.set_cuda_weight_order(order)
+            for M in (1, 16, 200):
+                torch.manual_seed(M)
+                x = torch.randn(M, K, device="cuda", dtype=torch.float16, requires_grad=True)
+                y = layer(x)
+                (g,) = torch.autograd.grad(y.float().square().sum(), x)
+                outs[(order, M)] = (y.detach(), g)
+            assert layer.qweight.dim() == (3 if order == "tiled" else 2)
+            assert torch.equal(layer.state_dict()["qweight"], qw)
+    finally:
+        op.set_cuda_weight_order("gptq")
+    for M in (1, 16, 200):
+        (a, ga), (b, gb) = outs[("gptq", M)], outs[("tiled", M)]
+        assert rel(b, a.float()) < 1e-3 and rel(gb, ga.float()) < 1e-3, M

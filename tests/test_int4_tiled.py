@@ -69,3 +69,35 @@ def test_malformed_tiled_weights_are_refused():
         op.int4_matmul(x, qt.unsqueeze(0), qz, sc, gi)
     with pytest.raises(ValueError, match="GPTQ order"):
         op.act_order_repack(qt, gi, 64)
+
+
+def test_quant_linear_keeps_gptq_order_outside_its_kernels():
+    # a layer holding the tiled order (what a CUDA layer does under cuda_weight_order() == "tiled") computes
+    # the same, and state_dict, loading, set_quantized, dequantize_weight and moves off CUDA all see GPTQ order
+    from mops_fast.nn.quant_linear import QuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 72, bias=True)
+    layer = QuantLinear.from_linear(lin, group_size=64)
+    qw = layer.qweight.clone()
+    x = torch.randn(3, 256)
+    want, w_want = layer(x), layer.dequantize_weight()
+    layer._use_order(True)
+    assert layer.qweight.shape == (3, 32, 32)
+    assert torch.equal(layer(x), want) and torch.equal(layer.dequantize_weight(), w_want)
+    sd = layer.state_dict()
+    assert torch.equal(sd["qweight"], qw) and torch.equal(layer.gptq_qweight(), qw)
+    layer.load_state_dict(sd)
+    assert torch.equal(layer.qweight, qw)
+    layer._use_order(True)
+    layer.set_quantized(qw, layer.qzeros, layer.scales, layer.g_idx)
+    assert torch.equal(layer.qweight, qw)
+    layer._use_order(True)
+    layer.to("cpu")  # the tiled order is a CUDA layout: any move that leaves the layer off CUDA untiles
+    assert torch.equal(layer.qweight, qw) and torch.equal(layer(x), want)
+
+
+def test_cuda_weight_order_is_checked():
+    assert op.cuda_weight_order() == "gptq"  # the default until the order is timed on a GPU
+    with pytest.raises(ValueError, match="choose 'gptq' or 'tiled'"):
+        op.set_cuda_weight_order("rows")

@@ -47,6 +47,8 @@ __all__ = [
     "act_order_repack",
     "check_int4_args",
     "is_tiled",
+    "set_cuda_weight_order",
+    "cuda_weight_order",
 ]
 
 
@@ -719,6 +721,27 @@ def _pdl_enabled() -> bool:
     # kernels trigger early, and none writes a weight); not yet timed on a GPU, so opt-in:
     # MOPS_FAST_INT4_PDL=1.
     return os.environ.get("MOPS_FAST_INT4_PDL", "0") == "1"
+
+
+# The order QuantLinear keeps its CUDA weights in for these kernels: "gptq" (the checkpoint layout) or
+# "tiled" (each 32-column tile contiguous along K; the small-M CUDA kernels' experiment, docs/native.md).
+# Not yet timed on a GPU, so GPTQ order unless MOPS_FAST_INT4_CUDA_ORDER=tiled or set_cuda_weight_order.
+_CUDA_WEIGHT_ORDER = os.environ.get("MOPS_FAST_INT4_CUDA_ORDER", "gptq")
+
+
+def set_cuda_weight_order(order: str) -> None:
+    """Choose the order QuantLinear keeps 4-bit CUDA weights in ("gptq" or "tiled"); layers convert at
+    their next CUDA forward. state_dict and every other device keep GPTQ order."""
+    global _CUDA_WEIGHT_ORDER
+    if order not in ("gptq", "tiled"):
+        raise ValueError(f"set_cuda_weight_order: order {order!r}; choose 'gptq' or 'tiled'")
+    _CUDA_WEIGHT_ORDER = order
+
+
+def cuda_weight_order() -> str:
+    if _CUDA_WEIGHT_ORDER not in ("gptq", "tiled"):
+        raise ValueError(f"MOPS_FAST_INT4_CUDA_ORDER={_CUDA_WEIGHT_ORDER!r}; choose 'gptq' or 'tiled'")
+    return _CUDA_WEIGHT_ORDER
 
 
 def _native_backward_enabled() -> bool:
