@@ -165,6 +165,7 @@ def main(argv=None) -> int:
         from triton.testing import do_bench
 
     from mops_fast.ops import int4_matmul as op
+    from mops_fast.quant.pack import tile_qweight
 
     t0 = time.time()
     rows: list[dict] = []
@@ -227,8 +228,13 @@ def main(argv=None) -> int:
                   .index_select(1, acts[i][2]), ref_b, gq)
             del acts
         else:
-            bench(shape, "fused", "fwd", lambda i: lambda: op.int4_matmul(x, *qsets[i], GROUP), ref_f, gq)
-            bench(shape, "fused", "bwd", lambda i: lambda: op.int4_matmul_t(dy, *qsets[i], GROUP), ref_b, gq)
+            # the order QuantLinear would keep these weights in on this device (MOPS_FAST_INT4_CUDA_ORDER)
+            fsets = qsets
+            if dev.name == "cuda" and op.cuda_weight_order() == "tiled":
+                fsets = [(tile_qweight(q[0]), *q[1:]) for q in qsets]
+            bench(shape, "fused", "fwd", lambda i: lambda: op.int4_matmul(x, *fsets[i], GROUP), ref_f, gq)
+            bench(shape, "fused", "bwd", lambda i: lambda: op.int4_matmul_t(dy, *fsets[i], GROUP), ref_b, gq)
+            del fsets
         if (native_small_m or dev.name == "cpu") and M <= op.SMALL_M_NATIVE and not act_order:
             bench(shape, "fused_triton", "fwd", lambda i: lambda: op.int4_matmul_triton(x, *qsets[i], GROUP),
                   ref_f, gq)
@@ -287,6 +293,7 @@ def main(argv=None) -> int:
 
     result = {"benchmark": "gptq_matmul", "device": dev.device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "cuda": torch.version.cuda, "native_small_m": native_small_m,
+              "cuda_weight_order": op.cuda_weight_order(),
               "skipped_cases": skipped, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gptq_matmul-{slug(dev.device_name())}.json"
