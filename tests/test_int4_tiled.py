@@ -69,6 +69,8 @@ def test_malformed_tiled_weights_are_refused():
         op.int4_matmul(x, qt.unsqueeze(0), qz, sc, gi)
     with pytest.raises(ValueError, match="GPTQ order"):
         op.act_order_repack(qt, gi, 64)
+    with pytest.raises(ValueError, match="must be contiguous"):  # the kernels index words from the shape
+        op.int4_matmul(x, qw.t().contiguous().t(), qz, sc, gi)
 
 
 def test_quant_linear_keeps_gptq_order_outside_its_kernels():

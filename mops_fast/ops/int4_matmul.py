@@ -94,6 +94,8 @@ def check_int4_args(qweight, qzeros, scales, g_idx) -> tuple[int, int, int]:
     devs = {t.device for t in (qweight, qzeros, scales, g_idx)}
     if len(devs) != 1:
         raise ValueError(f"int4_matmul: qweight, qzeros, scales and g_idx are on different devices {devs}")
+    if not qweight.is_contiguous():  # the kernels index its words from the shape alone
+        raise ValueError("int4_matmul: qweight must be contiguous; pass qweight.contiguous()")
     return K, N, G
 
 
