@@ -44,7 +44,7 @@ for s in $STEPS; do
     tests) step tests 300 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests.xml" tests/test_gated_prefix_attention_gpu.py \
              tests/test_int4_matmul_gpu.py tests/test_native_cuda_gpu.py tests/test_attach_gpu.py \
              tests/test_quant_refine.py ;;
-    tests_int4) step tests_int4 180 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_int4.xml" tests/test_int4_matmul_gpu.py \
+    tests_int4) step tests_int4 240 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_int4.xml" tests/test_int4_matmul_gpu.py \
                   tests/test_native_cuda_gpu.py ;;
     tests_attn) step tests_attn 200 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_attn.xml" tests/test_gated_prefix_attention_gpu.py \
                   tests/test_attach_gpu.py tests/test_quant_refine.py ;;
