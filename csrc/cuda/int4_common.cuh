@@ -128,6 +128,19 @@ __device__ __forceinline__ bool sum_over_warps(const float (&acc)[R], float* red
   return true;
 }
 
+// Where qweight's words lie, in either order the kernels read: the word of packed row r, column n is at
+// r * row + (n / 32) * tile + n % 32. GPTQ order (K/8, N): row N, tile 32 (that is r * N + n). Tiled order
+// (ceil(N/32), K/8, 32; mops_fast.quant.pack.tile_qweight), each 32-column tile contiguous along K: row 32,
+// tile 32 K/8. Both are kernel parameters, so either order costs no register and no branch.
+struct QOrder {
+  int row, tile;
+};
+
+__host__ __device__ __forceinline__ QOrder qweight_order(bool tiled, int K, int N) { return tiled ? QOrder{32, 32 * (K / 8)} : QOrder{N, 32}; }
+
+// The column part of a word's offset, (n / 32) * tile + n % 32 (below 2^31: small_m_shape_error).
+__device__ __forceinline__ int qword_col(QOrder o, int n) { return (n >> 5) * o.tile + (n & 31); }
+
 // Programmatic dependent launch (sm_90). A forward kernel lets the next grid on its stream launch once
 // all of its CTAs have started (launch_dependents), and, launched as a dependent itself, reads nothing
 // the previous grid may write before griddep_wait returns: it may fetch the frozen weight first, never x.
@@ -249,26 +262,45 @@ bool set_max_dynamic_smem(int device, int bytes) {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the stream's previous
-// grid when pdl (sm_90 and later: it may start while that grid finishes; see griddep_wait).
+// grid when pdl (sm_90 and later: it may start while that grid finishes; see griddep_wait), and in thread-
+// block clusters of (1, cluster_y, 1) CTAs when cluster_y > 0 (sm_90).
 template <class... Params, class... Args>
-cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, int block, size_t smem, cudaStream_t stream,
-                             bool pdl, Args&&... args) {
-  if (!pdl) {
+cudaError_t launch_ex(void (*kernel)(Params...), dim3 grid, unsigned cluster_y, int block, size_t smem,
+                      cudaStream_t stream, bool pdl, Args&&... args) {
+  if (!pdl && cluster_y == 0) {
     kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
     return cudaGetLastError();
   }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (cluster_y > 0) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1;
+    attr[n].val.clusterDim.y = cluster_y;
+    attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(block);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = n;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
   return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+// launch_ex without clusters.
+template <class... Params, class... Args>
+cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, int block, size_t smem, cudaStream_t stream,
+                             bool pdl, Args&&... args) {
+  return launch_ex(kernel, grid, 0u, block, smem, stream, pdl, std::forward<Args>(args)...);
 }
 
 // Shapes both small-M entry points take: 1 <= M <= 16 rows, K and N multiples of 8, G > 0. nullptr if
@@ -276,6 +308,8 @@ cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, int block, si
 inline const char* small_m_shape_error(int M, int K, int N, int G) {
   if (M < 1 || M > 16) return "M must be in [1, 16]";
   if (K <= 0 || N <= 0 || K % 8 || N % 8 || G <= 0) return "need K, N > 0, multiples of 8, G > 0";
+  // word offsets in qweight are 32-bit (QOrder): up to 2^31 words (8 GiB), tile padding included
+  if (int64_t((N + 31) / 32) * 32 * (K / 8) >= (int64_t(1) << 31)) return "qweight too large (>= 2^31 words)";
   return nullptr;
 }
 

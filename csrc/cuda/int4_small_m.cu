@@ -3,7 +3,7 @@
 // Format (DESIGN §3): qweight (K/8, N) int32, code of (k, n) at bits 4*(k%8) of qweight[k/8, n];
 // qzeros (G, N/8) int32 packed along n; scales (G, N) fp16/bf16/fp32; g_idx (K,) int32.
 // W[n, k] = (code - zero[g_idx[k], n]) * scale[g_idx[k], n]. Every kernel here also takes qweight in a
-// tiled order, each CTA's 32 columns contiguous along K (weight_offset; an experiment, opt-in).
+// tiled order, each CTA's 32 columns contiguous along K (QOrder; an experiment, opt-in).
 //
 // Work split. A CTA owns 32 output columns and the whole K (no cross-CTA reduction, so no workspace
 // and no extra kernel); its KW warps each take a contiguous slice of K and are summed through shared
@@ -58,23 +58,17 @@ struct Params {
   int M, K, N, G;
   int scales_dtype;
   int group_shift;  // GROUPED kernels: qweight row r lies in group min(r >> group_shift, G - 1)
-  int tiled;        // qweight in the tiled order (see weight_offset)
-  int w_stride;     // words between a column's qweight rows: N, or 32 when tiled
+  int tiled;        // qweight in the tiled order (QOrder in int4_common.cuh)
+  QOrder order;     // where qweight's words lie
 };
 
-// A lane's column of qweight: the word of row r lies at qweight + w_off + r * stride in either order,
-// w_off per thread (decided once), stride N or 32. ncol is a multiple of 4, the first of a lane's 4
-// columns. GPTQ order: (K/8, N) row-major, stride N. Tiled order (native.tile_qweight): (ceil(N/32), K/8,
-// 32), stride 32, so the 32 columns a CTA owns lie contiguous along K and a warp step of 4 rows reads one
-// contiguous 512-byte block. The register kernel takes `tiled` at compile time: it sits at the
-// 128-register cap, where any run-time form spilled 4-20 bytes; the others pass p.tiled and
-// p.w_stride (a kernel parameter, no register). The host checks that offsets fit in 32 bits.
-__device__ __forceinline__ int weight_offset(const Params& p, int ncol, bool tiled) {
-  return tiled ? (ncol >> 5) * (p.K / 8) * 32 + (ncol & 31) : ncol;
-}
-
-__device__ __forceinline__ const int4* weight_row(const Params& p, int w_off, int r, int stride) {
-  return reinterpret_cast<const int4*>(p.qweight + w_off + (int64_t)r * stride);
+// A lane's 4 columns ncol .. ncol + 3 of qweight row r: qweight + w_off + r * row, with w_off =
+// qword_col(order, ncol) decided once per thread (QOrder). In the tiled order a warp step of 4 rows reads
+// one contiguous 512-byte block. The register kernel takes the order at compile time (qweight_order with a
+// constant `tiled`): it sits at the 128-register cap, where a run-time form spilled 4-20 bytes; the others
+// read p.order.
+__device__ __forceinline__ const int4* weight_row(const Params& p, int w_off, int r, int row) {
+  return reinterpret_cast<const int4*>(p.qweight + w_off + (int64_t)r * row);
 }
 
 // Sum the warps' partial tiles through shared memory and store the tile. Lane (q, t) holds rows q and
@@ -203,7 +197,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int n0 = blockIdx.x * 32;
   const int ncol = n0 + 4 * lq;            // this lane's 4 columns
   const bool col_ok = ncol < N;
-  const int w_off = weight_offset(p, ncol, TILED);
+  const QOrder order = qweight_order(TILED, K, N);
+  const int w_off = qword_col(order, ncol);
   griddep_launch_dependents();
 
   if (!GROUPED) {
@@ -249,7 +244,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       xhi[u] = make_uint4(0, 0, 0, 0);
       sv[u] = make_uint2(0, 0);
       zv[u] = 0;
-      if (ok && col_ok) qv[u] = __ldg(weight_row(p, w_off, r, TILED ? 32 : N));
+      if (ok && col_ok) qv[u] = __ldg(weight_row(p, w_off, r, order.row));
       if (ok && row_lo)
         xlo[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)lq * K + 8 * r));
       if (MT == 16 && ok && row_hi)
@@ -364,7 +359,7 @@ __device__ __forceinline__ void issue_weights(const Params& p, const Lane& l, in
     b.z[u] = 0;
     if (ok && l.col_ok) {
       const int g = min(r >> p.group_shift, p.G - 1);
-      b.q[u] = __ldg(weight_row(p, l.w_off, r, p.w_stride));
+      b.q[u] = __ldg(weight_row(p, l.w_off, r, p.order.row));
       b.s[u] = __ldg(reinterpret_cast<const uint2*>(sc16 + (int64_t)g * p.N + l.ncol));
       b.z[u] = uint32_t(__ldg(p.qzeros + (int64_t)g * (p.N / 8) + l.ncol / 8));
     }
@@ -439,7 +434,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   l.lq = lane >> 2;
   l.lt = lane & 3;
   l.ncol = n0 + 4 * l.lq;
-  l.w_off = weight_offset(p, l.ncol, p.tiled);
+  l.w_off = qword_col(p.order, l.ncol);
   l.s_end = min(steps, s_begin + per_warp);
   l.col_ok = l.ncol < p.N;
   l.row_lo = l.lq < p.M;
@@ -554,7 +549,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int n0 = blockIdx.x * 32;
   const int ncol = n0 + 4 * lq;
   const bool col_ok = ncol < N;
-  const int w_off = weight_offset(p, ncol, p.tiled);
+  const int w_off = qword_col(p.order, ncol);
   const bool row_lo = lq < M, row_hi = MT == 16 && lq + 8 < M;
   const int steps = (R + 3) / 4;
   const int s_begin = warp * lay.per_warp;
@@ -586,7 +581,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     const int r = 4 * (s_begin + i) + lt;
     const bool ok = r < R;
     const bool w_ok = ok && col_ok;
-    cp_async<16>(wq + i * 32 + lane, w_ok ? (const void*)weight_row(p, w_off, r, p.w_stride) : p.qweight, w_ok);
+    cp_async<16>(wq + i * 32 + lane, w_ok ? (const void*)weight_row(p, w_off, r, p.order.row) : p.qweight, w_ok);
     if (!XG && row_lo) cp_async<16>(xq + (i * M + lq) * 4 + lt, ok ? (const void*)x_at(lq, r) : p.x, ok);
     if (!XG && MT == 16 && row_hi)
       cp_async<16>(xq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)x_at(lq + 8, r) : p.x, ok);
@@ -831,7 +826,7 @@ extern "C" int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int gr
   if (!stream_flags(steps_hint, group_shift, &fold, &xg)) return -1;
   if (group_shift < 0) return 0;
   const Params p{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, K, N, G, /*16-bit scales*/ 1,
-                 group_shift, 0, N};
+                 group_shift, 0, qweight_order(false, K, N)};
   return with_stream_flags(fold, xg, [&](auto f, auto g) {
     constexpr bool F = decltype(f)::value, X = decltype(g)::value;
     if (x_dtype == 1)
@@ -866,10 +861,8 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   // the g_idx table path.
   const int group_shift = group_size > 0 && scales_dtype != 0 ? row_group_shift(group_size, G) : -1;
   cudaError_t e;
-  // Word offsets within a column are 32-bit (weight_offset): qweight up to 2^31 words (8 GiB).
-  if (int64_t((N + 31) / 32) * 32 * (K / 8) >= (int64_t(1) << 31)) return fail("qweight too large (>= 2^31 words)");
   Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift, tiled ? 1 : 0,
-           tiled ? 32 : N};
+           qweight_order(tiled, K, N)};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool pdl = (flags & MOPS_INT4_PDL) && dev.cc_major >= 9;  // earlier parts: an ordinary launch
   if (x_dtype == 1)

@@ -48,15 +48,12 @@ struct TParams {
   int scales_dtype;
   int group_shift;  // packed row i lies in group min(i >> group_shift, G - 1)
   int n_per_cta;    // columns of each N slice, a multiple of 16
-  // qweight word of packed row r, column n: r * w_row + (n / 32) * w_tile + n % 32 (t_word). GPTQ order
-  // (K/8, N): w_row N, w_tile 32; tiled order (ceil(N/32), K/8, 32): w_row 32, w_tile 32 K/8. Kernel
-  // parameters, so either order costs no register and no branch.
-  int w_row, w_tile;
+  QOrder order;     // where qweight's words lie (int4_common.cuh)
 };
 
 // The 16 bytes of qweight at packed row `row`, columns col .. col + 3 (col a multiple of 4).
 __device__ __forceinline__ const void* t_word(const TParams& p, int row, int col) {
-  return p.qweight + (int64_t)row * p.w_row + (int64_t)(col >> 5) * p.w_tile + (col & 31);
+  return p.qweight + (int64_t)row * p.order.row + qword_col(p.order, col);
 }
 
 // A pair of column slots (n, n+1) of one packed row: nibble j of words a and b, dequantized.
@@ -372,22 +369,8 @@ bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int 
   p.partial = nullptr;  // rank 0 of each cluster writes dx
   const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
   if (dev.cc_major < 9 || !t_stream_fits<T, MT, true>(p, lay, dev, device)) return false;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((p.K / 8 + 7) / 8, ns);
-  cfg.blockDim = dim3(kWarps * 32);
-  cfg.dynamicSmemBytes = size_t(lay.bytes);
-  cfg.stream = s;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = unsigned(ns);
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 2 : 1;
-  *e = cudaLaunchKernelEx(&cfg, int4_small_m_t_stream_kernel<T, MT, true>, p, lay);
-  if (*e == cudaSuccess) *e = cudaGetLastError();
+  *e = launch_ex(int4_small_m_t_stream_kernel<T, MT, true>, dim3((p.K / 8 + 7) / 8, ns), unsigned(ns), kWarps * 32,
+                 size_t(lay.bytes), s, pdl, p, lay);
   return true;
 }
 
@@ -440,7 +423,6 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
     return fail("unknown steps hint: use 0 (the default), 32 or 33");
   if (flags & ~(MOPS_INT4_TILED | MOPS_INT4_PDL)) return fail("unknown flags");
   const bool tiled = flags & MOPS_INT4_TILED;
-  if (int64_t((N + 31) / 32) * 32 * (K / 8) >= (int64_t(1) << 31)) return fail("qweight too large (>= 2^31 words)");
   const DeviceInfo* info = nullptr;
   if (const char* msg = use_device(device, &info)) return fail(msg);
   const int group_shift = row_group_shift(group_size, G);
@@ -451,7 +433,7 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   if (n_split > 1 && (workspace == nullptr || workspace_floats < n_split * count))
     return fail("workspace too small: size it with mops_int4_small_m_t_workspace");
   TParams p{dy, qweight, qzeros, scales, dx, n_split > 1 ? workspace : nullptr, M, K, N, G, scales_dtype,
-            group_shift, 0, tiled ? 32 : N, tiled ? 32 * (K / 8) : 32};
+            group_shift, 0, qweight_order(tiled, K, N)};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
   const DeviceInfo& dev = *info;
