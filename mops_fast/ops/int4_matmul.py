@@ -63,7 +63,13 @@ def is_tiled(qweight) -> bool:
 
 
 def _rows(qweight) -> int:
-    return qweight.shape[1] if qweight.dim() == 3 else qweight.shape[0]
+    return qweight.shape[1] if is_tiled(qweight) else qweight.shape[0]
+
+
+def _gptq_order(qweight, scales):
+    # the reference and the C++ CPU kernels read GPTQ order only: a tiled weight (a CUDA layout) is untiled
+    # per call
+    return untile_qweight(qweight, scales.shape[1]) if is_tiled(qweight) else qweight
 
 
 def check_int4_args(qweight, qzeros, scales, g_idx) -> tuple[int, int, int]:
@@ -108,8 +114,7 @@ def _shifts(device):
 
 def _dequantize_t(qweight, qzeros, scales, g_idx, dtype) -> torch.Tensor:
     """W^T (K, N): this is the layout x @ W^T wants, so the reference never transposes."""
-    if qweight.dim() == 3:
-        qweight = untile_qweight(qweight, scales.shape[1])
+    qweight = _gptq_order(qweight, scales)
     sh = _shifts(qweight.device)
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     codes = ((qweight.unsqueeze(1) >> sh.view(1, 8, 1)) & 0xF).reshape(K, N)
@@ -710,11 +715,6 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
             return nat.int4_cpu_validated(x.contiguous(), _gptq_order(qweight, scales), qzeros, scales, g_idx,
                                           *_dims(qweight, scales), transposed=False)
     return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
-
-
-def _gptq_order(qweight, scales):
-    # the C++ CPU kernels read GPTQ order only: a tiled weight (a CUDA layout) is untiled per call
-    return untile_qweight(qweight, scales.shape[1]) if is_tiled(qweight) else qweight
 
 
 def _pdl_enabled() -> bool:
