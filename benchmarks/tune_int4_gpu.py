@@ -67,7 +67,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--budget", type=float, default=100.0, help="seconds; later cases are skipped")
     ap.add_argument("--small-native", action="store_true",
-                    help="only M <= 16, only fp16 matmul and the small-M CUDA variants (the open question; ~40 s)")
+                    help="only M <= 16: fp16 matmul, the small-M CUDA variants and the read-only floor (about 100 s)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("tune_int4_gpu: no CUDA device, nothing measured")
