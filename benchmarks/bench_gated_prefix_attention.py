@@ -30,10 +30,10 @@ peak_mem_bytes is what one call allocates beyond its inputs.
   python benchmarks/bench_gated_prefix_attention.py --out DIR  -> DIR/gated_prefix_attention-<gpu slug>.json
   python benchmarks/bench_gated_prefix_attention.py --sweep    time all alternative tile configs (main shape;
                                                              by default only SWEEP_QUICK, if time remains)
-  python benchmarks/bench_gated_prefix_attention.py --compile-report 90  offline sm_90 compile: registers,
-                                                                shared memory, spills (no GPU needed)
   python benchmarks/bench_gated_prefix_attention.py --smoke-cpu  tiny shapes under the Triton interpreter:
                                                                 checks this script, times nothing real
+Registers, shared memory and spills of every kernel variant, no GPU needed:
+  python benchmarks/offline_compile.py attention --cap 90
 
 Targets (DESIGN §7), main shape, fwd+bwd: >= 2x faster than reference, <= 1.2x sdpa_noprefix, and lower
 peak memory than reference. Budget: about 110 s on one H100 (it stops adding rows 90 s after start and
@@ -135,122 +135,12 @@ def useful_flops(shape, mode, prefix=True):
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
-def compile_report(cap: int, only: str = "") -> int:
-    """Compile every kernel variant for sm_<cap> on this machine (no GPU needed: Triton ships ptxas) and
-    print shared memory, registers and spill bytes per thread: the check behind the tile tables of
-    docs/kernels.md. Uses Triton's compiler entry points directly (written against Triton 3.9)."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    import triton.backends.nvidia as nv
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from mops_fast.ops import triton_gated_prefix_attention as tk
-
-    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-    types = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8"}
-    calls = []
-
-    class Recorder:  # stands in for a kernel: records the launch instead of running it
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: calls.append((self.fn, a, kw))
-
-    tk._check_device = lambda q: None
-    tk._arch = lambda dev: {90: "sm90", 100: "sm90", 80: "sm80"}.get(cap, "small")
-    for name in ("_gpa_fwd_kernel", "_gpa_bwd_dkdv_kernel", "_gpa_bwd_dq_kernel", "_bwd_preprocess_kernel"):
-        setattr(tk, name, Recorder(getattr(tk, name)))
-
-    def build(fn, args, kw):
-        opts = {"num_warps": kw.get("num_warps", 4), "num_stages": kw.get("num_stages", 3)}
-        vals = dict(zip(fn.arg_names, args))
-        vals.update({k: v for k, v in kw.items() if k not in opts})
-        sig, consts, attrs = {}, {}, {}
-        dns = set(fn.do_not_specialize)
-        for i, name in enumerate(fn.arg_names):  # the runtime's specialization rules, by hand
-            v = vals[name]
-            if fn.params[i].is_constexpr:
-                sig[name], consts[name] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                sig[name], attrs[(i,)] = "*" + types[v.dtype], [["tt.divisibility", 16]]
-            elif isinstance(v, float):
-                sig[name] = "fp32"
-            elif v == 1 and i not in dns:
-                sig[name], consts[name] = "constexpr", 1
-            else:
-                sig[name] = "i32"
-                if v % 16 == 0 and i not in dns:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        kern = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cap, 32), options=opts)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kern.asm["cubin"])
-            f.flush()
-            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        reg = re.search(r"REG:(\d+)", res)
-        stack = re.search(r"STACK:(\d+)", res)
-        ptx = kern.asm["ptx"]
-        mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma")
-        return kern.metadata.shared, reg and int(reg.group(1)), stack and int(stack.group(1)), mma
-
-    cases = {
-        "bf16 d128": {}, "fp16 d128": dict(dtype=torch.float16), "fp32 d128": dict(dtype=torch.float32),
-        "bf16 d64": dict(d=64), "bf16 d256": dict(d=256), "bf16 d96": dict(d=96),
-        "bf16 decode": dict(S=1, Sk=1000), "bf16 J*L=15": dict(J=5, L=3),
-        "bf16 d128 atomic-dQ": dict(dq_mode="atomic"), "bf16 d64 atomic-dQ": dict(d=64, dq_mode="atomic"),
-        "bf16 d256 atomic-dQ": dict(d=256, dq_mode="atomic"),
-        "fp32 d128 atomic-dQ": dict(dtype=torch.float32, dq_mode="atomic"),
-        "bf16 d128 cascade": dict(cascade=True), "bf16 d64 cascade": dict(d=64, cascade=True),
-        "bf16 d128 cascade fused-dQ": dict(cascade=True, cascade_dq="fused"),
-        "bf16 d64 cascade fused-dQ": dict(d=64, cascade=True, cascade_dq="fused"),
-    }
-    print(f"sm_{cap}: shared memory bytes, registers and stack (spill) bytes per thread")
-    for label, case in cases.items():
-        if only and only not in label:
-            continue
-        c = {**dict(B=2, Hq=32, Hkv=8, S=1000, Sk=None, d=128, J=8, L=16, dtype=torch.bfloat16,
-                    dq_mode="split"), **case}
-        Sk = c["Sk"] or c["S"]
-        q = torch.empty(c["B"], c["Hq"], c["S"], c["d"], dtype=c["dtype"])
-        k = torch.empty(c["B"], c["Hkv"], Sk, c["d"], dtype=c["dtype"])
-        pk = torch.empty(c["J"], c["L"], c["Hkv"], c["d"], dtype=c["dtype"])
-        lw, kv = torch.zeros(c["B"], c["J"]), torch.ones(c["B"], Sk, dtype=torch.bool)
-        calls.clear()
-        if c.get("cascade"):  # the prompt-only passes: forward from a softmax state, dq added in place
-            k0 = k[:, :, :0]
-            init = (torch.empty_like(q), torch.empty(q.shape[:3]))
-            o, lse = tk.gpa_forward(q, k0, k0, pk, pk, lw, None, 0.1, False, init=init)
-            with tk.override_configs(cascade_dq=c.get("cascade_dq", "kernel")):
-                tk.gpa_backward(o, None, q, k0, k0, pk, pk, lw, None, o, lse, 0.1, False,
-                                dq_init=torch.empty_like(q))
-        else:
-            o, lse = tk.gpa_forward(q, k, k, pk, pk, lw, kv, 0.1, True)
-            with tk.override_configs(dq_mode=c["dq_mode"]):
-                tk.gpa_backward(o, None, q, k, k, pk, pk, lw, kv, o, lse, 0.1, True)
-        for fn, a, kw in calls:
-            smem, regs, stack, mma = build(fn, a, kw)
-            cfg = (kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("num_warps"), kw.get("num_stages"))
-            print(f"  {label:12s} {fn.__name__:24s} cfg={str(cfg):22s} smem={smem:7d} regs={regs} "
-                  f"stack={stack} {mma}", flush=True)
-    return 0
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
     ap.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--compile-report", type=int, metavar="SM", default=None,
-                    help="compile the kernels for sm_SM here (e.g. 90) and print registers / spills; no GPU")
-    ap.add_argument("--cases", default="", help="--compile-report: only the cases whose label contains this "
-                    "(tile configs from MOPS_FAST_GPA_CONFIG)")
     args = ap.parse_args(argv)
-    if args.compile_report is not None:
-        return compile_report(args.compile_report, args.cases)
 
     from mops_fast.ops import triton_gated_prefix_attention as tk
     from mops_fast.ops.gated_prefix_attention import gated_prefix_attention

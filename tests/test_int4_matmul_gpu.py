@@ -58,6 +58,19 @@ def test_triton_forward_and_backward(K, N, M, dtype, sym):
     assert rel(op.int4_matmul_t(dy, qw, qz, sc, gi, 128), dy.float() @ W) < TOL[dtype]
 
 
+@pytest.mark.parametrize("M", [1, 16, 200])
+def test_fp32_is_fp32_accurate(M):
+    """fp32 activations take a tf32x3 dot (op._dot): within fp32's error, where a plain tf32 dot (10-bit
+    mantissas) would be off by about 1e-3."""
+    K, N = 4096, 1536
+    qw, qz, sc, gi = make_weight(K, N, 128, False, seed=M + 7)
+    W = op.dequantize_int4(qw, qz, sc, gi, torch.float64)
+    x = torch.randn(M, K, device="cuda")
+    dy = torch.randn(M, N, device="cuda")
+    assert rel(op.int4_matmul_triton(x, qw, qz, sc, gi, 128), x.double() @ W.t()) < 3e-6
+    assert rel(op.int4_matmul_t_triton(dy, qw, qz, sc, gi, 128), dy.double() @ W) < 3e-6
+
+
 @pytest.mark.parametrize("K,N,M,dtype", [(4096, 11008, 16, torch.float16), (11008, 4096, 512, torch.bfloat16),
                                          (576, 1536, 33, torch.float32)])
 def test_per_row_unpack_variant(K, N, M, dtype):

@@ -185,7 +185,7 @@ if HAS_TRITON:
         M, N, K, GS, n_split,
         stride_xm, stride_xk, stride_ym, stride_yn,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-        ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
+        ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT: tl.constexpr,
         UNPACK: tl.constexpr, TILED: tl.constexpr,
     ):
         # y[m, n] = sum_k x[m, k] * W[n, k]; program = one (BM, BN) tile and one K slice (split-K)
@@ -261,10 +261,10 @@ if HAS_TRITON:
                 w = (v - zf) * s.to(tl.bfloat16)
             else:
                 w = (codes - z).to(tl.float32) * s.to(tl.float32)
-            if DOT_F32:
-                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            else:
+            if DOT == "":
                 acc += tl.dot(x, w)
+            else:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=DOT)
 
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
         mask = m_mask[:, None] & n_mask[None, :]
@@ -278,7 +278,7 @@ if HAS_TRITON:
         M, N, K, GS, n_split,
         stride_dym, stride_dyn, stride_dxm, stride_dxk,
         BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-        ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
+        ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT: tl.constexpr,
         UNPACK: tl.constexpr, TILED: tl.constexpr,
     ):
         # dx[m, k] = sum_n dy[m, n] * W[n, k]; program = one (BM, BK) tile and one N slice (split-N)
@@ -350,10 +350,10 @@ if HAS_TRITON:
                 w = (v - zf) * s.to(tl.bfloat16)
             else:
                 w = (codes - z).to(tl.float32) * s.to(tl.float32)
-            if DOT_F32:
-                acc += tl.dot(dy.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            else:
+            if DOT == "":
                 acc += tl.dot(dy, w)
+            else:
+                acc += tl.dot(dy.to(tl.float32), w.to(tl.float32), input_precision=DOT)
 
         dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
         mask = m_mask[:, None] & k_mask[None, :]
@@ -468,8 +468,20 @@ def _split(tiles: int, reduction_tiles: int, device) -> int:
 # forward up to 64 rows (1.4-2.1x).
 
 
-def _fwd_config(M, N, K, group_size, device):
-    if M <= 16:
+# fp32 activations (a tf32x3 dot, _dot): tiles with fp32 operands in shared memory and three products a
+# pair, chosen as the largest of those swept that neither spill nor exceed 64 KB of shared memory on sm_80 and
+# sm_90, forward and backward (benchmarks/offline_compile.py). (BM, BN, BK preferences, warps, stages) by M.
+_FP32_TILES = ((16, (16, 64, (32,), 4, 2)), (64, (64, 64, (32,), 8, 2)), (None, (128, 64, (32,), 8, 2)))
+
+
+def _fp32_tiles(M):
+    return next(t for top, t in _FP32_TILES if top is None or M <= top)
+
+
+def _fwd_config(M, N, K, group_size, device, dtype=torch.float16):
+    if dtype == torch.float32:
+        BM, BN, prefs, warps, stages = _fp32_tiles(M)
+    elif M <= 16:
         BM, BN, prefs, warps, stages = 16, 64, (128, 64, 32), 4, 4
     elif M <= 64:
         BM, BN, prefs, warps, stages = 64, 64, (64, 32), 4, 4
@@ -484,8 +496,10 @@ def _fwd_config(M, N, K, group_size, device):
                 num_warps=warps, num_stages=stages)
 
 
-def _bwd_config(M, N, K, group_size, device):
-    if M <= 16:
+def _bwd_config(M, N, K, group_size, device, dtype=torch.float16):
+    if dtype == torch.float32:
+        BM, BN, prefs, warps, stages = _fp32_tiles(M)
+    elif M <= 16:
         BM, BN, prefs, warps, stages = 16, 128, (64, 32), 4, 4
     elif M <= 64:
         BM, BN, prefs, warps, stages = 64, 64, (64, 32), 4, 4
@@ -518,9 +532,16 @@ def _mode(dtype) -> int:
     return 0
 
 
-def _dot_f32(dtype) -> bool:
-    # fp32 inputs use an exact fp32 dot; bf16 dots are wrong under the Triton interpreter (PITFALLS.md)
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
+def _dot(dtype) -> str:
+    """The kernels' DOT: "" multiplies the fp16/bf16 tiles as they are; otherwise both tiles go to fp32 and
+    tl.dot takes this input precision. fp32 activations on a GPU take "tf32x3" (three tf32 tensor-core
+    products, the small one of each pair dropped: about 2^-22 relative per product, fp32's own order;
+    the dequantized weight splits exactly). An "ieee" dot there lowers to FMA and spilled 2.5-4.8 KB per
+    thread at every tile config (benchmarks/offline_compile.py). Interpreted, fp32 takes "ieee", and so does
+    bf16, whose dots the interpreter computes wrongly (PITFALLS.md)."""
+    if _interpreting():
+        return "ieee" if dtype in (torch.float32, torch.bfloat16) else ""
+    return "tf32x3" if dtype == torch.float32 else ""
 
 
 def int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size: int = 0, config: dict | None = None):
@@ -531,7 +552,7 @@ def int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size: int = 0, c
     K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
     _check_act(x, K, "x")
     M = x.shape[0]
-    cfg = _fwd_config(M, N, K, group_size, x.device)
+    cfg = _fwd_config(M, N, K, group_size, x.device, x.dtype)
     if config:
         cfg.update(config)
         if "BK" in config and "GS" not in config:
@@ -546,7 +567,7 @@ def int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size: int = 0, c
         x, qweight, qzeros, scales, g_idx, y, M, N, K, cfg["GS"], split,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], ATOMIC=split > 1,
-        GROUPED=cfg["GROUPED"], MODE=_mode(x.dtype), DOT_F32=_dot_f32(x.dtype), UNPACK=cfg["UNPACK"],
+        GROUPED=cfg["GROUPED"], MODE=_mode(x.dtype), DOT=_dot(x.dtype), UNPACK=cfg["UNPACK"],
         TILED=is_tiled(qweight), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -559,7 +580,7 @@ def int4_matmul_t_triton(dy, qweight, qzeros, scales, g_idx, group_size: int = 0
     K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
     _check_act(dy, N, "dy")
     M = dy.shape[0]
-    cfg = _bwd_config(M, N, K, group_size, dy.device)
+    cfg = _bwd_config(M, N, K, group_size, dy.device, dy.dtype)
     if config:
         cfg.update(config)
         if "BK" in config and "GS" not in config:
@@ -574,7 +595,7 @@ def int4_matmul_t_triton(dy, qweight, qzeros, scales, g_idx, group_size: int = 0
         dy, qweight, qzeros, scales, g_idx, dx, M, N, K, cfg["GS"], split,
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
         BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], ATOMIC=split > 1,
-        GROUPED=cfg["GROUPED"], MODE=_mode(dy.dtype), DOT_F32=_dot_f32(dy.dtype), UNPACK=cfg["UNPACK"],
+        GROUPED=cfg["GROUPED"], MODE=_mode(dy.dtype), DOT=_dot(dy.dtype), UNPACK=cfg["UNPACK"],
         TILED=is_tiled(qweight), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dx if dx.dtype == dy.dtype else dx.to(dy.dtype)
