@@ -34,6 +34,8 @@ echo "steps: $STEPS" | tee -a "$log"
 step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)" | tee -a "$log";
          local t=$SECONDS; timeout "$limit" "$@" 2>&1 | tee -a "$log";
          echo "== $name rc=${PIPESTATUS[0]} in $((SECONDS - t)) s" | tee -a "$log"; }
+# What the tune rows decide (docs/gpu_session.md), into the log and the command's output.
+decide_int4() { for f in "$OUT"/tune_int4-*.json; do [ -f "$f" ] && step decide_int4 20 python3 benchmarks/decide_int4.py "$f"; done; }
 # One JUnit file a step: pytest writes it at the end, so a step cut by its limit loses only its own.
 pytest_gpu=(python3 -m pytest -q -m gpu -p no:cacheprovider)
 
@@ -48,8 +50,9 @@ for s in $STEPS; do
                   tests/test_native_cuda_gpu.py ;;
     tests_attn) step tests_attn 200 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_attn.xml" tests/test_gated_prefix_attention_gpu.py \
                   tests/test_attach_gpu.py tests/test_quant_refine.py ;;
-    tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT" ;;
-    tune_int4_small) step tune_int4_small 150 python3 benchmarks/tune_int4_gpu.py --small-native --budget 130 --out "$OUT" ;;
+    tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT"; decide_int4 ;;
+    tune_int4_small) step tune_int4_small 150 python3 benchmarks/tune_int4_gpu.py --small-native --budget 130 --out "$OUT"
+                     decide_int4 ;;
     ncu_int4) step ncu_int4 150 bash -c "ncu -k regex:int4_small_m --section SpeedOfLight --section Occupancy \
                 --section LaunchStats --section WarpStateStats python3 benchmarks/ncu_int4_small_m.py \
                 > '$OUT/ncu_int4_small_m.txt' 2>&1; tail -3 '$OUT/ncu_int4_small_m.txt'" ;;

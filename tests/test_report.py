@@ -118,3 +118,36 @@ def test_dolly_windows_half_prompt_half_response():
     assert b["input_ids"].shape == (2, 32)
     assert (b["labels"][:, :16] == -100).all() and (b["labels"][:, 16:] == b["input_ids"][:, 16:]).all()
     assert (b["gate_mask"][:, :16] == 1).all() and (b["gate_mask"][:, 16:] == 0).all()
+
+
+def test_decide_int4_reads_a_tune_file():
+    """decide_int4 names the forward variant that wins on every shape at an M (not one that wins on some),
+    and the tiled order's and PDL's median effect, from rows shaped like tune_int4_gpu.py's."""
+    import decide_int4
+
+    rows = []
+    for K, N in ((4096, 4096), (4096, 11008)):
+        rows.append({"shape": {"M": 0, "K": K, "N": N}, "impl": "read[order=gptq,ksplit=1]", "mode": "read",
+                     "median_ms": 0.005, "tb_per_s": 1.7})
+        for M in (1, 16):
+            rows.append(_row({"M": M, "K": K, "N": N}, "fp16", "fwd", 0.030))
+            rows.append(_row({"M": M, "K": K, "N": N}, "fp16", "bwd", 0.032))
+            times = {"native[steps=0,warps=0,gs=128]": 0.016, "native[steps=0,warps=0,gs=0]": 0.010,
+                     "native[steps=32,warps=0,gs=128]": 0.012 if M == 1 else 0.015,
+                     "native[steps=36,warps=0,gs=128]": 0.013 if (M == 1 or N == 4096) else 0.017,
+                     "native[steps=32,warps=0,gs=128,tiled]": 0.011 if M == 1 else 0.014,
+                     "native[steps=32,warps=0,gs=128,pdl]": 0.0123 if M == 1 else 0.0154}
+            rows += [_row({"M": M, "K": K, "N": N}, impl, "fwd", ms) for impl, ms in times.items()]
+            rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=0]", "bwd", 0.020))
+            rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=33]", "bwd", 0.015))
+    lines = decide_int4.report(rows)
+    text = "\n".join(lines)
+    assert "forward M=1: steps=32 beats the default on all 2 shapes (worst ratio 0.750)" in text
+    # steps=36 loses at M=16 on 4096x11008, steps=32 wins there by 6.25% on both shapes
+    assert "forward M=16: steps=32 beats the default on all 2 shapes (worst ratio 0.938)" in text
+    assert "backward M=1: steps=33 beats the default" in text
+    assert "tiled order: median 0.925" in text and "make it the default" in text
+    assert "pdl fwd: median 1.026" in text and "leave it opt-in" in text
+    assert "read floor 4096x4096: read[order=gptq,ksplit=1] 1.70 TB/s" in text
+    assert decide_int4.parse_native("native[steps=-22,warps=8,gs=0,tiled,pdl]") == {
+        "steps": -22, "warps": 8, "gs": 0, "tiled": True, "pdl": True}
