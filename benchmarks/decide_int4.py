@@ -5,7 +5,8 @@ of docs/gpu_session.md, so that a GPU session spends its minutes running, not re
 
 Prints, per small-M shape: fp16 matmul's time, the current default's (`steps=0`) speedup over it, and each
 small-M CUDA variant's time relative to the default (below 1 is faster), forward and backward; the
-read-only floor (`read[...]` rows) in TB/s beside the best forward's rate over the same weight bytes. Then
+read-only floor (`read[...]` rows) in TB/s beside the best forward's rate over the same weight bytes, and
+the fixed cost of a graph node (mode "floor" rows: each kernel on a 34 KB weight). Then
 one line per question: the fastest forward variant per M where it beats the default by more than `--margin`
 on every shape, whether the tiled order and PDL win (median ratio over the shapes and variants they were
 timed with), and the backward's best variant.
@@ -44,11 +45,14 @@ def weight_bytes(K: int, N: int) -> int:
 
 
 def collect(rows: list[dict]):
-    """{(K, N, M): {"fp16": {mode: ms}, "native": {mode: {variant name: (variant, ms)}}}} and the read floors
-    {(K, N): {impl: TB/s}}."""
-    table, floors = {}, {}
+    """{(K, N, M): {"fp16": {mode: ms}, "native": {mode: {variant name: (variant, ms)}}}}, the read floors
+    {(K, N): {impl: TB/s}} and the graph-node floors {impl: ms}."""
+    table, floors, node = {}, {}, {}
     for r in rows:
         s = r["shape"]
+        if r["mode"] == "floor":
+            node[r["impl"]] = r["median_ms"]
+            continue
         if r["mode"] == "read":
             floors.setdefault((s["K"], s["N"]), {})[r["impl"]] = r.get("tb_per_s") or 0.0
             continue
@@ -60,12 +64,14 @@ def collect(rows: list[dict]):
         if v is None or v["gs"] != GROUP or v["warps"] != 0 or r["mode"] not in ("fwd", "bwd"):
             continue  # other kernels, the table path (gs=0) and forced warp counts answer other questions
         cell["native"][r["mode"]][variant_name(v)] = (v, r["median_ms"])
-    return table, floors
+    return table, floors, node
 
 
 def report(rows: list[dict], margin: float = 0.02) -> list[str]:
-    table, floors = collect(rows)
+    table, floors, node = collect(rows)
     out = []
+    if node:
+        out.append("graph-node floor (34 KB weight): " + ", ".join(f"{k} {v * 1e3:.2f} us" for k, v in node.items()))
     for (K, N), fl in sorted(floors.items()):
         out.append(f"read floor {K}x{N}: " + ", ".join(f"{k} {v:.2f} TB/s" for k, v in sorted(fl.items())))
     by_m_fwd: dict = {}

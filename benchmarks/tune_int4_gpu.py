@@ -6,8 +6,9 @@ in flight, warps a CTA). Every variant is checked against the fp32 product befor
 
 Small M (<= 64): CUDA-graph replays over weight copies beyond the L2 cache (common.bench_cuda_graph);
 larger M: triton.testing.do_bench. fp16 activations, group 128, asym zeros. About 60-90 s on an H100;
---small-native: only the small-M CUDA variants (forward and backward) beside fp16 matmul, and a read-only
-kernel's speed on the same weights in GPTQ and tiled order (benchmarks/bandwidth_probe.py: the floor).
+--small-native: only the small-M CUDA variants (forward and backward) beside fp16 matmul, a read-only
+kernel's speed on the same weights in GPTQ and tiled order (benchmarks/bandwidth_probe.py: the floor), and
+the fixed cost of a graph node (mode "floor": each kernel on a 34 KB weight).
 """
 from __future__ import annotations
 
@@ -146,12 +147,41 @@ def main() -> int:
                 print(f"  {str(shape):40s} {name:28s} read {med * 1e3:9.1f} us  "
                       f"{nbytes / (med * 1e-3) / 1e12:.2f} TB/s{'' if ok else '  BAD SUM'}", flush=True)
 
+    def record_floor():
+        # The fixed cost of one graph node a kernel pays whatever it reads: each kernel on a weight of 8
+        # packed rows and 132 column tiles (34 KB). Time against weight bytes has an intercept of about 3 us
+        # at the real shapes; these rows measure it directly (mode "floor").
+        from bandwidth_probe import read_sum
+
+        K, N = 64, 32 * 132
+        shape = {"M": 1, "K": K, "N": N}
+        qw, qz, sc, gi = make_weight(K, N, 99)
+        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+        W16 = op.dequantize_int4(qw, qz, sc, gi, torch.float16)
+        fns = {"fp16": lambda: x @ W16.t(), "read[order=gptq,ksplit=1]": lambda: read_sum(qw, K, N)}
+        if has_native:
+            for pdl in (False, True):
+                fns[f"native[steps=0,warps=0,gs={GROUP}{',pdl' if pdl else ''}]"] = (
+                    lambda d=pdl: native.int4_cuda_small_m_validated(x, qw, qz, sc, gi, K, N, 1, group_size=GROUP,
+                                                                     pdl=d))
+        for name, fn in fns.items():
+            try:
+                med, p20, p80 = bench_cuda_graph([fn])
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"  floor {name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            rows.append({"shape": shape, "impl": name, "mode": "floor", "median_ms": med, "p20_ms": p20,
+                         "p80_ms": p80, "timing": "cuda_graph"})
+            print(f"  {str(shape):40s} {name:28s} floor {med * 1e3:9.2f} us", flush=True)
+
     def tiled(K, N, qsets):
         # the same weight copies with qweight in the tiled order
         if (K, N) not in tiled_sets:
             tiled_sets[(K, N)] = [(native.tile_qweight(q[0]), *q[1:]) for q in qsets]
         return tiled_sets[(K, N)]
 
+    if args.small_native:
+        record_floor()
     # Every shape's small-M rows first (the open question), then the large-M ones, so that a run cut
     # short by the budget still has the small-M variants of every shape.
     for Ms, (K, N) in [(ms, kn) for ms in ((SMALL_MS,) if args.small_native else (SMALL_MS, LARGE_MS))

@@ -140,6 +140,7 @@ def test_decide_int4_reads_a_tune_file():
             rows += [_row({"M": M, "K": K, "N": N}, impl, "fwd", ms) for impl, ms in times.items()]
             rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=0]", "bwd", 0.020))
             rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=33]", "bwd", 0.015))
+    rows.append({"shape": {"M": 1, "K": 64, "N": 4224}, "impl": "fp16", "mode": "floor", "median_ms": 0.0031})
     lines = decide_int4.report(rows)
     text = "\n".join(lines)
     assert "forward M=1: steps=32 beats the default on all 2 shapes (worst ratio 0.750)" in text
@@ -149,5 +150,7 @@ def test_decide_int4_reads_a_tune_file():
     assert "tiled order: median 0.925" in text and "make it the default" in text
     assert "pdl fwd: median 1.026" in text and "leave it opt-in" in text
     assert "read floor 4096x4096: read[order=gptq,ksplit=1] 1.70 TB/s" in text
+    assert "graph-node floor (34 KB weight): fp16 3.10 us" in text  # not a shape of the verdicts
+    assert "64x4224" not in text
     assert decide_int4.parse_native("native[steps=-22,warps=8,gs=0,tiled,pdl]") == {
         "steps": -22, "warps": 8, "gs": 0, "tiled": True, "pdl": True}
