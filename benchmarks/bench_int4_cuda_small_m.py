@@ -4,8 +4,10 @@ Compared with fp16 torch.matmul on the dequantized weight and, when importable, 
 mops_fast.ops.int4_matmul.int4_matmul_triton. LLaMA-7B shapes K x N = 4096x4096, 4096x11008,
 11008x4096, group size 128, fp16 activations. Timing: CUDA-graph replays over input copies beyond the L2
 cache (common.bench_cuda_graph: median, p20, p80); the eager do_bench median is kept in each row.
-int4_cuda computes groups from the group size (GPTQ without act-order, what QuantLinear passes);
-int4_cuda_gidx reads them from g_idx (the act-order path). Mode bwd: dx = dy W, the CUDA small-M backward
+int4_cuda computes groups from the group size (GPTQ without act-order, what QuantLinear passes) and
+launches what the dispatch would: the variant (steps), programmatic dependent launch and weight order
+of mops_fast.ops.int4_matmul's settings (MOPS_FAST_INT4_FWD_STEPS / _BWD_STEPS / _PDL / _CUDA_ORDER; the
+JSON records them); int4_cuda_gidx reads the groups from g_idx (the act-order path). Mode bwd: dx = dy W, the CUDA small-M backward
 (csrc/cuda/int4_small_m_t.cu) against dy @ W16 and the Triton backward kernel.
 
   python benchmarks/bench_int4_cuda_small_m.py --out DIR    -> DIR/int4_cuda_small_m-<gpu slug>.json
@@ -66,11 +68,19 @@ def main() -> int:
     if not native.cuda_available():
         print(f"bench_int4_cuda_small_m: {native.cuda_unavailable_reason()}")
         return 1
-    try:
-        from mops_fast.ops.int4_matmul import int4_matmul_t_triton, int4_matmul_triton
-    except Exception as e:  # noqa: BLE001 - optional comparison
-        print("Triton kernel not importable, skipped:", e)
-        int4_matmul_triton = int4_matmul_t_triton = None
+    from mops_fast.ops import int4_matmul as op
+
+    int4_matmul_triton = int4_matmul_t_triton = None
+    if op.HAS_TRITON:  # optional comparison
+        int4_matmul_triton, int4_matmul_t_triton = op.int4_matmul_triton, op.int4_matmul_t_triton
+    else:
+        print("Triton not importable: the int4_triton rows are skipped")
+    # what the dispatch launches (the same functions it asks)
+    pdl, tiled = op._pdl_enabled(), op.cuda_weight_order() == "tiled"
+    settings = {"fwd_steps": [op.small_m_steps("fwd", m) for m in (1, 16)],
+                "bwd_steps": [op.small_m_steps("bwd", m) for m in (1, 16)], "pdl": pdl,
+                "cuda_weight_order": op.cuda_weight_order()}
+    print("dispatch settings (M <= 8, M > 8):", settings)
 
     t_start = time.time()
     dev = torch.device("cuda")
@@ -85,6 +95,7 @@ def main() -> int:
             "torch": torch.__version__,
             "triton": __import__("triton").__version__,
             "cuda": torch.version.cuda,
+            "dispatch_settings": settings,
             "rows": rows,
         }
         path.write_text(json.dumps(result, indent=1) + "\n")
@@ -95,20 +106,24 @@ def main() -> int:
         # copies for graph timing: the bytes one graph cycles through exceed twice the L2 cache
         qsets, hsets = weight_copies(packed, W16)
         n_q, n_h = len(qsets), len(hsets)
+        # the int4_cuda rows' weights: in the order the dispatch's QuantLinear would keep them
+        dsets = [(native.tile_qweight(q[0]), *q[1:]) for q in qsets] if tiled else qsets
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             dy = torch.randn(M, N, device=dev, dtype=torch.float16)
             modes = {  # mode -> (reference, {name: (factory over input copies, copies)})
                 "fwd": (x.float() @ W16.float().t(), {
                     "int4_cuda": (lambda i: lambda: native.int4_cuda_small_m_validated(
-                        x, *qsets[i], K, N, G, group_size=GROUP), n_q),
+                        x, *dsets[i], K, N, G, group_size=GROUP, steps=op.small_m_steps("fwd", M), tiled=tiled,
+                        pdl=pdl), n_q),
                     "int4_cuda_gidx": (lambda i: lambda: native.int4_cuda_small_m_validated(
                         x, *qsets[i], K, N, G), n_q),
                     "fp16_matmul": (lambda i: lambda: x @ hsets[i].t(), n_h),
                 }),
                 "bwd": (dy.float() @ W16.float(), {
                     "int4_cuda": (lambda i: lambda: native.int4_cuda_small_m_t_validated(
-                        dy, *qsets[i][:3], K, N, G, GROUP), n_q),
+                        dy, *dsets[i][:3], K, N, G, GROUP, steps=op.small_m_steps("bwd", M), tiled=tiled,
+                        pdl=pdl), n_q),
                     "fp16_matmul": (lambda i: lambda: dy @ hsets[i], n_h),
                 }),
             }
@@ -144,7 +159,7 @@ def main() -> int:
                     sp = "  ".join(f"vs {k}: {v / res['int4_cuda']:.2f}x" for k, v in res.items() if k != "int4_cuda")
                 print(f"K={K:5d} N={N:5d} M={M:2d} {mode}  {line}  {sp}", flush=True)
             write()
-        del packed, W16, qsets, hsets
+        del packed, W16, qsets, hsets, dsets
     write()
     print(f"wrote {path} in {time.time() - t_start:.0f} s")
     return 0

@@ -9,7 +9,8 @@ read-only floor (`read[...]` rows) in TB/s beside the best forward's rate over t
 the fixed cost of a graph node (mode "floor" rows: each kernel on a 34 KB weight). Then
 one line per question: the fastest forward variant per M where it beats the default by more than `--margin`
 on every shape, whether the tiled order and PDL win (median ratio over the shapes and variants they were
-timed with), and the backward's best variant.
+timed with), and the backward's best variant; last, all of it as the dispatch's settings (steps per M
+bracket, M <= 8 and M > 8, as the kernels' defaults split), which `--env FILE` writes as shell exports.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ import re
 import statistics
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 NATIVE = re.compile(r"native\[steps=(-?\d+)(?:,warps=(\d+))?(?:,gs=(\d+))?((?:,\w+)*)\]")
 GROUP = 128
@@ -67,15 +72,12 @@ def collect(rows: list[dict]):
     return table, floors, node
 
 
-def report(rows: list[dict], margin: float = 0.02) -> list[str]:
+def analyze(rows: list[dict]) -> dict:
+    """The comparisons the verdicts rest on: per-shape lines, {mode: {M: [{variant: time / default's}]}} over
+    plain variants (no tiled, no pdl), and the tiled / PDL pairs' time ratios."""
     table, floors, node = collect(rows)
-    out = []
-    if node:
-        out.append("graph-node floor (34 KB weight): " + ", ".join(f"{k} {v * 1e3:.2f} us" for k, v in node.items()))
-    for (K, N), fl in sorted(floors.items()):
-        out.append(f"read floor {K}x{N}: " + ", ".join(f"{k} {v:.2f} TB/s" for k, v in sorted(fl.items())))
-    by_m_fwd: dict = {}
-    tiled_gain, pdl_gain, bwd_best = [], [], {}
+    lines, by_m = [], {"fwd": {}, "bwd": {}}
+    tiled_gain, pdl_gain = [], {"fwd": [], "bwd": []}
     for (K, N, M), cell in sorted(table.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
         for mode in ("fwd", "bwd"):
             nat, fp16 = cell["native"][mode], cell["fp16"].get(mode)
@@ -89,51 +91,75 @@ def report(rows: list[dict], margin: float = 0.02) -> list[str]:
                     f"{fp16 / nat[best][1]:4.2f}x fp16")
             if mode == "fwd":
                 line += f", {weight_bytes(K, N) / (nat[best][1] * 1e-3) / 1e12:.2f} TB/s"
-            out.append(line)
-            out.append("    " + "  ".join(f"{n} {r:.3f}" for n, r in sorted(rel.items(), key=lambda kv: kv[1])))
+            lines.append(line)
+            lines.append("    " + "  ".join(f"{n} {r:.3f}" for n, r in sorted(rel.items(), key=lambda kv: kv[1])))
             for name, (v, ms) in nat.items():
-                if v["tiled"]:
-                    twin = variant_name({**v, "tiled": False})
-                    if twin in nat:
-                        tiled_gain.append(ms / nat[twin][1])
-                if v["pdl"]:
-                    twin = variant_name({**v, "pdl": False})
-                    if twin in nat:
-                        pdl_gain.append((mode, ms / nat[twin][1]))
-            if mode == "fwd":
-                plain = {n: r for n, r in rel.items() if not (nat[n][0]["tiled"] or nat[n][0]["pdl"])}
-                by_m_fwd.setdefault(M, []).append(plain)
-            else:
-                plain = {n: r for n, r in rel.items() if not nat[n][0]["pdl"]}
-                bwd_best.setdefault(M, []).append(plain)
-    out.append("")
-    out += _decide("forward", by_m_fwd, margin)
-    out += _decide("backward", bwd_best, margin)
-    if tiled_gain:
-        g = statistics.median(tiled_gain)
-        out.append(f"tiled order: median {g:.3f} of the GPTQ order's time over {len(tiled_gain)} pairs -> "
+                if v["tiled"] and variant_name({**v, "tiled": False}) in nat:
+                    tiled_gain.append(ms / nat[variant_name({**v, "tiled": False})][1])
+                if v["pdl"] and variant_name({**v, "pdl": False}) in nat:
+                    pdl_gain[mode].append(ms / nat[variant_name({**v, "pdl": False})][1])
+            by_m[mode].setdefault(M, []).append(
+                {n: r for n, r in rel.items() if not (nat[n][0]["tiled"] or nat[n][0]["pdl"])})
+    return {"floors": floors, "node": node, "lines": lines, "by_m": by_m, "tiled": tiled_gain, "pdl": pdl_gain}
+
+
+def winner(shapes: list[dict], margin: float) -> tuple[float, str] | None:
+    """(worst ratio, variant) of the variant faster than the default by more than margin on every shape (the
+    best such by its worst ratio), or None."""
+    if not shapes:
+        return None
+    names = set.intersection(*(set(s) for s in shapes)) - {"steps=0"}
+    wins = [(max(s[n] for s in shapes), n) for n in names if all(s[n] < 1 - margin for s in shapes)]
+    return min(wins) if wins else None
+
+
+def decide(an: dict, margin: float) -> dict:
+    """What the dispatch should run: steps per M bracket (M <= 8, M > 8) forward and backward, PDL on or off,
+    the CUDA weight order; as the environment variables that make it so (mops_fast/ops/int4_matmul.py)."""
+    from mops_fast.ops.int4_matmul import SMALL_M_STEPS
+
+    env = {}
+    for mode, var in (("fwd", "MOPS_FAST_INT4_FWD_STEPS"), ("bwd", "MOPS_FAST_INT4_BWD_STEPS")):
+        steps = []
+        for small in (True, False):
+            # only variants the dispatch can name (older files hold dropped ones)
+            shapes = [{n: r for n, r in s.items() if int(n.split("=")[1]) in SMALL_M_STEPS[mode]}
+                      for M, ss in an["by_m"][mode].items() if (M <= 8) == small for s in ss]
+            w = winner(shapes, margin)
+            steps.append(int(w[1].split("=")[1]) if w else 0)
+        env[var] = f"{steps[0]},{steps[1]}"
+    gains = an["pdl"]["fwd"] + an["pdl"]["bwd"]
+    env["MOPS_FAST_INT4_PDL"] = "1" if gains and statistics.median(gains) < 1 - margin else "0"
+    tiled = an["tiled"] and statistics.median(an["tiled"]) < 1 - margin
+    env["MOPS_FAST_INT4_CUDA_ORDER"] = "tiled" if tiled else "gptq"
+    return env
+
+
+def report(rows: list[dict], margin: float = 0.02) -> list[str]:
+    an = analyze(rows)
+    out = []
+    if an["node"]:
+        out.append("graph-node floor (34 KB weight): "
+                   + ", ".join(f"{k} {v * 1e3:.2f} us" for k, v in an["node"].items()))
+    for (K, N), fl in sorted(an["floors"].items()):
+        out.append(f"read floor {K}x{N}: " + ", ".join(f"{k} {v:.2f} TB/s" for k, v in sorted(fl.items())))
+    out += an["lines"] + [""]
+    for mode, what in (("fwd", "forward"), ("bwd", "backward")):
+        for M, shapes in sorted(an["by_m"][mode].items()):
+            w = winner(shapes, margin)
+            out.append(f"{what} M={M}: {w[1]} beats the default on all {len(shapes)} shapes (worst ratio "
+                       f"{w[0]:.3f}) -> make it the default there" if w else
+                       f"{what} M={M}: the default stays (no variant faster by {margin:.0%} on every shape)")
+    if an["tiled"]:
+        g = statistics.median(an["tiled"])
+        out.append(f"tiled order: median {g:.3f} of the GPTQ order's time over {len(an['tiled'])} pairs -> "
                    + ("make it the default of cuda_weight_order()" if g < 1 - margin else "keep GPTQ order"))
     for mode in ("fwd", "bwd"):
-        gains = [r for m, r in pdl_gain if m == mode]
-        if gains:
-            g = statistics.median(gains)
-            out.append(f"pdl {mode}: median {g:.3f} of the time without over {len(gains)} pairs -> "
+        if an["pdl"][mode]:
+            g = statistics.median(an["pdl"][mode])
+            out.append(f"pdl {mode}: median {g:.3f} of the time without over {len(an['pdl'][mode])} pairs -> "
                        + ("turn _pdl_enabled() on by default" if g < 1 - margin else "leave it opt-in"))
-    return out
-
-
-def _decide(what: str, by_m: dict, margin: float) -> list[str]:
-    """Per M: the variant faster than the default by more than margin on every shape timed, if any."""
-    out = []
-    for M, shapes in sorted(by_m.items()):
-        names = set.intersection(*(set(s) for s in shapes)) - {"steps=0"}
-        winners = [(max(s[n] for s in shapes), n) for n in names if all(s[n] < 1 - margin for s in shapes)]
-        if winners:
-            worst, name = min(winners)
-            out.append(f"{what} M={M}: {name} beats the default on all {len(shapes)} shapes (worst ratio {worst:.3f})"
-                       " -> make it the default there")
-        else:
-            out.append(f"{what} M={M}: the default stays (no variant faster by {margin:.0%} on every shape)")
+    out.append("as settings (M <= 8, M > 8): " + " ".join(f"{k}={v}" for k, v in decide(an, margin).items()))
     return out
 
 
@@ -141,10 +167,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json", type=Path)
     ap.add_argument("--margin", type=float, default=0.02, help="a win must be faster by this fraction")
+    ap.add_argument("--env", type=Path, default=None, help="also write the decisions as shell exports here "
+                    "(run_gpu.sh's bench_int4_decided step sources them)")
     args = ap.parse_args(argv)
     doc = json.loads(args.json.read_text())
     print(f"{args.json.name}: {doc.get('device', '?')}, torch {doc.get('torch')}, {len(doc['rows'])} rows")
     print("\n".join(report(doc["rows"], args.margin)))
+    if args.env:
+        env = decide(analyze(doc["rows"]), args.margin)
+        args.env.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     return 0
 
 

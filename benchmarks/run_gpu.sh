@@ -10,7 +10,8 @@
 # the attention/attach GPU tests, a JUnit file each); tune_int4 (launch variants of the int4 kernels,
 # benchmarks/tune_int4_gpu.py; tune_int4_small: only its small-M CUDA rows); ncu_int4 (Nsight Compute on
 # each small-M kernel variant);
-# bench_int4_cuda_small_m, bench_gptq_matmul, bench_gated_prefix_attention, bench_e2e_gpu.
+# bench_int4_cuda_small_m, bench_gptq_matmul, bench_gated_prefix_attention, bench_e2e_gpu; bench_int4_decided
+# (after tune_int4_small: the two int4 benchmarks with the settings decide_int4 chose, into $OUT/decided).
 # The default (in the order the open work needs them; bench_gptq_matmul last, it re-measures defaults):
 # build tests_int4 tests_attn bench_gated_prefix_attention bench_int4_cuda_small_m bench_gptq_matmul --
 # about 5 minutes on an H100 by the step times below (the limits add up to more), within the 8 the
@@ -35,7 +36,9 @@ step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)" | te
          local t=$SECONDS; timeout "$limit" "$@" 2>&1 | tee -a "$log";
          echo "== $name rc=${PIPESTATUS[0]} in $((SECONDS - t)) s" | tee -a "$log"; }
 # What the tune rows decide (docs/gpu_session.md), into the log and the command's output.
-decide_int4() { for f in "$OUT"/tune_int4-*.json; do [ -f "$f" ] && step decide_int4 20 python3 benchmarks/decide_int4.py "$f"; done; }
+# Also as shell exports ($OUT/int4_decided.env) that bench_int4_decided runs the two int4 benchmarks with.
+decide_int4() { for f in "$OUT"/tune_int4-*.json; do [ -f "$f" ] && step decide_int4 20 python3 benchmarks/decide_int4.py "$f" \
+                  --env "$OUT/int4_decided.env"; done; }
 # One JUnit file a step: pytest writes it at the end, so a step cut by its limit loses only its own.
 pytest_gpu=(python3 -m pytest -q -m gpu -p no:cacheprovider)
 
@@ -53,6 +56,9 @@ for s in $STEPS; do
     tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT"; decide_int4 ;;
     tune_int4_small) step tune_int4_small 150 python3 benchmarks/tune_int4_gpu.py --small-native --budget 130 --out "$OUT"
                      decide_int4 ;;
+    bench_int4_decided) step bench_int4_decided 200 bash -c 'set -e; . "$0/int4_decided.env"; env | grep MOPS_FAST_INT4;
+                          python3 benchmarks/bench_int4_cuda_small_m.py --out "$0/decided"
+                          python3 benchmarks/bench_gptq_matmul.py --out "$0/decided"' "$OUT" ;;
     ncu_int4) step ncu_int4 150 bash -c "ncu -k regex:int4_small_m --section SpeedOfLight --section Occupancy \
                 --section LaunchStats --section WarpStateStats python3 benchmarks/ncu_int4_small_m.py \
                 > '$OUT/ncu_int4_small_m.txt' 2>&1; tail -3 '$OUT/ncu_int4_small_m.txt'" ;;

@@ -132,6 +132,21 @@ def test_bad_impl_override_and_shapes(monkeypatch):
         op.int4_matmul(torch.randn(2, 64), qw, qz, sc, gi)
 
 
+def test_small_m_steps_from_env(monkeypatch):
+    # the small-M CUDA variants the dispatch names: the kernels' defaults unless the variables say otherwise
+    for var in ("MOPS_FAST_INT4_FWD_STEPS", "MOPS_FAST_INT4_BWD_STEPS"):
+        monkeypatch.delenv(var, raising=False)
+    assert [op.small_m_steps(m, M) for m in ("fwd", "bwd") for M in (1, 16)] == [0, 0, 0, 0]
+    monkeypatch.setenv("MOPS_FAST_INT4_FWD_STEPS", "32, 4")
+    monkeypatch.setenv("MOPS_FAST_INT4_BWD_STEPS", "33")
+    assert [op.small_m_steps("fwd", M) for M in (1, 8, 9, 16)] == [32, 32, 4, 4]
+    assert [op.small_m_steps("bwd", M) for M in (1, 16)] == [33, 33]
+    for bad in ("22", "32,33,4", "fast", "32;4"):
+        monkeypatch.setenv("MOPS_FAST_INT4_BWD_STEPS", bad)
+        with pytest.raises(ValueError, match=r"MOPS_FAST_INT4_BWD_STEPS.*one of \(0, 32, 33\)"):
+            op.small_m_steps("bwd", 1)
+
+
 def _quant_linear(bits, K, N, group_size, act, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
     G = 1 if group_size == -1 else -(-K // group_size)

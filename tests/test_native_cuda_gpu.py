@@ -387,3 +387,21 @@ def test_backward_refusals_and_dispatch(monkeypatch):
     monkeypatch.setenv("MOPS_FAST_INT4_PDL", "1")
     assert torch.equal(op.int4_matmul(x, qw, qz, s, g, 128), want_f)
     assert torch.equal(op.int4_matmul_t(dy, qw, qz, s, g, 128), want_b)
+
+
+def test_dispatch_takes_steps_from_env(monkeypatch):
+    # MOPS_FAST_INT4_FWD_STEPS / _BWD_STEPS (M <= 8, M > 8): the dispatch launches exactly those variants
+    from mops_fast.ops import int4_matmul as op
+
+    K, N = 4096, 11008
+    qw, qz, s, g = _weight(K, N, 128, torch.device("cuda"), seed=9)
+    G = s.shape[0]
+    monkeypatch.setenv("MOPS_FAST_INT4_FWD_STEPS", "32,36")
+    monkeypatch.setenv("MOPS_FAST_INT4_BWD_STEPS", "33,32")
+    for M, fs, bs in ((3, 32, 33), (12, 36, 32)):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        dy = torch.randn(M, N, device="cuda", dtype=torch.float16)
+        assert torch.equal(op.int4_matmul(x, qw, qz, s, g, 128),
+                           native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, G, group_size=128, steps=fs))
+        assert torch.equal(op.int4_matmul_t(dy, qw, qz, s, g, 128),
+                           native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, G, 128, steps=bs))

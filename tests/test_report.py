@@ -152,5 +152,7 @@ def test_decide_int4_reads_a_tune_file():
     assert "read floor 4096x4096: read[order=gptq,ksplit=1] 1.70 TB/s" in text
     assert "graph-node floor (34 KB weight): fp16 3.10 us" in text  # not a shape of the verdicts
     assert "64x4224" not in text
+    assert text.endswith("as settings (M <= 8, M > 8): MOPS_FAST_INT4_FWD_STEPS=32,32 MOPS_FAST_INT4_BWD_STEPS=33,33 "
+                         "MOPS_FAST_INT4_PDL=0 MOPS_FAST_INT4_CUDA_ORDER=tiled")
     assert decide_int4.parse_native("native[steps=-22,warps=8,gs=0,tiled,pdl]") == {
         "steps": -22, "warps": 8, "gs": 0, "tiled": True, "pdl": True}

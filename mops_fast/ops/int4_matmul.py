@@ -724,6 +724,7 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
                 if _native_small_m_fits(xc, qweight, scales, g_idx):
                     return nat.int4_cuda_small_m_validated(xc, qweight, qzeros, scales, g_idx, *_dims(qweight, scales),
                                                            group_size=max(int(group_size), 0),
+                                                           steps=small_m_steps("fwd", xc.shape[0]),
                                                            tiled=is_tiled(qweight), pdl=_pdl_enabled())
         if HAS_TRITON:
             if impl == "auto" and x.shape[0] >= CHUNKED_MIN_M:
@@ -736,6 +737,34 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
             return nat.int4_cpu_validated(x.contiguous(), _gptq_order(qweight, scales), qzeros, scales, g_idx,
                                           *_dims(qweight, scales), transposed=False)
     return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
+
+
+# Variants of the small-M CUDA kernels the dispatch may name (csrc/cuda: launch() in int4_small_m.cu and
+# int4_small_m_t.cu; 0 is each kernel's own default), forward and backward.
+SMALL_M_STEPS = {"fwd": (0, 4, 22, 32, 34, 36, 38), "bwd": (0, 32, 33)}
+_STEPS_ENV = {"fwd": "MOPS_FAST_INT4_FWD_STEPS", "bwd": "MOPS_FAST_INT4_BWD_STEPS"}
+_STEPS_PARSED: dict = {}
+
+
+def small_m_steps(mode: str, M: int) -> int:
+    """The steps hint the dispatch passes the small-M CUDA kernel of `mode` ("fwd" or "bwd") at M rows: 0
+    (the kernel's default) unless MOPS_FAST_INT4_FWD_STEPS / MOPS_FAST_INT4_BWD_STEPS name one, as "S" for
+    every M or "S8,S16" (M <= 8, M > 8). For tuning on a GPU (benchmarks/decide_int4.py --env writes them)."""
+    raw = os.environ.get(_STEPS_ENV[mode], "")
+    key = (mode, raw)
+    if key not in _STEPS_PARSED:
+        parts = [p.strip() for p in raw.split(",")] if raw.strip() else ["0"]
+        allowed = SMALL_M_STEPS[mode]
+        try:
+            vals = [int(p) for p in parts]
+        except ValueError:
+            vals = []
+        if len(parts) > 2 or not vals or any(v not in allowed for v in vals):
+            raise ValueError(f"{_STEPS_ENV[mode]}={raw!r}: give one steps value for every M or two (M <= 8, "
+                             f"M > 8), each one of {allowed}")
+        _STEPS_PARSED[key] = (vals[0], vals[-1])
+    small, large = _STEPS_PARSED[key]
+    return small if M <= 8 else large
 
 
 def _pdl_enabled() -> bool:
@@ -789,6 +818,7 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
                 dyc = dy.contiguous()
                 if _native_small_m_fits(dyc, qweight, scales, g_idx):
                     return nat.int4_cuda_small_m_t_validated(dyc, qweight, qzeros, scales, K, N, G, gs,
+                                                             steps=small_m_steps("bwd", dyc.shape[0]),
                                                              tiled=is_tiled(qweight), pdl=_pdl_enabled())
         if HAS_TRITON:
             if impl == "auto" and dy.shape[0] >= CHUNKED_MIN_M:
