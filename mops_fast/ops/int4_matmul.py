@@ -742,18 +742,25 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
 # Variants of the small-M CUDA kernels the dispatch may name (csrc/cuda: launch() in int4_small_m.cu and
 # int4_small_m_t.cu; 0 is each kernel's own default), forward and backward.
 SMALL_M_STEPS = {"fwd": (0, 4, 22, 32, 34, 36, 38), "bwd": (0, 32, 33)}
+# What the dispatch passes when no variable says otherwise, (M <= 8, M > 8): the kernels' own defaults (0)
+# until a GPU run decides otherwise (benchmarks/decide_int4.py).
+SMALL_M_DEFAULT_STEPS = {"fwd": (0, 0), "bwd": (0, 0)}
 _STEPS_ENV = {"fwd": "MOPS_FAST_INT4_FWD_STEPS", "bwd": "MOPS_FAST_INT4_BWD_STEPS"}
 _STEPS_PARSED: dict = {}
 
 
 def small_m_steps(mode: str, M: int) -> int:
-    """The steps hint the dispatch passes the small-M CUDA kernel of `mode` ("fwd" or "bwd") at M rows: 0
-    (the kernel's default) unless MOPS_FAST_INT4_FWD_STEPS / MOPS_FAST_INT4_BWD_STEPS name one, as "S" for
+    """The steps hint the dispatch passes the small-M CUDA kernel of `mode` ("fwd" or "bwd") at M rows:
+    SMALL_M_DEFAULT_STEPS unless MOPS_FAST_INT4_FWD_STEPS / MOPS_FAST_INT4_BWD_STEPS name one, as "S" for
     every M or "S8,S16" (M <= 8, M > 8). For tuning on a GPU (benchmarks/decide_int4.py --env writes them)."""
-    raw = os.environ.get(_STEPS_ENV[mode], "")
-    key = (mode, raw)
-    if key not in _STEPS_PARSED:
-        parts = [p.strip() for p in raw.split(",")] if raw.strip() else ["0"]
+    raw = os.environ.get(_STEPS_ENV[mode], "").strip()
+    pair = _parse_steps(mode, raw) if raw else SMALL_M_DEFAULT_STEPS[mode]
+    return pair[0] if M <= 8 else pair[1]
+
+
+def _parse_steps(mode: str, raw: str) -> tuple[int, int]:
+    if (mode, raw) not in _STEPS_PARSED:  # parsed once: the dispatch asks on every call
+        parts = [p.strip() for p in raw.split(",")]
         allowed = SMALL_M_STEPS[mode]
         try:
             vals = [int(p) for p in parts]
@@ -762,9 +769,8 @@ def small_m_steps(mode: str, M: int) -> int:
         if len(parts) > 2 or not vals or any(v not in allowed for v in vals):
             raise ValueError(f"{_STEPS_ENV[mode]}={raw!r}: give one steps value for every M or two (M <= 8, "
                              f"M > 8), each one of {allowed}")
-        _STEPS_PARSED[key] = (vals[0], vals[-1])
-    small, large = _STEPS_PARSED[key]
-    return small if M <= 8 else large
+        _STEPS_PARSED[(mode, raw)] = (vals[0], vals[-1])
+    return _STEPS_PARSED[(mode, raw)]
 
 
 def _pdl_enabled() -> bool:
