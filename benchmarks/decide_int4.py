@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 NATIVE = re.compile(r"native\[steps=(-?\d+)(?:,warps=(\d+))?(?:,gs=(\d+))?((?:,\w+)*)\]")
 GROUP = 128
+MAX_REL_ERR = 2e-2  # tune_int4_gpu.py flags a row BAD above this error against the fp32 product
 
 
 def parse_native(impl: str) -> dict | None:
@@ -51,8 +52,8 @@ def weight_bytes(K: int, N: int) -> int:
 
 def collect(rows: list[dict]):
     """{(K, N, M): {"fp16": {mode: ms}, "native": {mode: {variant name: (variant, ms)}}}}, the read floors
-    {(K, N): {impl: TB/s}} and the graph-node floors {impl: ms}."""
-    table, floors, node = {}, {}, {}
+    {(K, N): {impl: TB/s}}, the graph-node floors {impl: ms}, and the rows left out for wrong results."""
+    table, floors, node, wrong = {}, {}, {}, []
     for r in rows:
         s = r["shape"]
         if r["mode"] == "floor":
@@ -68,14 +69,17 @@ def collect(rows: list[dict]):
         v = parse_native(r["impl"])
         if v is None or v["gs"] != GROUP or v["warps"] != 0 or r["mode"] not in ("fwd", "bwd"):
             continue  # other kernels, the table path (gs=0) and forced warp counts answer other questions
+        if not r.get("rel_err_vs_fp32", 0.0) <= MAX_REL_ERR:  # NaN too: a wrong kernel is never a winner
+            wrong.append(f"{r['mode']} {r['impl']} M={s['M']} {s['K']}x{s['N']}: rel err {r.get('rel_err_vs_fp32')}")
+            continue
         cell["native"][r["mode"]][variant_name(v)] = (v, r["median_ms"])
-    return table, floors, node
+    return table, floors, node, wrong
 
 
 def analyze(rows: list[dict]) -> dict:
     """The comparisons the verdicts rest on: per-shape lines, {mode: {M: [{variant: time / default's}]}} over
     plain variants (no tiled, no pdl), and the tiled / PDL pairs' time ratios."""
-    table, floors, node = collect(rows)
+    table, floors, node, wrong = collect(rows)
     lines, by_m = [], {"fwd": {}, "bwd": {}}
     tiled_gain, pdl_gain = [], {"fwd": [], "bwd": []}
     for (K, N, M), cell in sorted(table.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
@@ -100,7 +104,8 @@ def analyze(rows: list[dict]) -> dict:
                     pdl_gain[mode].append(ms / nat[variant_name({**v, "pdl": False})][1])
             by_m[mode].setdefault(M, []).append(
                 {n: r for n, r in rel.items() if not (nat[n][0]["tiled"] or nat[n][0]["pdl"])})
-    return {"floors": floors, "node": node, "lines": lines, "by_m": by_m, "tiled": tiled_gain, "pdl": pdl_gain}
+    return {"floors": floors, "node": node, "lines": lines, "by_m": by_m, "tiled": tiled_gain, "pdl": pdl_gain,
+            "wrong": wrong}
 
 
 def winner(shapes: list[dict], margin: float) -> tuple[float, str] | None:
@@ -143,6 +148,7 @@ def report(rows: list[dict], margin: float = 0.02) -> list[str]:
                    + ", ".join(f"{k} {v * 1e3:.2f} us" for k, v in an["node"].items()))
     for (K, N), fl in sorted(an["floors"].items()):
         out.append(f"read floor {K}x{N}: " + ", ".join(f"{k} {v:.2f} TB/s" for k, v in sorted(fl.items())))
+    out += [f"WRONG RESULTS, left out: {w}" for w in an["wrong"]]
     out += an["lines"] + [""]
     for mode, what in (("fwd", "forward"), ("bwd", "backward")):
         for M, shapes in sorted(an["by_m"][mode].items()):

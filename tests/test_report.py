@@ -141,6 +141,9 @@ def test_decide_int4_reads_a_tune_file():
             rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=0]", "bwd", 0.020))
             rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=33]", "bwd", 0.015))
     rows.append({"shape": {"M": 1, "K": 64, "N": 4224}, "impl": "fp16", "mode": "floor", "median_ms": 0.0031})
+    for M in (1, 16):  # fastest everywhere but wrong: never chosen
+        rows.append({**_row({"M": M, "K": 4096, "N": 4096}, "native[steps=38,warps=0,gs=128]", "fwd", 0.001),
+                     "rel_err_vs_fp32": float("nan")})
     lines = decide_int4.report(rows)
     text = "\n".join(lines)
     assert "forward M=1: steps=32 beats the default on all 2 shapes (worst ratio 0.750)" in text
@@ -152,6 +155,8 @@ def test_decide_int4_reads_a_tune_file():
     assert "read floor 4096x4096: read[order=gptq,ksplit=1] 1.70 TB/s" in text
     assert "graph-node floor (34 KB weight): fp16 3.10 us" in text  # not a shape of the verdicts
     assert "64x4224" not in text
+    assert "WRONG RESULTS, left out: fwd native[steps=38,warps=0,gs=128] M=1 4096x4096: rel err nan" in text
+    assert not [ln for ln in lines if "steps=38" in ln and not ln.startswith("WRONG")]
     assert text.endswith("as settings (M <= 8, M > 8): MOPS_FAST_INT4_FWD_STEPS=32,32 MOPS_FAST_INT4_BWD_STEPS=33,33 "
                          "MOPS_FAST_INT4_PDL=0 MOPS_FAST_INT4_CUDA_ORDER=tiled")
     assert decide_int4.parse_native("native[steps=-22,warps=8,gs=0,tiled,pdl]") == {
