@@ -37,14 +37,15 @@ LARGE_MS = [64, 512, 4096]
 # the scales applied after the mma; 36 / 38: 32 / 34 with x read from global memory;
 # tiled: qweight in native.tile_qweight's order (each CTA's columns contiguous along K); pdl: launched as a
 # programmatic dependent of the previous call (sm_90: it starts, and the streamed kernels request their weights,
-# while that call finishes; x is read after it). The files in
-# benchmarks/results from 2026-11-26/27 hold rows of variants dropped since (steps 8, -4, -8, -22, 24, a
+# while that call finishes; x is read after it; the streamed kernels then size CTAs so that two grids fit at
+# once, and (32, 16, pdl) keeps the 16 warps that fill an SM alone, to tell the two effects apart). The files
+# in benchmarks/results from 2026-11-26/27 hold rows of variants dropped since (steps 8, -4, -8, -22, 24, a
 # cp.async ring) under their own names.
 NATIVE_VARIANTS = [(0, 0, False, False), (22, 0, False, False), (32, 0, False, False), (34, 0, False, False),
                    (36, 0, False, False), (38, 0, False, False),
-                   (0, 0, True, False), (22, 0, True, False), (32, 0, True, False), (34, 0, True, False),
-                   (0, 0, False, True), (32, 0, False, True), (36, 0, False, True), (38, 0, False, True),
-                   (32, 0, True, True)]
+                   (0, 0, True, False), (32, 0, True, False),
+                   (0, 0, False, True), (32, 0, False, True), (36, 0, False, True), (32, 0, True, True),
+                   (32, 16, False, True), (32, 16, False, False)]
 # (steps, pdl) of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed,
 # 33 streamed with the N slices summed in a thread-block cluster (sm_90)
 NATIVE_BWD_VARIANTS = [(0, False), (32, False), (33, False), (0, True), (33, True)]
@@ -205,8 +206,8 @@ def main() -> int:
             record(shape, "fp16", "bwd", lambda i: lambda: dy @ hsets[i], ref_b, nh, graph)
             if M <= op.SMALL_M_NATIVE and has_native:
                 G, key = qsets[0][2].shape[0], f"{M}x{K}x{N}"
-                stream_warps[key] = {str(st): native.int4_small_m_stream_warps(M, K, N, G, GROUP, st)
-                                     for st in (32, 34, 36, 38)}
+                stream_warps[key] = {f"{st}{',pdl' if d else ''}": native.int4_small_m_stream_warps(
+                    M, K, N, G, GROUP, st, pdl=d) for st in (32, 34, 36, 38) for d in (False, True)}
                 print(f"  streamed kernel warps a CTA: {stream_warps[key]}", flush=True)
                 for steps, warps, tl, pdl in NATIVE_VARIANTS:
                     sets = tiled(K, N, qsets) if tl else qsets

@@ -326,14 +326,16 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
 
 
 def int4_small_m_stream_warps(M: int, K: int, N: int, G: int, group_size: int, steps: int = 32,
-                             dtype: torch.dtype = torch.float16, device: int | None = None) -> int:
+                             dtype: torch.dtype = torch.float16, device: int | None = None,
+                             pdl: bool = False) -> int:
     """Warps a CTA the streamed small-M CUDA kernel of `steps` (32, 34 folded, 36 x from global memory, 38
     both) takes for this shape on a device (its shared memory and multiprocessors decide): 0 where that
-    launch falls back to the default kernel. For benchmarks and tests; group_size as
-    int4_cuda_small_m_validated takes it."""
+    launch falls back to the default kernel. pdl: launched as a programmatic dependent (sm_90), which sizes
+    CTAs so that two grids fit at once. For benchmarks and tests; group_size as int4_cuda_small_m_validated
+    takes it."""
     mod = _require_cuda_module("int4_small_m_stream_warps")
     dev = torch.cuda.current_device() if device is None else device
-    w = mod.int4_small_m_stream_warps(M, K, N, G, group_size, _DTYPE_CODE[dtype], steps, dev)
+    w = mod.int4_small_m_stream_warps(M, K, N, G, group_size, _DTYPE_CODE[dtype], steps, bool(pdl), dev)
     if w < 0:
         raise ValueError(f"int4_small_m_stream_warps: bad arguments M={M} K={K} N={N} G={G} "
                          f"group_size={group_size} steps={steps} {dtype}")

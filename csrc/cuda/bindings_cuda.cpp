@@ -42,13 +42,13 @@ PYBIND11_MODULE(_C_cuda, m) {
       "dependent of the stream's previous grid (sm_90)");
   m.def(
       "int4_small_m_stream_warps",
-      [](int M, int K, int N, int G, int group_size, int x_dtype, int steps, int device) {
-        return mops_int4_small_m_stream_warps(M, K, N, G, group_size, x_dtype, steps, device);
+      [](int M, int K, int N, int G, int group_size, int x_dtype, int steps, bool pdl, int device) {
+        return mops_int4_small_m_stream_warps(M, K, N, G, group_size, x_dtype, steps, pdl ? 1 : 0, device);
       },
       py::arg("M"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("group_size"), py::arg("x_dtype"),
-      py::arg("steps"), py::arg("device"),
-      "warps a CTA of the streamed small-M kernel (steps 32/34/36/38) for this shape (0: it falls back to the "
-      "default; -1: bad arguments)");
+      py::arg("steps"), py::arg("pdl"), py::arg("device"),
+      "warps a CTA of the streamed small-M kernel (steps 32/34/36/38) for this shape, launched as a "
+      "programmatic dependent when pdl (0: it falls back to the default; -1: bad arguments)");
   m.def(
       "int4_matmul_small_m_t_workspace",
       [](int M, int K, int N, int device) { return mops_int4_small_m_t_workspace(M, K, N, device); },

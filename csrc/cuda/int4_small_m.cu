@@ -706,13 +706,16 @@ cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hin
 // Warps a CTA for the streamed kernel: the most (2 to 16) with which every CTA is resident at once, one
 // wave (a CTA's shared memory barely depends on its warps: they split the same slice; registers and
 // threads decide); else pick_warps' choice if one CTA fits (later CTAs request their whole slices as
-// soon as they start, so the waves overlap their loads); 0 where no CTA fits. warps_hint > 0 is taken as
-// it is. Decided once per shape and device (occupancy queries cost host time).
+// soon as they start, so the waves overlap their loads); 0 where no CTA fits. With pdl, "every CTA" is
+// every CTA of two grids: a dependent grid's CTAs start only where an SM has room beside this grid's, so
+// only then can the next layer stream its weights while this one finishes (at 4096x4096, 128 CTAs: 16
+// warps fill an SM's registers, 8 leave room for the next grid). warps_hint > 0 is taken as it is.
+// Decided once per shape, launch kind and device (occupancy queries cost host time).
 template <class T, int MT, bool FOLD, bool XG>
-int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_hint) {
+int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_hint, bool pdl) {
   static std::mutex mu;
-  static std::map<std::array<int, 7>, int> decided;
-  const std::array<int, 7> key{p.M, p.K, p.N, p.G, p.group_shift, warps_hint, device};
+  static std::map<std::array<int, 8>, int> decided;
+  const std::array<int, 8> key{p.M, p.K, p.N, p.G, p.group_shift, warps_hint, device, pdl ? 1 : 0};
   std::lock_guard<std::mutex> lock(mu);
   const auto it = decided.find(key);
   if (it != decided.end()) return it->second;
@@ -734,8 +737,9 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
     chosen = per_sm(warps_hint) > 0 ? warps_hint : 0;
   } else {
     const int most = std::min(kMaxWarps, steps);
+    const int64_t resident = int64_t(tiles) * (pdl ? 2 : 1);
     for (int w = most; w >= std::min(2, most) && !chosen; --w)
-      if (int64_t(per_sm(w)) * dev.sm_count >= tiles) chosen = w;
+      if (int64_t(per_sm(w)) * dev.sm_count >= resident) chosen = w;
     const int fallback = pick_warps(p, dev, 0);
     if (!chosen && per_sm(fallback) > 0) chosen = fallback;
   }
@@ -747,7 +751,7 @@ int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_h
 template <class T, int MT, bool FOLD, bool XG>
 cudaError_t launch_stream(const Params& p, const DeviceInfo& dev, int device, int warps_hint, bool pdl,
                           cudaStream_t stream, bool* fits) {
-  const int warps = stream_warps<T, MT, FOLD, XG>(p, dev, device, warps_hint);
+  const int warps = stream_warps<T, MT, FOLD, XG>(p, dev, device, warps_hint, pdl);
   *fits = warps > 0;
   if (!*fits) return cudaSuccess;
   const StreamLayout lay = stream_layout(p, warps, XG);
@@ -794,7 +798,8 @@ inline bool known_steps_hint(int steps_hint) {
 // Dropped after the H100 runs of 2026-11-26/27 (benchmarks/results/tune_int4-*.json): batches of 8 steps
 // (spills), x staged in shared memory for the register and pipelined kernels (-4, -8, -22, 24: 0-8% slower
 // than 22 at M <= 4, ties at M = 16), and each step streamed through a cp.async ring (1.2-2.5x slower).
-// pdl: launched as a programmatic dependent of the stream's previous grid (sm_90; griddep_wait).
+// pdl: launched as a programmatic dependent of the stream's previous grid (sm_90; griddep_wait); the
+// streamed kernels then size their CTAs so that two grids are resident at once (stream_warps).
 template <class T, int MT>
 cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps_hint, int warps_hint, bool pdl,
                    cudaStream_t s) {
@@ -817,7 +822,7 @@ cudaError_t launch(const Params& p, const DeviceInfo& dev, int device, int steps
 }  // namespace
 
 extern "C" int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int group_size, int x_dtype,
-                                              int steps_hint, int device) {
+                                              int steps_hint, int pdl, int device) {
   if (small_m_shape_error(M, K, N, G) != nullptr || (x_dtype != 1 && x_dtype != 2) || group_size <= 0) return -1;
   const DeviceInfo* info = nullptr;
   if (use_device(device, &info) != nullptr) return -1;
@@ -825,15 +830,16 @@ extern "C" int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int gr
   bool fold = false, xg = false;
   if (!stream_flags(steps_hint, group_shift, &fold, &xg)) return -1;
   if (group_shift < 0) return 0;
+  const bool dependent = pdl && info->cc_major >= 9;  // as mops_int4_small_m launches it
   const Params p{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, K, N, G, /*16-bit scales*/ 1,
                  group_shift, 0, qweight_order(false, K, N)};
   return with_stream_flags(fold, xg, [&](auto f, auto g) {
     constexpr bool F = decltype(f)::value, X = decltype(g)::value;
     if (x_dtype == 1)
-      return M <= 8 ? stream_warps<__half, 8, F, X>(p, *info, device, 0)
-                    : stream_warps<__half, 16, F, X>(p, *info, device, 0);
-    return M <= 8 ? stream_warps<__nv_bfloat16, 8, F, X>(p, *info, device, 0)
-                  : stream_warps<__nv_bfloat16, 16, F, X>(p, *info, device, 0);
+      return M <= 8 ? stream_warps<__half, 8, F, X>(p, *info, device, 0, dependent)
+                    : stream_warps<__half, 16, F, X>(p, *info, device, 0, dependent);
+    return M <= 8 ? stream_warps<__nv_bfloat16, 8, F, X>(p, *info, device, 0, dependent)
+                  : stream_warps<__nv_bfloat16, 16, F, X>(p, *info, device, 0, dependent);
   });
 }
 

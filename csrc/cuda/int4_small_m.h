@@ -26,10 +26,10 @@ int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qweight, const 
                       int steps_hint, int warps_hint, char* err, int err_len);
 
 // Warps a CTA the streamed kernel of steps_hint 32, 34, 36 or 38 takes for this shape on `device` with
-// 16-bit scales and the group_size promise: 0 where it falls back to the default kernel, -1 on bad
-// arguments (benchmarks and tests report it).
+// 16-bit scales and the group_size promise, launched as a programmatic dependent when pdl (sm_90): 0 where
+// it falls back to the default kernel, -1 on bad arguments (benchmarks and tests report it).
 int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int group_size, int x_dtype, int steps_hint,
-                                   int device);
+                                   int pdl, int device);
 
 // dx (M,K) = dy (M,N) W for 1 <= M <= 16, the backward to the input. dy_dtype: 1 fp16, 2 bf16;
 // scales fp16 or bf16; grouped weights only (group_size a power-of-two multiple of 8 with the promise
