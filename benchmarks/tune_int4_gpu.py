@@ -38,14 +38,15 @@ LARGE_MS = [64, 512, 4096]
 # tiled: qweight in native.tile_qweight's order (each CTA's columns contiguous along K); pdl: launched as a
 # programmatic dependent of the previous call (sm_90: it starts, and the streamed kernels request their weights,
 # while that call finishes; x is read after it; the streamed kernels then size CTAs so that two grids fit at
-# once, and (32, 16, pdl) keeps the 16 warps that fill an SM alone, to tell the two effects apart). The files
+# once, and (32, 16, pdl) keeps the 16 warps that fill an SM alone, to tell the two effects apart; the register
+# kernels keep their warps, and (0, 8, pdl) asks whether half an SM a CTA pays off there too). The files
 # in benchmarks/results from 2026-11-26/27 hold rows of variants dropped since (steps 8, -4, -8, -22, 24, a
 # cp.async ring) under their own names.
 NATIVE_VARIANTS = [(0, 0, False, False), (22, 0, False, False), (32, 0, False, False), (34, 0, False, False),
                    (36, 0, False, False), (38, 0, False, False),
                    (0, 0, True, False), (32, 0, True, False),
                    (0, 0, False, True), (32, 0, False, True), (36, 0, False, True), (32, 0, True, True),
-                   (32, 16, False, True), (32, 16, False, False)]
+                   (32, 16, False, True), (32, 16, False, False), (0, 8, False, True), (0, 8, False, False)]
 # (steps, pdl) of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed,
 # 33 streamed with the N slices summed in a thread-block cluster (sm_90)
 NATIVE_BWD_VARIANTS = [(0, False), (32, False), (33, False), (0, True), (33, True)]
