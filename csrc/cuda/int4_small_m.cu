@@ -709,7 +709,7 @@ cudaError_t launch_variant(const Params& p, const DeviceInfo& dev, int warps_hin
 // soon as they start, so the waves overlap their loads); 0 where no CTA fits. With pdl, "every CTA" is
 // every CTA of two grids: a dependent grid's CTAs start only where an SM has room beside this grid's, so
 // only then can the next layer stream its weights while this one finishes (at 4096x4096, 128 CTAs: 16
-// warps fill an SM's registers, 8 leave room for the next grid). warps_hint > 0 is taken as it is.
+// warps fill an SM's registers, about 12 leave room for the next grid's CTA). warps_hint > 0 is taken as it is.
 // Decided once per shape, launch kind and device (occupancy queries cost host time).
 template <class T, int MT, bool FOLD, bool XG>
 int stream_warps(const Params& p, const DeviceInfo& dev, int device, int warps_hint, bool pdl) {
