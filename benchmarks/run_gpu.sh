@@ -56,7 +56,7 @@ for s in $STEPS; do
     tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT"; decide_int4 ;;
     tune_int4_small) step tune_int4_small 150 python3 benchmarks/tune_int4_gpu.py --small-native --budget 130 --out "$OUT"
                      decide_int4 ;;
-    bench_int4_decided) step bench_int4_decided 180 bash -c 'set -e; . "$0/int4_decided.env"; env | grep MOPS_FAST_INT4;
+    bench_int4_decided) step bench_int4_decided 170 bash -c 'set -e; . "$0/int4_decided.env"; env | grep MOPS_FAST_INT4;
                           python3 benchmarks/bench_int4_cuda_small_m.py --out "$0/decided"
                           python3 benchmarks/bench_gptq_matmul.py --out "$0/decided"' "$OUT" ;;
     ncu_int4) step ncu_int4 150 bash -c "ncu -k regex:int4_small_m --section SpeedOfLight --section Occupancy \
