@@ -294,6 +294,9 @@ def main(argv=None) -> int:
     result = {"benchmark": "gptq_matmul", "device": dev.device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "cuda": torch.version.cuda, "native_small_m": native_small_m,
               "cuda_weight_order": op.cuda_weight_order(),
+              "dispatch_settings": {"fwd_steps": [op.small_m_steps("fwd", m) for m in (1, 16)],
+                                    "bwd_steps": [op.small_m_steps("bwd", m) for m in (1, 16)],
+                                    "pdl": op._pdl_enabled()},
               "skipped_cases": skipped, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gptq_matmul-{slug(dev.device_name())}.json"
