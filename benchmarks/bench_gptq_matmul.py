@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 for p in (ROOT / "benchmarks",):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
-from common import bench_cuda_graph, weight_copies  # noqa: E402
+from common import bench_cuda_graph, in_cuda_weight_order, weight_copies  # noqa: E402
 from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -165,7 +165,6 @@ def main(argv=None) -> int:
         from triton.testing import do_bench
 
     from mops_fast.ops import int4_matmul as op
-    from mops_fast.quant.pack import tile_qweight
 
     t0 = time.time()
     rows: list[dict] = []
@@ -229,9 +228,7 @@ def main(argv=None) -> int:
             del acts
         else:
             # the order QuantLinear would keep these weights in on this device (MOPS_FAST_INT4_CUDA_ORDER)
-            fsets = qsets
-            if dev.name == "cuda" and op.cuda_weight_order() == "tiled":
-                fsets = [(tile_qweight(q[0]), *q[1:]) for q in qsets]
+            fsets = in_cuda_weight_order(qsets) if dev.name == "cuda" else qsets
             bench(shape, "fused", "fwd", lambda i: lambda: op.int4_matmul(x, *fsets[i], GROUP), ref_f, gq)
             bench(shape, "fused", "bwd", lambda i: lambda: op.int4_matmul_t(dy, *fsets[i], GROUP), ref_b, gq)
             del fsets
@@ -294,9 +291,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "gptq_matmul", "device": dev.device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "cuda": torch.version.cuda, "native_small_m": native_small_m,
               "cuda_weight_order": op.cuda_weight_order(),
-              "dispatch_settings": {"fwd_steps": [op.small_m_steps("fwd", m) for m in (1, 16)],
-                                    "bwd_steps": [op.small_m_steps("bwd", m) for m in (1, 16)],
-                                    "pdl": op._pdl_enabled()},
+              "dispatch_settings": op.small_m_settings(),
               "skipped_cases": skipped, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gptq_matmul-{slug(dev.device_name())}.json"

@@ -33,7 +33,7 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_quant_cpu import pack_rows  # noqa: E402
-from common import bench_cuda_graph, weight_copies  # noqa: E402
+from common import bench_cuda_graph, in_cuda_weight_order, weight_copies  # noqa: E402
 from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -76,10 +76,8 @@ def main() -> int:
     else:
         print("Triton not importable: the int4_triton rows are skipped")
     # what the dispatch launches (the same functions it asks)
-    pdl, tiled = op._pdl_enabled(), op.cuda_weight_order() == "tiled"
-    settings = {"fwd_steps": [op.small_m_steps("fwd", m) for m in (1, 16)],
-                "bwd_steps": [op.small_m_steps("bwd", m) for m in (1, 16)], "pdl": pdl,
-                "cuda_weight_order": op.cuda_weight_order()}
+    settings = op.small_m_settings()
+    pdl, tiled = settings["pdl"], settings["cuda_weight_order"] == "tiled"
     print("dispatch settings (M <= 8, M > 8):", settings)
 
     t_start = time.time()
@@ -107,7 +105,7 @@ def main() -> int:
         qsets, hsets = weight_copies(packed, W16)
         n_q, n_h = len(qsets), len(hsets)
         # the int4_cuda rows' weights: in the order the dispatch's QuantLinear would keep them
-        dsets = [(native.tile_qweight(q[0]), *q[1:]) for q in qsets] if tiled else qsets
+        dsets = in_cuda_weight_order(qsets)
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             dy = torch.randn(M, N, device=dev, dtype=torch.float16)

@@ -141,6 +141,8 @@ def test_small_m_steps_from_env(monkeypatch):
     monkeypatch.setenv("MOPS_FAST_INT4_BWD_STEPS", "33")
     assert [op.small_m_steps("fwd", M) for M in (1, 8, 9, 16)] == [32, 32, 4, 4]
     assert [op.small_m_steps("bwd", M) for M in (1, 16)] == [33, 33]
+    assert op.small_m_settings() == {"fwd_steps": [32, 4], "bwd_steps": [33, 33], "pdl": op._pdl_enabled(),
+                                     "cuda_weight_order": op.cuda_weight_order()}
     for bad in ("22", "32,33,4", "fast", "32;4"):
         monkeypatch.setenv("MOPS_FAST_INT4_BWD_STEPS", bad)
         with pytest.raises(ValueError, match=r"MOPS_FAST_INT4_BWD_STEPS.*one of \(0, 32, 33\)"):

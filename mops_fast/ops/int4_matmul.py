@@ -802,6 +802,14 @@ def cuda_weight_order() -> str:
     return _CUDA_WEIGHT_ORDER
 
 
+def small_m_settings() -> dict:
+    """What the dispatch launches on CUDA at small M now: the steps hints (M <= 8, M > 8) forward and
+    backward, PDL, and the order QuantLinear keeps CUDA weights in (the benchmarks record it)."""
+    return {"fwd_steps": [small_m_steps("fwd", m) for m in (1, 16)],
+            "bwd_steps": [small_m_steps("bwd", m) for m in (1, 16)],
+            "pdl": _pdl_enabled(), "cuda_weight_order": cuda_weight_order()}
+
+
 def _native_backward_enabled() -> bool:
     # The CUDA small-M backward (csrc/cuda/int4_small_m_t.cu) passed tests/test_native_cuda_gpu.py on an
     # H100 and ran 2.5-3.2x faster than the Triton one at M <= 16 (2026-11-27); MOPS_FAST_INT4_NATIVE_BWD=0
