@@ -31,6 +31,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mops_fast.config_file import read_config_file
 from mops_fast.train.report import reduction, reduction_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,21 +56,6 @@ def merge(base: dict, upd: dict | None) -> dict:
     return out
 
 
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        d = yaml.safe_load(text)
-    else:
-        d = json.loads(text)
-    if not isinstance(d, dict):
-        raise ValueError(f"config {path} must be a mapping at the top level")
-    return d
-
-
 def _resolve(path: str | Path, rel_to: Path) -> Path:
     """Config paths are relative to the repository root, else to the grid file's folder."""
     p = Path(path)
@@ -84,7 +70,7 @@ def _resolve(path: str | Path, rel_to: Path) -> Path:
 def load_grid(path, quick: bool = False) -> dict:
     """Read and check a grid config; with `quick`, its `quick:` block is merged over it."""
     path = Path(path)
-    g = _read(path)
+    g = read_config_file(path)
     unknown = set(g) - GRID_KEYS
     if unknown:
         raise ValueError(f"grid {path}: unknown keys {sorted(unknown)}; known keys are {sorted(GRID_KEYS)}")
@@ -160,7 +146,7 @@ def expand(grid: dict) -> list[Cell]:
     out_dir = grid_out_dir(grid)
     cells = []
     for s, spec in grid["settings"].items():
-        base = _read(_resolve(spec["base"], gpath))
+        base = read_config_file(_resolve(spec["base"], gpath))
         base = merge(base, spec.get("overrides"))
         if grid["_mode"] == "quick":
             base = merge(base, spec.get("quick"))

@@ -38,3 +38,37 @@ def test_refine_subcommand_reports_errors(tmp_path, capsys):
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert main(["refine", "--model", str(d), "--out", str(tmp_path / "o")]) == 2
     assert "is not quantized" in capsys.readouterr().err
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    from mops_fast.config_file import read_config_file
+
+    with pytest.raises(FileNotFoundError, match=r"missing.yaml does not exist; see configs/x.yaml"):
+        read_config_file(tmp_path / "missing.yaml", example="configs/x.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ValueError, match=r"bad.yaml is not valid YAML"):
+        load_config(bad)
+    js = tmp_path / "c.json"
+    js.write_text("name: x\n")
+    with pytest.raises(ValueError, match=r"c.json is not valid JSON .*\.yaml or \.yml name"):
+        read_config_file(js)
+    js.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a mapping at the top level"):
+        read_config_file(js)
+    js.write_text('{"name": "x"}')
+    assert read_config_file(js) == {"name": "x"}
+
+
+def test_ppl_table_marks_the_best_and_skips_empty_rows():
+    from mops_fast.train.report import markdown_table, ppl_table_lines
+
+    res = {"methods": {"prompt": {"ppl": {"a": 3.0, "b": 2.0, "mean": 2.5}, "lr": 0.01},
+                       "mops": {"ppl": {"a": 2.0, "b": 2.5, "mean": 2.25}, "lr": 0.001}}}
+    lines = ppl_table_lines(res)
+    assert lines[:2] == ["| category | prompt | mops |", "| --- | ---: | ---: |"]
+    assert "| a | 3.000 | **2.000** |" in lines and "| b | **2.000** | 2.500 |" in lines
+    assert "| **mean** | 2.500 | **2.250** |" in lines
+    assert "| learning rate | 0.01 | 0.001 |" in lines
+    assert not [ln for ln in lines if "tokens/s" in ln]  # no method recorded it
+    assert "mops vs prompt: mean perplexity 10.00% lower" in markdown_table(res)

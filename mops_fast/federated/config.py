@@ -7,11 +7,11 @@ init, train (local TrainConfig keys), method_overrides, lr_search, eval, compres
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mops_fast.config import MoPsConfig
+from mops_fast.config_file import read_config_file
 from mops_fast.federated.partition import PartitionConfig
 from mops_fast.federated.strategies import StrategyConfig
 
@@ -87,22 +87,6 @@ def resolve_path(path: str, base: Path | None = None) -> str:
     return str(root / p)
 
 
-def read_config_file(path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config {p} does not exist; see configs/dolly_federated.yaml for an example")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        cfg = yaml.safe_load(text)
-    else:
-        cfg = json.loads(text)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"config {p} must be a mapping at the top level")
-    return cfg
-
-
 def validate_config(cfg: dict) -> dict:
     """Check a federated run config; returns a normalized deep copy (federated defaults filled in)."""
     cfg = copy.deepcopy(cfg)
@@ -157,4 +141,4 @@ def fed_config(cfg: dict) -> FedConfig:
 
 
 def load_federated_config(path) -> dict:
-    return validate_config(read_config_file(path))
+    return validate_config(read_config_file(path, example="configs/dolly_federated.yaml"))

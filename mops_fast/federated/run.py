@@ -21,7 +21,7 @@ from mops_fast.federated.context import FedContext
 from mops_fast.federated.partition import write_summary
 from mops_fast.federated.simulation import FederatedRun, atomic_write_text
 from mops_fast.machine import machine_record
-from mops_fast.train.report import reduction, reduction_lines
+from mops_fast.train.report import ppl_table_lines, reduction, reduction_lines
 
 
 def _log(msg: str) -> None:
@@ -30,7 +30,6 @@ def _log(msg: str) -> None:
 
 def markdown_table(results: dict) -> str:
     methods = list(results["methods"])
-    cats = [c for c in results["methods"][methods[0]]["ppl"] if c != "mean"]
     p = results["partition"]
     f = results["federated"]
     part = ", ".join(f"{k}={p[k]}" for k in ("scheme", "num_clients", "alpha", "k", "mix") if k in p)
@@ -42,18 +41,8 @@ def markdown_table(results: dict) -> str:
         f"(batch {results.get('batch_size')}), strategy {f['strategy']['name']}; mops gate pretraining: "
         f"{f['gate_rounds']} rounds x {f['gate_local_steps']} local steps. Test: {results['eval']['test_records']} records.",
         "",
-        "| category | " + " | ".join(methods) + " |",
-        "| --- | " + " | ".join("---:" for _ in methods) + " |",
+        *ppl_table_lines(results),
     ]
-    for c in cats + ["mean"]:
-        vals = [results["methods"][m]["ppl"].get(c) for m in methods]
-        best = min(v for v in vals if v is not None)
-        cells = [("**%.3f**" if v == best else "%.3f") % v if v is not None else "-" for v in vals]
-        lines.append(f"| {'**mean**' if c == 'mean' else c} | " + " | ".join(cells) + " |")
-    lrs = [results["methods"][m].get("lr") for m in methods]
-    lines.append("| learning rate | " + " | ".join("%g" % v if v else "-" for v in lrs) + " |")
-    tps = [results["methods"][m].get("train_tokens_per_s") for m in methods]
-    lines.append("| train tokens/s | " + " | ".join("%.0f" % t if t else "-" for t in tps) + " |")
     lines += reduction_lines(results)
     for m in methods:
         s = results["methods"][m].get("lr_search")

@@ -21,24 +21,32 @@ def reduction_lines(results: dict) -> list[str]:
             f"mops vs prompt: mean perplexity {100 * -r:.2f}% HIGHER (mops does not win here)"]
 
 
-def markdown_table(results: dict) -> str:
+def ppl_table_lines(results: dict) -> list[str]:
+    """The per-category perplexity table of every method (the best of each row in bold), then its learning
+    rate and training tokens/s rows where any method records them."""
     methods = list(results["methods"])
     cats = [c for c in results["methods"][methods[0]]["ppl"] if c != "mean"]
-    lines = [
-        f"**{results.get('model')}** on **{results.get('data')}**, {results.get('setting')}, "
-        f"compression {results.get('compression')}, {results.get('steps')} steps, seed {results.get('seed')}",
-        "",
-        "| category | " + " | ".join(methods) + " |",
-        "| --- | " + " | ".join("---:" for _ in methods) + " |",
-    ]
+    lines = ["| category | " + " | ".join(methods) + " |", "| --- | " + " | ".join("---:" for _ in methods) + " |"]
     for c in cats + ["mean"]:
         vals = [results["methods"][m]["ppl"].get(c) for m in methods]
         best = min(v for v in vals if v is not None)
         cells = [("**%.3f**" if v == best else "%.3f") % v if v is not None else "-" for v in vals]
         name = "**mean**" if c == "mean" else c
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    tps = [results["methods"][m].get("train_tokens_per_s") for m in methods]
-    lines.append("| train tokens/s | " + " | ".join("%.0f" % t if t else "-" for t in tps) + " |")
+    for key, label, fmt in (("lr", "learning rate", "%g"), ("train_tokens_per_s", "train tokens/s", "%.0f")):
+        vals = [results["methods"][m].get(key) for m in methods]
+        if any(vals):
+            lines.append(f"| {label} | " + " | ".join(fmt % v if v else "-" for v in vals) + " |")
+    return lines
+
+
+def markdown_table(results: dict) -> str:
+    lines = [
+        f"**{results.get('model')}** on **{results.get('data')}**, {results.get('setting')}, "
+        f"compression {results.get('compression')}, {results.get('steps')} steps, seed {results.get('seed')}",
+        "",
+        *ppl_table_lines(results),
+    ]
     lines += reduction_lines(results)
     return "\n".join(lines) + "\n"
 

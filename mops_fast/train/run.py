@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mops_fast.config import MoPsConfig
+from mops_fast.config_file import read_config_file
 from mops_fast.hf.adapter import load_adapter, save_adapter
 from mops_fast.hf.attach import attach, detach, init_prompts_from_kv
 from mops_fast.hf.loading import load_model
@@ -30,18 +31,8 @@ TOP_KEYS = {"name", "model", "dtype", "compression", "data", "mops", "train", "m
 
 def load_config(path) -> dict:
     """Read a YAML or JSON run config and check its top-level keys."""
+    cfg = read_config_file(path, example="configs/demo.yaml")
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config {p} does not exist")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        cfg = yaml.safe_load(text)
-    else:
-        cfg = json.loads(text)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"config {p} must be a mapping at the top level")
     unknown = set(cfg) - TOP_KEYS
     if unknown:
         raise ValueError(f"config {p}: unknown keys {sorted(unknown)}; known keys are {sorted(TOP_KEYS)}")
