@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,26 +31,12 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_quant_cpu import pack_rows  # noqa: E402
-from common import bench_cuda_graph, in_cuda_weight_order, weight_copies  # noqa: E402
+from common import bench_cuda_graph, in_cuda_weight_order, random_int4_layer, weight_copies  # noqa: E402
 from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 MS = [1, 4, 8, 16]
 GROUP = 128
-
-
-def make_layer(K, N, device, group=GROUP, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    G = math.ceil(K / group)
-    codes = torch.randint(0, 16, (K, N), generator=g)
-    zeros = torch.randint(0, 16, (G, N), generator=g)
-    scales = (torch.rand(G, N, generator=g) * 0.01 + 0.001).half()
-    g_idx = (torch.arange(K) // group).to(torch.int32)
-    qweight = pack_rows(codes)
-    qzeros = pack_rows(zeros.t().contiguous()).t().contiguous()
-    W16 = ((codes - zeros[g_idx.long()]).float() * scales.float()[g_idx.long()]).t().contiguous().half()
-    return [t.to(device) for t in (qweight, qzeros, scales, g_idx)], W16.to(device)
 
 
 def main() -> int:
@@ -99,7 +84,9 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=1) + "\n")
 
     for K, N in SHAPES:
-        packed, W16 = make_layer(K, N, dev)
+        packed, W = random_int4_layer(K, N, GROUP, device=dev)
+        W16 = W.half()
+        del W
         G = packed[2].shape[0]
         # copies for graph timing: the bytes one graph cycles through exceed twice the L2 cache
         qsets, hsets = weight_copies(packed, W16)

@@ -14,64 +14,23 @@ machine hits both alike; the ratio of medians is the number to compare.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
+from common import make_row, random_int4_layer, result_doc, time_interleaved, write_result  # noqa: E402
 from mops_fast import native  # noqa: E402
-from mops_fast.machine import cpu_name, device_slug  # noqa: E402
+from mops_fast.machine import cpu_name  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N): q/o proj, up/gate proj, down proj
 MS = [1, 8, 256]
 GROUP = 128
-
-
-def pack_rows(codes: torch.Tensor) -> torch.Tensor:
-    """(R, C) 4-bit codes -> (R/8, C) int32, row 8i+j at bits 4j."""
-    R, C = codes.shape
-    v = (codes.to(torch.int64).reshape(R // 8, 8, C) << (4 * torch.arange(8)).view(1, 8, 1)).sum(1)
-    v = v & 0xFFFFFFFF
-    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
-
-
-def make_layer(K: int, N: int, group: int = GROUP, seed: int = 0):
-    """A random GPTQ int4 layer (qweight, qzeros, scales fp16, g_idx) and its dense fp32 weight (N, K)."""
-    g = torch.Generator().manual_seed(seed)
-    G = math.ceil(K / group)
-    codes = torch.randint(0, 16, (K, N), generator=g)
-    zeros = torch.randint(0, 16, (G, N), generator=g)
-    scales = (torch.rand(G, N, generator=g) * 0.01 + 0.001).half()
-    g_idx = (torch.arange(K) // group).to(torch.int32)
-    qweight = pack_rows(codes)
-    qzeros = pack_rows(zeros.t().contiguous()).t().contiguous()
-    W = ((codes - zeros[g_idx.long()]).float() * scales.float()[g_idx.long()]).t().contiguous()
-    return (qweight, qzeros, scales, g_idx), W
-
-
-def time_interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for k, ts in times.items():
-        ts.sort()
-        q = lambda p: ts[min(len(ts) - 1, max(0, round(p * (len(ts) - 1))))]  # noqa: E731
-        out[k] = {"median_ms": q(0.5), "p20_ms": q(0.2), "p80_ms": q(0.8)}
-    return out
 
 
 def run(out_dir: Path, quick: bool = False) -> Path:
@@ -81,40 +40,25 @@ def run(out_dir: Path, quick: bool = False) -> Path:
     rows = []
     shapes = SHAPES[:1] if quick else SHAPES
     for K, N in shapes:
-        packed, W = make_layer(K, N)
+        packed, W = random_int4_layer(K, N, GROUP)
         for M in MS:
             x = torch.randn(M, K)
-            reps = 60 if M == 1 else (15 if M == 8 else 4)
-            fwd = time_interleaved(
-                {"int4_cpp": lambda: native.int4_matmul_cpu(x, *packed), "fp32_matmul": lambda: x @ W.t()},
-                reps=3 if quick else reps,
-            )
-            modes = [("fwd", fwd)]
+            reps = 3 if quick else (60 if M == 1 else (15 if M == 8 else 4))
+            modes = [("fwd", time_interleaved(
+                {"int4_cpp": lambda: native.int4_matmul_cpu(x, *packed), "fp32_matmul": lambda: x @ W.t()}, reps))]
             if M <= 8:
                 dy = torch.randn(M, N)
-                bwd = time_interleaved(
-                    {"int4_cpp": lambda: native.int4_matmul_t_cpu(dy, *packed), "fp32_matmul": lambda: dy @ W},
-                    reps=3 if quick else reps,
-                )
-                modes.append(("bwd", bwd))
-            for mode, res in modes:
-                for impl, r in res.items():
-                    rows.append({"shape": {"M": M, "K": K, "N": N}, "impl": impl, "mode": mode, **r,
-                                 "peak_mem_bytes": None, "tokens_per_s": M / (r["median_ms"] / 1e3)})
+                modes.append(("bwd", time_interleaved(
+                    {"int4_cpp": lambda: native.int4_matmul_t_cpu(dy, *packed), "fp32_matmul": lambda: dy @ W}, reps)))
+            for mode, times in modes:
+                res = {impl: make_row({"M": M, "K": K, "N": N}, impl, mode, ts, tokens=M) for impl, ts in times.items()}
+                rows += res.values()
                 ratio = res["fp32_matmul"]["median_ms"] / res["int4_cpp"]["median_ms"]
                 print(f"K={K:5d} N={N:5d} M={M:3d} {mode}: int4_cpp {res['int4_cpp']['median_ms']:8.3f} ms  "
                       f"fp32_matmul {res['fp32_matmul']['median_ms']:8.3f} ms  speedup {ratio:5.2f}x", flush=True)
-    result = {
-        "benchmark": "quant_cpu",
-        "device": f"{cpu_name()} ({torch.get_num_threads()} threads, isa={native_isa()})",
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "cuda": torch.version.cuda,
-        "rows": rows,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"quant_cpu-{device_slug()}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    doc = result_doc("quant_cpu", rows)
+    doc["device"] = f"{cpu_name()} ({torch.get_num_threads()} threads, isa={native_isa()})"
+    path = write_result(doc, out_dir)
     print("wrote", path)
     return path
 
@@ -123,13 +67,6 @@ def native_isa() -> str:
     from mops_fast import _C
 
     return _C.isa()
-
-
-def _version(mod: str):
-    try:
-        return __import__(mod).__version__
-    except Exception:  # noqa: BLE001 - optional package
-        return None
 
 
 # ---- pytest-benchmark functions (pytest benchmarks/bench_quant_cpu.py) ----------------------------
@@ -143,7 +80,7 @@ if pytest is not None:
 
     def _layer(K, N):
         if (K, N) not in _LAYERS:
-            _LAYERS[(K, N)] = make_layer(K, N)
+            _LAYERS[(K, N)] = random_int4_layer(K, N, GROUP)
         return _LAYERS[(K, N)]
 
     _params = pytest.mark.parametrize("K, N", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])

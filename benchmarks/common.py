@@ -190,3 +190,19 @@ def weight_copies(packed, W16, graphs: bool = True):
     n_h = copies_beyond_l2(W16.numel() * 2) if graphs else 1
     return ([packed] + [tuple(t.clone() for t in packed) for _ in range(n_q - 1)],
             [W16] + [W16.clone() for _ in range(n_h - 1)])
+
+
+def random_int4_layer(K: int, N: int, group: int = 128, seed: int = 0, device="cpu"):
+    """A random 4-bit GPTQ layer without act-order, ((qweight, qzeros, scales fp16, g_idx), its dense fp32
+    weight (N, K)), both on `device`: uniform codes and zero points, scales in [0.001, 0.011)."""
+    from mops_fast.quant.pack import pack_gptq
+
+    g = torch.Generator().manual_seed(seed)
+    G = -(-K // group)
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    zeros = torch.randint(0, 16, (G, N), generator=g)
+    scales = (torch.rand(G, N, generator=g) * 0.01 + 0.001).half()
+    g_idx = (torch.arange(K) // group).to(torch.int32)
+    gi = g_idx.long()
+    W = (codes - zeros[gi].t()).float() * scales.float()[gi].t()
+    return [t.to(device) for t in pack_gptq(codes, zeros, scales, g_idx, 4)], W.to(device)
