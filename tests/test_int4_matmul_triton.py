@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from mops_fast.ops import int4_matmul as op  # noqa: E402
-from mops_fast.quant.pack import default_g_idx, pack_cols, pack_rows  # noqa: E402
+from mops_fast.quant.pack import default_g_idx  # noqa: E402
+from test_int4_matmul import make_weight, rel  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run on CPU machines"),
               pytest.mark.usefixtures("one_thread")]
@@ -24,22 +25,6 @@ pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels are decorated lazily, per mode
-
-
-def make_weight(K, N, group_size, act_order=False, sym=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    G = 1 if group_size == -1 else -(-K // group_size)
-    codes = torch.randint(0, 16, (K, N), generator=g)
-    zeros = torch.full((G, N), 8) if sym else torch.randint(0, 16, (G, N), generator=g)
-    scales = (torch.rand(G, N, generator=g) * 0.02 + 0.001).half()
-    g_idx = default_g_idx(K, group_size)
-    if act_order:
-        g_idx = g_idx[torch.randperm(K, generator=g)]
-    return pack_rows(codes, 4), pack_cols(zeros, 4), scales, g_idx
-
-
-def rel(a, b):
-    return float((a.detach().double() - b).norm() / b.norm())
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -12,8 +12,9 @@ from mops_fast.quant.sequential import Stats, compress_sequential, find_blocks, 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def correlated_problem(N=64, K=256, n=2048, seed=0):
-    """Weights and inputs with correlated features of very different scales (as LLM activations are)."""
+def correlated_problem(N=64, K=256, n=2048, seed=0, stats=False):
+    """Weights W (N, K), inputs X (n, K) with correlated features of very different scales (as LLM
+    activations are), and the Hessian of the reconstruction loss (its Stats with stats=True)."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(K, K, generator=g) / K**0.5
     scale = torch.exp(torch.randn(K, generator=g))
@@ -21,7 +22,7 @@ def correlated_problem(N=64, K=256, n=2048, seed=0):
     W = torch.randn(N, K, generator=g) * 0.05
     st = Stats(K, "hessian", "cpu")
     st.add(X)
-    return W, X, st.hessian
+    return W, X, (st if stats else st.hessian)
 
 
 def out_err(W, Q, X):

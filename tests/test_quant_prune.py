@@ -4,21 +4,14 @@ import pytest
 import torch
 
 from mops_fast.quant.prune import magnitude_prune, parse_nm, sparsegpt_prune, wanda_prune
-from mops_fast.quant.sequential import Stats
+from test_quant_gptq import correlated_problem
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(N=48, K=128, n=1024, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(K, K, generator=g) / K**0.5
-    scale = torch.exp(torch.randn(K, generator=g))
-    X = (torch.randn(n, K, generator=g) @ mix + 0.3 * torch.randn(n, K, generator=g)) * scale
-    W = torch.randn(N, K, generator=g) * 0.05
-    st = Stats(K, "hessian", "cpu")
-    st.add(X)
-    return W, X, st
+    return correlated_problem(N, K, n, seed, stats=True)
 
 
 def out_err(W, P, X):
