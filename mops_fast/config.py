@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from mops_fast.config_file import dataclass_from_dict
+
 
 @dataclass
 class MoPsConfig:
@@ -81,11 +83,7 @@ class MoPsConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoPsConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"MoPsConfig: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "MoPsConfig")
 
     @classmethod
     def prompt_baseline(cls, like: "MoPsConfig") -> "MoPsConfig":

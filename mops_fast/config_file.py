@@ -5,6 +5,7 @@ of its own kind afterwards.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,3 +33,19 @@ def read_config_file(path, example: str | None = None) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"config {p} must be a mapping at the top level")
     return cfg
+
+
+def check_keys(d, known, where: str) -> None:
+    """`d` is a mapping whose keys are all in `known`; else a ValueError that names `where`, the stray keys
+    and the known ones."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping of keys to values, got {type(d).__name__} {d!r}")
+    unknown = set(d) - set(known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+
+
+def dataclass_from_dict(cls, d, where: str):
+    """cls(**d) for a dataclass, after check_keys against its fields."""
+    check_keys(d, {f.name for f in dataclasses.fields(cls)}, where)
+    return cls(**d)

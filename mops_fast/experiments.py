@@ -31,7 +31,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mops_fast.config_file import read_config_file
+from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.train.report import reduction, reduction_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,9 +71,7 @@ def load_grid(path, quick: bool = False) -> dict:
     """Read and check a grid config; with `quick`, its `quick:` block is merged over it."""
     path = Path(path)
     g = read_config_file(path)
-    unknown = set(g) - GRID_KEYS
-    if unknown:
-        raise ValueError(f"grid {path}: unknown keys {sorted(unknown)}; known keys are {sorted(GRID_KEYS)}")
+    check_keys(g, GRID_KEYS, f"grid {path}")
     if quick:
         if "quick" not in g:
             raise ValueError(f"grid {path}: --quick needs a `quick:` block in the config")
@@ -85,11 +83,7 @@ def load_grid(path, quick: bool = False) -> dict:
     if not isinstance(g.get("settings"), dict) or not g["settings"]:
         raise ValueError(f"grid {path}: `settings` must map setting names to {{runner, base, overrides}}")
     for s, spec in g["settings"].items():
-        if not isinstance(spec, dict):
-            raise ValueError(f"grid {path}: settings.{s} must be a mapping")
-        bad = set(spec) - SETTING_KEYS
-        if bad:
-            raise ValueError(f"grid {path}: settings.{s}: unknown keys {sorted(bad)}; known keys are {sorted(SETTING_KEYS)}")
+        check_keys(spec, SETTING_KEYS, f"grid {path}: settings.{s}")
         if spec.get("runner") not in RUNNERS:
             raise ValueError(f"grid {path}: settings.{s}.runner must be one of {RUNNERS}, got {spec.get('runner')!r}")
         if "base" not in spec:
@@ -173,17 +167,11 @@ def expand(grid: dict) -> list[Cell]:
 
 def check_cell_config(cell: Cell) -> dict:
     """The runner's own validation of the merged config (errors name the cell)."""
-    try:
-        if cell.runner == "centralized":
-            from mops_fast.train.run import METHODS as RUN_METHODS, TOP_KEYS
+    if cell.runner == "centralized":
+        from mops_fast.train.run import check_config
 
-            unknown = set(cell.config) - TOP_KEYS
-            if unknown:
-                raise ValueError(f"unknown keys {sorted(unknown)}; known keys are {sorted(TOP_KEYS)}")
-            bad = [m for m in cell.config["methods"] if m not in RUN_METHODS]
-            if bad:
-                raise ValueError(f"unknown method(s) {bad}")
-            return cell.config
+        return check_config(cell.config, f"cell {cell.name}")
+    try:
         from mops_fast.federated.config import validate_config
 
         return validate_config(cell.config)

@@ -72,3 +72,14 @@ def test_ppl_table_marks_the_best_and_skips_empty_rows():
     assert "| learning rate | 0.01 | 0.001 |" in lines
     assert not [ln for ln in lines if "tokens/s" in ln]  # no method recorded it
     assert "mops vs prompt: mean perplexity 10.00% lower" in markdown_table(res)
+
+
+def test_config_sections_must_be_mappings_of_known_keys():
+    from mops_fast import MoPsConfig
+    from mops_fast.federated.strategies import StrategyConfig
+
+    with pytest.raises(ValueError, match="MoPsConfig must be a mapping of keys to values, got int 3"):
+        MoPsConfig.from_dict(3)
+    with pytest.raises(ValueError, match=r"strategy: unknown keys \['mu'\]; known keys are \["):
+        StrategyConfig.from_dict({"name": "fedavg", "mu": 0.1})
+    assert MoPsConfig.from_dict({"num_experts": 2}).num_experts == 2

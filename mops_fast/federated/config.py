@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mops_fast.config import MoPsConfig
-from mops_fast.config_file import read_config_file
+from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.federated.partition import PartitionConfig
 from mops_fast.federated.strategies import StrategyConfig
 
@@ -62,11 +62,8 @@ class FedConfig:
 
     @classmethod
     def from_dict(cls, d: dict, seed: int = 0) -> "FedConfig":
+        check_keys(d or {}, set(cls.__dataclass_fields__), "federated")
         d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"federated: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
         part = dict(d.pop("partition", {}) or {})
         part.setdefault("seed", seed)
         strat = d.pop("strategy", {}) or {}
@@ -90,9 +87,7 @@ def resolve_path(path: str, base: Path | None = None) -> str:
 def validate_config(cfg: dict) -> dict:
     """Check a federated run config; returns a normalized deep copy (federated defaults filled in)."""
     cfg = copy.deepcopy(cfg)
-    unknown = set(cfg) - TOP_KEYS
-    if unknown:
-        raise ValueError(f"config: unknown keys {sorted(unknown)}; known keys are {sorted(TOP_KEYS)}")
+    check_keys(cfg, TOP_KEYS, "config")
     methods = cfg.setdefault("methods", list(METHODS))
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:

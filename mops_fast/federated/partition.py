@@ -11,6 +11,8 @@ or i.i.d. (the control). Deterministic from a seed; every example lands in exact
 """
 from __future__ import annotations
 
+from mops_fast.config_file import dataclass_from_dict
+
 import csv
 import io
 import json
@@ -52,11 +54,7 @@ class PartitionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PartitionConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"partition: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "partition")
 
     def describe(self) -> dict:
         """The parameters that define the split (for results.json)."""

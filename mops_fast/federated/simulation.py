@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mops_fast.federated.client import STAGE_GATE, STAGE_TRAIN, ClientUpdate, set_state
+from mops_fast.federated.client import STAGE_GATE, STAGE_TRAIN, set_state
 from mops_fast.federated.server import FederatedServer
 from mops_fast.hf.adapter import save_adapter
 

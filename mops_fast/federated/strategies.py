@@ -9,6 +9,8 @@ Arithmetic runs in float64 and in a fixed client order, so every transport gives
 """
 from __future__ import annotations
 
+from mops_fast.config_file import dataclass_from_dict
+
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,11 +55,7 @@ class StrategyConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StrategyConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"strategy: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "strategy")
 
     @property
     def aggregator(self) -> str:

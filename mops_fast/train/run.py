@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mops_fast.config import MoPsConfig
-from mops_fast.config_file import read_config_file
+from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.hf.adapter import load_adapter, save_adapter
 from mops_fast.hf.attach import attach, detach, init_prompts_from_kv
 from mops_fast.hf.loading import load_model
@@ -31,14 +31,15 @@ TOP_KEYS = {"name", "model", "dtype", "compression", "data", "mops", "train", "m
 
 def load_config(path) -> dict:
     """Read a YAML or JSON run config and check its top-level keys."""
-    cfg = read_config_file(path, example="configs/demo.yaml")
-    p = Path(path)
-    unknown = set(cfg) - TOP_KEYS
-    if unknown:
-        raise ValueError(f"config {p}: unknown keys {sorted(unknown)}; known keys are {sorted(TOP_KEYS)}")
+    return check_config(read_config_file(path, example="configs/demo.yaml"), f"config {path}")
+
+
+def check_config(cfg: dict, where: str = "config") -> dict:
+    """A centralized run config's top-level keys and methods are known (errors name `where`)."""
+    check_keys(cfg, TOP_KEYS, where)
     bad = [m for m in cfg.get("methods", METHODS) if m not in METHODS]
     if bad:
-        raise ValueError(f"config {p}: unknown method(s) {bad}; choose from {list(METHODS)}")
+        raise ValueError(f"{where}: unknown method(s) {bad}; choose from {list(METHODS)}")
     return cfg
 
 

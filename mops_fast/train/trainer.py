@@ -8,7 +8,6 @@ the loss is normalized by the global token count, so any world size gives the sa
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import math
 import os
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mops_fast.config_file import dataclass_from_dict
 from mops_fast.hf.attach import GateReached, get_mops
 from mops_fast.train.data import Formatter, collate
 from mops_fast.train.loss import response_nll
@@ -56,11 +56,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "TrainConfig")
 
 
 def _destroy_process_group() -> None:
