@@ -92,3 +92,52 @@ def test_bad_train_config():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_dict({"stepz": 3})
+
+
+def test_non_finite_steps_are_skipped_then_stop_training(monkeypatch, tmp_path):
+    """A step whose loss (or gradients) is NaN/inf changes nothing; more than max_nonfinite_steps of them in a
+    row stop training with an error that names the fix, and the checkpoint holds only finite steps."""
+    import mops_fast.train.trainer as tr
+
+    real = tr.response_nll
+    poisoned = set()
+
+    def nll(model, b):
+        out = real(model, b)
+        return (out[0] * float("nan"),) + tuple(out[1:]) if t.step in poisoned else out
+
+    monkeypatch.setattr(tr, "response_nll", nll)
+    m, cfg = fresh(steps=8, max_nonfinite_steps=2, gate_pretrain_steps=0, ckpt_every=1)
+    t = Trainer(m, CharTok(), synthetic_records(), cfg, out_dir=tmp_path)
+    t.train_step()
+    before = {k: v.clone() for k, v in m.mops.state_dict().items()}
+    poisoned.update({1, 2})
+    assert t.train_step()["skipped"] and t.train_step()["skipped"]
+    for k, v in m.mops.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no update
+    info = t.train_step()  # a finite step again: trains and resets the count
+    assert not info.get("skipped") and t.nonfinite_run == 0
+    assert [h["step"] for h in t.history if h.get("skipped")] == [2, 3]
+
+    # a grad that is inf while the loss is finite is skipped too
+    h = m.mops.prompt_k.register_hook(lambda g: g * float("inf"))
+    assert t.train_step()["skipped"]
+    h.remove()
+
+    poisoned.update(range(5, 20))
+    with pytest.raises(tr.NonFiniteLossError, match=r"NaN/inf in 3 step\(s\) in a row .*Lower lr"):
+        t.train()
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["mops"].values())
+    assert all(torch.isfinite(v).all() for v in m.mops.state_dict().values())
+
+
+def test_non_finite_gate_features_are_an_error(monkeypatch):
+    m, cfg = fresh()
+    t = Trainer(m, CharTok(), synthetic_records(), cfg)
+    real = t.gate_features
+    monkeypatch.setattr(t, "gate_features", lambda recs: (real(recs)[0] * float("nan"), real(recs)[1]))
+    from mops_fast.train.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="hidden states entering the gate layer are NaN/inf for 8 of 8"):
+        t.pretrain_gate()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mops_fast.hf.attach import get_mops
-from mops_fast.train.trainer import TrainConfig, Trainer
+from mops_fast.train.trainer import NonFiniteLossError, TrainConfig, Trainer
 
 STAGE_GATE, STAGE_TRAIN = "A", "B"
 
@@ -108,14 +108,19 @@ class LocalClient:
         try:
             for _ in range(local_steps):
                 info = trainer.train_step()
-                losses.append(info["loss"])
+                if not info.get("skipped"):  # a skipped step (non-finite loss) changed nothing
+                    losses.append(info["loss"])
                 tokens += info["tokens"]
         finally:
             if handle is not None:
                 handle.remove()
             self.model.eval()
         dt = time.perf_counter() - t0
+        if not losses:
+            raise NonFiniteLossError(f"client {self.client_id}, round {rnd}: every one of its {local_steps} local "
+                                     "steps had a non-finite loss or gradients; it has no update to send")
         metrics = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses),
+                   "skipped_steps": float(local_steps - len(losses)),
                    "tokens": float(tokens), "train_s": dt, "tokens_per_s": tokens / dt if dt > 0 else 0.0}
         return ClientUpdate(self.client_id, get_state(mops), len(self.records), metrics)
 

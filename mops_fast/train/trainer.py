@@ -43,12 +43,16 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     progress: bool = True
+    # steps in a row whose loss or gradients are NaN/inf that are skipped (no update) before training stops
+    # with NonFiniteLossError; 0 stops at the first
+    max_nonfinite_steps: int = 3
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "gate_pretrain_steps", "ckpt_every", "gate_pretrain_samples"):
+        for name in ("warmup_steps", "gate_pretrain_steps", "ckpt_every", "gate_pretrain_samples",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -57,6 +61,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         return dataclass_from_dict(cls, d, "TrainConfig")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: the loss or the gradients were NaN/inf for more steps in a row than allowed."""
 
 
 def _destroy_process_group() -> None:
@@ -124,6 +132,7 @@ class Trainer:
         self.gate_pretrained = False
         self.history: list[dict] = []
         self.tokens_per_s: float | None = None
+        self.nonfinite_run = 0  # skipped steps in a row (non-finite loss or gradients)
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -187,6 +196,12 @@ class Trainer:
         idx = step_indices(len(self.records), cfg.seed, -1, n)
         mine = [self.records[i] for i in idx[self.rank::self.world]]
         feats, cats = self.gate_features(mine)
+        bad = int((~torch.isfinite(feats).all(-1)).sum())
+        if bad:
+            raise NonFiniteLossError(
+                f"gate pretraining: the backbone's hidden states entering the gate layer are NaN/inf for {bad} of "
+                f"{feats.shape[0]} records; the backbone itself overflows or is broken (fp16 weights overflow "
+                "more often than fp32 or bf16): check its plain outputs")
         if self.world > 1:  # every rank trains the gate on all features: identical results
             fs, cs = [torch.empty_like(feats) for _ in range(self.world)], [torch.empty_like(cats) for _ in range(self.world)]
             dist.all_gather(fs, feats)
@@ -200,6 +215,9 @@ class Trainer:
         for _ in range(cfg.gate_pretrain_steps):
             sel = torch.randint(feats.shape[0], (bs,), generator=g).to(self.device)
             loss = torch.nn.functional.cross_entropy(self.mops.gate(feats[sel].to(self.mops.gate.fc1.weight.dtype)).float(), target[sel])
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"gate pretraining: the loss is {loss.item()}; lower gate_pretrain_lr "
+                                         f"(now {cfg.gate_pretrain_lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -253,16 +271,40 @@ class Trainer:
             for p in self.params:
                 p.grad = flat[off: off + p.numel()].view_as(p).clone()
                 off += p.numel()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        f = lr_factor(self.step, cfg)
+        grads_finite = self._grads_finite(cfg.grad_clip)
+        loss_total = float(self._allreduce(torch.tensor(loss_sum, device=self.device)).item())
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        self.step += 1
+        if not (grads_finite and math.isfinite(loss_total)):
+            # every rank sees the same all-reduced loss and gradients, so all skip together
+            self.opt.zero_grad(set_to_none=True)
+            self.nonfinite_run += 1
+            self.history.append({"stage": "B", "step": self.step, "skipped": "non-finite loss or gradients"})
+            if self.nonfinite_run > cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"step {self.step}: the loss or the gradients were NaN/inf in {self.nonfinite_run} step(s) in a "
+                    f"row (more than max_nonfinite_steps={cfg.max_nonfinite_steps}); those steps did not change the "
+                    f"prompts or the gate, and checkpoints hold only finite steps. Lower lr (now {cfg.lr}), use "
+                    f"fp32 or bf16 instead of fp16 ({self.mops.prompt_k.dtype} here), or check that the backbone's "
+                    "own outputs are finite")
+            return {"step": self.step, "loss": float("nan"), "tokens": tokens, "skipped": True}
+        self.nonfinite_run = 0
+        f = lr_factor(self.step - 1, cfg)
         for gr in self.opt.param_groups:
             gr["lr"] = gr["base_lr"] * f
         self.opt.step()
-        loss_total = float(self._allreduce(torch.tensor(loss_sum, device=self.device)).item())
-        self.step += 1
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         return {"step": self.step, "loss": loss_total / total_tok, "tokens": tokens}
+
+    def _grads_finite(self, clip: float) -> bool:
+        """Clip the gradients to norm `clip` (if > 0); whether they are all finite."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        return bool(torch.isfinite(norm))
 
     def train(self, eval_fn=None, eval_every: int = 0) -> list[dict]:
         """Run stage A (if due) and stage B to cfg.steps, resuming from the checkpoint if present."""
@@ -280,7 +322,8 @@ class Trainer:
         while self.step < cfg.steps:
             info = self.train_step()
             tok0 += info["tokens"]
-            running = info["loss"] if running is None else 0.9 * running + 0.1 * info["loss"]
+            if not info.get("skipped"):
+                running = info["loss"] if running is None else 0.9 * running + 0.1 * info["loss"]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.3f}")
