@@ -63,3 +63,17 @@ def test_corrupt_and_mismatched_files(tmp_path):
         mops_fast.load_adapter(tiny_model(), tmp_path)
     with pytest.raises(FileNotFoundError, match="not a MoPs adapter"):
         mops_fast.load_adapter(tiny_model(), tmp_path / "nothing")
+
+
+def test_non_finite_adapter_is_not_saved_over_a_good_one(tmp_path):
+    a = trained(tiny_model())
+    mops_fast.save_adapter(a, tmp_path)
+    good = (tmp_path / "adapter.safetensors").read_bytes()
+    with torch.no_grad():
+        a.mops.prompt_v[0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite values in \['prompt_v'\]; not saved"):
+        mops_fast.save_adapter(a, tmp_path)
+    assert (tmp_path / "adapter.safetensors").read_bytes() == good
+    with pytest.raises(ValueError, match="not saved"):
+        mops_fast.save_adapter(a, tmp_path / "new")
+    assert not (tmp_path / "new").exists()

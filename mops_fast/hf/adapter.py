@@ -28,12 +28,19 @@ def _model_signature(model) -> dict:
     }
 
 
+def _non_finite(tensors: dict) -> list[str]:
+    return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def save_adapter(model, directory) -> Path:
     """Write the trainable MoPs tensors and their config; the backbone is not saved."""
     mops = get_mops(model)
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in mops.state_dict().items()}
+    bad = _non_finite(tensors)
+    if bad:  # load_adapter would refuse it: keep whatever adapter is already there
+        raise ValueError(f"adapter holds non-finite values in {bad}; not saved ({d} is unchanged)")
+    d.mkdir(parents=True, exist_ok=True)
     tmp = d / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, d / WEIGHTS)
@@ -78,7 +85,7 @@ def load_adapter(model, directory):
               for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
         raise ValueError(f"adapter tensors do not match: missing {missing}, unexpected {unexpected}, shapes {shapes}")
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = _non_finite(tensors)
     if bad:
         raise ValueError(f"adapter holds non-finite values in {bad}; it cannot be used")
     mops.load_state_dict(tensors)
