@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train_step_cpu.py --reps 3
 	$(PY) benchmarks/bench_e2e_cpu.py --reps 2
 	$(PY) benchmarks/bench_quant_cpu.py
+	$(PY) benchmarks/bench_cpu_attention.py
 	$(PY) benchmarks/report.py
 
 clean:

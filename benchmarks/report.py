@@ -24,6 +24,7 @@ KNOWN = OrderedDict([
     ("train_step_cpu", ("benchmarks/bench_train_step_cpu.py", "CPU")),
     ("e2e_cpu", ("benchmarks/bench_e2e_cpu.py", "CPU")),
     ("quant_cpu", ("benchmarks/bench_quant_cpu.py", "CPU")),
+    ("cpu_attention", ("benchmarks/bench_cpu_attention.py", "CPU")),
     ("e2e_gpu", ("benchmarks/bench_e2e_gpu.py", "GPU")),
     ("gated_prefix_attention", ("benchmarks/bench_gated_prefix_attention.py", "GPU")),
     ("gptq_matmul", ("benchmarks/bench_gptq_matmul.py", "GPU")),

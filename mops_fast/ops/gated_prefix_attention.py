@@ -14,18 +14,20 @@ causal batch drop the key mask altogether (prefix_cascade.py), so that it runs a
 Score of prompt token (e, t): q . PK[e, t] * scale + logw[b, e]; of own token j: q . k_j * scale.
 Returns o (B, Hq, Sq, d) in q's dtype and, from the *_with_lse variant, lse (B, Hq, Sq) float32.
 
-This file holds the pure-PyTorch reference (also the CPU path: it is fast enough for the small
-shapes of CPU training) and the public entry point that dispatches by device:
+This file holds the pure-PyTorch reference and the public entry point that dispatches by device:
   CUDA tensors (fp16 / bf16 / fp32)  -> the fused Triton kernels (triton_gated_prefix_attention.py),
                                        through the custom op mops_fast::gated_prefix_attention, so that
                                        torch.compile captures the call with no graph break; without key
                                        padding, from 2048 keys, the backward is the shared-prefix cascade
                                        (prefix_cascade.py: FlashAttention for the own keys)
-  CPU tensors, float64, no Triton    -> the reference, with plain autograd; when nothing needs a
-                                       gradient (generate, evaluation), fp32 / float64 and o alone is
-                                       asked for: one SDPA call over [prompts; own keys] with an
-                                       additive mask (_prefix_sdpa; on the 2-core CPU at SmolLM2's
-                                       attention shapes 1.7x faster at decode, 4x at a 256-token prefill)
+  CPU tensors, float64, no Triton    -> the reference, with plain autograd; but o alone of fp32 / float64
+                                       when nothing needs a gradient (generate, evaluation): one SDPA call
+                                       over [prompts; own keys] with an additive mask (_prefix_sdpa; on the
+                                       2-core CPU at SmolLM2's attention shapes 1.7x faster at decode, 4x at
+                                       a 256-token prefill); and o alone of fp32 training: the CPU cascade
+                                       (cpu_cascade.py: torch's CPU flash op for the own keys; 2-7x faster
+                                       than the reference and 2.5-14x less saved memory from 256 to 2048
+                                       tokens; MOPS_FAST_CPU_CASCADE=0 keeps the reference)
 `backend="triton"` (or MOPS_FAST_FORCE_TRITON=1) sends CPU tensors through the Triton kernels too,
 which works under TRITON_INTERPRET=1 (the interpreter tests); `backend="reference"` forces the
 reference.
@@ -48,6 +50,7 @@ __all__ = [
     "gated_prefix_attention_ref",
     "check_inputs",
     "query_valid",
+    "right_padded",
 ]
 
 
@@ -126,6 +129,19 @@ def query_valid(key_valid: Optional[Tensor], Sq: int, Sk: int) -> Optional[Tenso
     if key_valid is None or Sq > Sk:
         return None
     return key_valid[:, Sk - Sq:]
+
+
+def right_padded(key_valid) -> bool:
+    """Whether every sample's padding follows its tokens (each row of the mask is non-increasing).
+    Reads the mask on the host once per tensor and version; False where the host may not wait."""
+    seen = getattr(key_valid, "_mops_right_padded", None)
+    if seen is not None and seen[0] == key_valid._version:
+        return seen[1]
+    if traced(key_valid) or (key_valid.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    result = not bool((key_valid[:, 1:] & ~key_valid[:, :-1]).any())
+    key_valid._mops_right_padded = (key_valid._version, result)
+    return result
 
 
 def gated_prefix_attention_ref(
@@ -356,6 +372,18 @@ def _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causa
     return o if qv is None else o.masked_fill(~qv[:, None, :, None], 0.0)
 
 
+def _cpu_cascade_applies(q, prompt_k, gate_logw) -> bool:
+    """CPU training in fp32 (prompts and gate too), untraced, where torch has the CPU flash op
+    (cpu_cascade.py); MOPS_FAST_CPU_CASCADE=0 keeps the reference."""
+    if q.device.type != "cpu" or traced(q) or os.environ.get("MOPS_FAST_CPU_CASCADE", "1") == "0":
+        return False
+    if not (q.dtype == prompt_k.dtype == torch.float32) or (gate_logw is not None and gate_logw.dtype != torch.float32):
+        return False
+    from mops_fast.ops import cpu_cascade
+
+    return cpu_cascade.available()
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -364,10 +392,16 @@ def gated_prefix_attention(
     q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True, backend=None
 ):
     """Gated-prefix attention output o (B, Hq, Sq, d). See the module docstring for the contract."""
-    if (backend is None and q.dtype in (torch.float32, torch.float64) and not _use_fused(q, None)
-            and not _needs_grad(q, k, v, prompt_k, prompt_v, gate_logw)):
-        check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
-        return _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
+    if backend is None and q.dtype in (torch.float32, torch.float64) and not _use_fused(q, None):
+        if not _needs_grad(q, k, v, prompt_k, prompt_v, gate_logw):
+            check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
+            return _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
+        if _cpu_cascade_applies(q, prompt_k, gate_logw):
+            from mops_fast.ops import cpu_cascade
+
+            check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            return cpu_cascade.cascade_attention(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
     return gated_prefix_attention_with_lse(
         q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale=scale, causal=causal, backend=backend
     )[0]

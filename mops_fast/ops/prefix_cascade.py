@@ -44,8 +44,7 @@ import os
 import torch
 
 from mops_fast.ops import triton_gated_prefix_attention as tk
-from mops_fast.ops.gated_prefix_attention import query_valid
-from mops_fast.ops.tracing import traced
+from mops_fast.ops.gated_prefix_attention import query_valid, right_padded
 
 __all__ = ["applies", "masks", "gpa_forward", "gpa_backward"]
 
@@ -62,19 +61,6 @@ def _mode() -> str:
     if mode not in MODES:
         raise ValueError(f"MOPS_FAST_GPA_CASCADE={mode!r}: use one of {MODES}")
     return mode
-
-
-def right_padded(key_valid) -> bool:
-    """Whether every sample's padding follows its tokens (each row of the mask is non-increasing).
-    Reads the mask on the host once per tensor and version; False where the host may not wait."""
-    seen = getattr(key_valid, "_mops_right_padded", None)
-    if seen is not None and seen[0] == key_valid._version:
-        return seen[1]
-    if traced(key_valid) or (key_valid.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return False
-    result = not bool((key_valid[:, 1:] & ~key_valid[:, :-1]).any())
-    key_valid._mops_right_padded = (key_valid._version, result)
-    return result
 
 
 def masks(q, k, key_valid, causal: bool):
