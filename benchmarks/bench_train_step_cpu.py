@@ -7,6 +7,8 @@ labelled prompt and the second half response. One step = forward + backward + op
           head only on response positions), grad clipping and AdamW, exactly as the Trainer runs a step
   prompt  our baseline: one deep prompt of J*L=64 tokens at the same layers, same loss path
   peft    PEFT PrefixTuningConfig(num_virtual_tokens=64) (all layers), standard HF loss (labels=...)
+  mops_bf16  mops with the backbone and activations in bf16 (prompts and gate stay fp32): what
+          `dtype: bfloat16` trains at on a CPU with bf16 matmul instructions (AVX512-BF16, AMX)
 
   python benchmarks/bench_train_step_cpu.py [--reps 5] [--out DIR]
       -> DIR/train_step_cpu-<device slug>.json (DESIGN §6); the implementations alternate step by step
@@ -26,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 B, S, J, L = 4, 256, 8, 8
-IMPLS = ("mops", "prompt", "peft")
+IMPLS = ("mops", "prompt", "peft", "mops_bf16")
+DTYPES = {"mops_bf16": torch.bfloat16}  # the rest in fp32
 TARGET = 0.9
 
 
@@ -47,14 +50,14 @@ def _mops_step(model, batch, params, lr: float = 3e-3, grad_clip: float = 1.0):
     return step
 
 
-def build(impl: str, batch: dict, model_name: str = "smollm2-135m", dtype=torch.float32):
+def build(impl: str, batch: dict, model_name: str = "smollm2-135m"):
     """A fresh backbone with `impl` attached; returns (step fn, number of trainable parameters)."""
     from mops_fast import MoPsConfig, attach, load_model
 
-    model, _ = load_model(model_name, dtype=dtype)
-    if impl in ("mops", "prompt"):
+    model, _ = load_model(model_name, dtype=DTYPES.get(impl, torch.float32))
+    if impl in ("mops", "prompt", "mops_bf16"):
         cfg = MoPsConfig(num_experts=J, prompt_len=L)
-        attach(model, cfg if impl == "mops" else MoPsConfig.prompt_baseline(cfg))
+        attach(model, MoPsConfig.prompt_baseline(cfg) if impl == "prompt" else cfg)
         model.train()
         params = [p for p in model.mops.parameters() if p.requires_grad]
         return _mops_step(model, batch, params), sum(p.numel() for p in params)
@@ -91,9 +94,9 @@ def measure(reps: int = 5, warmup: int = 1, impls=IMPLS) -> dict:
         steps[impl], nparams[impl] = build(impl, batch)
     load_before = common.load_average()
     times = common.time_interleaved(steps, reps=reps, warmup=warmup)
-    shape = {"model": "smollm2-135m", "dtype": "float32", "B": B, "S": S, "prompt_tokens": J * L, "J": J, "L": L}
-    rows = [common.make_row(shape, impl, "step", times[impl], tokens=B * S, trainable_params=nparams[impl])
-            for impl in impls]
+    shape = {"model": "smollm2-135m", "B": B, "S": S, "prompt_tokens": J * L, "J": J, "L": L}
+    rows = [common.make_row({**shape, "dtype": str(DTYPES.get(impl, torch.float32)).replace("torch.", "")}, impl,
+                            "step", times[impl], tokens=B * S, trainable_params=nparams[impl]) for impl in impls]
     tps = {r["impl"]: r["tokens_per_s"] for r in rows}
     ratio = tps["mops"] / tps["peft"] if "mops" in tps and "peft" in tps else None
     return common.result_doc(

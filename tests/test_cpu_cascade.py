@@ -121,3 +121,30 @@ def test_training_calls_take_the_cascade_and_the_switch_restores_the_reference(m
     with pytest.raises(ValueError, match="gate_logw must be"):  # checked like every other path
         monkeypatch.setenv("MOPS_FAST_CPU_CASCADE", "1")
         gpa.gated_prefix_attention(*leaves[:5], leaves[5][:, :2], t["key_valid"])
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("case", ["gqa causal", "top-k gate", "per-sample prompts", "right padded", "left padded"])
+def test_bf16_activations_as_accurate_as_the_reference(case):
+    """bf16 q, k, v with fp32 prompts and gate (the model's training dtypes): o and every gradient as close
+    to float64 as the reference's own bf16 run is (it computes in fp32 and rounds o), in the input dtypes."""
+    t = make(**CASES[case])
+    go = torch.randn(t["q"].shape, generator=torch.Generator().manual_seed(3))
+    _, g64 = grads(reference64, t, go, True)
+    o64 = reference64(*[t[n] for n in NAMES], t["key_valid"], True)
+    tb = dict(t, **{n: t[n].bfloat16() for n in ("q", "k", "v")})
+
+    def ref_bf16(q, k, v, pk, pv, lw, kv, causal):
+        return gpa.gated_prefix_attention_ref(q, k, v, pk, pv, lw, kv, causal=causal)[0]
+
+    o_c, g_c = grads(cascade, tb, go, True)
+    o_r, g_r = grads(ref_bf16, tb, go, True)
+    assert o_c.dtype == torch.bfloat16
+    assert rel(o_c, o64) <= 1.5 * rel(o_r, o64) + 1e-3, (rel(o_c, o64), rel(o_r, o64))
+    for n in g64:
+        assert g_c[n].dtype == tb[n].dtype and g_c[n].shape == tb[n].shape, n
+        assert rel(g_c[n], g64[n]) <= 1.5 * rel(g_r[n], g64[n]) + 2e-3, (n, rel(g_c[n], g64[n]), rel(g_r[n], g64[n]))

@@ -1,4 +1,4 @@
-"""Gated-prefix attention for CPU training (fp32): torch's CPU flash attention for the own keys, plain
+"""Gated-prefix attention for CPU training (fp32 or bf16 activations): torch's CPU flash attention for the own keys, plain
 matmuls for the J*L prompt tokens, merged through the softmax state (the shared-prefix cascade that
 prefix_cascade.py runs on CUDA).
 
@@ -97,33 +97,35 @@ class _CascadeCPU(torch.autograd.Function):
             lse_s = lse_s.masked_fill(~sees_own, -_INF)
             o_s = o_s.masked_fill(~sees_own[..., None], 0.0)
 
+        # the prompts and the merge in fp32 (bf16 activations: the prompts stay fp32, as on the GPU)
         pk, pv, J, L = _prompts(prompt_k, prompt_v, Hkv, d)
-        pk, pv = pk.to(q.dtype), pv.to(q.dtype)
+        pk, pv = pk.float(), pv.float()
         rows = (B, Hkv, G * Sq)
-        qg = q.view(*rows, d)
+        qg = q.view(*rows, d).float()
         s_p = torch.matmul(qg, pk.transpose(-1, -2)) * scale  # (B, Hkv, G*Sq, P)
         if gate_logw is not None:
-            s_p = s_p + gate_logw.to(q.dtype)[:, :, None].expand(B, J, L).reshape(B, 1, 1, J * L)
+            s_p = s_p + gate_logw.float()[:, :, None].expand(B, J, L).reshape(B, 1, 1, J * L)
         lse_s = lse_s.reshape(rows)  # the op returns (B, Sq, H)-major layouts
         lse = torch.logaddexp(lse_s, torch.logsumexp(s_p, -1))
         seen = torch.isfinite(lse)  # a row that sees nothing: o = 0, no gradient
         lse_safe = torch.where(seen, lse, 0.0)
         p_p = torch.exp(s_p - lse_safe[..., None])  # 0 where s_p is -inf (dropped experts, unseen rows)
-        o = o_s.reshape(*rows, d) * torch.exp(lse_s - lse_safe)[..., None] + torch.matmul(p_p, pv)
+        o = o_s.reshape(*rows, d).float() * torch.exp(lse_s - lse_safe)[..., None] + torch.matmul(p_p, pv)
         hide = ~seen
         if qv is not None:
             hide = hide | ~qv[:, None, None, :].expand(B, Hkv, G, Sq).reshape(rows)
-        o = o.masked_fill(hide[..., None], 0.0).view(B, Hq, Sq, d)
+        o = o.masked_fill(hide[..., None], 0.0).view(B, Hq, Sq, d).to(q.dtype)  # the backward's o, as returned
         # backward: lse +inf on hidden rows gives them probability 0 everywhere (their do is zeroed too)
         lse_b = lse.masked_fill(hide, _INF)
         ctx.save_for_backward(q, ke, ve, pk, pv, o, lse_b, p_p, hide, mask)
-        ctx.meta = (scale, is_causal, G, J, L, prompt_k.dim(), gate_logw is not None)
+        ctx.meta = (scale, is_causal, G, J, L, prompt_k.dim(), prompt_k.dtype,
+                    None if gate_logw is None else gate_logw.dtype)
         return o
 
     @staticmethod
     def backward(ctx, grad_o):
         q, ke, ve, pk, pv, o, lse_b, p_p, hide, mask = ctx.saved_tensors
-        scale, is_causal, G, J, L, pdim, gated = ctx.meta
+        scale, is_causal, G, J, L, pdim, pdtype, gdtype = ctx.meta
         B, Hq, Sq, d = q.shape
         Hkv = Hq // G
         rows = (B, Hkv, G * Sq)
@@ -131,28 +133,29 @@ class _CascadeCPU(torch.autograd.Function):
         dq, dke, dve = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             go.view(B, Hq, Sq, d), q, ke, ve, o, lse_b.view(B, Hq, Sq), 0.0, is_causal, attn_mask=mask, scale=scale)
         need = ctx.needs_input_grad
-        dk = dke.view(B, Hkv, G, -1, d).sum(2) if need[1] else None
-        dv = dve.view(B, Hkv, G, -1, d).sum(2) if need[2] else None
-        # the prompts' share: dS_p = P_p * (do . PV - Delta), Delta = rowsum(do * o) of the total o
-        delta = (go * o.view(*rows, d)).sum(-1, keepdim=True)
-        ds = p_p * (torch.matmul(go, pv.transpose(-1, -2)) - delta)  # (B, Hkv, G*Sq, P)
+        dk = dke.view(B, Hkv, G, -1, d).float().sum(2).to(ke.dtype) if need[1] else None
+        dv = dve.view(B, Hkv, G, -1, d).float().sum(2).to(ve.dtype) if need[2] else None
+        # the prompts' share (fp32): dS_p = P_p * (do . PV - Delta), Delta = rowsum(do * o) of the total o
+        gof = go.float()
+        delta = (gof * o.view(*rows, d).float()).sum(-1, keepdim=True)
+        ds = p_p * (torch.matmul(gof, pv.transpose(-1, -2)) - delta)  # (B, Hkv, G*Sq, P)
         if need[0]:
-            dq = dq + (torch.matmul(ds, pk) * scale).view(B, Hq, Sq, d)
+            dq = (dq.float() + (torch.matmul(ds, pk) * scale).view(B, Hq, Sq, d)).to(q.dtype)
         else:
             dq = None
 
         def to_prompt_shape(t):  # (B, Hkv, P, d) -> the prompts' own shape, summed over the batch if shared
             t = t.transpose(1, 2).reshape(B, J, L, Hkv, d)
-            return t.sum(0) if pdim == 4 else t
+            return (t.sum(0) if pdim == 4 else t).to(pdtype)
 
-        dpk = to_prompt_shape(torch.matmul(ds.transpose(-1, -2), q.view(*rows, d)) * scale) if need[3] else None
-        dpv = to_prompt_shape(torch.matmul(p_p.transpose(-1, -2), go)) if need[4] else None
-        dlw = ds.sum((1, 2)).view(B, J, L).sum(-1) if gated and need[5] else None
+        dpk = to_prompt_shape(torch.matmul(ds.transpose(-1, -2), q.view(*rows, d).float()) * scale) if need[3] else None
+        dpv = to_prompt_shape(torch.matmul(p_p.transpose(-1, -2), gof)) if need[4] else None
+        dlw = ds.sum((1, 2)).view(B, J, L).sum(-1).to(gdtype) if gdtype is not None and need[5] else None
         return dq, dk, dv, dpk, dpv, dlw, None, None, None
 
 
 def cascade_attention(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float, causal: bool):
-    """o (B, Hq, Sq, d) of gated-prefix attention for fp32 CPU tensors, differentiable in q, k, v, the
-    prompts and gate_logw (inputs already checked: gated_prefix_attention.check_inputs)."""
-    o = _CascadeCPU.apply(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, float(scale), bool(causal))
-    return o.to(q.dtype)
+    """o (B, Hq, Sq, d) of gated-prefix attention for fp32 or bf16 CPU activations (prompts and gate in
+    any float dtype), differentiable in q, k, v, the prompts and gate_logw (inputs already checked:
+    gated_prefix_attention.check_inputs)."""
+    return _CascadeCPU.apply(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, float(scale), bool(causal))

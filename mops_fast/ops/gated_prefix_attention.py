@@ -24,7 +24,8 @@ This file holds the pure-PyTorch reference and the public entry point that dispa
                                        when nothing needs a gradient (generate, evaluation): one SDPA call
                                        over [prompts; own keys] with an additive mask (_prefix_sdpa; on the
                                        2-core CPU at SmolLM2's attention shapes 1.7x faster at decode, 4x at
-                                       a 256-token prefill); and o alone of fp32 training: the CPU cascade
+                                       a 256-token prefill); and o alone in training with fp32 or bf16
+                                       activations: the CPU cascade
                                        (cpu_cascade.py: torch's CPU flash op for the own keys; 2-7x faster
                                        than the reference and 2.5-14x less saved memory from 256 to 2048
                                        tokens; MOPS_FAST_CPU_CASCADE=0 keeps the reference)
@@ -372,12 +373,12 @@ def _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causa
     return o if qv is None else o.masked_fill(~qv[:, None, :, None], 0.0)
 
 
-def _cpu_cascade_applies(q, prompt_k, gate_logw) -> bool:
-    """CPU training in fp32 (prompts and gate too), untraced, where torch has the CPU flash op
+def _cpu_cascade_applies(q) -> bool:
+    """CPU training with fp32 or bf16 activations, untraced, where torch has the CPU flash op
     (cpu_cascade.py); MOPS_FAST_CPU_CASCADE=0 keeps the reference."""
     if q.device.type != "cpu" or traced(q) or os.environ.get("MOPS_FAST_CPU_CASCADE", "1") == "0":
         return False
-    if not (q.dtype == prompt_k.dtype == torch.float32) or (gate_logw is not None and gate_logw.dtype != torch.float32):
+    if q.dtype not in (torch.float32, torch.bfloat16):
         return False
     from mops_fast.ops import cpu_cascade
 
@@ -392,11 +393,12 @@ def gated_prefix_attention(
     q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True, backend=None
 ):
     """Gated-prefix attention output o (B, Hq, Sq, d). See the module docstring for the contract."""
-    if backend is None and q.dtype in (torch.float32, torch.float64) and not _use_fused(q, None):
-        if not _needs_grad(q, k, v, prompt_k, prompt_v, gate_logw):
+    if backend is None and not _use_fused(q, None):
+        grad = _needs_grad(q, k, v, prompt_k, prompt_v, gate_logw)
+        if not grad and q.dtype in (torch.float32, torch.float64):
             check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
             return _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causal)
-        if _cpu_cascade_applies(q, prompt_k, gate_logw):
+        if grad and _cpu_cascade_applies(q):
             from mops_fast.ops import cpu_cascade
 
             check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid)
