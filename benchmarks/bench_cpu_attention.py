@@ -1,11 +1,12 @@
-"""Gated-prefix attention for CPU training, forward + backward: the cascade (mops_fast/ops/cpu_cascade.py,
-torch's CPU flash op for the own keys) against the PyTorch reference it replaced (materialized scores,
-plain autograd).
+"""Gated-prefix attention on the CPU: in training (forward + backward) the cascade (mops_fast/ops/cpu_cascade.py,
+torch's CPU flash op for the own keys) against the PyTorch reference it replaced (materialized scores, plain
+autograd); in inference (no gradient) the one-SDPA path against the reference.
 
-SmolLM2-135M's attention (Hq=9, Hkv=3, d=64), B=4, J*L=64 prompt tokens, fp32, causal, S in {256, 1024,
-2048}; one call = forward, then backward of o.sum()-like random gradients. Each row also records the
-bytes autograd saves for the backward (`saved_bytes`: the activation memory a layer holds during
-training, counted once per storage by saved_tensors_hooks; inputs included).
+SmolLM2-135M's attention (Hq=9, Hkv=3, d=64), B=4, J*L=64 prompt tokens, causal; q, k, v in fp32 and bf16
+(prompts and gate fp32); training at S in {256, 1024, 2048} (forward, then backward of random gradients),
+inference at S in {256, 1024}. Training rows also record the bytes autograd saves for the backward
+(`saved_bytes`: the activation memory a layer holds during training, counted once per storage by
+saved_tensors_hooks; inputs included).
 
   python benchmarks/bench_cpu_attention.py [--reps 5] [--out DIR]
       -> DIR/cpu_attention-<device slug>.json (DESIGN §6); the implementations alternate rep by rep
@@ -29,20 +30,22 @@ from mops_fast.ops import gated_prefix_attention as gpa  # noqa: E402
 
 B, HQ, HKV, D, J, L = 4, 9, 3, 64, 8, 8
 SEQS = (256, 1024, 2048)
-IMPLS = {"cascade": "1", "reference": "0"}  # MOPS_FAST_CPU_CASCADE
+INFER_SEQS = (256, 1024)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def inputs(S: int, seed: int = 0):
+def inputs(S: int, dtype, seed: int = 0):
+    """q, k, v in `dtype`; prompts and gate fp32 (the model's training dtypes); and a gradient for o."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    t = [r(B, HQ, S, D), r(B, HKV, S, D), r(B, HKV, S, D), r(J, L, HKV, D) * 0.5, r(J, L, HKV, D) * 0.5,
-         torch.log_softmax(r(B, J), -1)]
-    return [x.requires_grad_(True) for x in t], r(B, HQ, S, D)
+    t = [r(B, HQ, S, D).to(dtype), r(B, HKV, S, D).to(dtype), r(B, HKV, S, D).to(dtype), r(J, L, HKV, D) * 0.5,
+         r(J, L, HKV, D) * 0.5, torch.log_softmax(r(B, J), -1)]
+    return t, r(B, HQ, S, D).to(dtype)
 
 
-def call(impl: str, leaves, go):
-    """One forward and backward with `impl`; returns the bytes autograd saved for the backward."""
-    os.environ["MOPS_FAST_CPU_CASCADE"] = IMPLS[impl]
+def train_call(impl: str, leaves, go):
+    """One forward and backward (`cascade` or `reference`); returns the bytes autograd saved for the backward."""
+    os.environ["MOPS_FAST_CPU_CASCADE"] = "1" if impl == "cascade" else "0"
     saved = {}  # storage address -> bytes: a tensor saved twice (or views of one) counts once
 
     def pack(t):
@@ -58,6 +61,17 @@ def call(impl: str, leaves, go):
     return sum(saved.values())
 
 
+def infer_call(impl: str, t):
+    with torch.no_grad():
+        gpa.gated_prefix_attention(*t, None, causal=True, backend="reference" if impl == "reference" else None)
+
+
+def _report(rows, S, dtype, mode, extra=""):
+    new, ref = rows[-2], rows[-1]
+    print(f"{mode:8s} {dtype:8s} S={S:5d}: {new['impl']} {new['median_ms']:8.1f} ms | reference "
+          f"{ref['median_ms']:8.1f} ms | {ref['median_ms'] / new['median_ms']:.2f}x{extra}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
@@ -65,22 +79,29 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     rows = []
     try:
-        for S in SEQS:
-            leaves, go = inputs(S)
-            saved = {impl: call(impl, leaves, go) for impl in IMPLS}  # also the warm-up
-            times = time_interleaved({impl: (lambda i=impl: call(i, leaves, go)) for impl in IMPLS},
-                                     reps=max(2, a.reps if S <= 1024 else a.reps // 2), warmup=0)
-            shape = {"B": B, "Hq": HQ, "Hkv": HKV, "d": D, "S": S, "prompt_tokens": J * L, "dtype": "float32"}
-            for impl in IMPLS:
-                rows.append(make_row(shape, impl, "fwd+bwd", times[impl], tokens=B * S, saved_bytes=saved[impl]))
-            c, r = (next(x for x in rows[-2:] if x["impl"] == i) for i in ("cascade", "reference"))
-            print(f"S={S:5d}: cascade {c['median_ms']:8.1f} ms, {c['saved_bytes'] / 2**20:6.0f} MiB saved | "
-                  f"reference {r['median_ms']:8.1f} ms, {r['saved_bytes'] / 2**20:6.0f} MiB saved | "
-                  f"{r['median_ms'] / c['median_ms']:.2f}x faster", flush=True)
+        for dname, dtype in DTYPES.items():
+            for S in SEQS:  # training: the CPU cascade against the reference
+                t, go = inputs(S, dtype)
+                leaves = [x.requires_grad_(True) for x in t]
+                saved = {impl: train_call(impl, leaves, go) for impl in ("cascade", "reference")}  # + warm-up
+                times = time_interleaved({impl: (lambda i=impl: train_call(i, leaves, go)) for impl in saved},
+                                         reps=max(2, a.reps if S <= 1024 else a.reps // 2), warmup=0)
+                shape = {"B": B, "Hq": HQ, "Hkv": HKV, "d": D, "S": S, "prompt_tokens": J * L, "dtype": dname}
+                rows += [make_row(shape, impl, "fwd+bwd", times[impl], tokens=B * S, saved_bytes=saved[impl])
+                         for impl in saved]
+                _report(rows, S, dname, "fwd+bwd", f"; saved {saved['cascade'] / 2**20:.0f} vs "
+                        f"{saved['reference'] / 2**20:.0f} MiB")
+            for S in INFER_SEQS:  # inference (no gradient): one SDPA call against the reference
+                t, _ = inputs(S, dtype)
+                times = time_interleaved({impl: (lambda i=impl: infer_call(i, t)) for impl in ("sdpa", "reference")},
+                                         reps=a.reps, warmup=1)
+                shape = {"B": B, "Hq": HQ, "Hkv": HKV, "d": D, "S": S, "prompt_tokens": J * L, "dtype": dname}
+                rows += [make_row(shape, impl, "fwd", times[impl], tokens=B * S) for impl in ("sdpa", "reference")]
+                _report(rows, S, dname, "fwd")
     finally:
         os.environ.pop("MOPS_FAST_CPU_CASCADE", None)
     doc = result_doc("cpu_attention", rows, baseline_impl="reference",
-                     timing=f"interleaved medians, {a.reps} reps (half from S = 2048), after one warm-up call")
+                     timing=f"interleaved medians, {a.reps} reps (training: half from S = 2048), after a warm-up call")
     print("wrote", write_result(doc, a.out))
     return 0
 

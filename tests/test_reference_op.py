@@ -178,13 +178,20 @@ def test_inference_path_fp32_and_dispatch(sdpa_calls):
     out = gated_prefix_attention(q, k, v, pk, pv, logw, kv)  # no input requires grad
     assert sdpa_calls == [1] and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    # training (a prompt requires grad), bf16, and the lse variant keep the reference
+    # bf16 too (fp32 prompts), as close to float64 as the reference's own bf16 run
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    with torch.no_grad():
+        ob = gated_prefix_attention(qb, kb, vb, pk, pv, logw, kv)
+    assert sdpa_calls == [1, 1] and ob.dtype == torch.bfloat16
+    r64 = naive(q.double(), k.double(), v.double(), pk.double(), pv.double(), logw.double(), kv)
+    rel = lambda a: float((a.double() - r64).norm() / r64.norm())  # noqa: E731
+    assert rel(ob) <= 1.5 * rel(gated_prefix_attention(qb, kb, vb, pk, pv, logw, kv, backend="reference")) + 2e-3
+    # training (a prompt requires grad) and the lse variant do not take it
     pk.requires_grad_()
     assert gated_prefix_attention(q, k, v, pk, pv, logw, kv).grad_fn is not None
     with torch.no_grad():
-        gated_prefix_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pk, pv, logw, kv)
         gated_prefix_attention_with_lse(q, k, v, pk, pv, logw, kv)
-    assert sdpa_calls == [1]
+    assert sdpa_calls == [1, 1]
 
 
 def test_inference_path_rows_that_see_nothing_are_zero():

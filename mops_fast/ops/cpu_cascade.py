@@ -11,9 +11,9 @@ prefix_cascade.py runs on CUDA).
             dS_p = P_p * (do . PV - Delta): dq += dS_p PK scale, dPK = dS_p^T q scale, dPV = P_p^T do,
             dlogw[e] = the sum of dS_p over expert e's columns.
 The reference (gated_prefix_attention_ref) materializes the (G*Sq) x (J*L + Sk) scores in autograd and
-takes 2.3x as long for a forward and backward at SmolLM2-135M's training shape (B=4, Hq=9, Hkv=3, d=64,
-S=256, J*L=64: 21 vs 47 ms on the project's 2-core CPU); a training step spends about a quarter of its
-time there. Same contract (gated_prefix_attention.py): padded queries give o = 0 and no gradient, and so
+takes 2.6x as long for a forward and backward at SmolLM2-135M's attention shape (B=4, Hq=9, Hkv=3, d=64,
+S=256, J*L=64, fp32, the project's 2-core CPU), 7.3x at S=2048, and saves 14x the bytes for the backward
+there (benchmarks/bench_cpu_attention.py). Same contract (gated_prefix_attention.py): padded queries give o = 0 and no gradient, and so
 do rows that see nothing.
 """
 from __future__ import annotations
