@@ -1,6 +1,6 @@
-"""Gated-prefix attention for CPU training (fp32 or bf16 activations): torch's CPU flash attention for the own keys, plain
-matmuls for the J*L prompt tokens, merged through the softmax state (the shared-prefix cascade that
-prefix_cascade.py runs on CUDA).
+"""Gated-prefix attention for CPU training (fp32 or bf16 activations): torch's CPU flash attention for the
+own keys, plain matmuls for the J*L prompt tokens, merged through the softmax state (the shared-prefix
+cascade that prefix_cascade.py runs on CUDA).
 
   forward   (o_s, lse_s) = the aten CPU flash op over the sample's own keys (causal, or with the additive
             mask that key padding or Sq != Sk needs); the prompts' scores s_p = q . PK * scale + logw[e]
@@ -13,8 +13,8 @@ prefix_cascade.py runs on CUDA).
 The reference (gated_prefix_attention_ref) materializes the (G*Sq) x (J*L + Sk) scores in autograd and
 takes 2.6x as long for a forward and backward at SmolLM2-135M's attention shape (B=4, Hq=9, Hkv=3, d=64,
 S=256, J*L=64, fp32, the project's 2-core CPU), 7.3x at S=2048, and saves 14x the bytes for the backward
-there (benchmarks/bench_cpu_attention.py). Same contract (gated_prefix_attention.py): padded queries give o = 0 and no gradient, and so
-do rows that see nothing.
+there (benchmarks/bench_cpu_attention.py). Same contract (gated_prefix_attention.py): padded queries give
+o = 0 and no gradient, and so do rows that see nothing.
 """
 from __future__ import annotations
 

@@ -21,14 +21,15 @@ This file holds the pure-PyTorch reference and the public entry point that dispa
                                        padding, from 2048 keys, the backward is the shared-prefix cascade
                                        (prefix_cascade.py: FlashAttention for the own keys)
   CPU tensors, float64, no Triton    -> the reference, with plain autograd; but o alone of fp32 / bf16 /
-                                       float64 when nothing needs a gradient (generate, evaluation): one SDPA call
-                                       over [prompts; own keys] with an additive mask (_prefix_sdpa; on the
-                                       2-core CPU at SmolLM2's attention shapes 1.7x faster at decode, 4x at
-                                       a 256-token prefill); and o alone in training with fp32 or bf16
-                                       activations: the CPU cascade
+                                       float64 when nothing needs a gradient (generate, evaluation): one
+                                       SDPA call over [prompts; own keys] with an additive mask
+                                       (_prefix_sdpa; on the 2-core CPU at SmolLM2's attention shapes 1.7x
+                                       faster at decode, 4x at a 256-token prefill); and o alone in
+                                       training with fp32 or bf16 activations: the CPU cascade
                                        (cpu_cascade.py: torch's CPU flash op for the own keys; in fp32
                                        2.6-7.3x faster than the reference and 2.5-14x less saved memory
-                                       from 256 to 2048 tokens, benchmarks/bench_cpu_attention.py; MOPS_FAST_CPU_CASCADE=0 keeps the reference)
+                                       from 256 to 2048 tokens, benchmarks/bench_cpu_attention.py;
+                                       MOPS_FAST_CPU_CASCADE=0 keeps the reference)
 `backend="triton"` (or MOPS_FAST_FORCE_TRITON=1) sends CPU tensors through the Triton kernels too,
 which works under TRITON_INTERPRET=1 (the interpreter tests); `backend="reference"` forces the
 reference.
