@@ -148,3 +148,12 @@ def test_bf16_activations_as_accurate_as_the_reference(case):
     for n in g64:
         assert g_c[n].dtype == tb[n].dtype and g_c[n].shape == tb[n].shape, n
         assert rel(g_c[n], g64[n]) <= 1.5 * rel(g_r[n], g64[n]) + 2e-3, (n, rel(g_c[n], g64[n]), rel(g_r[n], g64[n]))
+
+
+def test_probe_leaves_the_global_rng_alone():
+    cpu_cascade.available.cache_clear()
+    torch.manual_seed(0)
+    a = torch.rand(3)
+    torch.manual_seed(0)
+    assert cpu_cascade.available()
+    assert torch.equal(torch.rand(3), a)
