@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from mops_fast.ops.gated_prefix_attention import query_valid, right_padded
+from mops_fast.ops.gated_prefix_attention import masks, prompt_keys_values, query_valid, visible_keys
 
 __all__ = ["available", "cascade_attention"]
 
@@ -52,27 +52,11 @@ def _own_mask(q, k, key_valid, causal: bool):
     Sk = k.shape[2]
     if key_valid is None and causal and Sq == Sk:
         return True, None, None
-    if key_valid is None and not causal:
+    visible = visible_keys(key_valid, Sq, Sk, causal, q.device)
+    if visible is None:
         return False, None, None
-    visible = torch.ones((1, 1, Sq, Sk), dtype=torch.bool)
-    if causal:
-        qpos = torch.arange(Sk - Sq, Sk)
-        visible = (torch.arange(Sk)[None, :] <= qpos[:, None])[None, None]
-    if key_valid is not None:
-        visible = visible & key_valid[:, None, None, :]
     mask = torch.zeros((), dtype=q.dtype).masked_fill(~visible, -_INF).expand(B, 1, Sq, Sk).contiguous()
     return False, mask, visible.any(-1).expand(B, 1, Sq)  # (B, 1, Sq)
-
-
-def _prompts(prompt_k, prompt_v, Hkv: int, d: int):
-    """(Bp, J, L, Hkv, d) prompts -> (Bp, Hkv, J*L, d) keys and values (Bp = 1 when shared)."""
-    pk, pv = prompt_k, prompt_v
-    if pk.dim() == 4:
-        pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
-    Bp, J, L = pk.shape[:3]
-    pk = pk.reshape(Bp, J * L, Hkv, d).transpose(1, 2)
-    pv = pv.reshape(Bp, J * L, Hkv, d).transpose(1, 2)
-    return pk, pv, J, L
 
 
 class _CascadeCPU(torch.autograd.Function):
@@ -81,11 +65,9 @@ class _CascadeCPU(torch.autograd.Function):
         B, Hq, Sq, d = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
-        kv_mask, qv = key_valid, None
-        if key_valid is not None and causal and Sq == k.shape[2] and right_padded(key_valid):
-            kv_mask, qv = None, query_valid(key_valid, Sq, k.shape[2])  # right padding: no key mask
-        elif key_valid is not None:
-            qv = query_valid(key_valid, Sq, k.shape[2])
+        kv_mask, qv = masks(q, k, key_valid, causal)  # right padding: no key mask
+        if qv is None:
+            qv = query_valid(kv_mask, Sq, k.shape[2])
         is_causal, mask, sees_own = _own_mask(q, k, kv_mask, causal)
         # The own keys repeated over their query heads: the flash op's own GQA support is newer than torch 2.4.
         ke = k.repeat_interleave(G, 1) if G > 1 else k.contiguous()
@@ -98,7 +80,7 @@ class _CascadeCPU(torch.autograd.Function):
             o_s = o_s.masked_fill(~sees_own[..., None], 0.0)
 
         # the prompts and the merge in fp32 (bf16 activations: the prompts stay fp32, as on the GPU)
-        pk, pv, J, L = _prompts(prompt_k, prompt_v, Hkv, d)
+        pk, pv, J, L = prompt_keys_values(prompt_k, prompt_v)
         pk, pv = pk.float(), pv.float()
         rows = (B, Hkv, G * Sq)
         qg = q.view(*rows, d).float()

@@ -53,6 +53,9 @@ __all__ = [
     "check_inputs",
     "query_valid",
     "right_padded",
+    "masks",
+    "visible_keys",
+    "prompt_keys_values",
 ]
 
 
@@ -146,6 +149,39 @@ def right_padded(key_valid) -> bool:
     return result
 
 
+def masks(q, k, key_valid, causal: bool):
+    """(key mask, query mask): a causal self-attention batch (Sq == Sk) with right padding needs no key
+    mask, only the queries at real positions (the contract above); any other key mask is kept, and the
+    query mask is then left to be derived from it (None)."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    if key_valid is not None and causal and Sq == Sk and right_padded(key_valid):
+        return None, query_valid(key_valid, Sq, Sk)
+    return key_valid, None
+
+
+def visible_keys(key_valid: Optional[Tensor], Sq: int, Sk: int, causal: bool, device) -> Optional[Tensor]:
+    """(B or 1, 1, Sq or 1, Sk) bool, broadcastable: which own keys each query sees (the causal diagonal of
+    the contract and the key mask); None when every query sees every key."""
+    visible = None
+    if causal and Sq > 1:  # one query sits at the last position: it sees every key
+        qpos = torch.arange(Sk - Sq, Sk, device=device)
+        visible = (torch.arange(Sk, device=device)[None, :] <= qpos[:, None])[None, None]
+    if key_valid is not None:
+        kv = key_valid[:, None, None, :]
+        visible = kv if visible is None else (visible & kv)
+    return visible
+
+
+def prompt_keys_values(prompt_k: Tensor, prompt_v: Tensor):
+    """(J, L, Hkv, d) shared or (B, J, L, Hkv, d) per-sample prompts -> keys and values (Bp, Hkv, J*L, d)
+    (Bp = 1 when shared), J, L."""
+    pk, pv = prompt_k, prompt_v
+    if pk.dim() == 4:
+        pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
+    Bp, J, L, Hkv, d = pk.shape
+    return (pk.reshape(Bp, J * L, Hkv, d).transpose(1, 2), pv.reshape(Bp, J * L, Hkv, d).transpose(1, 2), J, L)
+
+
 def gated_prefix_attention_ref(
     q, k, v, prompt_k, prompt_v, gate_logw=None, key_valid=None, *, scale=None, causal=True
 ):
@@ -160,14 +196,9 @@ def gated_prefix_attention_ref(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    pk, pv = prompt_k, prompt_v
-    if pk.dim() == 4:
-        pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
-    Bp, J, L = pk.shape[:3]
+    pk, pv, J, L = prompt_keys_values(prompt_k, prompt_v)
     P = J * L
-    # (Bp, J, L, Hkv, d) -> (Bp, Hkv, P, d)
-    pk = pk.reshape(Bp, P, Hkv, d).permute(0, 2, 1, 3).to(cdt)
-    pv = pv.reshape(Bp, P, Hkv, d).permute(0, 2, 1, 3).to(cdt)
+    pk, pv = pk.to(cdt), pv.to(cdt)
 
     qg = q.to(cdt).reshape(B, Hkv, G * Sq, d)
     s_p = torch.matmul(qg, pk.transpose(-1, -2)) * scale  # (B, Hkv, G*Sq, P)
@@ -176,16 +207,9 @@ def gated_prefix_attention_ref(
         s_p = s_p + bias
     s_s = torch.matmul(qg, k.to(cdt).transpose(-1, -2)) * scale  # (B, Hkv, G*Sq, Sk)
 
-    visible = None
-    if causal:
-        qpos = torch.arange(Sq, device=q.device) + (Sk - Sq)
-        visible = torch.arange(Sk, device=q.device)[None, :] <= qpos[:, None]  # (Sq, Sk)
-        visible = visible[None, None, None]
-    if key_valid is not None:
-        kvm = key_valid[:, None, None, None, :]
-        visible = kvm if visible is None else (visible & kvm)
-    if visible is not None:
-        s_s = s_s.view(B, Hkv, G, Sq, Sk).masked_fill(~visible, float("-inf")).view(B, Hkv, G * Sq, Sk)
+    visible = visible_keys(key_valid, Sq, Sk, causal, q.device)
+    if visible is not None:  # one more axis for the query heads of a KV group
+        s_s = s_s.view(B, Hkv, G, Sq, Sk).masked_fill(~visible[:, :, None], float("-inf")).view(B, Hkv, G * Sq, Sk)
 
     s = torch.cat([s_p, s_s], dim=-1)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
@@ -342,23 +366,12 @@ def _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causa
     mask's gradient would take SDPA's unfused math path."""
     B, Hq, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    pk, pv = prompt_k, prompt_v
-    if pk.dim() == 4:
-        pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
-    Bp, J, L = pk.shape[:3]
+    pk, pv, J, L = prompt_keys_values(prompt_k, prompt_v)
     P = J * L
-    pk = pk.reshape(Bp, P, Hkv, d).transpose(1, 2).to(q.dtype).expand(B, Hkv, P, d)
-    pv = pv.reshape(Bp, P, Hkv, d).transpose(1, 2).to(q.dtype).expand(B, Hkv, P, d)
-    kk = torch.cat([pk, k], dim=2)
-    vv = torch.cat([pv, v], dim=2)
-    # Own keys: 0 where visible, -inf where hidden (causal: only when a query precedes the last key).
-    visible = None
-    if causal and Sq > 1:
-        qpos = torch.arange(Sk - Sq, Sk, device=q.device)
-        visible = (torch.arange(Sk, device=q.device)[None, :] <= qpos[:, None])[None, None]  # (1, 1, Sq, Sk)
-    if key_valid is not None:
-        kv = key_valid[:, None, None, :]
-        visible = kv if visible is None else (visible & kv)
+    kk = torch.cat([pk.to(q.dtype).expand(B, Hkv, P, d), k], dim=2)
+    vv = torch.cat([pv.to(q.dtype).expand(B, Hkv, P, d), v], dim=2)
+    # Own keys: 0 where visible, -inf where hidden.
+    visible = visible_keys(key_valid, Sq, Sk, causal, q.device)
     if visible is None:
         own = torch.zeros((1, 1, 1, Sk), dtype=q.dtype, device=q.device)
     else:

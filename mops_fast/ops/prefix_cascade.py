@@ -44,7 +44,7 @@ import os
 import torch
 
 from mops_fast.ops import triton_gated_prefix_attention as tk
-from mops_fast.ops.gated_prefix_attention import query_valid, right_padded
+from mops_fast.ops.gated_prefix_attention import masks
 
 __all__ = ["applies", "masks", "gpa_forward", "gpa_backward"]
 
@@ -61,16 +61,6 @@ def _mode() -> str:
     if mode not in MODES:
         raise ValueError(f"MOPS_FAST_GPA_CASCADE={mode!r}: use one of {MODES}")
     return mode
-
-
-def masks(q, k, key_valid, causal: bool):
-    """(key mask, query mask) for the kernels: a causal self-attention batch (Sq == Sk) with right padding
-    needs no key mask, only the queries at real positions (module docstring); any other key mask is
-    kept, and the kernels take the query mask from it (None)."""
-    Sq, Sk = q.shape[2], k.shape[2]
-    if key_valid is not None and causal and Sq == Sk and right_padded(key_valid):
-        return None, query_valid(key_valid, Sq, Sk)
-    return key_valid, None
 
 
 def applies(q, k, key_valid, causal: bool, backward: bool) -> bool:
