@@ -141,3 +141,14 @@ def test_non_finite_gate_features_are_an_error(monkeypatch):
 
     with pytest.raises(NonFiniteLossError, match="hidden states entering the gate layer are NaN/inf for 8 of 8"):
         t.pretrain_gate()
+
+
+def test_non_finite_gradients_are_caught_without_clipping():
+    m, cfg = fresh(grad_clip=0.0, gate_pretrain_steps=0)
+    t = Trainer(m, CharTok(), synthetic_records(), cfg)
+    before = {k: v.clone() for k, v in m.mops.state_dict().items()}
+    h = m.mops.prompt_v.register_hook(lambda g: g * float("nan"))
+    assert t.train_step()["skipped"]
+    h.remove()
+    assert all(torch.equal(v, before[k]) for k, v in m.mops.state_dict().items())
+    assert not t.train_step().get("skipped")

@@ -285,7 +285,7 @@ class Trainer:
                     f"step {self.step}: the loss or the gradients were NaN/inf in {self.nonfinite_run} step(s) in a "
                     f"row (more than max_nonfinite_steps={cfg.max_nonfinite_steps}); those steps did not change the "
                     f"prompts or the gate, and checkpoints hold only finite steps. Lower lr (now {cfg.lr}), use "
-                    f"fp32 or bf16 instead of fp16 ({self.mops.prompt_k.dtype} here), or check that the backbone's "
+                    f"fp32 or bf16 instead of fp16 (the backbone is {self.model.dtype}), or check that the backbone's "
                     "own outputs are finite")
             return {"step": self.step, "loss": float("nan"), "tokens": tokens, "skipped": True}
         self.nonfinite_run = 0
@@ -297,14 +297,8 @@ class Trainer:
 
     def _grads_finite(self, clip: float) -> bool:
         """Clip the gradients to norm `clip` (if > 0); whether they are all finite."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return True
-        if clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        return bool(torch.isfinite(norm))
+        # max_norm inf: the total norm without scaling (0 when no parameter has a gradient)
+        return bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)))
 
     def train(self, eval_fn=None, eval_every: int = 0) -> list[dict]:
         """Run stage A (if due) and stage B to cfg.steps, resuming from the checkpoint if present."""
