@@ -127,6 +127,12 @@ def test_bad_impl_override_and_shapes(monkeypatch):
         op.int4_matmul(torch.randn(2, 63), qw, qz, sc, gi)
     with pytest.raises(ValueError, match="g_idx must be int32"):
         op.int4_matmul(torch.randn(2, 64), qw, qz, sc, gi.long())
+    # a group size that disagrees with the scales' rows (64 / 32 = 2 here) is refused on both ops
+    with pytest.raises(ValueError, match="group_size=16 does not fit K=64 with G=2"):
+        op.int4_matmul(torch.randn(2, 64), qw, qz, sc, gi, 16)
+    with pytest.raises(ValueError, match="group_size=64 does not fit K=64 with G=2"):
+        op.int4_matmul_t(torch.randn(2, 16), qw, qz, sc, gi, 64)
+    assert op.int4_matmul(torch.randn(2, 64), qw, qz, sc, gi, 32).shape == (2, 16)
     monkeypatch.setenv("MOPS_FAST_INT4_IMPL", "magic")
     with pytest.raises(ValueError, match="MOPS_FAST_INT4_IMPL"):
         op.int4_matmul(torch.randn(2, 64), qw, qz, sc, gi)

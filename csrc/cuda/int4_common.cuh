@@ -227,11 +227,18 @@ inline int row_group_shift(int group_size, int G) {
 
 struct DeviceInfo {
   int sm_count = 0, smem_optin = 0, smem_per_sm = 0, cc_major = 0;
+  // The virtual architecture (10 major + minor) of the code this device runs from this library: below
+  // cc_major * 10 where a build without sm_90 code (say "8.0+PTX") is JIT-compiled for an H100. Then
+  // griddep_wait and the cluster kernels compile to nothing or a trap, so the host must not launch them.
+  int code_arch = 0;
+  bool sm90_features() const { return cc_major >= 9 && code_arch >= 90; }
 };
 
-// Multiprocessor count, shared-memory limits (opt-in per block, per SM) and compute capability of a device
-// (0 <= device < 128), queried once.
-inline cudaError_t device_info(int device, const DeviceInfo** out) {
+// Multiprocessor count, shared-memory limits (opt-in per block, per SM), compute capability and code
+// architecture of a device (0 <= device < 128, the current one), queried once. Internal linkage with
+// the probe kernel: each translation unit asks through its own kernel and keeps its own table.
+static __global__ void code_arch_probe() {}
+static cudaError_t device_info(int device, const DeviceInfo** out) {
   static DeviceInfo info[128];
   DeviceInfo& d = info[device];
   if (d.sm_count == 0) {
@@ -240,6 +247,9 @@ inline cudaError_t device_info(int device, const DeviceInfo** out) {
       e = cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device);
+    cudaFuncAttributes attr;
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, code_arch_probe);  // device is current (use_device)
+    if (e == cudaSuccess) d.code_arch = attr.ptxVersion;
     if (e != cudaSuccess) {
       d.sm_count = 0;
       return e;
@@ -315,7 +325,7 @@ inline const char* small_m_shape_error(int M, int K, int N, int G) {
 
 // Make `device` current (the extension's static cudart keeps its own current device, apart from torch's)
 // and look up its info. nullptr on success, else the message.
-inline const char* use_device(int device, const DeviceInfo** out) {
+static const char* use_device(int device, const DeviceInfo** out) {
   if (device < 0 || device >= 128) return "bad device index";
   cudaError_t e = cudaSetDevice(device);
   if (e == cudaSuccess) e = device_info(device, out);

@@ -830,7 +830,7 @@ extern "C" int mops_int4_small_m_stream_warps(int M, int K, int N, int G, int gr
   bool fold = false, xg = false;
   if (!stream_flags(steps_hint, group_shift, &fold, &xg)) return -1;
   if (group_shift < 0) return 0;
-  const bool dependent = pdl && info->cc_major >= 9;  // as mops_int4_small_m launches it
+  const bool dependent = pdl && info->sm90_features();  // as mops_int4_small_m launches it
   const Params p{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, K, N, G, /*16-bit scales*/ 1,
                  group_shift, 0, qweight_order(false, K, N)};
   return with_stream_flags(fold, xg, [&](auto f, auto g) {
@@ -870,7 +870,7 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift, tiled ? 1 : 0,
            qweight_order(tiled, K, N)};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const bool pdl = (flags & MOPS_INT4_PDL) && dev.cc_major >= 9;  // earlier parts: an ordinary launch
+  const bool pdl = (flags & MOPS_INT4_PDL) && dev.sm90_features();  // earlier parts: an ordinary launch
   if (x_dtype == 1)
     e = M <= 8 ? launch<__half, 8>(p, dev, device, steps_hint, warps_hint, pdl, s)
                : launch<__half, 16>(p, dev, device, steps_hint, warps_hint, pdl, s);

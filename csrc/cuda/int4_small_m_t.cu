@@ -368,7 +368,7 @@ bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int 
   p.n_per_cta = n_per_cta_for(p.N, ns);
   p.partial = nullptr;  // rank 0 of each cluster writes dx
   const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
-  if (dev.cc_major < 9 || !t_stream_fits<T, MT, true>(p, lay, dev, device)) return false;
+  if (!dev.sm90_features() || !t_stream_fits<T, MT, true>(p, lay, dev, device)) return false;
   *e = launch_ex(int4_small_m_t_stream_kernel<T, MT, true>, dim3((p.K / 8 + 7) / 8, ns), unsigned(ns), kWarps * 32,
                  size_t(lay.bytes), s, pdl, p, lay);
   return true;
@@ -437,7 +437,7 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
   const DeviceInfo& dev = *info;
-  const bool pdl = (flags & MOPS_INT4_PDL) && dev.cc_major >= 9;  // earlier parts: ordinary launches
+  const bool pdl = (flags & MOPS_INT4_PDL) && dev.sm90_features();  // earlier parts: ordinary launches
   if (dy_dtype == 1)
     e = M <= 8 ? launch_t<__half, 8>(p, dev, device, n_split, count, steps_hint, pdl, s)
                : launch_t<__half, 16>(p, dev, device, n_split, count, steps_hint, pdl, s);

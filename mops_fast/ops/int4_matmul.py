@@ -908,9 +908,18 @@ class _Int4Matmul(torch.autograd.Function):
         return _grad_input(ctx, dy, _backward_input)
 
 
+def _check_group_promise(op: str, group_size: int, K: int, G: int) -> None:
+    # A group size that disagrees with the scales' row count would make the kernels that trust it read
+    # the wrong groups (or clamp to the last one) instead of failing.
+    if group_size > 0 and -(-K // group_size) != G:
+        raise ValueError(f"{op}: group_size={group_size} does not fit K={K} with G={G} scale rows; pass the "
+                         "layer's group size (K for one group), or 0 to read the groups from g_idx")
+
+
 def int4_matmul(x, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
     """y = x W^T for x (..., K); differentiable in x (dx = dy W). See the module docstring for the layout."""
-    K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
+    K, N, G = check_int4_args(qweight, qzeros, scales, g_idx)
+    _check_group_promise("int4_matmul", group_size, K, G)
     if x.shape[-1] != K:
         raise ValueError(f"int4_matmul: x has {x.shape[-1]} features, the weight expects K={K}")
     if x.device != qweight.device:
@@ -933,7 +942,8 @@ def int4_matmul(x, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch
 
 def int4_matmul_t(dy, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
     """dx = dy W for dy (..., N) (the backward of int4_matmul, exposed for tests and benchmarks)."""
-    K, N, _ = check_int4_args(qweight, qzeros, scales, g_idx)
+    K, N, G = check_int4_args(qweight, qzeros, scales, g_idx)
+    _check_group_promise("int4_matmul_t", group_size, K, G)
     if dy.shape[-1] != N:
         raise ValueError(f"int4_matmul_t: dy has {dy.shape[-1]} features, the weight has N={N}")
     if dy.device != qweight.device:
