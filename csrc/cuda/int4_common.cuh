@@ -6,7 +6,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <array>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <utility>
 
 namespace mops_int4 {
@@ -304,6 +307,35 @@ cudaError_t launch_ex(void (*kernel)(Params...), dim3 grid, unsigned cluster_y, 
   cfg.numAttrs = n;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
   return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+// Whether the device (the current one) can place at least one cluster of (1, cluster_y, 1) CTAs of
+// Kernel with `block` threads and `smem` bytes each: a restricted device (MIG, an MPS limit) may hold
+// none, and a launch would then fail instead of falling back. Asked once per device, size and bytes.
+template <auto Kernel>
+bool cluster_fits(int device, unsigned cluster_y, int block, int smem) {
+  static std::mutex mu;
+  static std::map<std::array<int, 4>, bool> known;
+  const std::array<int, 4> key{device, int(cluster_y), block, smem};
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 1;
+  attr.val.clusterDim.y = cluster_y;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(1, cluster_y);
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = size_t(smem);
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  const bool fits = cudaOccupancyMaxActiveClusters(&clusters, Kernel, &cfg) == cudaSuccess && clusters > 0;
+  if (!fits) (void)cudaGetLastError();  // a refused query is an answer here, not an error for later calls
+  known[key] = fits;
+  return fits;
 }
 
 // launch_ex without clusters.

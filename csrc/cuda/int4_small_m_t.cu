@@ -359,7 +359,7 @@ bool t_stream_fits(const TParams& p, const TStreamLayout& lay, const DeviceInfo&
 }
 
 // The streamed backward with its N slices summed inside a thread-block cluster (at most 8 slices, the
-// portable cluster size); false (nothing launched) where it does not apply.
+// portable cluster size); false (nothing launched) where it does not apply or no GPC can hold the cluster.
 template <class T, int MT>
 bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int n_split, bool pdl, cudaStream_t s,
                       cudaError_t* e) {
@@ -369,6 +369,8 @@ bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int 
   p.partial = nullptr;  // rank 0 of each cluster writes dx
   const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
   if (!dev.sm90_features() || !t_stream_fits<T, MT, true>(p, lay, dev, device)) return false;
+  if (!cluster_fits<int4_small_m_t_stream_kernel<T, MT, true>>(device, unsigned(ns), kWarps * 32, lay.bytes))
+    return false;
   *e = launch_ex(int4_small_m_t_stream_kernel<T, MT, true>, dim3((p.K / 8 + 7) / 8, ns), unsigned(ns), kWarps * 32,
                  size_t(lay.bytes), s, pdl, p, lay);
   return true;
