@@ -51,8 +51,10 @@ def test_corrupt_and_mismatched_files(tmp_path):
     t = load_file(str(w))
     t["prompt_k"] = t["prompt_k"][:, :2].contiguous()
     save_file(t, str(w))
+    m = tiny_model()
     with pytest.raises(ValueError, match="shapes.*prompt_k"):
-        mops_fast.load_adapter(tiny_model(), tmp_path)
+        mops_fast.load_adapter(m, tmp_path)
+    assert not hasattr(m, "mops")  # refused before attaching
     t = load_file(str(w))
     t["prompt_k"] = torch.full((3, 3, 2, 2, 8), float("nan"))
     save_file(t, str(w))

@@ -69,3 +69,35 @@ def test_generate_on_real_model_matches_full_forward(smollm2):
     finally:
         tok.padding_side = "right"
         mops_fast.detach(model)
+
+
+def test_two_adapters_and_the_backbone_in_one_batch(smollm2, tmp_path):
+    # SmolLM2's GQA shapes (3 KV heads of 64): each sample as its own adapter alone gives it
+    model, tok = smollm2
+    x = collate([Formatter(tok, max_length=64)(r) for r in load_records(DOLLY / "test.jsonl")[:3]],
+                tok.pad_token_id)
+    batch = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}
+    ref = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        mops_fast.attach(model, mops_fast.MoPsConfig(num_experts=4, prompt_len=4, init="random", init_scale=0.3))
+        try:
+            mops_fast.save_adapter(model, tmp_path / name)
+            with torch.no_grad():
+                ref[name] = model(**batch).logits
+        finally:
+            mops_fast.detach(model)
+    with torch.no_grad():
+        ref[None] = model(**batch).logits
+    request = ["b", None, "a"]
+    mops_fast.add_adapter(model, "a", tmp_path / "a")
+    try:
+        mops_fast.add_adapter(model, "b", tmp_path / "b")
+        with torch.no_grad(), mops_fast.using_adapters(model, request):
+            out = model(**batch).logits
+    finally:
+        mops_fast.detach(model)
+    for i, name in enumerate(request):
+        real = batch["attention_mask"][i].bool()
+        torch.testing.assert_close(out[i][real], ref[name][i][real], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ref["a"][0], ref["b"][0])  # the adapters differ, so the check can fail

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mops_fast.config import MoPsConfig
-from mops_fast.hf.attach import attach, get_mops
+from mops_fast.hf.attach import attach, get_mops, new_mops_module
+from mops_fast.nn.mops import MoPsModule
 
 FORMAT_VERSION = 1
 WEIGHTS = "adapter.safetensors"
@@ -51,8 +53,9 @@ def save_adapter(model, directory) -> Path:
     return d
 
 
-def load_adapter(model, directory):
-    """Attach (if needed) and load an adapter saved by `save_adapter`, checking that it fits the model."""
+def _read_adapter(model, directory) -> tuple[MoPsConfig, dict]:
+    """The config and tensors of a saved adapter, checked against the model's signature and for finite
+    values; nothing is attached or loaded."""
     d = Path(directory)
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d} is not a MoPs adapter: expected {CONFIG} and {WEIGHTS} in it")
@@ -70,14 +73,10 @@ def load_adapter(model, directory):
         tensors = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{d / WEIGHTS} is corrupt or truncated ({e}); re-save the adapter") from e
-    if not hasattr(model, "mops"):
-        attach(model, config)
-    mops = get_mops(model)
-    if mops.config.to_dict() != config.to_dict():
-        raise ValueError(
-            f"model already has MoPs with another config ({mops.config.to_dict()}) than the adapter "
-            f"({config.to_dict()}); detach it first"
-        )
+    return config, tensors
+
+
+def _load_tensors(mops: MoPsModule, tensors: dict) -> None:
     expected = mops.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -89,4 +88,64 @@ def load_adapter(model, directory):
     if bad:
         raise ValueError(f"adapter holds non-finite values in {bad}; it cannot be used")
     mops.load_state_dict(tensors)
+
+
+def load_adapter(model, directory):
+    """Attach (if needed) and load an adapter saved by `save_adapter`, checking that it fits the model."""
+    config, tensors = _read_adapter(model, directory)
+    if not hasattr(model, "mops"):
+        # checked on a module of its own first, so that a bad file leaves the model as it was
+        _load_tensors(new_mops_module(model, config), tensors)
+        attach(model, config)
+    mops = get_mops(model)
+    if mops.config.to_dict() != config.to_dict():
+        raise ValueError(
+            f"model already has MoPs with another config ({mops.config.to_dict()}) than the adapter "
+            f"({config.to_dict()}); detach it first"
+        )
+    _load_tensors(mops, tensors)
     return model
+
+
+def add_adapter(model, name: str, directory):
+    """Keep the adapter saved in `directory` under `name`, to serve it with others in one batch (see
+    `using_adapters`). A model without MoPs first loads this adapter as its own (load_adapter)."""
+    config, tensors = _read_adapter(model, directory)
+    module = new_mops_module(model, config)
+    _load_tensors(module, tensors)
+    if not hasattr(model, "mops"):
+        attach(model, config)
+        _load_tensors(get_mops(model), tensors)
+    get_mops(model).bank.add(name, module, source=str(directory))
+    return model
+
+
+def remove_adapter(model, name: str):
+    """Forget the adapter added under `name`."""
+    get_mops(model).bank.remove(name)
+    return model
+
+
+def adapter_names(model) -> list[str]:
+    """The names of the adapters added to `model`, in the order they were added."""
+    return get_mops(model).bank.names()
+
+
+@contextmanager
+def using_adapters(model, names):
+    """Within the block, every forward and `generate` serves sample i of its batch with the adapter added
+    as names[i] (None: the backbone alone), all in one batch; outside it, the model's own MoPs:
+
+        with mops_fast.using_adapters(model, ["owner_a", None, "owner_b"]):
+            out = model.generate(**batch, max_new_tokens=32)
+    """
+    mops = get_mops(model)
+    request = mops.bank.check_request(names)
+    state = mops.state
+    before = state.bank_request
+    state.bank_request = request
+    try:
+        yield model
+    finally:
+        state.bank_request = before
+        state.bank_rows = state.bank_none = None

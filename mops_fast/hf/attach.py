@@ -16,6 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mops_fast.config import MoPsConfig
+from mops_fast.hf.bank import NO_ADAPTER_LOGW, AdapterBank
 from mops_fast.nn.mops import MoPsModule, pool_gate_states
 from mops_fast.ops.gated_prefix_attention import gated_prefix_attention
 
@@ -48,6 +49,12 @@ class ForwardState:
     # (mask, B, Sk, key_valid): one key-mask tensor for every layer of a forward, so that what the
     # attention learns about it once (right padding: one host read, prefix_cascade.py) holds for all
     key_valid_of: tuple | None = None
+    # using_adapters(model, [...]) (bank.py): the names, one a sample, then at the gate layer each
+    # sample's index into the bank and the mask of samples served by the backbone alone (kept while a
+    # request decodes, as its gate weights are)
+    bank_request: tuple | None = None
+    bank_rows: torch.Tensor | None = None
+    bank_none: torch.Tensor | None = None
 
 
 def _register_attention() -> None:
@@ -96,8 +103,14 @@ def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.
     else:
         key_valid = _key_valid_from_mask(attention_mask, B, Sk)
         state.key_valid_of = (attention_mask, B, Sk, key_valid)
-    pk = mops.prompt_k[slot].to(query.dtype)
-    pv = mops.prompt_v[slot].to(query.dtype)
+    rows = state.bank_rows
+    if rows is not None:
+        if rows.shape[0] != B:
+            raise RuntimeError(f"adapters were chosen for a batch of {rows.shape[0]}, this forward has {B}")
+        pk, pv = mops.bank.prompts(slot, rows, query.dtype)
+    else:
+        pk = mops.prompt_k[slot].to(query.dtype)
+        pv = mops.prompt_v[slot].to(query.dtype)
     logw = state.logw
     if logw is None or logw.shape[0] != B:
         if mops.gate is not None:
@@ -108,9 +121,13 @@ def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.
         logw = query.new_zeros(B, 1, dtype=torch.float32)
     if mops.config.mode == "mix":
         w = logw.exp().to(query.dtype)
-        pk = torch.einsum("bj,jlhd->blhd", w, pk).unsqueeze(1)
-        pv = torch.einsum("bj,jlhd->blhd", w, pv).unsqueeze(1)
+        mix = "bj,bjlhd->blhd" if pk.dim() == 5 else "bj,jlhd->blhd"
+        pk = torch.einsum(mix, w, pk).unsqueeze(1)
+        pv = torch.einsum(mix, w, pv).unsqueeze(1)
         logw = None
+        if rows is not None and state.bank_none is not None:  # a zero prompt still takes attention: drop it
+            logw = torch.zeros(B, 1, dtype=torch.float32, device=query.device)
+            logw.masked_fill_(state.bank_none[:, None], NO_ADAPTER_LOGW)
     out = gated_prefix_attention(query, key, value, pk, pv, logw, key_valid, scale=scaling, causal=True)
     return out.transpose(1, 2).contiguous(), None
 
@@ -130,6 +147,17 @@ def _cache_len(kwargs) -> int:
     return int(cache.get_seq_length())
 
 
+def new_mops_module(model, config: MoPsConfig) -> MoPsModule:
+    """Prompts and gate of `config` sized for `model` (validated against its layer count), on its device."""
+    cfg = model.config
+    N = cfg.num_hidden_layers
+    config.validate(N)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return MoPsModule(config, hidden=cfg.hidden_size, num_kv_heads=kv_heads, head_dim=head_dim,
+                      num_layers=N).to(next(model.parameters()).device)
+
+
 def attach(model, config: MoPsConfig):
     """Add expert prompts and the gate to `model` (in place) and freeze the backbone. Returns model."""
     model_type = getattr(model.config, "model_type", None)
@@ -140,23 +168,17 @@ def attach(model, config: MoPsConfig):
         )
     if hasattr(model, "mops"):
         raise ValueError("this model already has MoPs attached; call mops_fast.detach(model) first")
-    cfg = model.config
-    N = cfg.num_hidden_layers
-    config.validate(N)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    ref_param = next(model.parameters())
-    mops = MoPsModule(config, hidden=cfg.hidden_size, num_kv_heads=kv_heads, head_dim=head_dim,
-                      num_layers=N).to(ref_param.device)
+    mops = new_mops_module(model, config)
     state = ForwardState()
     mops.state = state  # plain attribute: not a submodule, not saved
+    mops.bank = AdapterBank(mops)  # likewise: named adapters for using_adapters (bank.py)
 
     state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
 
     _register_attention()
-    state.saved_attn_impl = cfg._attn_implementation
+    state.saved_attn_impl = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
 
     layers = _decoder_layers(model)
@@ -167,6 +189,8 @@ def attach(model, config: MoPsConfig):
     def model_pre_hook(_mod, args, kwargs):
         state.gate_mask = kwargs.pop("gate_mask", None)
         state.decode = _cache_len(kwargs) > 0
+        if not state.decode:
+            state.bank_rows = state.bank_none = None
         if state.gate_mask is None and not state.decode:
             am = kwargs.get("attention_mask")
             state.gate_mask = am if am is not None and am.dim() == 2 else None
@@ -183,6 +207,10 @@ def attach(model, config: MoPsConfig):
         if tuple(gm.shape) != (B, S):
             raise ValueError(f"gate_mask has shape {tuple(gm.shape)}; the batch is ({B}, {S})")
         pooled = pool_gate_states(hidden, gm.to(hidden.device))
+        if state.bank_request is not None:
+            state.bank_rows, state.bank_none = mops.bank.rows(state.bank_request, B, hidden.device)
+            state.logw, state.gate_logits = mops.bank.log_weights(pooled, state.bank_rows, state.bank_none), None
+            return None
         if mops.gate is not None:
             pooled = pooled.to(mops.gate.fc1.weight.dtype)
         state.logw, state.gate_logits = mops.log_weights(pooled)
