@@ -33,7 +33,7 @@ wheel:
 	$(PY) -m pip install -q setuptools wheel pybind11 cmake ninja
 	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
 
-# CPU benchmark suites (~8 min on an idle 2-core machine): pytest-benchmark over every benchmarks/bench_*.py
+# CPU benchmark suites (~10 min on an idle 2-core machine): pytest-benchmark over every benchmarks/bench_*.py
 # (GPU-only scripts collect nothing here), then the CPU scripts' DESIGN §6 JSON, then docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks/ -q -p no:cacheprovider -o python_files="bench_*.py" --benchmark-only \
@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_e2e_cpu.py --reps 2
 	$(PY) benchmarks/bench_quant_cpu.py
 	$(PY) benchmarks/bench_cpu_attention.py
+	$(PY) benchmarks/bench_adapter_bank_cpu.py
 	$(PY) benchmarks/report.py
 
 clean:

@@ -25,6 +25,7 @@ KNOWN = OrderedDict([
     ("e2e_cpu", ("benchmarks/bench_e2e_cpu.py", "CPU")),
     ("quant_cpu", ("benchmarks/bench_quant_cpu.py", "CPU")),
     ("cpu_attention", ("benchmarks/bench_cpu_attention.py", "CPU")),
+    ("adapter_bank_cpu", ("benchmarks/bench_adapter_bank_cpu.py", "CPU")),
     ("e2e_gpu", ("benchmarks/bench_e2e_gpu.py", "GPU")),
     ("gated_prefix_attention", ("benchmarks/bench_gated_prefix_attention.py", "GPU")),
     ("gptq_matmul", ("benchmarks/bench_gptq_matmul.py", "GPU")),
@@ -32,7 +33,7 @@ KNOWN = OrderedDict([
     ("tune_int4", ("benchmarks/tune_int4_gpu.py", "GPU")),
 ])
 # Baseline implementation of a speedup, by preference, when a file does not name its own (`baseline_impl`).
-BASELINES = ("peft", "fp16", "fp16_matmul", "fp32_matmul", "torch_fp16", "materialize_sdpa", "materialize",
+BASELINES = ("peft", "per_adapter", "fp16", "fp16_matmul", "fp32_matmul", "torch_fp16", "materialize_sdpa", "materialize",
              "sdpa_materialize", "dense", "reference", "ref")
 
 
