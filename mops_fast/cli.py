@@ -1,4 +1,4 @@
-"""The `mops-fast` command: train, eval, compress, refine, federate, experiment."""
+"""The `mops-fast` command: train, eval, generate, compress, refine, federate, experiment."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name")
     e.set_defaults(fn=_cmd_eval)
 
+    g = sub.add_parser("generate", help="answer JSON Lines requests with saved adapters, several in one batch")
+    g.set_defaults(fn=lambda a: _optional("mops_fast.serve", "generate").run_generate(a) or 0,
+                   add=("mops_fast.serve", "add_generate_args"))
+
     c = sub.add_parser("compress", help="GPTQ / RTN quantization or pruning of a backbone")
     c.set_defaults(fn=lambda a: _optional("mops_fast.quant.cli", "compress").run_compress(a) or 0,
                    add=("mops_fast.quant.cli", "add_compress_args"))
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommands living in optional modules add their own arguments when those modules import.
     import importlib
 
-    for sp in (c, r, f, x):
+    for sp in (g, c, r, f, x):
         mod, fn = sp.get_default("add")
         try:
             getattr(importlib.import_module(mod), fn)(sp)

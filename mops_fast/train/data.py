@@ -15,8 +15,9 @@ REQUIRED_FIELDS = ("instruction", "context", "response", "category")
 IGNORE = -100
 
 
-def load_records(path, limit: int | None = None) -> list[dict]:
-    """Read a JSON Lines file of records, validating every line; errors name the file and line."""
+def load_records(path, limit: int | None = None, required: tuple = REQUIRED_FIELDS) -> list[dict]:
+    """Read a JSON Lines file of records, validating every line (the `required` string fields);
+    errors name the file and line."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(
@@ -33,10 +34,10 @@ def load_records(path, limit: int | None = None) -> list[dict]:
                 raise ValueError(f"{p}:{lineno}: malformed JSON ({e.msg}); each line must be one JSON object") from e
             if not isinstance(rec, dict):
                 raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in REQUIRED_FIELDS if k not in rec]
+            missing = [k for k in required if k not in rec]
             if missing:
-                raise ValueError(f"{p}:{lineno}: missing field(s) {missing}; records need {list(REQUIRED_FIELDS)}")
-            bad = [k for k in REQUIRED_FIELDS if not isinstance(rec[k], str)]
+                raise ValueError(f"{p}:{lineno}: missing field(s) {missing}; records need {list(required)}")
+            bad = [k for k in required if not isinstance(rec[k], str)]
             if bad:
                 raise ValueError(f"{p}:{lineno}: field(s) {bad} must be strings")
             records.append(rec)
