@@ -296,7 +296,7 @@ def test_round_curves_skip_final_eval():
 
 def test_shipped_grid_configs_expand():
     root = Path(__file__).resolve().parents[1]
-    for name, n in (("paper_grid.yaml", 8), ("ablations.yaml", 8), ("stage_a_seeds.yaml", 6)):
+    for name, n in (("paper_grid.yaml", 8), ("ablations.yaml", 8), ("stage_a_seeds.yaml", 9)):
         for quick in (False, True):
             cells = ex.expand(ex.load_grid(root / "configs" / name, quick=quick))
             assert len(cells) == n
@@ -311,6 +311,7 @@ def test_shipped_grid_configs_expand():
     assert [seeds[f"seed{s}-dense-default"]["seed"] for s in range(3)] == [0, 1, 2]
     assert seeds["seed2-dense-stage_a_off"]["train"]["gate_pretrain_steps"] == 0
     assert seeds["seed2-dense-default"]["train"]["gate_pretrain_steps"] == 200
+    assert seeds["seed1-dense-stage_a_smooth"]["train"]["gate_pretrain_smoothing"] == 0.3
 
 
 def test_real_runners_on_a_tiny_llama(tmp_path):

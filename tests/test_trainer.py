@@ -34,6 +34,24 @@ def test_training_lowers_perplexity_and_pretrains_gate():
     assert stage_a["routing_acc"] > 0.5  # 4 categories -> 2 experts, learned from pooled states
 
 
+def test_gate_pretrain_smoothing_bounds_the_gate():
+    # stage A on separable categories drives the plain gate towards one-hot weights; label smoothing eps
+    # holds its optimum at weight 1 - eps + eps / J on the routed expert, so stage B keeps a gradient
+    recs = synthetic_records()
+    top = {}
+    for eps in (0.0, 0.3):
+        m, cfg = fresh(gate_pretrain_steps=300, gate_pretrain_samples=40, gate_pretrain_smoothing=eps)
+        t = Trainer(m, CharTok(), recs, cfg)
+        t.pretrain_gate()
+        feats, _ = t.gate_features(recs)
+        with torch.no_grad():
+            top[eps] = m.mops.log_weights(feats)[0].exp().max(-1).values.mean().item()
+    assert top[0.0] > 0.97, top
+    assert 0.7 < top[0.3] < 0.9  # the optimum: 1 - 0.3 + 0.3 / 2 = 0.85
+    with pytest.raises(ValueError, match="gate_pretrain_smoothing must be in"):
+        TrainConfig(steps=1, gate_pretrain_smoothing=1.0)
+
+
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
     recs = synthetic_records()
     m1, cfg = fresh(ckpt_every=2)

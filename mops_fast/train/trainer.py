@@ -38,6 +38,9 @@ class TrainConfig:
     gate_pretrain_steps: int = 50  # stage A; 0 turns it off
     gate_pretrain_samples: int = 256
     gate_pretrain_lr: float = 1e-2
+    # label smoothing of stage A's targets: with 0, the gate's softmax saturates (one-hot weights, no
+    # gradient left for stage B); eps bounds the logit margin at log((1 - eps + eps / J) J / eps)
+    gate_pretrain_smoothing: float = 0.0
     load_balance: float = 0.0
     ckpt_every: int = 0  # 0: only at the end
     log_every: int = 10
@@ -57,6 +60,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.gate_pretrain_smoothing < 1.0:
+            raise ValueError(f"TrainConfig: gate_pretrain_smoothing must be in [0, 1), got {self.gate_pretrain_smoothing}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -214,7 +219,8 @@ class Trainer:
         bs = min(64, feats.shape[0])
         for _ in range(cfg.gate_pretrain_steps):
             sel = torch.randint(feats.shape[0], (bs,), generator=g).to(self.device)
-            loss = torch.nn.functional.cross_entropy(self.mops.gate(feats[sel].to(self.mops.gate.fc1.weight.dtype)).float(), target[sel])
+            logits = self.mops.gate(feats[sel].to(self.mops.gate.fc1.weight.dtype)).float()
+            loss = torch.nn.functional.cross_entropy(logits, target[sel], label_smoothing=cfg.gate_pretrain_smoothing)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"gate pretraining: the loss is {loss.item()}; lower gate_pretrain_lr "
                                          f"(now {cfg.gate_pretrain_lr})")
