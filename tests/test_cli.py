@@ -70,7 +70,9 @@ def test_ppl_table_marks_the_best_and_skips_empty_rows():
     assert "| a | 3.000 | **2.000** |" in lines and "| b | **2.000** | 2.500 |" in lines
     assert "| **mean** | 2.500 | **2.250** |" in lines
     assert "| learning rate | 0.01 | 0.001 |" in lines
-    assert not [ln for ln in lines if "tokens/s" in ln]  # no method recorded it
+    assert not [ln for ln in lines if "tokens/s" in ln or "gate" in ln]  # no method recorded them
+    res["methods"]["mops"]["gate_effective_experts"] = 1.0
+    assert "| gate: effective experts | - | 1.00 |" in ppl_table_lines(res)
     assert "mops vs prompt: mean perplexity 10.00% lower" in markdown_table(res)
 
 

@@ -37,8 +37,9 @@ def test_training_lowers_perplexity_and_pretrains_gate():
 def test_gate_pretrain_smoothing_bounds_the_gate():
     # stage A on separable categories drives the plain gate towards one-hot weights; label smoothing eps
     # holds its optimum at weight 1 - eps + eps / J on the routed expert, so stage B keeps a gradient
+    # (and evaluate_perplexity reports it: the mean top weight and exp(entropy), the effective experts)
     recs = synthetic_records()
-    top = {}
+    top, eff = {}, {}
     for eps in (0.0, 0.3):
         m, cfg = fresh(gate_pretrain_steps=300, gate_pretrain_samples=40, gate_pretrain_smoothing=eps)
         t = Trainer(m, CharTok(), recs, cfg)
@@ -46,8 +47,14 @@ def test_gate_pretrain_smoothing_bounds_the_gate():
         feats, _ = t.gate_features(recs)
         with torch.no_grad():
             top[eps] = m.mops.log_weights(feats)[0].exp().max(-1).values.mean().item()
+        gate = evaluate_perplexity(m, CharTok(), recs)["gate"]
+        assert gate["max_weight"] == pytest.approx(top[eps], abs=1e-5)  # the same records, the same gate
+        eff[eps] = gate["effective_experts"]
     assert top[0.0] > 0.97, top
     assert 0.7 < top[0.3] < 0.9  # the optimum: 1 - 0.3 + 0.3 / 2 = 0.85
+    assert 1.0 <= eff[0.0] < 1.05 < 1.3 < eff[0.3] < 2.0, eff  # 2 experts: 0.85 / 0.15 -> exp(0.42) = 1.53
+    plain = tiny_model()
+    assert "gate" not in evaluate_perplexity(plain, CharTok(), recs[:4])  # no MoPs, no gate numbers
     with pytest.raises(ValueError, match="gate_pretrain_smoothing must be in"):
         TrainConfig(steps=1, gate_pretrain_smoothing=1.0)
 

@@ -12,7 +12,10 @@ from mops_fast.train.loss import response_nll
 @torch.no_grad()
 def evaluate_perplexity(model, tokenizer, records: list[dict], *, batch_size: int = 8,
                         max_length: int = 256, progress: bool = False) -> dict:
-    """{"ppl": {category: ppl, ..., "mean": mean of the category ppls}, "tokens": {category: n}}.
+    """{"ppl": {category: ppl, ..., "mean": mean of the category ppls}, "tokens": {category: n}}, and for
+    a model with a MoPs gate over J > 1 experts "gate": {"max_weight", "effective_experts"}: the means over
+    the records of the largest gate weight and of exp(entropy of the weights) (J when uniform, 1 when
+    one-hot: a saturated gate).
 
     Perplexity of a category is exp(total NLL / total response tokens) over its records; batches are
     length-sorted so that little is spent on padding.
@@ -25,6 +28,9 @@ def evaluate_perplexity(model, tokenizer, records: list[dict], *, batch_size: in
     model.eval()
     nll: dict[str, float] = {}
     tokens: dict[str, int] = {}
+    mops = getattr(model, "mops", None)
+    gated = mops is not None and getattr(mops, "gate", None) is not None and mops.config.num_experts > 1
+    gate_max, gate_eff = [], []
     batches = range(0, len(examples), batch_size)
     if progress:
         from tqdm import tqdm
@@ -34,6 +40,10 @@ def evaluate_perplexity(model, tokenizer, records: list[dict], *, batch_size: in
         chunk = examples[i: i + batch_size]
         batch = collate(chunk, tokenizer.pad_token_id)
         _, per_sample, counts = response_nll(model, batch)
+        if gated and mops.state.logw is not None:
+            w = mops.state.logw.float().exp()
+            gate_max.append(w.max(-1).values)
+            gate_eff.append(torch.special.entr(w).sum(-1).exp())
         for e, s, c in zip(chunk, per_sample.tolist(), counts.tolist()):
             nll[e.category] = nll.get(e.category, 0.0) + s
             tokens[e.category] = tokens.get(e.category, 0) + int(c)
@@ -42,4 +52,8 @@ def evaluate_perplexity(model, tokenizer, records: list[dict], *, batch_size: in
     if not ppl:
         raise ValueError("evaluate_perplexity: the records hold no response tokens")
     ppl["mean"] = sum(ppl.values()) / len(ppl)
-    return {"ppl": ppl, "tokens": tokens}
+    out = {"ppl": ppl, "tokens": tokens}
+    if gate_max:
+        out["gate"] = {"max_weight": torch.cat(gate_max).mean().item(),
+                       "effective_experts": torch.cat(gate_eff).mean().item()}
+    return out

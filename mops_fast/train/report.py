@@ -23,7 +23,8 @@ def reduction_lines(results: dict) -> list[str]:
 
 def ppl_table_lines(results: dict) -> list[str]:
     """The per-category perplexity table of every method (the best of each row in bold), then its learning
-    rate and training tokens/s rows where any method records them."""
+    rate, training tokens/s and gate (exp of the weights' entropy on the test records) rows where any method
+    records them."""
     methods = list(results["methods"])
     cats = [c for c in results["methods"][methods[0]]["ppl"] if c != "mean"]
     lines = ["| category | " + " | ".join(methods) + " |", "| --- | " + " | ".join("---:" for _ in methods) + " |"]
@@ -33,7 +34,8 @@ def ppl_table_lines(results: dict) -> list[str]:
         cells = [("**%.3f**" if v == best else "%.3f") % v if v is not None else "-" for v in vals]
         name = "**mean**" if c == "mean" else c
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for key, label, fmt in (("lr", "learning rate", "%g"), ("train_tokens_per_s", "train tokens/s", "%.0f")):
+    for key, label, fmt in (("lr", "learning rate", "%g"), ("train_tokens_per_s", "train tokens/s", "%.0f"),
+                            ("gate_effective_experts", "gate: effective experts", "%.2f")):
         vals = [results["methods"][m].get(key) for m in methods]
         if any(vals):
             lines.append(f"| {label} | " + " | ".join(fmt % v if v else "-" for v in vals) + " |")

@@ -169,6 +169,9 @@ def run_method(ctx: RunContext, method: str, log) -> dict:
         detach(ctx.model)
     out = {"ppl": res["ppl"], "train_tokens_per_s": tps, "lr": tc.lr, "wall_s": time.perf_counter() - t0,
            "history": history}
+    if "gate" in res:
+        out["gate_effective_experts"] = res["gate"]["effective_experts"]
+        out["gate_max_weight"] = res["gate"]["max_weight"]
     if search:
         out["lr_search"] = search
     return out
