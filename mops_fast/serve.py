@@ -52,16 +52,21 @@ def request_adapters(records: list[dict], names: list[str], source: str) -> list
 
 
 @torch.no_grad()
-def generate_responses(model, tok, records: list[dict], adapters: list[str | None], *, batch_size: int = 8,
-                       max_new_tokens: int = 64) -> list[str]:
-    """Greedy responses to `records`, request i through adapters[i] (names added to the model's bank, or
-    None), in batches of batch_size."""
+def generate_responses(model, tok, records: list[dict], adapters: list[str | None] | None = None, *,
+                       batch_size: int = 8, max_new_tokens: int = 64) -> list[str]:
+    """Greedy responses to `records` in batches of batch_size: request i through adapters[i] (a name added
+    to the model's bank, or None for the backbone alone), or, without `adapters`, through the model as it
+    is (its own MoPs, if it has them)."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    if adapters is not None:
+        if len(adapters) != len(records):
+            raise ValueError(f"{len(adapters)} adapter entries for {len(records)} requests: give one a request")
+        if not (hasattr(model, "mops") and model.mops.bank.names()):
+            raise ValueError("adapters are named but none is added to the model: call mops_fast.add_adapter first")
+    device = next(model.parameters()).device
     side = tok.padding_side
     tok.padding_side = "left"  # generate continues from the last position of every row
-    device = next(model.parameters()).device
-    banked = hasattr(model, "mops") and bool(model.mops.bank.names())
     out: list[str] = []
     try:
         for s in range(0, len(records), batch_size):
@@ -70,7 +75,7 @@ def generate_responses(model, tok, records: list[dict], adapters: list[str | Non
                      for r in chunk]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-            if banked:
+            if adapters is not None:
                 with using_adapters(model, adapters[s:s + batch_size]):
                     seq = model.generate(**enc, **kw)
             else:
@@ -94,7 +99,7 @@ def run_generate(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     for name, directory in given.items():
         add_adapter(model, name, directory)
-    responses = generate_responses(model, tok, records, adapters, batch_size=args.batch_size,
+    responses = generate_responses(model, tok, records, adapters if given else None, batch_size=args.batch_size,
                                    max_new_tokens=args.max_new_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,12 @@ def test_adapter_arguments_and_request_routing():
     assert request_adapters(recs[:2], [], "f") == [None, None]  # no adapter given: the backbone
     with pytest.raises(ValueError, match=r"f: request 3 asks for adapter 'b'; given: \['a'\]"):
         request_adapters(recs, ["a"], "f")
+    from tests.conftest import tiny_model
+
+    with pytest.raises(ValueError, match="none is added to the model"):
+        generate_responses(tiny_model(), None, recs[:1], ["a"])
+    with pytest.raises(ValueError, match="2 adapter entries for 1 requests"):
+        generate_responses(tiny_model(), None, recs[:1], ["a", None])
 
 
 @pytest.mark.integration
@@ -50,12 +56,12 @@ def test_generate_command_serves_each_request_with_its_adapter(smollm2, tmp_path
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["adapter"] for g in got] == ["a", "b", None, "a"]  # no field: the first adapter
     assert [g["instruction"] for g in got] == [r["instruction"] for r in recs]
-    # each response is the one its adapter alone gives, in a batch of the same requests
+    # each response is the one its adapter alone gives (loaded as the model's own), in the same batches
     for name in ("a", "b", None):
         if name is not None:
             mops_fast.load_adapter(model, tmp_path / name)
         try:
-            ref = generate_responses(model, tok, recs, [name] * 4, batch_size=3, max_new_tokens=6)
+            ref = generate_responses(model, tok, recs, batch_size=3, max_new_tokens=6)  # the model as it is
         finally:
             if name is not None:
                 mops_fast.detach(model)
