@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-from mops_fast.quant.pack import TILE_N, tile_qweight, untile_qweight  # noqa: F401 - re-exported
+from mops_fast.quant.pack import TILE_N, num_groups, tile_qweight, untile_qweight  # noqa: F401 - re-exported
 
 __all__ = [
     "available",
@@ -291,7 +291,7 @@ def _group_promise(op: str, group_size: int, K: int, G: int) -> int:
     if group_size == 0:
         return 0
     gs = K if group_size == -1 else group_size
-    if not isinstance(group_size, int) or gs <= 0 or -(-K // gs) != G:
+    if not isinstance(group_size, int) or gs <= 0 or num_groups(K, gs) != G:
         raise ValueError(f"{op}: group_size={group_size} does not fit K={K} with G={G} groups; pass the "
                          "layer's group size (-1 for one group), or 0 to read the groups from g_idx")
     return gs

@@ -24,7 +24,7 @@ import os
 import torch
 
 from mops_fast.ops.tracing import traced
-from mops_fast.quant.pack import TILE_N, untile_qweight
+from mops_fast.quant.pack import TILE_N, num_groups, untile_qweight
 
 try:  # Triton is optional: CPU installs run the reference or the C++ kernel
     import triton
@@ -911,7 +911,7 @@ class _Int4Matmul(torch.autograd.Function):
 def _check_group_promise(op: str, group_size: int, K: int, G: int) -> None:
     # A group size that disagrees with the scales' row count would make the kernels that trust it read
     # the wrong groups (or clamp to the last one) instead of failing.
-    if group_size > 0 and -(-K // group_size) != G:
+    if group_size > 0 and num_groups(K, group_size) != G:
         raise ValueError(f"{op}: group_size={group_size} does not fit K={K} with G={G} scale rows; pass the "
                          "layer's group size (K for one group), or 0 to read the groups from g_idx")
 
