@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 from mops_fast.config_file import dataclass_from_dict
 
+# The methods a run compares (DESIGN.md §1): `none` the frozen backbone, `prompt` one deep prompt of J*L
+# tokens, `mops`; and `lora` (PEFT, hf/lora.py), the outside reference, trained only where a centralized
+# config names it. Federated runs take the default three.
+METHODS = ("none", "prompt", "mops", "lora")
+DEFAULT_METHODS = ("none", "prompt", "mops")
+
 
 @dataclass
 class MoPsConfig:

@@ -31,6 +31,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mops_fast.config import DEFAULT_METHODS, METHODS
 from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.train.report import reduction, reduction_lines
 
@@ -39,7 +40,6 @@ GRID_KEYS = {"name", "description", "out_dir", "backbone_dir", "report", "report
              "settings", "compressions", "variants", "compress_defaults", "quick", "reuse"}
 SETTING_KEYS = {"runner", "base", "overrides", "quick"}
 RUNNERS = ("centralized", "federated")
-METHODS = ("none", "prompt", "mops")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -155,7 +155,7 @@ def expand(grid: dict) -> list[Cell]:
                     cfg["model"] = grid["model"]
                 if grid.get("threads") and "threads" not in cfg:
                     cfg["threads"] = grid["threads"]
-                cfg.setdefault("methods", list(METHODS))
+                cfg.setdefault("methods", list(DEFAULT_METHODS))
                 cells.append(Cell(name, s, c, v, spec["runner"], cfg, out_dir / name, copts, list(cfg["methods"])))
     seen = set()
     for cell in cells:
@@ -516,38 +516,41 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
                     "end to end, not how the methods compare.", ""]
         out += _machine_lines(found, status)
         var = any(c.variant for c in cells)
-        out += ["| cell | setting | compression | " + ("variant | " if var else "")
-                + "none | prompt | mops | reduction, mops vs prompt | wall |",
-                "| --- | --- | --- | " + ("--- | " if var else "") + "---: | ---: | ---: | ---: | ---: |"]
-        # a variant that trains mops alone is compared with the prompt of its setting and backbone (from the
-        # variant that ran prompt, e.g. the ablations' `default`)
-        ref_prompt = {(c.setting, c.compression): (c.name, found[c.name]["methods"]["prompt"]["ppl"]["mean"])
-                      for c in cells if c.name in found and "prompt" in found[c.name]["methods"]}
+        cols = [m for m in METHODS if m in DEFAULT_METHODS or any(m in r["methods"] for r in found.values())]
+        bases = [b for b in ("prompt", "lora") if b in cols]
+        out += ["| cell | setting | compression | " + ("variant | " if var else "") + " | ".join(cols)
+                + "".join(f" | reduction, mops vs {b}" for b in bases) + " | wall |",
+                "| --- | --- | --- | " + ("--- | " if var else "") + "---: | " * (len(cols) + len(bases)) + "---: |"]
+        # a variant that trains mops alone is compared with the prompt (and LoRA) of its setting and backbone
+        # (from the variant that ran it, e.g. the ablations' `default`)
+        refs = {b: {(c.setting, c.compression): (c.name, found[c.name]["methods"][b]["ppl"]["mean"])
+                    for c in cells if c.name in found and b in found[c.name]["methods"]} for b in bases}
         borrowed, wins = set(), []
         for c in cells:
             res = found.get(c.name)
             if res is None:
                 continue
             m = res["methods"]
-            r = reduction(res)
-            if r is not None:
-                wins.append(r)
-            ref = ref_prompt.get((c.setting, c.compression))
-            mark = ""
-            if r is None and "mops" in m and "prompt" not in m and ref is not None:
-                r, mark = 1 - m["mops"]["ppl"]["mean"] / ref[1], " *"
-                borrowed.add(ref[0])
-            vals = [_fmt(m[k]["ppl"]["mean"]) if k in m else "-" for k in METHODS]
+            if reduction(res) is not None:
+                wins.append(reduction(res))
+            red = []
+            for b in bases:
+                r, mark = reduction(res, baseline=b), ""
+                ref = refs[b].get((c.setting, c.compression))
+                if r is None and "mops" in m and b not in m and ref is not None:
+                    r, mark = 1 - m["mops"]["ppl"]["mean"] / ref[1], " *"
+                    borrowed.add(ref[0])
+                red.append(f" | {_fmt(None if r is None else 100 * r, '%+.2f%%')}{mark}")
+            vals = [_fmt(m[k]["ppl"]["mean"]) if k in m else "-" for k in cols]
             st = status.get(c.name, {})
             wall = st.get("wall_s")
             wall_txt = f"same run as `{_rel(st['reused_from'])}`" if st.get("reused_from") else (
                 "-" if wall is None else f"{wall / 60:.1f} min")
             out.append(f"| {c.name} | {c.setting} | {c.compression} | " + (f"{c.variant or '-'} | " if var else "")
-                       + " | ".join(vals) + f" | {_fmt(None if r is None else 100 * r, '%+.2f%%')}{mark} | "
-                       + wall_txt + " |")
+                       + " | ".join(vals) + "".join(red) + " | " + wall_txt + " |")
         if borrowed:
-            out += ["", "\\* against the prompt of the same setting and backbone in cell "
-                    + ", ".join(f"`{b}`" for b in sorted(borrowed)) + " (this cell trains mops only)."]
+            out += ["", "\\* against the " + " or ".join(bases) + " of the same setting and backbone in cell "
+                    + ", ".join(f"`{b}`" for b in sorted(borrowed)) + " (where the row's cell did not train it)."]
         if wins:
             out += ["", f"mops has the lower mean perplexity than prompt in {sum(r > 0 for r in wins)} of {len(wins)} "
                     "cells."]

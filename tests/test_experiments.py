@@ -286,6 +286,27 @@ def test_report_tables_reductions_plots_and_missing(grid_file, tmp_path):
     assert "![g-full-fed-dense-rounds](img/g-full-fed-dense-rounds.png)" in text
 
 
+def test_report_compares_mops_with_lora_borrowed_from_its_setting(grid_file, tmp_path):
+    # a variant that trains the LoRA reference alone: the other cells' mops are compared with it
+    g = yaml.safe_load(grid_file.read_text())
+    g["settings"].pop("fed")
+    g["compressions"] = {"dense": None}
+    g["variants"] = {"default": {"methods": ["prompt", "mops"]}, "lora": {"methods": ["lora"]}}
+    gf = _write(tmp_path / "grid_lora.yaml", g)
+    cells = ex.expand(ex.load_grid(gf))
+    for c, ppl in zip(cells, ({"prompt": 18.0, "mops": 16.2}, {"lora": 19.5})):
+        c.out.mkdir(parents=True)
+        (c.out / "results.json").write_text(json.dumps(fake_results(c, ppl)))
+    grids, rep, img = ex.report_targets(gf)
+    text = ex.write_report(grids, rep, img).read_text()
+    assert "| none | prompt | mops | lora | reduction, mops vs prompt | reduction, mops vs lora | wall |" in text
+    # 1 - 16.7 / 18.5 = 9.73%; against the lora cell's 20.0: 1 - 16.7 / 20.0 = 16.50%
+    assert "| centralized-dense-default | centralized | dense | default | - | 18.500 | 16.700 | - | +9.73% | +16.50% * |" in text
+    assert "| centralized-dense-lora | centralized | dense | lora | - | - | - | 20.000 | - | - |" in text
+    assert "of the same setting and backbone in cell `centralized-dense-lora`" in text
+    assert "mops vs lora (LoRA, the outside reference)" not in text  # no cell trained both
+
+
 def test_round_curves_skip_final_eval():
     res = {"methods": {"mops": {"history": [{"stage": "B"}, {"stage": "eval", "round": 2, "ppl": {"mean": 3.0}},
                                             {"stage": "eval", "round": 1, "ppl": {"mean": 4.0}},

@@ -101,3 +101,34 @@ def test_two_adapters_and_the_backbone_in_one_batch(smollm2, tmp_path):
         real = batch["attention_mask"][i].bool()
         torch.testing.assert_close(out[i][real], ref[name][i][real], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(ref["a"][0], ref["b"][0])  # the adapters differ, so the check can fail
+
+
+def test_lora_reference_trains_on_the_real_model_and_roundtrips(smollm2, tmp_path):
+    # the outside reference through PEFT, on SmolLM2's shapes (q 576 -> 576, v 576 -> 192)
+    model, tok = smollm2
+    train = select_categories(load_records(DOLLY / "train.jsonl"), CATS)
+    test = per_category(select_categories(load_records(DOLLY / "test.jsonl"), CATS), 4)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    before = evaluate_perplexity(model, tok, test, max_length=160)["ppl"]
+    mops_fast.attach_lora(model, mops_fast.LoraSettings(r=4), seed=0)
+    try:
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 30 * 4 * (2 * 576 + 576 + 192)
+        cfg = TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, max_length=160, progress=False)
+        Trainer(model, tok, train, cfg).train()
+        after = evaluate_perplexity(model, tok, test, max_length=160)["ppl"]
+        assert after["mean"] < before["mean"], (before, after)
+        mops_fast.save_adapter(model, tmp_path / "lora")
+        x = collate([Formatter(tok, max_length=64)(r) for r in test[:2]], tok.pad_token_id)
+        with torch.no_grad():
+            ref = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    finally:
+        mops_fast.detach_adapter(model)
+    sd = model.state_dict()
+    assert set(sd) == set(weights) and all(torch.equal(sd[k], v) for k, v in weights.items())
+    mops_fast.load_adapter(model, tmp_path / "lora")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+        torch.testing.assert_close(out, ref)
+    finally:
+        mops_fast.detach_adapter(model)

@@ -10,12 +10,12 @@ import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mops_fast.config import MoPsConfig
+from mops_fast.config import DEFAULT_METHODS, MoPsConfig
 from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.federated.partition import PartitionConfig
 from mops_fast.federated.strategies import StrategyConfig
 
-METHODS = ("none", "prompt", "mops")
+METHODS = DEFAULT_METHODS  # LoRA, the outside reference, runs centralized only
 TOP_KEYS = {"name", "model", "dtype", "seed", "threads", "out_dir", "data", "methods", "mops", "init", "train",
             "method_overrides", "lr_search", "eval", "compression", "federated", "flower"}
 FLOWER_KEYS = {"wait_nodes_s", "round_timeout_s"}
@@ -91,7 +91,8 @@ def validate_config(cfg: dict) -> dict:
     methods = cfg.setdefault("methods", list(METHODS))
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise ValueError(f"config: methods {methods} invalid; choose a non-empty subset of {list(METHODS)}")
+        why = "; lora (the outside reference) runs centralized only" if "lora" in bad else ""
+        raise ValueError(f"config: methods {methods} invalid; choose a non-empty subset of {list(METHODS)}{why}")
     data = cfg.get("data") or {}
     if "train" not in data or "test" not in data:
         raise ValueError("config: data.train and data.test (JSON Lines paths) are required")

@@ -1,4 +1,6 @@
-"""Saving and loading a trained adapter: `adapter.safetensors` plus `adapter_config.json`."""
+"""Saving and loading a trained adapter: MoPs (and `prompt`) as `adapter.safetensors` plus
+`adapter_config.json`; LoRA (the outside reference, hf/lora.py) in PEFT's layout. `save_adapter`,
+`load_adapter` and `detach_adapter` take whichever the model or directory holds."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mops_fast.config import MoPsConfig
-from mops_fast.hf.attach import attach, get_mops, new_mops_module
+from mops_fast.hf import lora
+from mops_fast.hf.attach import attach, detach, get_mops, new_mops_module
 from mops_fast.nn.mops import MoPsModule
 
 FORMAT_VERSION = 1
@@ -35,7 +38,10 @@ def _non_finite(tensors: dict) -> list[str]:
 
 
 def save_adapter(model, directory) -> Path:
-    """Write the trainable MoPs tensors and their config; the backbone is not saved."""
+    """Write the trainable MoPs tensors and their config (or the attached LoRA, in PEFT's layout); the
+    backbone is not saved."""
+    if lora.has_lora(model):
+        return lora.save_lora(model, directory)
     mops = get_mops(model)
     d = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in mops.state_dict().items()}
@@ -57,6 +63,9 @@ def _read_adapter(model, directory) -> tuple[MoPsConfig, dict]:
     """The config and tensors of a saved adapter, checked against the model's signature and for finite
     values; nothing is attached or loaded."""
     d = Path(directory)
+    if lora.is_lora_dir(d):
+        raise ValueError(f"{d} holds a LoRA adapter: load it alone with load_adapter; only MoPs and prompt "
+                         "adapters serve together in one batch")
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"{d} is not a MoPs adapter: expected {CONFIG} and {WEIGHTS} in it")
     try:
@@ -91,7 +100,12 @@ def _load_tensors(mops: MoPsModule, tensors: dict) -> None:
 
 
 def load_adapter(model, directory):
-    """Attach (if needed) and load an adapter saved by `save_adapter`, checking that it fits the model."""
+    """Attach (if needed) and load an adapter saved by `save_adapter`, checking that it fits the model.
+    A PEFT LoRA directory is attached as LoRA (the model must have no adapter)."""
+    if lora.is_lora_dir(directory):
+        return lora.load_lora(model, directory)
+    if lora.has_lora(model):
+        raise ValueError("this model has LoRA attached; call detach_adapter(model) before loading a MoPs adapter")
     config, tensors = _read_adapter(model, directory)
     if not hasattr(model, "mops"):
         # checked on a module of its own first, so that a bad file leaves the model as it was
@@ -105,6 +119,13 @@ def load_adapter(model, directory):
         )
     _load_tensors(mops, tensors)
     return model
+
+
+def detach_adapter(model):
+    """Remove whichever adapter is attached (MoPs, prompt or LoRA), restoring the model exactly."""
+    if lora.has_lora(model):
+        return lora.detach_lora(model)
+    return detach(model)
 
 
 def add_adapter(model, name: str, directory):

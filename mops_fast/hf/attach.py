@@ -17,6 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mops_fast.config import MoPsConfig
 from mops_fast.hf.bank import NO_ADAPTER_LOGW, AdapterBank
+from mops_fast.hf.lora import has_lora
 from mops_fast.nn.mops import MoPsModule, pool_gate_states
 from mops_fast.ops.gated_prefix_attention import gated_prefix_attention
 
@@ -168,6 +169,9 @@ def attach(model, config: MoPsConfig):
         )
     if hasattr(model, "mops"):
         raise ValueError("this model already has MoPs attached; call mops_fast.detach(model) first")
+    if has_lora(model):
+        raise ValueError("this model has LoRA attached; LoRA and MoPs are not trained together: call "
+                         "mops_fast.detach_adapter(model) first")
     mops = new_mops_module(model, config)
     state = ForwardState()
     mops.state = state  # plain attribute: not a submodule, not saved

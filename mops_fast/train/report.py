@@ -13,12 +13,15 @@ def reduction(results: dict, method: str = "mops", baseline: str = "prompt") -> 
 
 
 def reduction_lines(results: dict) -> list[str]:
-    """The verdict under a results table: how much lower (or higher) mops is than prompt."""
-    r = reduction(results)
-    if r is None:
-        return []
-    return ["", f"mops vs prompt: mean perplexity {100 * r:.2f}% lower" if r >= 0 else
-            f"mops vs prompt: mean perplexity {100 * -r:.2f}% HIGHER (mops does not win here)"]
+    """The verdict under a results table: how much lower (or higher) mops is than prompt, and than LoRA
+    (the outside reference) where the run has it."""
+    lines = []
+    for base, note in (("prompt", ""), ("lora", " (LoRA, the outside reference)")):
+        r = reduction(results, baseline=base)
+        if r is not None:
+            lines.append(f"mops vs {base}{note}: mean perplexity {100 * r:.2f}% lower" if r >= 0 else
+                         f"mops vs {base}{note}: mean perplexity {100 * -r:.2f}% HIGHER (mops does not win here)")
+    return [""] + lines if lines else []
 
 
 def ppl_table_lines(results: dict) -> list[str]:
@@ -35,6 +38,7 @@ def ppl_table_lines(results: dict) -> list[str]:
         name = "**mean**" if c == "mean" else c
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for key, label, fmt in (("lr", "learning rate", "%g"), ("train_tokens_per_s", "train tokens/s", "%.0f"),
+                            ("trainable_params", "trainable parameters", "%d"),
                             ("gate_effective_experts", "gate: effective experts", "%.2f")):
         vals = [results["methods"][m].get(key) for m in methods]
         if any(vals):

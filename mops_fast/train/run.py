@@ -1,4 +1,5 @@
-"""Centralized runs: train and evaluate `none`, `prompt` and `mops` on one backbone, write results.
+"""Centralized runs: train and evaluate `none`, `prompt` and `mops` (and `lora`, the outside reference
+through PEFT) on one backbone, write results.
 
 A run writes under runs/<name>/: results.json (DESIGN.md §6), results.md, ppl_by_category.png, and per
 method a checkpoint (resumable) and the trained adapter.
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from mops_fast.config import MoPsConfig
+from mops_fast.config import DEFAULT_METHODS, METHODS, MoPsConfig
 from mops_fast.config_file import check_keys, read_config_file
-from mops_fast.hf.adapter import load_adapter, save_adapter
-from mops_fast.hf.attach import attach, detach, init_prompts_from_kv
+from mops_fast.hf.adapter import detach_adapter, load_adapter, save_adapter
+from mops_fast.hf.attach import attach, init_prompts_from_kv
+from mops_fast.hf.lora import LoraSettings, attach_lora
 from mops_fast.hf.loading import load_model
 from mops_fast.machine import machine_record
 from mops_fast.train.data import Formatter, collate, load_records, per_category, select_categories
@@ -24,9 +26,8 @@ from mops_fast.train.evaluate import evaluate_perplexity
 from mops_fast.train.report import bar_plot, markdown_table, reduction
 from mops_fast.train.trainer import Trainer, TrainConfig
 
-METHODS = ("none", "prompt", "mops")
-TOP_KEYS = {"name", "model", "dtype", "compression", "data", "mops", "train", "methods", "method_overrides",
-            "lr_search", "eval", "init", "out_dir", "seed", "threads"}
+TOP_KEYS = {"name", "model", "dtype", "compression", "data", "mops", "lora", "train", "methods",
+            "method_overrides", "lr_search", "eval", "init", "out_dir", "seed", "threads"}
 
 
 def load_config(path) -> dict:
@@ -37,10 +38,27 @@ def load_config(path) -> dict:
 def check_config(cfg: dict, where: str = "config") -> dict:
     """A centralized run config's top-level keys and methods are known (errors name `where`)."""
     check_keys(cfg, TOP_KEYS, where)
-    bad = [m for m in cfg.get("methods", METHODS) if m not in METHODS]
+    methods = cfg.get("methods", DEFAULT_METHODS)
+    bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"{where}: unknown method(s) {bad}; choose from {list(METHODS)}")
+    LoraSettings.from_dict(cfg.get("lora", {}))  # checked before any training starts
+    cands = cfg.get("lr_search", {}).get("candidates")
+    if isinstance(cands, dict):
+        stray = sorted(set(cands) - set(METHODS) - {"default"})
+        if stray:
+            raise ValueError(f"{where}: lr_search.candidates has unknown methods {stray}; use method names "
+                             f"from {list(METHODS)} or 'default'")
     return cfg
+
+
+def lr_candidates(ls: dict, method: str) -> list[float] | None:
+    """The learning rates the search tries for `method`: lr_search.candidates is one list for every
+    method, or a mapping of method (or `default`) to its list; None when it has none for `method`."""
+    cands = ls.get("candidates")
+    if isinstance(cands, dict):
+        cands = cands.get(method, cands.get("default"))
+    return [float(c) for c in cands] if cands else None
 
 
 def resolve_data_path(path: str) -> str:
@@ -104,6 +122,9 @@ class RunContext:
 
     def prepare(self, method: str) -> None:
         """Attach a fresh adapter for `method`, initialized as the config says."""
+        if method == "lora":
+            attach_lora(self.model, LoraSettings.from_dict(self.cfg.get("lora", {})), seed=self.seed)
+            return
         mcfg = self.method_config(method)
         torch.manual_seed(self.seed)
         attach(self.model, mcfg)
@@ -120,7 +141,7 @@ def choose_lr(ctx: RunContext, method: str, log) -> tuple[float, dict]:
     """Pick the learning rate of `method` on held-out training records (short runs, same init)."""
     ls = ctx.cfg["lr_search"]
     scores = {}
-    for lr in ls["candidates"]:
+    for lr in lr_candidates(ls, method):
         ctx.prepare(method)
         try:
             tc = ctx.method_train_config(method, lr=float(lr), steps=int(ls["steps"]), progress=False,
@@ -128,7 +149,7 @@ def choose_lr(ctx: RunContext, method: str, log) -> tuple[float, dict]:
             Trainer(ctx.model, ctx.tok, ctx.train, tc, categories=ctx.categories).train()
             scores[float(lr)] = ctx.evaluate(ctx.heldout)["ppl"]["mean"]
         finally:
-            detach(ctx.model)
+            detach_adapter(ctx.model)
         log(f"  lr search {method}: lr={lr} held-out mean ppl {scores[float(lr)]:.3f}")
     best = min(scores, key=scores.get)
     return best, scores
@@ -142,7 +163,7 @@ def run_method(ctx: RunContext, method: str, log) -> dict:
     extra, search = {}, None
     mdir = ctx.out / method
     done = mdir / "adapter" / "adapter_config.json"
-    if ctx.heldout and "candidates" in ctx.cfg.get("lr_search", {}) and not done.is_file():
+    if ctx.heldout and lr_candidates(ctx.cfg.get("lr_search", {}), method) and not done.is_file():
         best, scores = choose_lr(ctx, method, log)
         extra["lr"], search = best, {str(k): v for k, v in scores.items()}
         (mdir).mkdir(parents=True, exist_ok=True)
@@ -163,12 +184,13 @@ def run_method(ctx: RunContext, method: str, log) -> dict:
         history = trainer.train()
         tps = trainer.tokens_per_s
         save_adapter(ctx.model, mdir / "adapter")
+    trainable = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
     try:
         res = ctx.evaluate()
     finally:
-        detach(ctx.model)
+        detach_adapter(ctx.model)
     out = {"ppl": res["ppl"], "train_tokens_per_s": tps, "lr": tc.lr, "wall_s": time.perf_counter() - t0,
-           "history": history}
+           "trainable_params": trainable, "history": history}
     if "gate" in res:
         out["gate_effective_experts"] = res["gate"]["effective_experts"]
         out["gate_max_weight"] = res["gate"]["max_weight"]
@@ -192,7 +214,7 @@ def run(cfg: dict, log=print) -> dict:
         "mops_config": ctx.mops_cfg.to_dict(),
         "machine": machine_record(str(next(ctx.model.parameters()).device)),
     }
-    for method in cfg.get("methods", list(METHODS)):
+    for method in cfg.get("methods", list(DEFAULT_METHODS)):
         log(f"[{ctx.name}] {method} ...")
         results["methods"][method] = run_method(ctx, method, log)
         log(f"[{ctx.name}] {method}: mean ppl {results['methods'][method]['ppl']['mean']:.3f} "
@@ -216,7 +238,7 @@ def evaluate_run(cfg: dict, log=print) -> dict:
     """`mops-fast eval`: evaluate the adapters a finished run saved (and the plain backbone)."""
     ctx = RunContext(cfg)
     out = {}
-    for method in cfg.get("methods", list(METHODS)):
+    for method in cfg.get("methods", list(DEFAULT_METHODS)):
         if method == "none":
             out[method] = ctx.evaluate()["ppl"]
             continue
@@ -225,7 +247,7 @@ def evaluate_run(cfg: dict, log=print) -> dict:
         try:
             out[method] = ctx.evaluate()["ppl"]
         finally:
-            detach(ctx.model)
+            detach_adapter(ctx.model)
         log(f"{method}: mean ppl {out[method]['mean']:.3f}")
     return out
 

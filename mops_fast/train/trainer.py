@@ -1,6 +1,7 @@
-"""Training MoPs (and the `prompt` baseline): stage A gate pretraining, stage B joint training.
+"""Training MoPs (and the `prompt` baseline): stage A gate pretraining, stage B joint training; and
+LoRA (the outside reference, hf/lora.py), which has no gate and so only stage B.
 
-Only the MoPs tensors train. Batches are drawn deterministically from (seed, step), so a run resumed
+Only the adapter's tensors train. Batches are drawn deterministically from (seed, step), so a run resumed
 from its checkpoint sees exactly the batches an uninterrupted run would. Under torchrun, each rank
 takes a slice of every global batch and gradients are summed over ranks (gloo on CPU, nccl on GPUs);
 the loss is normalized by the global token count, so any world size gives the same update.
@@ -18,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from mops_fast.config_file import dataclass_from_dict
-from mops_fast.hf.attach import GateReached, get_mops
+from mops_fast.hf.attach import GateReached
+from mops_fast.hf.lora import has_lora, load_lora_state_dict, lora_parameters, lora_state_dict
 from mops_fast.train.data import Formatter, collate
 from mops_fast.train.loss import response_nll
 
@@ -116,7 +118,10 @@ class Trainer:
         if not train_records:
             raise ValueError("Trainer: no training records")
         self.model, self.tok, self.records, self.cfg = model, tokenizer, train_records, cfg
-        self.mops = get_mops(model)
+        self.mops = getattr(model, "mops", None)  # None: LoRA trains
+        if self.mops is None and not has_lora(model):
+            raise ValueError("Trainer: the model has no adapter to train: attach MoPs (mops_fast.attach) or LoRA "
+                             "(mops_fast.attach_lora) first")
         self.categories = categories or sorted({r["category"] for r in train_records})
         unknown = sorted({r["category"] for r in train_records} - set(self.categories))
         if unknown:
@@ -125,11 +130,14 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir else None
         self.rank, self.world = dist_info()
         self.device = next(model.parameters()).device
-        self.params = [p for p in self.mops.parameters() if p.requires_grad]
-        prompt_params = [self.mops.prompt_k, self.mops.prompt_v]
-        groups = [{"params": prompt_params, "lr": cfg.lr}]
-        if self.mops.gate is not None:
-            groups.append({"params": list(self.mops.gate.parameters()), "lr": cfg.gate_lr or cfg.lr})
+        if self.mops is None:
+            self.params = lora_parameters(model)
+            groups = [{"params": self.params, "lr": cfg.lr}]
+        else:
+            self.params = [p for p in self.mops.parameters() if p.requires_grad]
+            groups = [{"params": [self.mops.prompt_k, self.mops.prompt_v], "lr": cfg.lr}]
+        if self.gate is not None:
+            groups.append({"params": list(self.gate.parameters()), "lr": cfg.gate_lr or cfg.lr})
         for gr in groups:
             gr["base_lr"] = gr["lr"]
         self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -139,7 +147,25 @@ class Trainer:
         self.tokens_per_s: float | None = None
         self.nonfinite_run = 0  # skipped steps in a row (non-finite loss or gradients)
 
+    @property
+    def gate(self):
+        return None if self.mops is None else self.mops.gate
+
     # ---------------------------------------------------------------- checkpoints
+    def _adapter_state(self) -> dict:
+        if self.mops is None:
+            return {"lora": {k: v.detach() for k, v in lora_state_dict(self.model).items()}}
+        return {"mops": self.mops.state_dict()}
+
+    def _load_adapter_state(self, ck: dict) -> None:
+        kind = "mops" if self.mops is not None else "lora"
+        if kind not in ck:
+            raise KeyError(f"it holds no {kind} tensors (keys {sorted(ck)})")
+        if self.mops is None:
+            load_lora_state_dict(self.model, ck["lora"])
+        else:
+            self.mops.load_state_dict(ck["mops"])
+
     @property
     def ckpt_path(self) -> Path | None:
         return self.out_dir / "checkpoint.pt" if self.out_dir else None
@@ -149,7 +175,7 @@ class Trainer:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _atomic_save({"step": self.step, "gate_pretrained": self.gate_pretrained,
-                      "mops": self.mops.state_dict(), "optimizer": self.opt.state_dict(),
+                      **self._adapter_state(), "optimizer": self.opt.state_dict(),
                       "history": self.history}, self.ckpt_path)
 
     def maybe_resume(self) -> bool:
@@ -157,7 +183,7 @@ class Trainer:
             return False
         try:
             ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
-            self.mops.load_state_dict(ck["mops"])
+            self._load_adapter_state(ck)
             self.opt.load_state_dict(ck["optimizer"])
         except Exception as e:  # a corrupt file must not be silently trained over
             raise ValueError(f"checkpoint {self.ckpt_path} is corrupt or from another config ({e}); "
@@ -195,7 +221,7 @@ class Trainer:
     def pretrain_gate(self) -> dict | None:
         """Stage A: train the gate alone to send category c to expert c mod J (cross-entropy)."""
         cfg = self.cfg
-        if self.mops.gate is None or cfg.gate_pretrain_steps == 0 or self.gate_pretrained:
+        if self.gate is None or cfg.gate_pretrain_steps == 0 or self.gate_pretrained:
             return None
         n = cfg.gate_pretrain_samples - cfg.gate_pretrain_samples % self.world or self.world
         idx = step_indices(len(self.records), cfg.seed, -1, n)
@@ -263,7 +289,7 @@ class Trainer:
         for b in micro:
             nll, _, _ = response_nll(self.model, b)
             loss = nll / total_tok
-            if cfg.load_balance > 0 and self.mops.gate is not None:
+            if cfg.load_balance > 0 and self.gate is not None:
                 w = self.mops.state.logw.exp()
                 lb = self.mops.config.num_experts * (w.mean(0) ** 2).sum()
                 loss = loss + cfg.load_balance * lb * b["input_ids"].shape[0] / cfg.batch_size
@@ -290,7 +316,7 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"step {self.step}: the loss or the gradients were NaN/inf in {self.nonfinite_run} step(s) in a "
                     f"row (more than max_nonfinite_steps={cfg.max_nonfinite_steps}); those steps did not change the "
-                    f"prompts or the gate, and checkpoints hold only finite steps. Lower lr (now {cfg.lr}), use "
+                    f"adapter, and checkpoints hold only finite steps. Lower lr (now {cfg.lr}), use "
                     f"fp32 or bf16 instead of fp16 (the backbone is {self.model.dtype}), or check that the backbone's "
                     "own outputs are finite")
             return {"step": self.step, "loss": float("nan"), "tokens": tokens, "skipped": True}
