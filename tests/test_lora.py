@@ -139,6 +139,28 @@ def test_lora_trains_through_an_int4_backbone():
     assert all(torch.equal(m.state_dict()[k], v) for k, v in packed.items())
 
 
+def test_an_injection_that_fails_halfway_leaves_the_model_as_it_was(monkeypatch):
+    import peft
+
+    m = tiny_model()
+    m.lm_head.weight.requires_grad_(False)
+    ref, types, attrs = logits(m), {n: type(x) for n, x in m.named_modules()}, set(vars(m))
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    real = peft.inject_adapter_in_model
+
+    def breaks(*a, **kw):
+        real(*a, **kw)
+        raise RuntimeError("injection broke")
+
+    monkeypatch.setattr(peft, "inject_adapter_in_model", breaks)
+    with pytest.raises(RuntimeError, match="injection broke"):
+        attach_lora(m, LoraSettings())
+    assert not has_lora(m) and set(vars(m)) == attrs
+    assert {n: type(x) for n, x in m.named_modules()} == types
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    torch.testing.assert_close(logits(m), ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(r=0), "r must be an integer"), (dict(alpha=0), "alpha must be > 0"), (dict(dropout=1.0), "dropout"),
     (dict(target_modules="q_proj"), "non-empty list"), (dict(target_modules=[]), "non-empty list"),

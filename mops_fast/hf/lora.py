@@ -129,11 +129,17 @@ def attach_lora(model, settings: LoraSettings, seed: int | None = None):
     if seed is not None:
         torch.manual_seed(seed)
     attrs = set(vars(model))
-    with warnings.catch_warnings():
-        # PEFT warns of any layer type it does not know; QuantLinear is registered above on purpose
-        warnings.filterwarnings("ignore", message="Unsupported layer type .*QuantLinear")
-        _peft().inject_adapter_in_model(_peft_config(settings), model, adapter_name=_ADAPTER)
-    added = set(vars(model)) - attrs  # PEFT's own bookkeeping (peft_config), removed again on detach
+    model._mops_lora = (settings, saved, ())
+    try:
+        with warnings.catch_warnings():
+            # PEFT warns of any layer type it does not know; QuantLinear is registered above on purpose
+            warnings.filterwarnings("ignore", message="Unsupported layer type .*QuantLinear")
+            _peft().inject_adapter_in_model(_peft_config(settings), model, adapter_name=_ADAPTER)
+    except BaseException:
+        model._mops_lora = (settings, saved, tuple(set(vars(model)) - attrs - {"_mops_lora"}))
+        detach_lora(model)  # whatever PEFT injected before it failed goes, the flags come back
+        raise
+    added = tuple(set(vars(model)) - attrs - {"_mops_lora"})  # PEFT's bookkeeping (peft_config)
     for n, p in model.named_parameters():
         if ".lora_" in n:
             # float32 like the MoPs tensors: bf16 / fp16 Adam updates of small adapters lose their steps
