@@ -7,10 +7,38 @@ from dataclasses import dataclass
 from mops_fast.config_file import dataclass_from_dict
 
 # The methods a run compares (DESIGN.md §1): `none` the frozen backbone, `prompt` one deep prompt of J*L
-# tokens, `mops`; and `lora` (PEFT, hf/lora.py), the outside reference, trained only where a centralized
-# config names it. Federated runs take the default three.
+# tokens, `mops`; and `lora` (PEFT, hf/lora.py), the outside reference, trained only where a config names it.
 METHODS = ("none", "prompt", "mops", "lora")
 DEFAULT_METHODS = ("none", "prompt", "mops")
+TRAINED_METHODS = ("prompt", "mops", "lora")
+
+
+def lr_candidates(lr_search: dict, method: str) -> list[float] | None:
+    """The learning rates a search tries for `method`: `lr_search.candidates` is one list for every method,
+    or a mapping of method (or `default`) to its own list; None when it has none for `method`."""
+    cands = (lr_search or {}).get("candidates")
+    if isinstance(cands, dict):
+        cands = cands.get(method, cands.get("default"))
+    return [float(c) for c in cands] if cands else None
+
+
+def check_lr_candidates(lr_search: dict, where: str) -> None:
+    """`lr_search.candidates` is a non-empty list of positive rates, or a mapping of trained methods (or
+    `default`) to such lists."""
+    cands = (lr_search or {}).get("candidates")
+    lists = cands if isinstance(cands, dict) else {"candidates": cands}
+    stray = sorted(set(lists) - set(TRAINED_METHODS) - {"default"}) if isinstance(cands, dict) else []
+    if stray:
+        raise ValueError(f"{where}: lr_search.candidates has unknown methods {stray}; use {list(TRAINED_METHODS)} "
+                         "or 'default'")
+    for k, v in lists.items():
+        try:
+            ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(float(c) > 0 for c in v)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}: lr_search.candidates{'' if k == 'candidates' else '.' + k} must be a "
+                             f"non-empty list of positive learning rates, got {v!r}")
 
 
 @dataclass

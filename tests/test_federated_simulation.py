@@ -145,3 +145,46 @@ def test_config_errors_name_the_fix(tmp_path):
         validate_config({**base, "federated": {"round": 3}})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FedContext(validate_config({**base, "data": {"train": str(tmp_path / "nope.jsonl"), "test": "x"}})).train
+
+
+def test_lora_reference_trains_federated_and_resumes(tmp_path, monkeypatch):
+    # the outside reference in the same rounds: only its A and B tensors travel (PEFT's names), no stage A
+    c = tiny_config(tmp_path, rounds=3, eval_every=0, strategy={"name": "fedavg"})
+    c["methods"] = ["none", "lora"]
+    c["lora"] = {"r": 4, "alpha": 8}
+    c["lr_search"] = {"methods": ["lora"], "candidates": {"lora": [3e-3, 3e-2], "default": [1e-2]},
+                      "rounds": 1, "heldout_per_category": 2}
+    cfg = validate_config(c)
+    res = federate(cfg, tmp_path / "run", log=lambda m: None)["methods"]
+    assert res["lora"]["ppl"]["mean"] < res["none"]["ppl"]["mean"], res
+    assert res["lora"]["gate_rounds"] == 0 and set(res["lora"]["lr_search"]) == {"0.003", "0.03"}
+    assert (tmp_path / "run" / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+
+    ctx = FedContext(cfg)
+    state = ctx.attach("lora")
+    ctx.detach()
+    assert state and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in state)
+    assert all(k.startswith("base_model.model.model.layers.") for k in state)
+    lr = res["lora"]["lr"]
+    ref = FederatedRun(FedContext(cfg), "lora", out_dir=tmp_path / "ref", lr=lr, log=lambda m: None).run()
+    real_fit, calls = LocalClient.fit, []
+
+    def dying_fit(self, *a, **k):  # killed while round 2 trains
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(LocalClient, "fit", dying_fit)
+    with pytest.raises(KeyboardInterrupt):
+        FederatedRun(FedContext(cfg), "lora", out_dir=tmp_path / "b", lr=lr, log=lambda m: None).run()
+    monkeypatch.setattr(LocalClient, "fit", real_fit)
+    resumed = FederatedRun(FedContext(cfg), "lora", out_dir=tmp_path / "b", lr=lr, log=lambda m: None).run()
+    assert_same(resumed["final_state"], ref["final_state"])
+    assert resumed["ppl"] == ref["ppl"]
+    with pytest.raises(ValueError, match=r"lr_search.candidates.lora must be a non-empty list"):
+        validate_config({**c, "lr_search": {**c["lr_search"], "candidates": {"lora": []}}})
+    with pytest.raises(ValueError, match="unknown methods"):
+        validate_config({**c, "lr_search": {**c["lr_search"], "candidates": {"lroa": [1e-3]}}})
+    with pytest.raises(ValueError, match="lora: r must be"):
+        validate_config({**c, "lora": {"r": 0}})

@@ -1,6 +1,7 @@
 """Local training of one client, independent of transport (in-process simulation or a Flower ClientApp).
 
-A client receives the global MoPs tensors, loads them into the (shared, frozen) backbone's adapter, trains
+A client receives the global adapter tensors (MoPs, prompt or LoRA), loads them into the (shared, frozen)
+backbone's adapter, trains
 them for E local steps on its own records with the project's Trainer (a fresh optimizer every round, as
 in FedAvg), and returns the trained tensors with its example count and metrics. Batches are a pure
 function of (run seed, stage, round, client id), so any transport reproduces the same update.
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mops_fast.hf.attach import get_mops
+from mops_fast.hf.adapter import trained_adapter
 from mops_fast.train.trainer import NonFiniteLossError, TrainConfig, Trainer
 
 STAGE_GATE, STAGE_TRAIN = "A", "B"
@@ -49,8 +50,8 @@ def set_state(mops, state: dict[str, torch.Tensor]) -> None:
     sd = mops.state_dict()
     unknown = sorted(set(state) - set(sd))
     if unknown:
-        raise ValueError(f"global state holds tensors {unknown} that this adapter lacks ({sorted(sd)}): "
-                         "server and client were built with different MoPs configs")
+        raise ValueError(f"global state holds tensors {unknown} that this adapter lacks ({sorted(sd)[:6]}...): "
+                         "server and client were built with different adapter configs")
     for k, v in state.items():
         if v.shape != sd[k].shape:
             raise ValueError(f"global tensor {k!r} has shape {tuple(v.shape)}, the adapter's is {tuple(sd[k].shape)}")
@@ -93,7 +94,7 @@ class LocalClient:
             prox_mu: float = 0.0) -> ClientUpdate:
         """Stage B: E local steps on the LM loss from the global tensors (FedProx when prox_mu > 0)."""
         t0 = time.perf_counter()
-        mops = get_mops(self.model)
+        mops = trained_adapter(self.model)
         set_state(mops, global_state)
         seed = client_seed(self.run_seed, STAGE_TRAIN, rnd, self.client_id)
         trainer = self._trainer(steps=local_steps, seed=seed, gate_pretrain_steps=0)
@@ -129,7 +130,7 @@ class LocalClient:
         """Stage A: train the gate alone on pooled features of this client's records (Trainer.pretrain_gate:
         category c -> expert c mod J), starting from the global gate; only gate tensors travel."""
         t0 = time.perf_counter()
-        mops = get_mops(self.model)
+        mops = trained_adapter(self.model)
         if mops.gate is None:
             raise ValueError("gate pretraining needs a gated adapter; the prompt baseline has no gate")
         set_state(mops, global_gate)

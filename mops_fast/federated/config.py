@@ -10,13 +10,13 @@ import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mops_fast.config import DEFAULT_METHODS, MoPsConfig
+from mops_fast.config import DEFAULT_METHODS, METHODS, TRAINED_METHODS, MoPsConfig, check_lr_candidates
 from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.federated.partition import PartitionConfig
 from mops_fast.federated.strategies import StrategyConfig
+from mops_fast.hf.lora import LoraSettings
 
-METHODS = DEFAULT_METHODS  # LoRA, the outside reference, runs centralized only
-TOP_KEYS = {"name", "model", "dtype", "seed", "threads", "out_dir", "data", "methods", "mops", "init", "train",
+TOP_KEYS = {"name", "model", "dtype", "seed", "threads", "out_dir", "data", "methods", "mops", "lora", "init", "train",
             "method_overrides", "lr_search", "eval", "compression", "federated", "flower"}
 FLOWER_KEYS = {"wait_nodes_s", "round_timeout_s"}
 DATA_KEYS = {"name", "train", "test", "test_per_category", "round_test_per_category", "categories"}
@@ -88,11 +88,10 @@ def validate_config(cfg: dict) -> dict:
     """Check a federated run config; returns a normalized deep copy (federated defaults filled in)."""
     cfg = copy.deepcopy(cfg)
     check_keys(cfg, TOP_KEYS, "config")
-    methods = cfg.setdefault("methods", list(METHODS))
+    methods = cfg.setdefault("methods", list(DEFAULT_METHODS))
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        why = "; lora (the outside reference) runs centralized only" if "lora" in bad else ""
-        raise ValueError(f"config: methods {methods} invalid; choose a non-empty subset of {list(METHODS)}{why}")
+        raise ValueError(f"config: methods {methods} invalid; choose a non-empty subset of {list(METHODS)}")
     data = cfg.get("data") or {}
     if "train" not in data or "test" not in data:
         raise ValueError("config: data.train and data.test (JSON Lines paths) are required")
@@ -111,6 +110,7 @@ def validate_config(cfg: dict) -> dict:
         if sched:
             raise ValueError(f"config: method_overrides.{m}.{sched} are set by the federated schedule")
     MoPsConfig.from_dict(cfg.get("mops") or {})  # raises on bad keys or values
+    LoraSettings.from_dict(cfg.get("lora") or {})
     unknown = set(cfg.get("flower") or {}) - FLOWER_KEYS
     if unknown:
         raise ValueError(f"config: unknown flower keys {sorted(unknown)}; known keys are {sorted(FLOWER_KEYS)}")
@@ -121,13 +121,12 @@ def validate_config(cfg: dict) -> dict:
         unknown = set(ls) - LR_SEARCH_KEYS
         if unknown:
             raise ValueError(f"config: unknown lr_search keys {sorted(unknown)}; known keys are {sorted(LR_SEARCH_KEYS)}")
-        if not ls.get("candidates") or any(not float(c) > 0 for c in ls["candidates"]):
-            raise ValueError("config: lr_search.candidates must be a non-empty list of positive learning rates")
+        check_lr_candidates(ls, "config")
         if int(ls.get("heldout_per_category", 0)) < 1:
             raise ValueError("config: lr_search needs heldout_per_category >= 1 (held-out training records)")
-        bad = [m for m in ls.get("methods", ["prompt", "mops"]) if m not in ("prompt", "mops")]
+        bad = [m for m in ls.get("methods", ["prompt", "mops"]) if m not in TRAINED_METHODS]
         if bad:
-            raise ValueError(f"config: lr_search.methods {bad} invalid; choose from ['prompt', 'mops']")
+            raise ValueError(f"config: lr_search.methods {bad} invalid; choose from {list(TRAINED_METHODS)}")
     return cfg
 
 

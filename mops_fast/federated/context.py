@@ -14,7 +14,9 @@ from mops_fast.federated.backbone import load_backbone
 from mops_fast.federated.client import LocalClient, get_state
 from mops_fast.federated.config import fed_config, resolve_path
 from mops_fast.federated.partition import partition
-from mops_fast.hf.attach import attach, detach, init_prompts_from_kv
+from mops_fast.hf.adapter import detach_adapter, trained_adapter
+from mops_fast.hf.attach import attach, init_prompts_from_kv
+from mops_fast.hf.lora import LoraSettings, attach_lora, has_lora
 from mops_fast.train.data import Formatter, collate, load_records, per_category, select_categories
 from mops_fast.train.evaluate import evaluate_perplexity
 
@@ -101,8 +103,14 @@ class FedContext:
 
     def method_config(self, method: str) -> MoPsConfig:
         if method not in ("prompt", "mops"):
-            raise ValueError(f"method {method!r} has no adapter; trainable methods are 'prompt' and 'mops'")
+            raise ValueError(f"method {method!r} has no MoPs adapter; MoPs methods are 'prompt' and 'mops'")
         return self.mops_cfg if method == "mops" else MoPsConfig.prompt_baseline(self.mops_cfg)
+
+    def adapter_settings(self, method: str) -> dict:
+        """The settings of `method`'s adapter (a MoPs config, or LoRA's), as a plain dict."""
+        if method == "lora":
+            return LoraSettings.from_dict(self.cfg.get("lora") or {}).to_dict()
+        return self.method_config(method).to_dict()
 
     def method_train(self, method: str, lr: float | None = None) -> dict:
         d = dict(self.train_cfg)
@@ -122,6 +130,9 @@ class FedContext:
     def attach(self, method: str, init: bool = True) -> dict[str, torch.Tensor]:
         """Attach `method`'s adapter to the backbone; with `init`, initialize it and return its tensors
         (the initial global state). Clients attach without init: the global state overwrites it."""
+        if method == "lora":  # B = 0: the global model starts as the backbone, as PEFT's LoRA does
+            attach_lora(self.model, LoraSettings.from_dict(self.cfg.get("lora") or {}), seed=self.seed)
+            return get_state(trained_adapter(self.model))
         mcfg = self.method_config(method)
         torch.manual_seed(self.seed)
         attach(self.model, mcfg)
@@ -132,8 +143,8 @@ class FedContext:
         return get_state(self.model.mops)
 
     def detach(self) -> None:
-        if hasattr(self.model, "mops"):
-            detach(self.model)
+        if hasattr(self.model, "mops") or has_lora(self.model):
+            detach_adapter(self.model)
 
     def client(self, cid: int, method: str, lr: float | None = None, records: list[dict] | None = None) -> LocalClient:
         recs = self.client_records(cid) if records is None else records

@@ -1,4 +1,5 @@
-"""`mops-fast federate`: the federated comparison of `none`, `prompt` and `mops` under one partition.
+"""`mops-fast federate`: the federated comparison of `none`, `prompt` and `mops` (and `lora`, the outside
+reference, where named) under one partition.
 
     mops-fast federate --config configs/dolly_federated.yaml           # in-process simulation (default)
     mops-fast federate --config ... --write-flower-app DIR              # the same run as a Flower App
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from mops_fast.config import METHODS, lr_candidates
 from mops_fast.federated.config import load_federated_config, resolve_path, validate_config
 from mops_fast.federated.context import FedContext
 from mops_fast.federated.partition import write_summary
@@ -111,7 +113,7 @@ def federate(cfg: dict, out_dir: str | Path | None = None, make_dispatcher=None,
         lr, search = None, None
         if ls and method in ls.get("methods", ["prompt", "mops"]):
             search = {}
-            for cand in ls["candidates"]:
+            for cand in lr_candidates(ls, method) or []:
                 r = FederatedRun(ctx, method, dispatcher, out / "lr_search" / f"{method}-lr{float(cand):g}",
                                  lr=float(cand), rounds=int(ls.get("rounds", 1)), eval_records=ctx.heldout,
                                  round_eval_records=[], log=log).run()
@@ -147,7 +149,7 @@ def add_federate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--config", required=True, help="federated run config (YAML/JSON), e.g. configs/dolly_federated.yaml")
     parser.add_argument("--name", help="run name (default: the config's)")
     parser.add_argument("--out-dir", help="parent folder of the run (default: the config's out_dir or runs/)")
-    parser.add_argument("--methods", nargs="+", choices=["none", "prompt", "mops"], help="override the config's methods")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="override the config's methods")
     parser.add_argument("--write-flower-app", metavar="DIR",
                         help="instead of simulating, write a Flower App for this run to DIR (see docs/federated.md)")
     parser.add_argument("--flower-loopback", action="store_true",

@@ -19,7 +19,7 @@ import torch
 
 from mops_fast.federated.client import STAGE_GATE, STAGE_TRAIN, set_state
 from mops_fast.federated.server import FederatedServer
-from mops_fast.hf.adapter import save_adapter
+from mops_fast.hf.adapter import save_adapter, trained_adapter
 
 CKPT = "fed_checkpoint.pt"
 
@@ -84,7 +84,7 @@ class FederatedRun:
         """Everything that determines the result; a checkpoint from another config is refused."""
         c = self.ctx.cfg
         key = {"method": self.method, "lr": self.lr, "rounds": self.rounds, "model": c.get("model"),
-               "seed": self.ctx.seed, "mops": self.ctx.method_config(self.method).to_dict(),
+               "seed": self.ctx.seed, "mops": self.ctx.adapter_settings(self.method),
                "train": self.ctx.method_train(self.method, self.lr), "federated": c["federated"],
                "data": c["data"], "init": c.get("init"), "eval": self.ctx.eval_cfg}
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -119,7 +119,7 @@ class FederatedRun:
                 "gate_samples": f.gate_samples, "lr": self.lr}
 
     def _evaluate(self, server, records) -> dict:
-        set_state(self.ctx.model.mops, server.state)
+        set_state(trained_adapter(self.ctx.model), server.state)
         t0 = time.perf_counter()
         res = self.ctx.evaluate(records)
         return {"ppl": res["ppl"], "eval_s": time.perf_counter() - t0}
@@ -157,7 +157,7 @@ class FederatedRun:
                 if ck.get("final") is not None:
                     self.log(f"[{name}] finished earlier; results from {self.ckpt_path}")
                     server.load_state_dict(ck["server"])
-                    set_state(ctx.model.mops, server.state)
+                    set_state(trained_adapter(ctx.model), server.state)
                     return {**ck["final"], "history": ck["history"], "final_state": dict(server.state)}
                 server.load_state_dict(ck["server"])
                 progress, history = dict(ck["progress"]), list(ck["history"])

@@ -121,6 +121,14 @@ def load_adapter(model, directory):
     return model
 
 
+def trained_adapter(model):
+    """What trains on `model`: its MoPs module, or a view of its LoRA tensors (lora.LoraView); either has
+    `state_dict()` and `named_parameters()` over exactly the tensors that train and travel."""
+    if lora.has_lora(model):
+        return lora.LoraView(model)
+    return get_mops(model)
+
+
 def detach_adapter(model):
     """Remove whichever adapter is attached (MoPs, prompt or LoRA), restoring the model exactly."""
     if lora.has_lora(model):

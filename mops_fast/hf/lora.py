@@ -185,6 +185,23 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
     return {_disk_key(n): p for n, p in model.named_parameters() if ".lora_" in n}
 
 
+class LoraView:
+    """The attached LoRA's tensors under PEFT's on-disk names, seen through the two methods the federated
+    code reads an adapter module by (`state_dict`, `named_parameters`); it has no gate."""
+
+    gate = None
+
+    def __init__(self, model):
+        lora_settings(model)
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return lora_state_dict(self.model)
+
+    def named_parameters(self):
+        return iter(lora_state_dict(self.model).items())
+
+
 def load_lora_state_dict(model, tensors: dict) -> None:
     """Copy `tensors` (PEFT's names) into the attached LoRA, after checking names, shapes and values."""
     own = lora_state_dict(model)

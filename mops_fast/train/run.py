@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mops_fast.config import DEFAULT_METHODS, METHODS, MoPsConfig
+from mops_fast.config import DEFAULT_METHODS, METHODS, MoPsConfig, check_lr_candidates, lr_candidates
 from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.hf.adapter import detach_adapter, load_adapter, save_adapter
 from mops_fast.hf.attach import attach, init_prompts_from_kv
@@ -43,22 +43,9 @@ def check_config(cfg: dict, where: str = "config") -> dict:
     if bad:
         raise ValueError(f"{where}: unknown method(s) {bad}; choose from {list(METHODS)}")
     LoraSettings.from_dict(cfg.get("lora", {}))  # checked before any training starts
-    cands = cfg.get("lr_search", {}).get("candidates")
-    if isinstance(cands, dict):
-        stray = sorted(set(cands) - set(METHODS) - {"default"})
-        if stray:
-            raise ValueError(f"{where}: lr_search.candidates has unknown methods {stray}; use method names "
-                             f"from {list(METHODS)} or 'default'")
+    if (cfg.get("lr_search") or {}).get("candidates") is not None:
+        check_lr_candidates(cfg["lr_search"], where)
     return cfg
-
-
-def lr_candidates(ls: dict, method: str) -> list[float] | None:
-    """The learning rates the search tries for `method`: lr_search.candidates is one list for every
-    method, or a mapping of method (or `default`) to its list; None when it has none for `method`."""
-    cands = ls.get("candidates")
-    if isinstance(cands, dict):
-        cands = cands.get(method, cands.get("default"))
-    return [float(c) for c in cands] if cands else None
 
 
 def resolve_data_path(path: str) -> str:
