@@ -532,11 +532,11 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
             if res is None:
                 continue
             m = res["methods"]
-            if reduction(res) is not None:
-                wins.append(reduction(res))
             red = []
             for b in bases:
                 r, mark = reduction(res, baseline=b), ""
+                if b == "prompt" and r is not None:  # the cell's own mops against its own prompt
+                    wins.append(r)
                 ref = refs[b].get((c.setting, c.compression))
                 if r is None and "mops" in m and b not in m and ref is not None:
                     r, mark = 1 - m["mops"]["ppl"]["mean"] / ref[1], " *"

@@ -37,22 +37,27 @@ def assert_same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_resume_after_a_kill_mid_round_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    cfg = cfg_for(tmp_path)
-    ref = run(cfg, tmp_path / "ref")
-
+def killed_at_fit(monkeypatch, n: int, start) -> None:
+    """start() with the n-th LocalClient.fit call raising KeyboardInterrupt (a kill mid-round); fit is
+    whole again afterwards."""
     real_fit, calls = LocalClient.fit, []
 
-    def dying_fit(self, *a, **k):  # killed while the 2nd client of round 2 trains
+    def dying_fit(self, *a, **k):
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == n:
             raise KeyboardInterrupt("killed")
         return real_fit(self, *a, **k)
 
     monkeypatch.setattr(LocalClient, "fit", dying_fit)
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "b")
+        start()
     monkeypatch.setattr(LocalClient, "fit", real_fit)
+
+
+def test_resume_after_a_kill_mid_round_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path)
+    ref = run(cfg, tmp_path / "ref")
+    killed_at_fit(monkeypatch, 4, lambda: run(cfg, tmp_path / "b"))  # the 2nd client of round 2
     ck = torch.load(tmp_path / "b" / CKPT, weights_only=True)
     assert ck["progress"]["A"] == 1 and ck["progress"]["B"] == 1  # round 1 was saved, round 2 was not
     resumed = run(cfg, tmp_path / "b")
@@ -167,18 +172,8 @@ def test_lora_reference_trains_federated_and_resumes(tmp_path, monkeypatch):
     assert all(k.startswith("base_model.model.model.layers.") for k in state)
     lr = res["lora"]["lr"]
     ref = FederatedRun(FedContext(cfg), "lora", out_dir=tmp_path / "ref", lr=lr, log=lambda m: None).run()
-    real_fit, calls = LocalClient.fit, []
-
-    def dying_fit(self, *a, **k):  # killed while round 2 trains
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real_fit(self, *a, **k)
-
-    monkeypatch.setattr(LocalClient, "fit", dying_fit)
-    with pytest.raises(KeyboardInterrupt):
-        FederatedRun(FedContext(cfg), "lora", out_dir=tmp_path / "b", lr=lr, log=lambda m: None).run()
-    monkeypatch.setattr(LocalClient, "fit", real_fit)
+    killed_at_fit(monkeypatch, 3, lambda: FederatedRun(FedContext(cfg), "lora", out_dir=tmp_path / "b", lr=lr,
+                                                       log=lambda m: None).run())  # round 2's first client
     resumed = FederatedRun(FedContext(cfg), "lora", out_dir=tmp_path / "b", lr=lr, log=lambda m: None).run()
     assert_same(resumed["final_state"], ref["final_state"])
     assert resumed["ppl"] == ref["ppl"]

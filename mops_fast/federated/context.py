@@ -106,11 +106,13 @@ class FedContext:
             raise ValueError(f"method {method!r} has no MoPs adapter; MoPs methods are 'prompt' and 'mops'")
         return self.mops_cfg if method == "mops" else MoPsConfig.prompt_baseline(self.mops_cfg)
 
+    @cached_property
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings.from_dict(self.cfg.get("lora") or {})
+
     def adapter_settings(self, method: str) -> dict:
         """The settings of `method`'s adapter (a MoPs config, or LoRA's), as a plain dict."""
-        if method == "lora":
-            return LoraSettings.from_dict(self.cfg.get("lora") or {}).to_dict()
-        return self.method_config(method).to_dict()
+        return self.lora_settings.to_dict() if method == "lora" else self.method_config(method).to_dict()
 
     def method_train(self, method: str, lr: float | None = None) -> dict:
         d = dict(self.train_cfg)
@@ -131,7 +133,7 @@ class FedContext:
         """Attach `method`'s adapter to the backbone; with `init`, initialize it and return its tensors
         (the initial global state). Clients attach without init: the global state overwrites it."""
         if method == "lora":  # B = 0: the global model starts as the backbone, as PEFT's LoRA does
-            attach_lora(self.model, LoraSettings.from_dict(self.cfg.get("lora") or {}), seed=self.seed)
+            attach_lora(self.model, self.lora_settings, seed=self.seed)
             return get_state(trained_adapter(self.model))
         mcfg = self.method_config(method)
         torch.manual_seed(self.seed)

@@ -175,8 +175,7 @@ def lora_settings(model) -> LoraSettings:
 
 
 def lora_parameters(model) -> list[nn.Parameter]:
-    lora_settings(model)
-    return [p for n, p in model.named_parameters() if ".lora_" in n]
+    return list(lora_state_dict(model).values())
 
 
 def lora_state_dict(model) -> dict[str, torch.Tensor]:

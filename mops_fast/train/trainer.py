@@ -122,6 +122,7 @@ class Trainer:
         if self.mops is None and not has_lora(model):
             raise ValueError("Trainer: the model has no adapter to train: attach MoPs (mops_fast.attach) or LoRA "
                              "(mops_fast.attach_lora) first")
+        self.kind = "lora" if self.mops is None else "mops"  # also the adapter's key in checkpoints
         self.categories = categories or sorted({r["category"] for r in train_records})
         unknown = sorted({r["category"] for r in train_records} - set(self.categories))
         if unknown:
@@ -130,7 +131,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir else None
         self.rank, self.world = dist_info()
         self.device = next(model.parameters()).device
-        if self.mops is None:
+        if self.kind == "lora":
             self.params = lora_parameters(model)
             groups = [{"params": self.params, "lr": cfg.lr}]
         else:
@@ -153,15 +154,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _adapter_state(self) -> dict:
-        if self.mops is None:
+        if self.kind == "lora":
             return {"lora": {k: v.detach() for k, v in lora_state_dict(self.model).items()}}
         return {"mops": self.mops.state_dict()}
 
     def _load_adapter_state(self, ck: dict) -> None:
-        kind = "mops" if self.mops is not None else "lora"
-        if kind not in ck:
-            raise KeyError(f"it holds no {kind} tensors (keys {sorted(ck)})")
-        if self.mops is None:
+        if self.kind not in ck:
+            raise KeyError(f"it holds no {self.kind} tensors (keys {sorted(ck)})")
+        if self.kind == "lora":
             load_lora_state_dict(self.model, ck["lora"])
         else:
             self.mops.load_state_dict(ck["mops"])
