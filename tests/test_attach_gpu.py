@@ -74,3 +74,43 @@ def test_adapter_bank_on_cuda_matches_each_adapter_alone(tmp_path, dtype):
             ref = ref_model(input_ids=ids, attention_mask=am).logits
         valid = am[i].bool()
         torch.testing.assert_close(out[i][valid].float(), ref[i][valid].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(2, 37), (1, 7)])  # 74 rows take the Triton int4 kernels, 7 the small-M ones
+def test_lora_on_an_int4_cuda_backbone_matches_the_cpu_path(shape):
+    # what a user runs: a GPTQ backbone in fp16 on the GPU, LoRA (fp32) through PEFT calling our QuantLinear
+    pytest.importorskip("peft")
+    import copy
+
+    from mops_fast.hf.lora import LoraSettings, attach_lora
+    from mops_fast.quant.compress import QuantSettings, quantize_model, replace_with_quant_linear
+
+    base = tiny_model(layers=2, hidden=256, heads=4, kv_heads=2)
+    calib = torch.randint(1, 128, (8, 48), generator=torch.Generator().manual_seed(0))
+    replace_with_quant_linear(base, quantize_model(base, calib, "gptq", QuantSettings(4, 64), log=None))
+    cpu, gpu = copy.deepcopy(base), copy.deepcopy(base).to("cuda", torch.float16)
+    settings = LoraSettings(r=4, target_modules=["q_proj", "v_proj"])
+    attach_lora(cpu, settings, seed=0)
+    attach_lora(gpu, settings, seed=0)
+    with torch.no_grad():
+        for n, p in cpu.named_parameters():
+            if "lora_B" in n:  # B starts at 0; give LoRA an effect on the output to compare
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+        g_params = dict(gpu.named_parameters())
+        for n, p in cpu.named_parameters():
+            if ".lora_" in n:
+                assert g_params[n].dtype == torch.float32 and g_params[n].is_cuda, n
+                g_params[n].copy_(p)
+    ids = torch.randint(1, 128, shape, generator=torch.Generator().manual_seed(1))
+    out_c = cpu(input_ids=ids, labels=ids)
+    out_g = gpu(input_ids=ids.cuda(), labels=ids.cuda())
+    scale = out_c.logits.abs().max().item()
+    torch.testing.assert_close(out_g.logits.float().cpu(), out_c.logits, rtol=0, atol=2e-2 * scale)
+    out_c.loss.backward()
+    out_g.loss.backward()
+    grads = [(n, p.grad) for n, p in cpu.named_parameters() if p.requires_grad]
+    assert len(grads) == 8 and all(".lora_" in n for n, _ in grads)
+    for n, gc in grads:
+        gg = g_params[n].grad
+        assert gg is not None and gg.dtype == torch.float32, n
+        torch.testing.assert_close(gg.cpu(), gc, rtol=0, atol=3e-2 * gc.abs().max().item(), msg=n)
