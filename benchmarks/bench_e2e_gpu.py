@@ -5,15 +5,17 @@ on a LLaMA-shaped random model in bf16.
   parameters, 13.5 GB bf16); shape 1b: hidden 2048, 16 layers, 32 heads, 8 kv heads, MLP 5632.
   train step  B=4, S=1024 random tokens, the second half labelled; J=8 x L=8 = 64 prompt tokens for
               both; mops through mops_fast's Trainer loss path (`response_nll`), PEFT through the HF loss;
+              `lora` (PEFT LoRA r 8 on q_proj and v_proj, fp32, through `mops_fast.attach_lora` and the same
+              loss path as mops): the outside reference users weigh MoPs against;
               tokens/s (implementations alternating step by step, CUDA-synchronized) and peak allocated memory
   generate    greedy, 128-token prompt, 32 new tokens, B in {1, 8}: tokens/s for `dense`, `mops`, `peft`
   4-bit       the same model RTN-quantized in memory (mops_fast.quant, group 128, sym) into QuantLinear
-              layers: `rtn4+mops` train step and `rtn4` / `rtn4+mops` generate, as time allows
+              layers: `rtn4+mops` and `rtn4+lora` train steps and `rtn4` / `rtn4+mops` generate, as time allows
 
-A time budget (default 80 s) keeps the whole run under 90 s on an H100: parts that do not fit are listed
+A time budget (default 90 s) keeps the whole run under 100 s on an H100: parts that do not fit are listed
 in the JSON under "skipped". Writes DIR/e2e_gpu-<gpu slug>.json (DESIGN §6).
 
-  python3 benchmarks/bench_e2e_gpu.py --out DIR [--shape 7b|1b] [--budget-s 80]
+  python3 benchmarks/bench_e2e_gpu.py --out DIR [--shape 7b|1b] [--budget-s 90]
   python3 benchmarks/bench_e2e_gpu.py --smoke-cpu      # tiny shape on the CPU: checks the code path only
 """
 from __future__ import annotations
@@ -82,10 +84,10 @@ def make_batch(vocab: int, B: int, S: int, device: str) -> dict:
                                            "labels": labels, "gate_mask": gate}.items()}
 
 
-def mops_step(model, batch):
+def nll_step(model, batch, params):
+    """One AdamW step of `params` on the response NLL: mops_fast's Trainer loss path (mops and LoRA alike)."""
     from mops_fast.train.loss import response_nll
 
-    params = [p for p in model.mops.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3)
     n_tok = int((batch["labels"][:, 1:] != -100).sum())
 
@@ -97,6 +99,10 @@ def mops_step(model, batch):
         opt.step()
 
     return step
+
+
+def mops_step(model, batch):
+    return nll_step(model, batch, [p for p in model.mops.parameters() if p.requires_grad])
 
 
 def peft_step(pm, batch):
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     ap.add_argument("--shape", choices=("7b", "1b"), default="7b")
-    ap.add_argument("--budget-s", type=float, default=80.0)
+    ap.add_argument("--budget-s", type=float, default=90.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny model on the CPU (code-path check, fp32)")
     a = ap.parse_args(argv)
@@ -178,8 +184,9 @@ def main(argv=None) -> int:
     def write(final=False):
         tps = {(r["impl"], r["mode"], r["shape"]["B"]): r["tokens_per_s"] for r in rows}
         summary = {}
-        if ("mops", "step", B) in tps and ("peft", "step", B) in tps:
-            summary["mops_vs_peft_train_tokens_per_s"] = tps[("mops", "step", B)] / tps[("peft", "step", B)]
+        for ref in ("peft", "lora"):
+            if ("mops", "step", B) in tps and (ref, "step", B) in tps:
+                summary[f"mops_vs_{ref}_train_tokens_per_s"] = tps[("mops", "step", B)] / tps[(ref, "step", B)]
         for b in GEN_B:
             if ("mops", "generate", b) in tps and ("peft", "generate", b) in tps:
                 summary[f"mops_vs_peft_generate_B{b}_tokens_per_s"] = tps[("mops", "generate", b)] / tps[("peft", "generate", b)]
@@ -190,7 +197,7 @@ def main(argv=None) -> int:
             "(generate) after 1 warm-up, synchronized",
             notes="Random LLaMA-shaped weights (speed only). mops: fused Triton gated-prefix attention on CUDA, "
                   "prompts in layers g..N-1; peft: PrefixTuningConfig(64 virtual tokens), all layers, HF loss over "
-                  "all positions; rtn4: round-to-nearest 4-bit g128 QuantLinear (int4 GPTQ matmul kernels).",
+                  "all positions; lora: PEFT LoRA r 8 (q_proj, v_proj), fp32 adapters, mops' loss path; rtn4: round-to-nearest 4-bit g128 QuantLinear (int4 GPTQ matmul kernels).",
             **summary)
         return common.write_result(doc, a.out, device=device), doc
 
@@ -253,7 +260,26 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.empty_cache()
 
-    # 3. 4-bit: RTN-quantize the same model in memory into QuantLinear layers
+    # 3. LoRA on the same weights (the outside reference), trained like mops
+    def lora_part(impl="lora"):
+        from mops_fast import LoraSettings, attach_lora, detach_adapter
+        from mops_fast.hf.lora import lora_parameters
+
+        attach_lora(model, LoraSettings(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+        try:
+            model.train()
+            bench_train(impl, nll_step(model, batch, lora_parameters(model)))
+        finally:
+            model.eval()
+            detach_adapter(model)
+            model.zero_grad(set_to_none=True)
+
+    if budget.allow("lora train step", 10 if cuda else 0):
+        record("lora", lora_part)
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # 4. 4-bit: RTN-quantize the same model in memory into QuantLinear layers
     def quant_part():
         from mops_fast.quant.compress import QuantSettings, quantize_model, replace_with_quant_linear
 
@@ -275,6 +301,9 @@ def main(argv=None) -> int:
             bench_gen("rtn4+mops", model)
         finally:
             detach(model)
+            model.zero_grad(set_to_none=True)
+        if budget.allow("rtn4+lora train step", 10 if cuda else 0):
+            lora_part("rtn4+lora")
 
     if budget.allow("4-bit part", 25 if cuda else 0):
         record("rtn4", quant_part)

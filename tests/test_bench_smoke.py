@@ -1,6 +1,6 @@
 """The GPU benchmarks' --smoke-cpu modes: their own code paths (every impl, the JSON rows, the accuracy
 checks) on tiny shapes under the Triton interpreter, so the scripts a GPU session runs are known to work
-before a device is lent. bench_gptq_matmul.py in `make test`; bench_gated_prefix_attention.py (about a
+before a device is lent. bench_gptq_matmul.py and bench_e2e_gpu.py in `make test`; bench_gated_prefix_attention.py (about a
 minute) in `make test-all`."""
 import json
 import subprocess
@@ -25,6 +25,19 @@ def test_gptq_matmul_benchmark_smoke(tmp_path):
     # act-order rows: the QuantLinear forward and the group-sorted backward, checked against the reference
     act = {(r["impl"], r["mode"]) for r in doc["rows"] if r["shape"]["act_order"]}
     assert {("fused", "fwd"), ("fused", "bwd")} <= act
+
+
+def test_e2e_gpu_benchmark_smoke(tmp_path):
+    # every part on a 4-layer model: dense, mops, PEFT prefix tuning, LoRA, and the 4-bit model with both
+    pytest.importorskip("peft")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e_gpu.py"), "--smoke-cpu", "--reps", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    doc = json.loads(next(tmp_path.glob("e2e_gpu_smoke-*.json")).read_text())
+    assert not doc["errors"] and not doc["skipped"] and doc["complete"]
+    steps = {r["impl"] for r in doc["rows"] if r["mode"] == "step"}
+    assert steps == {"mops", "peft", "lora", "rtn4+mops", "rtn4+lora"}
+    assert {"mops_vs_peft_train_tokens_per_s", "mops_vs_lora_train_tokens_per_s"} <= set(doc)
 
 
 @pytest.mark.slow
