@@ -36,13 +36,21 @@ def load_config(path) -> dict:
 
 
 def check_config(cfg: dict, where: str = "config") -> dict:
-    """A centralized run config's top-level keys and methods are known (errors name `where`)."""
+    """A centralized run config's keys, methods and settings are valid (errors name `where`)."""
     check_keys(cfg, TOP_KEYS, where)
     methods = cfg.get("methods", DEFAULT_METHODS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"{where}: unknown method(s) {bad}; choose from {list(METHODS)}")
-    LoraSettings.from_dict(cfg.get("lora", {}))  # checked before any training starts
+    # settings are checked before the model loads, not when a method's turn comes minutes later
+    LoraSettings.from_dict(cfg.get("lora", {}))
+    MoPsConfig.from_dict(cfg.get("mops", {}))
+    train = dict(cfg.get("train") or {})
+    TrainConfig.from_dict(train)
+    for m, over in (cfg.get("method_overrides") or {}).items():
+        if m not in METHODS or not isinstance(over, dict):
+            raise ValueError(f"{where}: method_overrides.{m} must name a method and hold train keys")
+        TrainConfig.from_dict({**train, **over})
     if (cfg.get("lr_search") or {}).get("candidates") is not None:
         check_lr_candidates(cfg["lr_search"], where)
     return cfg
