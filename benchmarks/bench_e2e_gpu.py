@@ -197,7 +197,8 @@ def main(argv=None) -> int:
             "(generate) after 1 warm-up, synchronized",
             notes="Random LLaMA-shaped weights (speed only). mops: fused Triton gated-prefix attention on CUDA, "
                   "prompts in layers g..N-1; peft: PrefixTuningConfig(64 virtual tokens), all layers, HF loss over "
-                  "all positions; lora: PEFT LoRA r 8 (q_proj, v_proj), fp32 adapters, mops' loss path; rtn4: round-to-nearest 4-bit g128 QuantLinear (int4 GPTQ matmul kernels).",
+                  "all positions; lora: PEFT LoRA r 8 (q_proj, v_proj), fp32 adapters, mops' loss path; rtn4: "
+                  "round-to-nearest 4-bit g128 QuantLinear (int4 GPTQ matmul kernels).",
             **summary)
         return common.write_result(doc, a.out, device=device), doc
 
