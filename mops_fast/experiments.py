@@ -493,6 +493,18 @@ def _machine_lines(found: dict, status: dict) -> list[str]:
     return lines + [""] if lines else []
 
 
+def _mops_lr(res: dict) -> float | None:
+    return (res["methods"].get("mops") or {}).get("lr")
+
+
+def _reference(candidates: list[tuple[str, float, float | None]], lr: float | None):
+    """(cell, ppl) of the baseline a mops-only row is compared with: the cell whose mops ran at `lr`, else the last."""
+    if not candidates:
+        return None
+    same = [c for c in candidates if lr is not None and c[2] == lr]
+    return (same or candidates)[-1][:2]
+
+
 def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None = None) -> Path:
     """docs/results.md from every cell's results.json of the given grids (missing cells are listed)."""
     path, img_dir = Path(path), Path(img_dir)
@@ -523,9 +535,14 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
                 + "".join(f" | reduction, mops vs {b}" for b in bases) + " | wall |",
                 "| --- | --- | --- | " + ("--- | " if var else "") + "---: | " * (len(cols) + len(bases)) + "---: |"]
         # a variant that trains mops alone is compared with the prompt (and LoRA) of its setting and backbone
-        # (from the variant that ran it, e.g. the ablations' `default`)
-        refs = {b: {(c.setting, c.compression): (c.name, found[c.name]["methods"][b]["ppl"]["mean"])
-                    for c in cells if c.name in found and b in found[c.name]["methods"]} for b in bases}
+        # (from the variant that ran it, e.g. the ablations' `default`); where several cells ran it, the one
+        # whose own mops trained at this row's learning rate (a search's rates beside their own search's)
+        refs = {b: {} for b in bases}
+        for c in cells:
+            for b in bases:
+                if c.name in found and b in found[c.name]["methods"]:
+                    refs[b].setdefault((c.setting, c.compression), []).append(
+                        (c.name, found[c.name]["methods"][b]["ppl"]["mean"], _mops_lr(found[c.name])))
         borrowed, wins = set(), []
         for c in cells:
             res = found.get(c.name)
@@ -537,7 +554,7 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
                 r, mark = reduction(res, baseline=b), ""
                 if b == "prompt" and r is not None:  # the cell's own mops against its own prompt
                     wins.append(r)
-                ref = refs[b].get((c.setting, c.compression))
+                ref = _reference(refs[b].get((c.setting, c.compression), []), _mops_lr(res))
                 if r is None and "mops" in m and b not in m and ref is not None:
                     r, mark = 1 - m["mops"]["ppl"]["mean"] / ref[1], " *"
                     borrowed.add(ref[0])

@@ -317,7 +317,7 @@ def test_round_curves_skip_final_eval():
 
 def test_shipped_grid_configs_expand():
     root = Path(__file__).resolve().parents[1]
-    for name, n in (("paper_grid.yaml", 8), ("ablations.yaml", 8), ("stage_a_seeds.yaml", 18),
+    for name, n in (("paper_grid.yaml", 8), ("ablations.yaml", 8), ("stage_a_seeds.yaml", 21),
                     ("federated_lora_seeds.yaml", 4)):
         for quick in (False, True):
             cells = ex.expand(ex.load_grid(root / "configs" / name, quick=quick))
@@ -410,3 +410,27 @@ def test_cell_locked_by_a_live_process_is_skipped_and_stale_lock_taken_over(grid
         live.kill()
         live.wait()
     assert os.path.isfile(cells[2].out / "results.json")
+
+
+def test_mops_only_rows_borrow_the_prompt_trained_beside_a_mops_of_their_rate(grid_file, tmp_path):
+    # two cells train prompt (a low and a high rate); a mops-only variant is compared with the prompt of the
+    # cell whose mops ran at its own rate, not with whichever cell comes last
+    g = yaml.safe_load(grid_file.read_text())
+    g["settings"].pop("fed")
+    g["compressions"] = {"dense": None}
+    g["variants"] = {"low": {"methods": ["prompt", "mops"]}, "low_off": {"methods": ["mops"]},
+                     "high": {"methods": ["prompt", "mops"]}, "high_off": {"methods": ["mops"]}}
+    gf = _write(tmp_path / "grid_rates.yaml", g)
+    cells = {c.variant: c for c in ex.expand(ex.load_grid(gf))}
+    for v, ppl, lr in (("low", {"prompt": 18.0, "mops": 17.0}, 1e-2), ("low_off", {"mops": 16.0}, 1e-2),
+                       ("high", {"prompt": 15.0, "mops": 15.0}, 3e-1), ("high_off", {"mops": 14.0}, 3e-1)):
+        res = fake_results(cells[v], ppl)
+        for m in res["methods"].values():
+            m["lr"] = lr
+        cells[v].out.mkdir(parents=True)
+        (cells[v].out / "results.json").write_text(json.dumps(res))
+    grids, rep, img = ex.report_targets(gf)
+    text = ex.write_report(grids, rep, img).read_text()
+    # low_off: 1 - 16.5 / 18.5 = 10.81% (the low cell's prompt); high_off: 1 - 14.5 / 15.5 = 6.45%
+    assert "| centralized-dense-low_off | centralized | dense | low_off | - | - | 16.500 | +10.81% * |" in text
+    assert "| centralized-dense-high_off | centralized | dense | high_off | - | - | 14.500 | +6.45% * |" in text
