@@ -22,6 +22,15 @@ def lr_candidates(lr_search: dict, method: str) -> list[float] | None:
     return [float(c) for c in cands] if cands else None
 
 
+def method_overrides(cfg: dict, where: str) -> dict[str, dict]:
+    """A run config's `method_overrides` (train keys per method), checked to name methods and hold mappings."""
+    overrides = cfg.get("method_overrides") or {}
+    for m, over in overrides.items():
+        if m not in METHODS or not isinstance(over, dict):
+            raise ValueError(f"{where}: method_overrides.{m} must name a method and hold train keys")
+    return overrides
+
+
 def check_lr_candidates(lr_search: dict, where: str) -> None:
     """`lr_search.candidates` is a non-empty list of positive rates, or a mapping of trained methods (or
     `default`) to such lists."""

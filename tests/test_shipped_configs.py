@@ -36,3 +36,13 @@ def test_check_config_names_bad_train_and_mops_settings():
         check_config({"train": {"learning_rate": 1e-3}})
     with pytest.raises(ValueError, match="num_experts"):
         check_config({"mops": {"num_experts": 0}})
+
+
+def test_federated_configs_name_bad_method_overrides():
+    data = {"train": "a.jsonl", "test": "b.jsonl"}
+    with pytest.raises(ValueError, match="method_overrides.gpt must name a method"):
+        validate_config({"data": data, "method_overrides": {"gpt": {}}})
+    with pytest.raises(ValueError, match="method_overrides.mops must name a method and hold train keys"):
+        validate_config({"data": data, "method_overrides": {"mops": 3}})
+    with pytest.raises(ValueError, match="set by the federated schedule"):
+        validate_config({"data": data, "method_overrides": {"mops": {"steps": 2}}})

@@ -10,7 +10,8 @@ import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mops_fast.config import DEFAULT_METHODS, METHODS, TRAINED_METHODS, MoPsConfig, check_lr_candidates
+from mops_fast.config import (DEFAULT_METHODS, METHODS, TRAINED_METHODS, MoPsConfig, check_lr_candidates,
+                              method_overrides)
 from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.federated.partition import PartitionConfig
 from mops_fast.federated.strategies import StrategyConfig
@@ -103,9 +104,7 @@ def validate_config(cfg: dict) -> dict:
     if sched:
         raise ValueError(f"config: train.{sched} are set by the federated schedule; use federated.local_steps, "
                          "federated.gate_local_steps and federated.gate_samples instead")
-    for m, over in (cfg.get("method_overrides") or {}).items():
-        if m not in METHODS or not isinstance(over, dict):
-            raise ValueError(f"config: method_overrides.{m} must name a method and hold train keys")
+    for m, over in method_overrides(cfg, "config").items():
         sched = sorted(set(over) & SCHEDULED_TRAIN_KEYS)
         if sched:
             raise ValueError(f"config: method_overrides.{m}.{sched} are set by the federated schedule")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from mops_fast.config import DEFAULT_METHODS, METHODS, MoPsConfig, check_lr_candidates, lr_candidates
+from mops_fast.config import (DEFAULT_METHODS, METHODS, MoPsConfig, check_lr_candidates, lr_candidates,
+                              method_overrides)
 from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.hf.adapter import detach_adapter, load_adapter, save_adapter
 from mops_fast.hf.attach import attach, init_prompts_from_kv
@@ -47,9 +48,7 @@ def check_config(cfg: dict, where: str = "config") -> dict:
     MoPsConfig.from_dict(cfg.get("mops", {}))
     train = dict(cfg.get("train") or {})
     TrainConfig.from_dict(train)
-    for m, over in (cfg.get("method_overrides") or {}).items():
-        if m not in METHODS or not isinstance(over, dict):
-            raise ValueError(f"{where}: method_overrides.{m} must name a method and hold train keys")
+    for over in method_overrides(cfg, where).values():
         TrainConfig.from_dict({**train, **over})
     if (cfg.get("lr_search") or {}).get("candidates") is not None:
         check_lr_candidates(cfg["lr_search"], where)
