@@ -84,21 +84,25 @@ def make_batch(vocab: int, B: int, S: int, device: str) -> dict:
                                            "labels": labels, "gate_mask": gate}.items()}
 
 
-def nll_step(model, batch, params):
-    """One AdamW step of `params` on the response NLL: mops_fast's Trainer loss path (mops and LoRA alike)."""
-    from mops_fast.train.loss import response_nll
-
+def adam_step(params, loss_fn):
+    """One AdamW step (clipped at 1.0) of `params` on `loss_fn()`: every implementation's training step."""
     opt = torch.optim.AdamW(params, lr=3e-3)
-    n_tok = int((batch["labels"][:, 1:] != -100).sum())
 
     def step():
         opt.zero_grad(set_to_none=True)
-        nll, _, _ = response_nll(model, batch)
-        (nll / n_tok).backward()
+        loss_fn().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
     return step
+
+
+def nll_step(model, batch, params):
+    """mops_fast's Trainer loss path, the response NLL (mops and LoRA alike)."""
+    from mops_fast.train.loss import response_nll
+
+    n_tok = int((batch["labels"][:, 1:] != -100).sum())
+    return adam_step(params, lambda: response_nll(model, batch)[0] / n_tok)
 
 
 def mops_step(model, batch):
@@ -106,17 +110,10 @@ def mops_step(model, batch):
 
 
 def peft_step(pm, batch):
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-
-    return step
+    """The HF loss path (all labelled positions through the model's own loss)."""
+    return adam_step([p for p in pm.parameters() if p.requires_grad],
+                     lambda: pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                labels=batch["labels"]).loss)
 
 
 def gen_fn(model, ids, new_tokens):
