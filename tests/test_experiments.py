@@ -318,7 +318,7 @@ def test_round_curves_skip_final_eval():
 def test_shipped_grid_configs_expand():
     root = Path(__file__).resolve().parents[1]
     for name, n in (("paper_grid.yaml", 8), ("ablations.yaml", 8), ("stage_a_seeds.yaml", 21),
-                    ("federated_lora_seeds.yaml", 4)):
+                    ("federated_lora_seeds.yaml", 4), ("federated_searched_lr.yaml", 2)):
         for quick in (False, True):
             cells = ex.expand(ex.load_grid(root / "configs" / name, quick=quick))
             assert len(cells) == n
@@ -334,6 +334,15 @@ def test_shipped_grid_configs_expand():
     assert seeds["seed2-dense-stage_a_off"]["train"]["gate_pretrain_steps"] == 0
     assert seeds["seed2-dense-default"]["train"]["gate_pretrain_steps"] == 200
     assert seeds["seed1-dense-stage_a_smooth"]["train"]["gate_pretrain_smoothing"] == 0.3
+    # the searched-rate federated runs must share their partitions with the LoRA reference runs they are read
+    # against: same seed, partition and held-out records
+    lora = {c.setting: c.config for c in ex.expand(ex.load_grid(root / "configs" / "federated_lora_seeds.yaml"))}
+    srch = {c.setting: c.config for c in ex.expand(ex.load_grid(root / "configs" / "federated_searched_lr.yaml"))}
+    for s in ("seed0", "seed1"):
+        assert srch[s]["seed"] == lora[s]["seed"] and srch[s]["federated"] == lora[s]["federated"]
+        assert (srch[s].get("lr_search") or {}).get("heldout_per_category") == \
+            (lora[s].get("lr_search") or {}).get("heldout_per_category")
+    assert srch["seed0"]["lr_search"]["methods"] == ["prompt", "mops"]
 
 
 def test_real_runners_on_a_tiny_llama(tmp_path):

@@ -183,3 +183,37 @@ def test_lora_reference_trains_federated_and_resumes(tmp_path, monkeypatch):
         validate_config({**c, "lr_search": {**c["lr_search"], "candidates": {"lroa": [1e-3]}}})
     with pytest.raises(ValueError, match="lora: r must be"):
         validate_config({**c, "lora": {"r": 0}})
+
+
+def test_stage_a_is_shared_across_learning_rates_and_equals_a_runs_own(tmp_path, monkeypatch):
+    """The runs of a learning-rate search and the final run share one stage A (`stage_a_dir`): the same
+    result as each run's own stage A, bit for bit; an unreadable cached stage A is trained again."""
+    cfg = cfg_for(tmp_path, rounds=2, gate_rounds=2)
+    ctx, cache = FedContext(cfg), tmp_path / "stage_a"
+    fr = lambda out, lr, **k: FederatedRun(ctx, "mops", out_dir=tmp_path / out, lr=lr, log=logs.append, **k).run()
+    logs = []
+    ref = fr("ref", 3e-2)                                    # its own stage A, no cache
+    first = fr("a", 1e-2, stage_a_dir=cache)                 # trains stage A and keeps it
+    (kept,) = cache.iterdir()
+    real, calls = LocalClient.fit_gate, []
+    monkeypatch.setattr(LocalClient, "fit_gate", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    logs.clear()
+    shared = fr("b", 3e-2, stage_a_dir=cache)
+    assert calls == [] and any("reused" in m for m in logs)  # no gate round ran
+    assert_same(shared["final_state"], ref["final_state"])
+    assert shared["ppl"] == ref["ppl"]
+    gate = lambda r: [{k: h[k] for k in ("round", "clients", "gate_loss")} for h in r["history"] if h["stage"] == "A"]
+    assert gate(shared) == gate(ref) == gate(first)
+
+    kept.write_bytes(b"\x00" * 10)  # a corrupt cache loses nothing: stage A runs again
+    logs.clear()
+    again = fr("c", 3e-2, stage_a_dir=cache)
+    assert len(calls) == 2 * 2 and any("unreadable" in m for m in logs)
+    assert_same(again["final_state"], ref["final_state"])
+    logs.clear()
+    fr("d", 1e-2, stage_a_dir=cache)                         # ... and is kept again
+    assert len(calls) == 2 * 2 and any("reused" in m for m in logs)
+    # another gate schedule is another stage A
+    other = FederatedRun(FedContext(cfg_for(tmp_path, rounds=2, gate_rounds=2, gate_local_steps=3)), "mops",
+                         lr=3e-2, stage_a_dir=cache)
+    assert other._stage_a_path() != kept

@@ -116,11 +116,11 @@ def federate(cfg: dict, out_dir: str | Path | None = None, make_dispatcher=None,
             for cand in lr_candidates(ls, method) or []:
                 r = FederatedRun(ctx, method, dispatcher, out / "lr_search" / f"{method}-lr{float(cand):g}",
                                  lr=float(cand), rounds=int(ls.get("rounds", 1)), eval_records=ctx.heldout,
-                                 round_eval_records=[], log=log).run()
+                                 round_eval_records=[], log=log, stage_a_dir=out / "stage_a").run()
                 search[f"{float(cand):g}"] = r["ppl"]["mean"]
                 log(f"[{ctx.name}] lr search {method}: lr={float(cand):g} held-out mean ppl {r['ppl']['mean']:.3f}")
             lr = float(min(search, key=search.get))
-        r = FederatedRun(ctx, method, dispatcher, out / method, lr=lr, log=log).run()
+        r = FederatedRun(ctx, method, dispatcher, out / method, lr=lr, log=log, stage_a_dir=out / "stage_a").run()
         entry = {k: r[k] for k in ("ppl", "train_tokens_per_s", "lr", "rounds", "gate_rounds")}
         entry["wall_s"] = time.perf_counter() - t0
         entry["history"] = [{k: v for k, v in h.items() if k != "client_metrics"} for h in r["history"]]

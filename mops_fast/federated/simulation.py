@@ -6,6 +6,8 @@ delivers each round's work to the clients and returns their updates: `InProcessD
 clients one after another on the one backbone in memory; the Flower dispatcher (flower_app.py) sends
 them to SuperNodes. A run killed at any moment resumes from its last finished round and ends with the
 same state as an uninterrupted run: every round is a pure function of (global state, seed, round).
+Stage A does not depend on the stage-B learning rate, so the runs of a learning-rate search and the final
+run share one stage A through `stage_a_dir` (its result is the same as a run's own stage A, bit for bit).
 """
 from __future__ import annotations
 
@@ -68,8 +70,9 @@ class FederatedRun:
 
     def __init__(self, ctx, method: str, dispatcher=None, out_dir: str | Path | None = None,
                  lr: float | None = None, rounds: int | None = None, eval_records=None,
-                 round_eval_records=None, log=print):
+                 round_eval_records=None, log=print, stage_a_dir: str | Path | None = None):
         self.ctx, self.method, self.lr = ctx, method, lr
+        self.stage_a_dir = Path(stage_a_dir) if stage_a_dir else None
         self.fed = ctx.fed
         self.rounds = int(rounds if rounds is not None else self.fed.rounds)
         self.gate_rounds = self.fed.gate_rounds if method == "mops" and ctx.method_config(method).gate else 0
@@ -80,14 +83,49 @@ class FederatedRun:
         self.log = log
 
     # -------------------------------------------------------------------------------- checkpoints
-    def fingerprint(self) -> str:
-        """Everything that determines the result; a checkpoint from another config is refused."""
+    def fingerprint(self, stage_a: bool = False) -> str:
+        """Everything that determines the result; a checkpoint from another config is refused.
+        `stage_a`: what determines stage A alone (all but the stage-B learning rate and round count)."""
         c = self.ctx.cfg
+        train = self.ctx.method_train(self.method, self.lr)
         key = {"method": self.method, "lr": self.lr, "rounds": self.rounds, "model": c.get("model"),
-               "seed": self.ctx.seed, "mops": self.ctx.adapter_settings(self.method),
-               "train": self.ctx.method_train(self.method, self.lr), "federated": c["federated"],
-               "data": c["data"], "init": c.get("init"), "eval": self.ctx.eval_cfg}
+               "seed": self.ctx.seed, "mops": self.ctx.adapter_settings(self.method), "train": train,
+               "federated": c["federated"], "data": c["data"], "init": c.get("init"), "eval": self.ctx.eval_cfg}
+        if stage_a:
+            key.update(lr=None, rounds=None, train={k: v for k, v in train.items() if k != "lr"})
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _stage_a_path(self) -> Path | None:
+        if self.stage_a_dir is None or not self.gate_rounds:
+            return None
+        return self.stage_a_dir / f"{self.method}-{self.fingerprint(stage_a=True)}.pt"
+
+    def _reuse_stage_a(self, server, progress: dict, history: list) -> bool:
+        """Take a finished stage A of the same config from `stage_a_dir` (an unreadable one is recomputed)."""
+        p = self._stage_a_path()
+        if p is None or progress["A"] or not p.is_file():
+            return False
+        before = server.state_dict()
+        try:
+            ck = torch.load(p, map_location="cpu", weights_only=True)
+            if ck.get("fingerprint") != self.fingerprint(stage_a=True):
+                raise ValueError("its fingerprint does not match its name")
+            server.load_state_dict(ck["server"])
+        except Exception as e:  # a cache: nothing is lost by training stage A again
+            server.load_state_dict(before)
+            self.log(f"[{self.method}] stage A in {p} is unreadable ({e}); training it again")
+            p.unlink(missing_ok=True)
+            return False
+        history.extend(ck["history"])
+        progress["A"] = self.gate_rounds
+        self.log(f"[{self.method}] stage A ({self.gate_rounds} gate rounds) reused from {p}")
+        return True
+
+    def _keep_stage_a(self, server, history: list) -> None:
+        p = self._stage_a_path()
+        if p is not None and not p.is_file():
+            atomic_torch_save({"fingerprint": self.fingerprint(stage_a=True), "server": server.state_dict(),
+                               "history": [h for h in history if h.get("stage") == STAGE_GATE]}, p)
 
     @property
     def ckpt_path(self) -> Path | None:
@@ -163,6 +201,8 @@ class FederatedRun:
                 progress, history = dict(ck["progress"]), list(ck["history"])
                 self.log(f"[{name}] resuming after stage A round {progress['A']}, stage B round {progress['B']}")
 
+            if self._reuse_stage_a(server, progress, history):
+                self._save(server, progress, history)
             for rnd in range(progress["A"], self.gate_rounds):
                 rec = self._round(server, STAGE_GATE, rnd + 1, fed.gate_per_round)
                 history.append(rec)
@@ -171,6 +211,8 @@ class FederatedRun:
                 self.log(f"[{name}] gate round {rnd + 1}/{self.gate_rounds}: clients {rec['clients']} "
                          f"loss {rec.get('gate_loss', float('nan')):.3f} routing acc "
                          f"{rec.get('routing_acc', float('nan')):.2f} ({self._split(rec)})")
+                if rnd + 1 == self.gate_rounds and progress["B"] == 0:
+                    self._keep_stage_a(server, history)
 
             for rnd in range(progress["B"], self.rounds + 1):
                 if rnd > progress["B"]:  # round 0 is the initial state: evaluated, not trained
