@@ -416,6 +416,11 @@ def category_table(res: dict) -> str:
     lr = [res["methods"][m].get("lr") for m in methods]
     if any(lr):
         lines.append("| learning rate | " + " | ".join("%g" % v if v else "-" for v in lr) + " |")
+    searches = [res["methods"][m].get("lr_search") or {} for m in methods]
+    if any(searches):  # the held-out mean perplexity of each candidate rate, the chosen one in bold
+        lines.append("| lr search (held-out ppl) | " + " | ".join(
+            ", ".join((f"**{k}: {v:.3f}**" if v == min(s.values()) else f"{k}: {v:.3f}") for k, v in s.items()) or "-"
+            for s in searches) + " |")
     tps = [res["methods"][m].get("train_tokens_per_s") for m in methods]
     lines.append("| train tokens/s | " + " | ".join("%.0f" % v if v else "-" for v in tps) + " |")
     return "\n".join(lines)

@@ -307,6 +307,17 @@ def test_report_compares_mops_with_lora_borrowed_from_its_setting(grid_file, tmp
     assert "mops vs lora (LoRA, the outside reference)" not in text  # no cell trained both
 
 
+def test_category_table_shows_each_learning_rate_search():
+    res = {"methods": {"none": {"ppl": {"a": 20.0, "mean": 20.0}},
+                       "prompt": {"ppl": {"a": 14.0, "mean": 14.0}, "lr": 0.1, "lr_search": {"0.01": 15.5, "0.1": 13.25}},
+                       "mops": {"ppl": {"a": 13.0, "mean": 13.0}, "lr": 0.01}}}
+    lines = ex.category_table(res).splitlines()
+    assert "| learning rate | - | 0.1 | 0.01 |" in lines
+    assert "| lr search (held-out ppl) | - | 0.01: 15.500, **0.1: 13.250** | - |" in lines
+    del res["methods"]["prompt"]["lr_search"]
+    assert not any("lr search" in x for x in ex.category_table(res).splitlines())
+
+
 def test_round_curves_skip_final_eval():
     res = {"methods": {"mops": {"history": [{"stage": "B"}, {"stage": "eval", "round": 2, "ppl": {"mean": 3.0}},
                                             {"stage": "eval", "round": 1, "ppl": {"mean": 4.0}},
@@ -318,7 +329,7 @@ def test_round_curves_skip_final_eval():
 def test_shipped_grid_configs_expand():
     root = Path(__file__).resolve().parents[1]
     for name, n in (("paper_grid.yaml", 8), ("ablations.yaml", 8), ("stage_a_seeds.yaml", 21),
-                    ("federated_lora_seeds.yaml", 4), ("federated_searched_lr.yaml", 2)):
+                    ("federated_lora_seeds.yaml", 4), ("federated_searched_lr.yaml", 3)):
         for quick in (False, True):
             cells = ex.expand(ex.load_grid(root / "configs" / name, quick=quick))
             assert len(cells) == n
@@ -338,10 +349,10 @@ def test_shipped_grid_configs_expand():
     # against: same seed, partition and held-out records
     lora = {c.setting: c.config for c in ex.expand(ex.load_grid(root / "configs" / "federated_lora_seeds.yaml"))}
     srch = {c.setting: c.config for c in ex.expand(ex.load_grid(root / "configs" / "federated_searched_lr.yaml"))}
-    for s in ("seed0", "seed1"):
-        assert srch[s]["seed"] == lora[s]["seed"] and srch[s]["federated"] == lora[s]["federated"]
+    for s, ref in (("seed0", "seed0"), ("seed1", "seed1"), ("seed0_mops_lr3e2", "seed0")):
+        assert srch[s]["seed"] == lora[ref]["seed"] and srch[s]["federated"] == lora[ref]["federated"]
         assert (srch[s].get("lr_search") or {}).get("heldout_per_category") == \
-            (lora[s].get("lr_search") or {}).get("heldout_per_category")
+            (lora[ref].get("lr_search") or {}).get("heldout_per_category")
     assert srch["seed0"]["lr_search"]["methods"] == ["prompt", "mops"]
 
 
