@@ -284,6 +284,13 @@ def test_report_tables_reductions_plots_and_missing(grid_file, tmp_path):
     assert (img / "g-full-centralized-dense-ppl.png").is_file()
     assert (img / "g-full-fed-dense-rounds.png").is_file()  # federated: curve per round
     assert "![g-full-fed-dense-rounds](img/g-full-fed-dense-rounds.png)" in text
+    # rewritten where fewer runs exist (a fresh clone), the report would lose measured tables: refused
+    (cells[0].out / "results.json").unlink()
+    with pytest.raises(ValueError, match="shows 3 cells with results but only 2 have a results.json"):
+        ex.write_report(grids, rep, img)
+    assert path.read_text() == text
+    path.unlink()
+    assert "2 of 4 cells have results" in ex.write_report(grids, rep, img).read_text()
 
 
 def test_report_compares_mops_with_lora_borrowed_from_its_setting(grid_file, tmp_path):
