@@ -34,7 +34,7 @@ from pathlib import Path
 
 from mops_fast.config import DEFAULT_METHODS, METHODS
 from mops_fast.config_file import check_keys, read_config_file
-from mops_fast.train.report import reduction, reduction_lines
+from mops_fast.train.report import ppl_table_lines, reduction, reduction_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_KEYS = {"name", "description", "out_dir", "backbone_dir", "report", "report_images", "model", "threads",
@@ -405,26 +405,9 @@ def _fmt(v, spec="%.3f"):
 
 
 def category_table(res: dict) -> str:
-    methods = [m for m in METHODS if m in res["methods"]] + [m for m in res["methods"] if m not in METHODS]
-    cats = sorted({c for m in methods for c in res["methods"][m]["ppl"] if c != "mean"})
-    lines = ["| category | " + " | ".join(methods) + " |", "| --- | " + " | ".join("---:" for _ in methods) + " |"]
-    for c in cats + ["mean"]:
-        vals = [res["methods"][m]["ppl"].get(c) for m in methods]
-        present = [v for v in vals if v is not None]
-        best = min(present) if present else None
-        cells = [("**%.3f**" % v if v == best else "%.3f" % v) if v is not None else "-" for v in vals]
-        lines.append(f"| {'**mean**' if c == 'mean' else c} | " + " | ".join(cells) + " |")
-    lr = [res["methods"][m].get("lr") for m in methods]
-    if any(lr):
-        lines.append("| learning rate | " + " | ".join("%g" % v if v else "-" for v in lr) + " |")
-    searches = [res["methods"][m].get("lr_search") or {} for m in methods]
-    if any(searches):  # the held-out mean perplexity of each candidate rate, the chosen one in bold
-        lines.append("| lr search (held-out ppl) | " + " | ".join(
-            ", ".join((f"**{k}: {v:.3f}**" if v == min(s.values()) else f"{k}: {v:.3f}") for k, v in s.items()) or "-"
-            for s in searches) + " |")
-    tps = [res["methods"][m].get("train_tokens_per_s") for m in methods]
-    lines.append("| train tokens/s | " + " | ".join("%.0f" % v if v else "-" for v in tps) + " |")
-    return "\n".join(lines)
+    """A cell's per-category table (the runners' own, methods in the usual order)."""
+    order = [m for m in METHODS if m in res["methods"]] + [m for m in res["methods"] if m not in METHODS]
+    return "\n".join(ppl_table_lines({**res, "methods": {m: res["methods"][m] for m in order}}))
 
 
 def round_curves(res: dict) -> dict[str, list[tuple[int, float]]]:

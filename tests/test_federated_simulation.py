@@ -133,6 +133,10 @@ def test_federate_writes_results_table_and_plots(tmp_path):
     assert rounds == [0, 1, 2]
     md = (out / "results.md").read_text()
     assert "| **mean** |" in md and "federated (scheme=dominant, num_clients=3" in md
+    # the global gate's use of its experts on the test records, and the prompt's search, in the table
+    assert 1.0 <= saved["methods"]["mops"]["gate_effective_experts"] <= 2.0 and "gate_max_weight" in saved["methods"]["mops"]
+    assert "| gate: effective experts | - | - | %.2f |" % saved["methods"]["mops"]["gate_effective_experts"] in md
+    assert "| lr search (held-out ppl) | - | 0.001: " in md
     for f in ("ppl_per_round.png", "partition.png", "partition.csv", "partition.md", "mops/adapter/adapter.safetensors"):
         assert (out / f).is_file(), f
     assert res["methods"]["mops"]["ppl"] == saved["methods"]["mops"]["ppl"]

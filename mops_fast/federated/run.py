@@ -31,7 +31,6 @@ def _log(msg: str) -> None:
 
 
 def markdown_table(results: dict) -> str:
-    methods = list(results["methods"])
     p = results["partition"]
     f = results["federated"]
     part = ", ".join(f"{k}={p[k]}" for k in ("scheme", "num_clients", "alpha", "k", "mix") if k in p)
@@ -46,11 +45,6 @@ def markdown_table(results: dict) -> str:
         *ppl_table_lines(results),
     ]
     lines += reduction_lines(results)
-    for m in methods:
-        s = results["methods"][m].get("lr_search")
-        if s:
-            lines.append(f"\n{m} learning rate chosen on held-out training records (mean ppl): "
-                         + ", ".join(f"{k}: {v:.3f}" for k, v in s.items()))
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +115,8 @@ def federate(cfg: dict, out_dir: str | Path | None = None, make_dispatcher=None,
                 log(f"[{ctx.name}] lr search {method}: lr={float(cand):g} held-out mean ppl {r['ppl']['mean']:.3f}")
             lr = float(min(search, key=search.get))
         r = FederatedRun(ctx, method, dispatcher, out / method, lr=lr, log=log, stage_a_dir=out / "stage_a").run()
-        entry = {k: r[k] for k in ("ppl", "train_tokens_per_s", "lr", "rounds", "gate_rounds")}
+        entry = {k: r[k] for k in ("ppl", "train_tokens_per_s", "lr", "rounds", "gate_rounds", "gate_effective_experts",
+                                   "gate_max_weight") if k in r}
         entry["wall_s"] = time.perf_counter() - t0
         entry["history"] = [{k: v for k, v in h.items() if k != "client_metrics"} for h in r["history"]]
         if search:

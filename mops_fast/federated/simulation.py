@@ -160,7 +160,7 @@ class FederatedRun:
         set_state(trained_adapter(self.ctx.model), server.state)
         t0 = time.perf_counter()
         res = self.ctx.evaluate(records)
-        return {"ppl": res["ppl"], "eval_s": time.perf_counter() - t0}
+        return {"ppl": res["ppl"], "eval_s": time.perf_counter() - t0, **({"gate": res["gate"]} if "gate" in res else {})}
 
     def _round(self, server, stage: str, rnd: int, per_round: int) -> dict:
         t0 = time.perf_counter()
@@ -243,6 +243,9 @@ class FederatedRun:
             final = {"ppl": ev["ppl"], "train_tokens_per_s": tokens / train_s if train_s else None,
                      "lr": float(ctx.method_train(name, self.lr)["lr"]), "rounds": self.rounds,
                      "gate_rounds": self.gate_rounds}
+            if "gate" in ev:  # how many experts the global gate uses on the test records
+                final.update(gate_effective_experts=ev["gate"]["effective_experts"],
+                             gate_max_weight=ev["gate"]["max_weight"])
             if self.out is not None:
                 save_adapter(ctx.model, self.out / "adapter")  # the trained global adapter, loadable as usual
             self._save(server, progress, history, final=final)

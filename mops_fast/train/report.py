@@ -26,10 +26,10 @@ def reduction_lines(results: dict) -> list[str]:
 
 def ppl_table_lines(results: dict) -> list[str]:
     """The per-category perplexity table of every method (the best of each row in bold), then its learning
-    rate, training tokens/s and gate (exp of the weights' entropy on the test records) rows where any method
-    records them."""
+    rate (and search), training tokens/s, parameter and gate (exp of the weights' entropy on the test
+    records) rows where any method records them."""
     methods = list(results["methods"])
-    cats = [c for c in results["methods"][methods[0]]["ppl"] if c != "mean"]
+    cats = list(dict.fromkeys(c for m in methods for c in results["methods"][m]["ppl"] if c != "mean"))
     lines = ["| category | " + " | ".join(methods) + " |", "| --- | " + " | ".join("---:" for _ in methods) + " |"]
     for c in cats + ["mean"]:
         vals = [results["methods"][m]["ppl"].get(c) for m in methods]
@@ -43,7 +43,18 @@ def ppl_table_lines(results: dict) -> list[str]:
         vals = [results["methods"][m].get(key) for m in methods]
         if any(vals):
             lines.append(f"| {label} | " + " | ".join(fmt % v if v else "-" for v in vals) + " |")
+        if key == "lr":
+            lines += _lr_search_row([results["methods"][m].get("lr_search") or {} for m in methods])
     return lines
+
+
+def _lr_search_row(searches: list[dict]) -> list[str]:
+    """The held-out mean perplexity of each candidate rate of each method's search, the chosen one in bold."""
+    if not any(searches):
+        return []
+    return ["| lr search (held-out ppl) | " + " | ".join(
+        ", ".join((f"**{k}: {v:.3f}**" if v == min(s.values()) else f"{k}: {v:.3f}") for k, v in s.items()) or "-"
+        for s in searches) + " |"]
 
 
 def markdown_table(results: dict) -> str:
