@@ -115,8 +115,8 @@ def federate(cfg: dict, out_dir: str | Path | None = None, make_dispatcher=None,
                 log(f"[{ctx.name}] lr search {method}: lr={float(cand):g} held-out mean ppl {r['ppl']['mean']:.3f}")
             lr = float(min(search, key=search.get))
         r = FederatedRun(ctx, method, dispatcher, out / method, lr=lr, log=log, stage_a_dir=out / "stage_a").run()
-        entry = {k: r[k] for k in ("ppl", "train_tokens_per_s", "lr", "rounds", "gate_rounds", "gate_effective_experts",
-                                   "gate_max_weight") if k in r}
+        entry = {k: r[k] for k in ("ppl", "train_tokens_per_s", "lr", "rounds", "gate_rounds")}
+        entry.update({k: r[k] for k in ("gate_effective_experts", "gate_max_weight") if k in r})  # gated mops only
         entry["wall_s"] = time.perf_counter() - t0
         entry["history"] = [{k: v for k, v in h.items() if k != "client_metrics"} for h in r["history"]]
         if search:
