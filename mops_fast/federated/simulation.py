@@ -22,6 +22,7 @@ import torch
 from mops_fast.federated.client import STAGE_GATE, STAGE_TRAIN, set_state
 from mops_fast.federated.server import FederatedServer
 from mops_fast.hf.adapter import save_adapter, trained_adapter
+from mops_fast.train.evaluate import gate_result_keys
 
 CKPT = "fed_checkpoint.pt"
 
@@ -243,9 +244,7 @@ class FederatedRun:
             final = {"ppl": ev["ppl"], "train_tokens_per_s": tokens / train_s if train_s else None,
                      "lr": float(ctx.method_train(name, self.lr)["lr"]), "rounds": self.rounds,
                      "gate_rounds": self.gate_rounds}
-            if "gate" in ev:  # how many experts the global gate uses on the test records
-                final.update(gate_effective_experts=ev["gate"]["effective_experts"],
-                             gate_max_weight=ev["gate"]["max_weight"])
+            final.update(gate_result_keys(ev))  # how many experts the global gate uses on the test records
             if self.out is not None:
                 save_adapter(ctx.model, self.out / "adapter")  # the trained global adapter, loadable as usual
             self._save(server, progress, history, final=final)

@@ -57,3 +57,10 @@ def evaluate_perplexity(model, tokenizer, records: list[dict], *, batch_size: in
         out["gate"] = {"max_weight": torch.cat(gate_max).mean().item(),
                        "effective_experts": torch.cat(gate_eff).mean().item()}
     return out
+
+
+def gate_result_keys(res: dict) -> dict:
+    """A result entry's gate keys from an evaluate_perplexity result: {} where it measured no gate."""
+    if "gate" not in res:
+        return {}
+    return {"gate_effective_experts": res["gate"]["effective_experts"], "gate_max_weight": res["gate"]["max_weight"]}

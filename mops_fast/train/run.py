@@ -23,7 +23,7 @@ from mops_fast.hf.lora import LoraSettings, attach_lora
 from mops_fast.hf.loading import load_model
 from mops_fast.machine import machine_record
 from mops_fast.train.data import Formatter, collate, load_records, per_category, select_categories
-from mops_fast.train.evaluate import evaluate_perplexity
+from mops_fast.train.evaluate import evaluate_perplexity, gate_result_keys
 from mops_fast.train.report import bar_plot, markdown_table, reduction
 from mops_fast.train.trainer import Trainer, TrainConfig
 
@@ -184,10 +184,7 @@ def run_method(ctx: RunContext, method: str, log) -> dict:
     finally:
         detach_adapter(ctx.model)
     out = {"ppl": res["ppl"], "train_tokens_per_s": tps, "lr": tc.lr, "wall_s": time.perf_counter() - t0,
-           "trainable_params": trainable, "history": history}
-    if "gate" in res:
-        out["gate_effective_experts"] = res["gate"]["effective_experts"]
-        out["gate_max_weight"] = res["gate"]["max_weight"]
+           "trainable_params": trainable, "history": history, **gate_result_keys(res)}
     if search:
         out["lr_search"] = search
     return out
