@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mops_fast.config_file import dataclass_from_dict
+from mops_fast.config_file import check_keys, dataclass_from_dict
 
 # The methods a run compares (DESIGN.md §1): `none` the frozen backbone, `prompt` one deep prompt of J*L
 # tokens, `mops`; and `lora` (PEFT, hf/lora.py), the outside reference, trained only where a config names it.
@@ -48,6 +48,19 @@ def check_lr_candidates(lr_search: dict, where: str) -> None:
         if not ok:
             raise ValueError(f"{where}: lr_search.candidates{'' if k == 'candidates' else '.' + k} must be a "
                              f"non-empty list of positive learning rates, got {v!r}")
+
+
+def check_eval_config(ev, where: str, curve: bool) -> None:
+    """A run config's `eval` section: batch_size and max_length (integers >= 1) and, where the runner draws
+    a learning curve from it (`curve`, the centralized one), every (an integer >= 0)."""
+    known = {"batch_size", "max_length"} | ({"every"} if curve else set())
+    check_keys(ev or {}, known, f"{where}: eval")
+    for k in sorted(known):
+        v = (ev or {}).get(k)
+        low = 0 if k == "every" else 1
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            what = "an integer >= 0 (0: evaluate only the finished model)" if k == "every" else "an integer >= 1"
+            raise ValueError(f"{where}: eval.{k} must be {what}, got {v!r}")
 
 
 @dataclass

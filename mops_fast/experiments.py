@@ -410,15 +410,32 @@ def category_table(res: dict) -> str:
     return "\n".join(ppl_table_lines({**res, "methods": {m: res["methods"][m] for m in order}}))
 
 
-def round_curves(res: dict) -> dict[str, list[tuple[int, float]]]:
-    """Per-round mean perplexity (round test subset) of each federated method."""
+def curves(res: dict) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    """Each method's mean perplexity over training: ("round", ...) per federated round on the round test
+    subset (the final full-test evaluation is another record set, left out), or ("step", ...) every
+    `eval.every` centralized steps on the test records, the finished model's evaluation included."""
+    unit = "round" if res.get("setting") == "federated" else "step"
     out = {}
     for m, entry in res.get("methods", {}).items():
-        pts = [(h["round"], h["ppl"]["mean"]) for h in entry.get("history") or []
-               if h.get("stage") == "eval" and not h.get("final") and "ppl" in h]
+        pts = [(h[unit], h["ppl"]["mean"]) for h in entry.get("history") or []
+               if h.get("stage") == "eval" and not h.get("final") and "ppl" in h and unit in h]
         if pts:
             out[m] = sorted(pts)
-    return out
+    return unit, out
+
+
+def curve_table(res: dict) -> list[str]:
+    """The curves as a table, a row per round or step (empty when the run recorded none)."""
+    unit, cs = curves(res)
+    if not cs:
+        return []
+    xs = sorted({x for pts in cs.values() for x, _ in pts})
+    where = "round test subset" if unit == "round" else "test records"
+    lines = [f"Mean perplexity over training ({where}):", "", f"| {unit} | " + " | ".join(cs) + " |",
+             "| ---: |" + " ---: |" * len(cs)]
+    for x in xs:
+        lines.append(f"| {x} | " + " | ".join(_fmt(dict(pts).get(x)) for pts in cs.values()) + " |")
+    return lines + [""]
 
 
 def _plots(res: dict, img_dir: Path, stem: str) -> list[Path]:
@@ -433,18 +450,18 @@ def _plots(res: dict, img_dir: Path, stem: str) -> list[Path]:
 
     img_dir.mkdir(parents=True, exist_ok=True)
     paths = [bar_plot(res, img_dir / f"{stem}-ppl.png")]
-    curves = round_curves(res)
-    if curves:
+    unit, cs = curves(res)
+    if cs:
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for m, pts in curves.items():
+        for m, pts in cs.items():
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o", label=m)
-        ax.set_xlabel("round")
-        ax.set_ylabel("mean response perplexity (round test subset)")
-        ax.set_title(f"{stem}: perplexity per round", fontsize=9)
+        ax.set_xlabel(unit)
+        ax.set_ylabel("mean response perplexity" + (" (round test subset)" if unit == "round" else ""))
+        ax.set_title(f"{stem}: perplexity per {unit}", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        p = img_dir / f"{stem}-rounds.png"
+        p = img_dir / f"{stem}-{unit}s.png"
         fig.savefig(p, dpi=120)
         plt.close(fig)
         paths.append(p)
@@ -590,6 +607,7 @@ def write_report(grids: list[dict], path: Path, img_dir: Path, title: str | None
                 continue
             stem = f"{grid['name']}-{grid['_mode']}-{c.name}"
             out += [f"### {c.name}", "", _describe(res), "", category_table(res)] + reduction_lines(res) + [""]
+            out += curve_table(res)
             for p in _plots(res, img_dir, stem):
                 out += [f"![{p.stem}]({rel}/{p.name})", ""]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -326,11 +326,28 @@ def test_category_table_shows_each_learning_rate_search():
 
 
 def test_round_curves_skip_final_eval():
-    res = {"methods": {"mops": {"history": [{"stage": "B"}, {"stage": "eval", "round": 2, "ppl": {"mean": 3.0}},
+    res = {"setting": "federated",
+           "methods": {"mops": {"history": [{"stage": "B"}, {"stage": "eval", "round": 2, "ppl": {"mean": 3.0}},
                                             {"stage": "eval", "round": 1, "ppl": {"mean": 4.0}},
                                             {"stage": "eval", "round": 2, "final": True, "ppl": {"mean": 9.0}}]},
                        "none": {"ppl": {"mean": 1.0}}}}
-    assert ex.round_curves(res) == {"mops": [(1, 4.0), (2, 3.0)]}
+    assert ex.curves(res) == ("round", {"mops": [(1, 4.0), (2, 3.0)]})
+
+
+def test_step_curves_table_and_plot(tmp_path):
+    hist = lambda pts: [{"stage": "B", "step": 5, "loss": 2.0}] + [
+        {"stage": "eval", "step": s, "ppl": {"mean": v}} for s, v in pts]
+    res = {"setting": "centralized", "methods": {
+        "prompt": {"ppl": {"a": 5.0, "mean": 5.0}, "history": hist([(20, 7.0), (10, 9.0), (30, 5.0)])},
+        "mops": {"ppl": {"a": 4.0, "mean": 4.0}, "history": hist([(10, 8.0), (30, 4.0)])},
+        "none": {"ppl": {"a": 6.0, "mean": 6.0}}}}
+    assert ex.curves(res) == ("step", {"prompt": [(10, 9.0), (20, 7.0), (30, 5.0)], "mops": [(10, 8.0), (30, 4.0)]})
+    lines = ex.curve_table(res)
+    assert lines[2:4] == ["| step | prompt | mops |", "| ---: | ---: | ---: |"]
+    assert lines[4:7] == ["| 10 | 9.000 | 8.000 |", "| 20 | 7.000 | - |", "| 30 | 5.000 | 4.000 |"]
+    assert ex.curve_table({"setting": "centralized", "methods": {"none": {"ppl": {"mean": 1.0}}}}) == []
+    names = [p.name for p in ex._plots(res, tmp_path, "cell")]
+    assert names == ["cell-ppl.png", "cell-steps.png"]
 
 
 def test_shipped_grid_configs_expand():

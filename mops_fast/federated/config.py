@@ -10,8 +10,8 @@ import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mops_fast.config import (DEFAULT_METHODS, METHODS, TRAINED_METHODS, MoPsConfig, check_lr_candidates,
-                              method_overrides)
+from mops_fast.config import (DEFAULT_METHODS, METHODS, TRAINED_METHODS, MoPsConfig, check_eval_config,
+                              check_lr_candidates, method_overrides)
 from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.federated.partition import PartitionConfig
 from mops_fast.federated.strategies import StrategyConfig
@@ -109,6 +109,7 @@ def validate_config(cfg: dict) -> dict:
         if sched:
             raise ValueError(f"config: method_overrides.{m}.{sched} are set by the federated schedule")
     MoPsConfig.from_dict(cfg.get("mops") or {})  # raises on bad keys or values
+    check_eval_config(cfg.get("eval"), "config", curve=False)  # per-round evaluation: federated.eval_every
     LoraSettings.from_dict(cfg.get("lora") or {})
     unknown = set(cfg.get("flower") or {}) - FLOWER_KEYS
     if unknown:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from mops_fast.config import (DEFAULT_METHODS, METHODS, MoPsConfig, check_lr_candidates, lr_candidates,
-                              method_overrides)
+from mops_fast.config import (DEFAULT_METHODS, METHODS, MoPsConfig, check_eval_config, check_lr_candidates,
+                              lr_candidates, method_overrides)
 from mops_fast.config_file import check_keys, read_config_file
 from mops_fast.hf.adapter import detach_adapter, load_adapter, save_adapter
 from mops_fast.hf.attach import attach, init_prompts_from_kv
@@ -52,6 +52,8 @@ def check_config(cfg: dict, where: str = "config") -> dict:
         TrainConfig.from_dict({**train, **over})
     if (cfg.get("lr_search") or {}).get("candidates") is not None:
         check_lr_candidates(cfg["lr_search"], where)
+    # eval.every: also evaluate the test records every that many training steps (a learning curve)
+    check_eval_config(cfg.get("eval"), where, curve=True)
     return cfg
 
 
@@ -94,8 +96,9 @@ class RunContext:
         self.model, self.tok = load_model(cfg.get("model", "smollm2-135m"), dtype=cfg.get("dtype"))
         self.mops_cfg = MoPsConfig.from_dict(cfg.get("mops", {}))
         self.train_cfg = cfg.get("train", {})
-        self.eval_cfg = {"batch_size": 8, "max_length": self.train_cfg.get("max_length", 256),
-                         **cfg.get("eval", {})}
+        ev = dict(cfg.get("eval") or {})
+        self.eval_every = int(ev.pop("every", 0) or 0)
+        self.eval_cfg = {"batch_size": 8, "max_length": self.train_cfg.get("max_length", 256), **ev}
 
     def method_config(self, method: str) -> MoPsConfig:
         return self.mops_cfg if method == "mops" else MoPsConfig.prompt_baseline(self.mops_cfg)
@@ -170,12 +173,13 @@ def run_method(ctx: RunContext, method: str, log) -> dict:
         load_adapter(ctx.model, mdir / "adapter")
         tps, history = None, []
         prev = ctx.out / "results.json"
-        if prev.is_file():
-            tps = json.loads(prev.read_text()).get("methods", {}).get(method, {}).get("train_tokens_per_s")
+        if prev.is_file():  # keep what the training run measured (its speed, its loss and eval history)
+            entry = json.loads(prev.read_text()).get("methods", {}).get(method, {})
+            tps, history = entry.get("train_tokens_per_s"), entry.get("history") or []
     else:
         ctx.prepare(method)
         trainer = Trainer(ctx.model, ctx.tok, ctx.train, tc, out_dir=mdir, categories=ctx.categories)
-        history = trainer.train()
+        history = trainer.train(eval_fn=lambda: _curve_point(ctx.evaluate()), eval_every=ctx.eval_every)
         tps = trainer.tokens_per_s
         save_adapter(ctx.model, mdir / "adapter")
     trainable = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
@@ -183,11 +187,18 @@ def run_method(ctx: RunContext, method: str, log) -> dict:
         res = ctx.evaluate()
     finally:
         detach_adapter(ctx.model)
+    if ctx.eval_every and not any(h.get("stage") == "eval" and h.get("step") == tc.steps for h in history):
+        history = [*history, {"stage": "eval", "step": tc.steps, **_curve_point(res)}]  # the curve's last point
     out = {"ppl": res["ppl"], "train_tokens_per_s": tps, "lr": tc.lr, "wall_s": time.perf_counter() - t0,
            "trainable_params": trainable, "history": history, **gate_result_keys(res)}
     if search:
         out["lr_search"] = search
     return out
+
+
+def _curve_point(res: dict) -> dict:
+    """A learning-curve entry from an evaluation: its perplexities and gate statistics."""
+    return {"ppl": res["ppl"], **gate_result_keys(res)}
 
 
 def run(cfg: dict, log=print) -> dict:

@@ -333,7 +333,11 @@ class Trainer:
         return bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)))
 
     def train(self, eval_fn=None, eval_every: int = 0) -> list[dict]:
-        """Run stage A (if due) and stage B to cfg.steps, resuming from the checkpoint if present."""
+        """Run stage A (if due) and stage B to cfg.steps, resuming from the checkpoint if present.
+
+        `eval_fn()` (a dict) is recorded in the history every `eval_every` steps before the last one: the
+        finished model's evaluation is the caller's, which evaluates it anyway.
+        """
         cfg = self.cfg
         self.model.train()
         self.maybe_resume()
@@ -355,7 +359,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{running:.3f}")
             if cfg.log_every and self.step % cfg.log_every == 0:
                 self.history.append({"stage": "B", "step": self.step, "loss": running})
-            if eval_fn is not None and eval_every and self.step % eval_every == 0:
+            if eval_fn is not None and eval_every and self.step % eval_every == 0 and self.step < cfg.steps:
                 self.history.append({"stage": "eval", "step": self.step, **eval_fn()})
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save_checkpoint()
