@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import inspect
 import json
 import os
@@ -115,7 +116,21 @@ def compile_launch(fn, args, kwargs, cap: int) -> dict:
     ptx = kern.asm["ptx"]
     dot = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
     return {"kernel": fn.__name__, "shared": kern.metadata.shared, "regs": reg and int(reg.group(1)),
-            "stack": stack and int(stack.group(1)), "dot": dot}
+            "stack": stack and int(stack.group(1)), "dot": dot, "ptx": ptx_digest(ptx)}
+
+
+def ptx_digest(ptx: str) -> str:
+    """A digest of the PTX's instructions: the same for a refactor that leaves the generated code alone
+    (source locations, debug sections and comments are left out, as they move with the source lines)."""
+    keep = []
+    for line in ptx.splitlines():
+        t = line.split("//", 1)[0].strip()
+        if not t or t.startswith((".loc", ".file")):
+            continue
+        if t.startswith(".section") and ".debug" in t:
+            break  # the debug sections run to the end
+        keep.append(t)
+    return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- int4 suite
@@ -249,7 +264,7 @@ def main(argv=None) -> int:
         row = {"label": label, **seen[key]}
         rows.append(row)
         print(f"  {label:44s} {row['kernel']:22s} smem={row['shared']:7d} regs={row['regs']} "
-              f"stack={row['stack']} {row['dot']}", flush=True)
+              f"stack={row['stack']} {row['dot']} ptx={row['ptx']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"cap": args.cap, "suite": args.suite, "rows": rows}, indent=1))
     return 0

@@ -72,6 +72,29 @@ def test_int4_kernels_compile_without_spills(int4_rows, cap):
             assert r["dot"] in (("mma", "wgmma") if cap >= 90 else ("mma",)), f"{where} lowers to {r['dot']}"
 
 
+def test_int4_rows_carry_a_ptx_digest(int4_rows):
+    for cap in CAPS:
+        assert all(len(r["ptx"]) == 16 and int(r["ptx"], 16) >= 0 for r in int4_rows[cap])
+    by_label = [{r["label"]: r["ptx"] for r in int4_rows[cap]} for cap in CAPS]
+    assert all(by_label[0][k] != by_label[1][k] for k in by_label[0])  # sm_80 and sm_90 code differ
+
+
+def test_ptx_digest_ignores_source_locations_but_not_instructions():
+    """The digest compares a refactor's generated code with the code before it, so moved source lines
+    (.loc, .file, debug sections, comments) must not change it, and any instruction must."""
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); from offline_compile import ptx_digest as d\n"
+        "a = '.version 8.4\\n.file 1 \"x.py\"\\n.loc 1 10 0\\nadd.s32 %r1, %r2, %r3; // y = a + b\\n"
+        ".section .debug_info\\n{ .b8 1 }'\n"
+        "b = '.version 8.4\\n.file 2 \"z.py\"\\n.loc 2 99 4\\n  add.s32 %r1, %r2, %r3;\\n"
+        ".section .debug_info\\n{ .b8 7 }'\n"
+        "c = a.replace('add.s32', 'sub.s32')\n"
+        "print(d(a) == d(b), d(a) != d(c))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
+
+
 @pytest.mark.slow
 def test_attention_kernels_compile_sm90(tmp_path):
     rows = _finish(_start("attention", 90, tmp_path / "attn.json"), tmp_path / "attn.json")
