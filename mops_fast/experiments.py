@@ -34,7 +34,7 @@ from pathlib import Path
 
 from mops_fast.config import DEFAULT_METHODS, METHODS
 from mops_fast.config_file import check_keys, read_config_file
-from mops_fast.train.report import ppl_table_lines, reduction, reduction_lines
+from mops_fast.train.report import curve_table, curves, ppl_table_lines, reduction, reduction_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_KEYS = {"name", "description", "out_dir", "backbone_dir", "report", "report_images", "model", "threads",
@@ -408,34 +408,6 @@ def category_table(res: dict) -> str:
     """A cell's per-category table (the runners' own, methods in the usual order)."""
     order = [m for m in METHODS if m in res["methods"]] + [m for m in res["methods"] if m not in METHODS]
     return "\n".join(ppl_table_lines({**res, "methods": {m: res["methods"][m] for m in order}}))
-
-
-def curves(res: dict) -> tuple[str, dict[str, list[tuple[int, float]]]]:
-    """Each method's mean perplexity over training: ("round", ...) per federated round on the round test
-    subset (the final full-test evaluation is another record set, left out), or ("step", ...) every
-    `eval.every` centralized steps on the test records, the finished model's evaluation included."""
-    unit = "round" if res.get("setting") == "federated" else "step"
-    out = {}
-    for m, entry in res.get("methods", {}).items():
-        pts = [(h[unit], h["ppl"]["mean"]) for h in entry.get("history") or []
-               if h.get("stage") == "eval" and not h.get("final") and "ppl" in h and unit in h]
-        if pts:
-            out[m] = sorted(pts)
-    return unit, out
-
-
-def curve_table(res: dict) -> list[str]:
-    """The curves as a table, a row per round or step (empty when the run recorded none)."""
-    unit, cs = curves(res)
-    if not cs:
-        return []
-    xs = sorted({x for pts in cs.values() for x, _ in pts})
-    where = "round test subset" if unit == "round" else "test records"
-    lines = [f"Mean perplexity over training ({where}):", "", f"| {unit} | " + " | ".join(cs) + " |",
-             "| ---: |" + " ---: |" * len(cs)]
-    for x in xs:
-        lines.append(f"| {x} | " + " | ".join(_fmt(dict(pts).get(x)) for pts in cs.values()) + " |")
-    return lines + [""]
 
 
 def _plots(res: dict, img_dir: Path, stem: str) -> list[Path]:

@@ -1,6 +1,7 @@
 """The centralized runner's learning curve (`eval.every`): points on the test records, the finished model's
 evaluation as the last one, training unchanged by it, kept when a finished run is reused."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,10 @@ def test_curve_points_end_at_the_final_evaluation_and_leave_training_unchanged(t
         assert not _points(plain["methods"][m])
     # mops' points carry the gate's statistics
     assert all("gate_effective_experts" in h for h in curve["methods"]["mops"]["history"] if h.get("stage") == "eval")
+    # the run's own results.md tables the curve
+    md = (Path(tiny_run("curve")["out_dir"]) / "curve" / "results.md").read_text()
+    assert "| step | prompt | mops |" in md and "| 4 | " in md
+    assert "| step |" not in (Path(tiny_run("plain")["out_dir"]) / "plain" / "results.md").read_text()
     # a finished run is reused (adapters evaluated again), its curve kept
     again = run(tiny_run("curve", every=2), log=log)
     for m in ("prompt", "mops"):

@@ -57,6 +57,38 @@ def _lr_search_row(searches: list[dict]) -> list[str]:
         for s in searches) + " |"]
 
 
+def curves(res: dict) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    """Each method's mean perplexity over training: ("round", ...) per federated round on the round test
+    subset (the final full-test evaluation is another record set, left out), or ("step", ...) every
+    `eval.every` centralized steps on the test records, the finished model's evaluation included."""
+    unit = "round" if res.get("setting") == "federated" else "step"
+    out = {}
+    for m, entry in res.get("methods", {}).items():
+        pts = [(h[unit], h["ppl"]["mean"]) for h in entry.get("history") or []
+               if h.get("stage") == "eval" and not h.get("final") and "ppl" in h and unit in h]
+        if pts:
+            out[m] = sorted(pts)
+    return unit, out
+
+
+def curve_table(res: dict) -> list[str]:
+    """The curves as a table, a row per round or step (empty when the run recorded none)."""
+    unit, cs = curves(res)
+    if not cs:
+        return []
+    xs = sorted({x for pts in cs.values() for x, _ in pts})
+    where = "round test subset" if unit == "round" else "test records"
+    lines = [f"Mean perplexity over training ({where}):", "", f"| {unit} | " + " | ".join(cs) + " |",
+             "| ---: |" + " ---: |" * len(cs)]
+    for x in xs:
+        lines.append(f"| {x} | " + " | ".join(_num(dict(pts).get(x)) for pts in cs.values()) + " |")
+    return lines + [""]
+
+
+def _num(v) -> str:
+    return "-" if v is None else "%.3f" % v
+
+
 def markdown_table(results: dict) -> str:
     lines = [
         f"**{results.get('model')}** on **{results.get('data')}**, {results.get('setting')}, "
@@ -65,6 +97,9 @@ def markdown_table(results: dict) -> str:
         *ppl_table_lines(results),
     ]
     lines += reduction_lines(results)
+    table = curve_table(results)
+    if table:
+        lines += [""] + table[:-1]
     return "\n".join(lines) + "\n"
 
 
