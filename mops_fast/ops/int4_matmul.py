@@ -776,9 +776,10 @@ def _parse_steps(mode: str, raw: str) -> tuple[int, int]:
 def _pdl_enabled() -> bool:
     # Programmatic dependent launch of the small-M CUDA kernels (sm_90): each may start, and fetch its
     # weights, while the kernel before it on the stream finishes. Safe with frozen weights (only these
-    # kernels trigger early, and none writes a weight); not yet timed on a GPU, so opt-in:
-    # MOPS_FAST_INT4_PDL=1.
-    return os.environ.get("MOPS_FAST_INT4_PDL", "0") == "1"
+    # kernels trigger early, and none writes a weight). On by default: on an H200 (2026-11-28,
+    # benchmarks/results/tune_int4-nvidia-h200.json) it took a median 0.945 of the forward's time and 0.956
+    # of the backward's; MOPS_FAST_INT4_PDL=0 turns it off.
+    return os.environ.get("MOPS_FAST_INT4_PDL", "1") != "0"
 
 
 # The order QuantLinear keeps its CUDA weights in for these kernels: "gptq" (the checkpoint layout) or
