@@ -53,10 +53,11 @@ def check_lr_candidates(lr_search: dict, where: str) -> None:
 def check_eval_config(ev, where: str, curve: bool) -> None:
     """A run config's `eval` section: batch_size and max_length (integers >= 1) and, where the runner draws
     a learning curve from it (`curve`, the centralized one), every (an integer >= 0)."""
+    ev = {} if ev is None else ev
     known = {"batch_size", "max_length"} | ({"every"} if curve else set())
-    check_keys(ev or {}, known, f"{where}: eval")
+    check_keys(ev, known, f"{where}: eval")
     for k in sorted(known):
-        v = (ev or {}).get(k)
+        v = ev.get(k)
         low = 0 if k == "every" else 1
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             what = "an integer >= 0 (0: evaluate only the finished model)" if k == "every" else "an integer >= 1"

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from mops_fast import experiments as ex
+from mops_fast.train.report import history_curve
 
 CATS = ["closed_qa", "open_qa"]
 
@@ -332,6 +333,10 @@ def test_round_curves_skip_final_eval():
                                             {"stage": "eval", "round": 2, "final": True, "ppl": {"mean": 9.0}}]},
                        "none": {"ppl": {"mean": 1.0}}}}
     assert ex.curves(res) == ("round", {"mops": [(1, 4.0), (2, 3.0)]})
+    # where the round subset is the test set, the final entry is that round's only point
+    only_final = [{"stage": "eval", "round": 2, "final": True, "ppl": {"mean": 9.0}},
+                  {"stage": "eval", "round": 1, "ppl": {"mean": 4.0}}]
+    assert history_curve(only_final, "round") == [(1, 4.0), (2, 9.0)]
 
 
 def test_step_curves_table_and_plot(tmp_path):

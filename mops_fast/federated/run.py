@@ -23,7 +23,7 @@ from mops_fast.federated.context import FedContext
 from mops_fast.federated.partition import write_summary
 from mops_fast.federated.simulation import FederatedRun, atomic_write_text
 from mops_fast.machine import machine_record
-from mops_fast.train.report import ppl_table_lines, reduction, reduction_lines
+from mops_fast.train.report import history_curve, ppl_table_lines, reduction, reduction_lines
 
 
 def _log(msg: str) -> None:
@@ -46,15 +46,6 @@ def markdown_table(results: dict) -> str:
     ]
     lines += reduction_lines(results)
     return "\n".join(lines) + "\n"
-
-
-def _curve(history: list[dict]) -> list[tuple[int, float]]:
-    """Mean ppl on the round subset per round (the final full-test entry counts when it is that subset)."""
-    pts: dict[int, float] = {}
-    for h in history:
-        if h.get("stage") == "eval" and (not h.get("final") or h["round"] not in pts):
-            pts[h["round"]] = h["ppl"]["mean"]
-    return sorted(pts.items())
 
 
 def _cached_eval(ctx: FedContext, records, path: Path) -> dict:
@@ -122,7 +113,7 @@ def federate(cfg: dict, out_dir: str | Path | None = None, make_dispatcher=None,
         if search:
             entry["lr_search"] = search
         results["methods"][method] = entry
-        curves[method] = _curve(r["history"])
+        curves[method] = history_curve(r["history"], "round")
     r = reduction(results)
     if r is not None:
         results["mops_vs_prompt_reduction"] = r

@@ -57,18 +57,24 @@ def _lr_search_row(searches: list[dict]) -> list[str]:
         for s in searches) + " |"]
 
 
+def history_curve(history: list[dict] | None, unit: str) -> list[tuple[int, float]]:
+    """Mean perplexity per `unit` ("round" or "step") from a history's eval entries. A federated run's final
+    entry (the full test records) counts only for a round with no other entry: there the round subset is
+    the test records themselves, and nothing else evaluated that round."""
+    pts: dict[int, float] = {}
+    for h in history or []:
+        if h.get("stage") == "eval" and "ppl" in h and unit in h and (not h.get("final") or h[unit] not in pts):
+            pts[h[unit]] = h["ppl"]["mean"]
+    return sorted(pts.items())
+
+
 def curves(res: dict) -> tuple[str, dict[str, list[tuple[int, float]]]]:
     """Each method's mean perplexity over training: ("round", ...) per federated round on the round test
-    subset (the final full-test evaluation is another record set, left out), or ("step", ...) every
-    `eval.every` centralized steps on the test records, the finished model's evaluation included."""
+    subset, or ("step", ...) every `eval.every` centralized steps on the test records, the finished model's
+    evaluation included (history_curve)."""
     unit = "round" if res.get("setting") == "federated" else "step"
-    out = {}
-    for m, entry in res.get("methods", {}).items():
-        pts = [(h[unit], h["ppl"]["mean"]) for h in entry.get("history") or []
-               if h.get("stage") == "eval" and not h.get("final") and "ppl" in h and unit in h]
-        if pts:
-            out[m] = sorted(pts)
-    return unit, out
+    out = {m: history_curve(entry.get("history"), unit) for m, entry in res.get("methods", {}).items()}
+    return unit, {m: pts for m, pts in out.items() if pts}
 
 
 def curve_table(res: dict) -> list[str]:
