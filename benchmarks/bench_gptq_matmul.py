@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 for p in (ROOT / "benchmarks",):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
-from common import bench_cuda_graph, in_cuda_weight_order, weight_copies  # noqa: E402
+from common import bench_cuda_graph, weight_copies  # noqa: E402
 from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -228,10 +228,8 @@ def main(argv=None) -> int:
             del acts
         else:
             # the order QuantLinear would keep these weights in on this device (MOPS_FAST_INT4_CUDA_ORDER)
-            fsets = in_cuda_weight_order(qsets) if dev.name == "cuda" else qsets
-            bench(shape, "fused", "fwd", lambda i: lambda: op.int4_matmul(x, *fsets[i], GROUP), ref_f, gq)
-            bench(shape, "fused", "bwd", lambda i: lambda: op.int4_matmul_t(dy, *fsets[i], GROUP), ref_b, gq)
-            del fsets
+            bench(shape, "fused", "fwd", lambda i: lambda: op.int4_matmul(x, *qsets[i], GROUP), ref_f, gq)
+            bench(shape, "fused", "bwd", lambda i: lambda: op.int4_matmul_t(dy, *qsets[i], GROUP), ref_b, gq)
         if (native_small_m or dev.name == "cpu") and M <= op.SMALL_M_NATIVE and not act_order:
             bench(shape, "fused_triton", "fwd", lambda i: lambda: op.int4_matmul_triton(x, *qsets[i], GROUP),
                   ref_f, gq)
@@ -290,7 +288,6 @@ def main(argv=None) -> int:
 
     result = {"benchmark": "gptq_matmul", "device": dev.device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "cuda": torch.version.cuda, "native_small_m": native_small_m,
-              "cuda_weight_order": op.cuda_weight_order(),
               "dispatch_settings": op.small_m_settings(),
               "skipped_cases": skipped, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

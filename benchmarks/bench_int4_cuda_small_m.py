@@ -5,9 +5,9 @@ mops_fast.ops.int4_matmul.int4_matmul_triton. LLaMA-7B shapes K x N = 4096x4096,
 11008x4096, group size 128, fp16 activations. Timing: CUDA-graph replays over input copies beyond the L2
 cache (common.bench_cuda_graph: median, p20, p80); the eager do_bench median is kept in each row.
 int4_cuda computes groups from the group size (GPTQ without act-order, what QuantLinear passes) and
-launches what the dispatch would: the variant (steps), programmatic dependent launch and weight order
-of mops_fast.ops.int4_matmul's settings (MOPS_FAST_INT4_FWD_STEPS / _BWD_STEPS / _PDL / _CUDA_ORDER; the
-JSON records them); int4_cuda_gidx reads the groups from g_idx (the act-order path). Mode bwd: dx = dy W, the CUDA small-M backward
+launches what the dispatch would: the variant (steps), the K split and programmatic dependent launch
+of mops_fast.ops.int4_matmul's settings (MOPS_FAST_INT4_FWD_STEPS / _FWD_KSPLIT / _PDL; the JSON records
+them); int4_cuda_gidx reads the groups from g_idx (the act-order path). Mode bwd: dx = dy W, the CUDA small-M backward
 (csrc/cuda/int4_small_m_t.cu) against dy @ W16 and the Triton backward kernel.
 
   python benchmarks/bench_int4_cuda_small_m.py --out DIR    -> DIR/int4_cuda_small_m-<gpu slug>.json
@@ -31,7 +31,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from common import bench_cuda_graph, in_cuda_weight_order, random_int4_layer, weight_copies  # noqa: E402
+from common import bench_cuda_graph, random_int4_layer, weight_copies  # noqa: E402
 from mops_fast.machine import slug  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -62,7 +62,7 @@ def main() -> int:
         print("Triton not importable: the int4_triton rows are skipped")
     # what the dispatch launches (the same functions it asks)
     settings = op.small_m_settings()
-    pdl, tiled = settings["pdl"], settings["cuda_weight_order"] == "tiled"
+    pdl = settings["pdl"]
     print("dispatch settings (M <= 8, M > 8):", settings)
 
     t_start = time.time()
@@ -91,24 +91,21 @@ def main() -> int:
         # copies for graph timing: the bytes one graph cycles through exceed twice the L2 cache
         qsets, hsets = weight_copies(packed, W16)
         n_q, n_h = len(qsets), len(hsets)
-        # the int4_cuda rows' weights: in the order the dispatch's QuantLinear would keep them
-        dsets = in_cuda_weight_order(qsets)
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             dy = torch.randn(M, N, device=dev, dtype=torch.float16)
             modes = {  # mode -> (reference, {name: (factory over input copies, copies)})
                 "fwd": (x.float() @ W16.float().t(), {
                     "int4_cuda": (lambda i: lambda: native.int4_cuda_small_m_validated(
-                        x, *dsets[i], K, N, G, group_size=GROUP, steps=op.small_m_steps("fwd", M), tiled=tiled,
-                        pdl=pdl), n_q),
+                        x, *qsets[i], K, N, G, group_size=GROUP, steps=op.small_m_knob("fwd_steps", M),
+                        ksplit=op.small_m_knob("fwd_ksplit", M), pdl=pdl), n_q),
                     "int4_cuda_gidx": (lambda i: lambda: native.int4_cuda_small_m_validated(
                         x, *qsets[i], K, N, G), n_q),
                     "fp16_matmul": (lambda i: lambda: x @ hsets[i].t(), n_h),
                 }),
                 "bwd": (dy.float() @ W16.float(), {
                     "int4_cuda": (lambda i: lambda: native.int4_cuda_small_m_t_validated(
-                        dy, *dsets[i][:3], K, N, G, GROUP, steps=op.small_m_steps("bwd", M), tiled=tiled,
-                        pdl=pdl), n_q),
+                        dy, *qsets[i][:3], K, N, G, GROUP, pdl=pdl), n_q),
                     "fp16_matmul": (lambda i: lambda: dy @ hsets[i], n_h),
                 }),
             }
@@ -144,7 +141,7 @@ def main() -> int:
                     sp = "  ".join(f"vs {k}: {v / res['int4_cuda']:.2f}x" for k, v in res.items() if k != "int4_cuda")
                 print(f"K={K:5d} N={N:5d} M={M:2d} {mode}  {line}  {sp}", flush=True)
             write()
-        del packed, W16, qsets, hsets, dsets
+        del packed, W16, qsets, hsets
     write()
     print(f"wrote {path} in {time.time() - t_start:.0f} s")
     return 0

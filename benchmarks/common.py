@@ -171,17 +171,6 @@ def copies_beyond_l2(bytes_per_set: int, l2_bytes: int | None = None, at_most: i
     return max(1, min(at_most, -(-2 * l2_bytes // max(bytes_per_set, 1))))
 
 
-def in_cuda_weight_order(qsets: list) -> list:
-    """The packed weight sets with qweight in the order QuantLinear keeps CUDA weights in
-    (mops_fast.ops.int4_matmul.cuda_weight_order): what the dispatch reads in a model."""
-    from mops_fast.ops.int4_matmul import cuda_weight_order
-    from mops_fast.quant.pack import tile_qweight
-
-    if cuda_weight_order() != "tiled":
-        return qsets
-    return [(tile_qweight(q[0]), *q[1:]) for q in qsets]
-
-
 def weight_copies(packed, W16, graphs: bool = True):
     """(int4 sets, fp16 weights): the packed weight (qweight, qzeros, scales, g_idx) and its fp16
     dequantization, each copied until a graph cycling through the copies reads beyond twice the L2 cache

@@ -3,14 +3,18 @@ of docs/gpu_session.md, so that a GPU session spends its minutes running, not re
 
   python benchmarks/decide_int4.py benchmarks/results/tune_int4-<gpu>.json
 
-Prints, per small-M shape: fp16 matmul's time, the current default's (`steps=0`) speedup over it, and each
-small-M CUDA variant's time relative to the default (below 1 is faster), forward and backward; the
-read-only floor (`read[...]` rows) in TB/s beside the best forward's rate over the same weight bytes, and
-the fixed cost of a graph node (mode "floor" rows: each kernel on a 34 KB weight). Then
-one line per question: the fastest forward variant per M where it beats the default by more than `--margin`
-on every shape, whether the tiled order and PDL win (median ratio over the shapes and variants they were
-timed with), and the backward's best variant; last, all of it as the dispatch's settings (steps per M
-bracket, M <= 8 and M > 8, as the kernels' defaults split), which `--env FILE` writes as shell exports.
+Prints, per small-M shape: fp16 matmul's time, the dispatch default's speedup over it, and each small-M CUDA
+variant's time relative to that default (below 1 is faster), forward and backward; the read-only floor
+(`read[...]` rows) in TB/s beside the best forward's rate over the same weight bytes, and the fixed cost of
+a graph node (mode "floor" rows: each kernel on a 34 KB weight). Then one line per question: per M, the
+forward steps variant and the K split that beat the default by more than `--margin` on every shape, and
+whether PDL wins (median ratio over the pairs timed with and without it); last, all of it as the dispatch's
+settings per M bracket (M <= 8 and M > 8, as the kernels' defaults split), which `--env FILE` writes as
+shell exports (mops_fast/ops/int4_matmul.py: SMALL_M_KNOBS, _pdl_enabled).
+
+The default a variant is measured against is the dispatch's launch: `steps=0` with `pdl` where the file has
+PDL rows (PDL is on by default since 2026-11-28), else `steps=0`. Files written before 2026-11-29 name
+variants dropped since (streamed steps 32-38, the tiled order); they are reported, never chosen.
 """
 from __future__ import annotations
 
@@ -25,23 +29,25 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NATIVE = re.compile(r"native\[steps=(-?\d+)(?:,warps=(\d+))?(?:,gs=(\d+))?((?:,\w+)*)\]")
+NATIVE = re.compile(r"native\[steps=(-?\d+)(?:,warps=(\d+))?(?:,ksplit=(\d+))?(?:,gs=(\d+))?((?:,\w+)*)\]")
 GROUP = 128
 MAX_REL_ERR = 2e-2  # tune_int4_gpu.py flags a row BAD above this error against the fp32 product
 
 
 def parse_native(impl: str) -> dict | None:
-    """native[steps=S,warps=W,gs=G,tiled,pdl] -> {"steps", "warps", "gs", "tiled", "pdl"}; None otherwise."""
+    """native[steps=S,warps=W,ksplit=K,gs=G,flags] -> {"steps", "warps", "ksplit", "gs", "tiled", "pdl"}; None
+    otherwise (warps, ksplit and gs may be absent: 0, 0 and GROUP)."""
     m = NATIVE.fullmatch(impl)
     if not m:
         return None
-    flags = set(filter(None, m.group(4).split(",")))
-    return {"steps": int(m.group(1)), "warps": int(m.group(2) or 0), "gs": int(m.group(3) or GROUP),
-            "tiled": "tiled" in flags, "pdl": "pdl" in flags}
+    flags = set(filter(None, m.group(5).split(",")))
+    return {"steps": int(m.group(1)), "warps": int(m.group(2) or 0), "ksplit": int(m.group(3) or 0),
+            "gs": int(m.group(4) or GROUP), "tiled": "tiled" in flags, "pdl": "pdl" in flags}
 
 
 def variant_name(v: dict) -> str:
-    return (f"steps={v['steps']}" + (f",warps={v['warps']}" if v["warps"] else "") + (",tiled" if v["tiled"] else "")
+    return (f"steps={v['steps']}" + (f",warps={v['warps']}" if v["warps"] else "")
+            + (f",ksplit={v['ksplit']}" if v["ksplit"] else "") + (",tiled" if v["tiled"] else "")
             + (",pdl" if v["pdl"] else ""))
 
 
@@ -79,19 +85,21 @@ def collect(rows: list[dict]):
 
 def analyze(rows: list[dict]) -> dict:
     """The comparisons the verdicts rest on: per-shape lines, {mode: {M: [{variant: time / default's}]}} over
-    plain variants (no tiled, no pdl), and the tiled / PDL pairs' time ratios."""
+    the variants launched as the dispatch would (the kernel's own warps, the default's PDL setting), and the
+    PDL pairs' time ratios."""
     table, floors, node, wrong = collect(rows)
     lines, by_m = [], {"fwd": {}, "bwd": {}}
-    tiled_gain, pdl_gain = [], {"fwd": [], "bwd": []}
+    pdl_gain = {"fwd": [], "bwd": []}
     for (K, N, M), cell in sorted(table.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
         for mode in ("fwd", "bwd"):
             nat, fp16 = cell["native"][mode], cell["fp16"].get(mode)
-            if "steps=0" not in nat or fp16 is None:
+            default = "steps=0,pdl" if "steps=0,pdl" in nat else "steps=0"
+            if default not in nat or fp16 is None:
                 continue
-            base = nat["steps=0"][1]
+            base = nat[default][1]
             rel = {name: ms / base for name, (_, ms) in nat.items()}
             best = min(nat, key=lambda n: nat[n][1])
-            line = (f"{mode} M={M:<2d} {K}x{N}: fp16 {fp16 * 1e3:6.1f} us, default {base * 1e3:6.1f} us "
+            line = (f"{mode} M={M:<2d} {K}x{N}: fp16 {fp16 * 1e3:6.1f} us, default ({default}) {base * 1e3:6.1f} us "
                     f"= {fp16 / base:4.2f}x fp16; best {best} {nat[best][1] * 1e3:6.1f} us = "
                     f"{fp16 / nat[best][1]:4.2f}x fp16")
             if mode == "fwd":
@@ -99,46 +107,72 @@ def analyze(rows: list[dict]) -> dict:
             lines.append(line)
             lines.append("    " + "  ".join(f"{n} {r:.3f}" for n, r in sorted(rel.items(), key=lambda kv: kv[1])))
             for name, (v, ms) in nat.items():
-                if v["tiled"] and variant_name({**v, "tiled": False}) in nat:
-                    tiled_gain.append(ms / nat[variant_name({**v, "tiled": False})][1])
                 if v["pdl"] and variant_name({**v, "pdl": False}) in nat:
                     pdl_gain[mode].append(ms / nat[variant_name({**v, "pdl": False})][1])
-            # the steps verdicts weigh the kernels' own launches (forced warps are for comparison only)
+            # the verdicts weigh launches the dispatch can make: the kernel's own warps, GPTQ order, and the
+            # default's PDL setting (forced warps are for comparison only)
+            want_pdl = default.endswith(",pdl")
             by_m[mode].setdefault(M, []).append(
-                {n: r for n, r in rel.items() if not (nat[n][0]["tiled"] or nat[n][0]["pdl"] or nat[n][0]["warps"])})
-    return {"floors": floors, "node": node, "lines": lines, "by_m": by_m, "tiled": tiled_gain, "pdl": pdl_gain,
-            "wrong": wrong}
+                {n: r for n, r in rel.items()
+                 if not (nat[n][0]["tiled"] or nat[n][0]["warps"]) and nat[n][0]["pdl"] == want_pdl})
+    return {"floors": floors, "node": node, "lines": lines, "by_m": by_m, "pdl": pdl_gain, "wrong": wrong}
 
 
-def winner(shapes: list[dict], margin: float) -> tuple[float, str] | None:
+def winner(shapes: list[dict], margin: float, default: str) -> tuple[float, str] | None:
     """(worst ratio, variant) of the variant faster than the default by more than margin on every shape (the
     best such by its worst ratio), or None."""
     if not shapes:
         return None
-    names = set.intersection(*(set(s) for s in shapes)) - {"steps=0"}
+    names = set.intersection(*(set(s) for s in shapes)) - {default}
     wins = [(max(s[n] for s in shapes), n) for n in names if all(s[n] < 1 - margin for s in shapes)]
     return min(wins) if wins else None
 
 
-def decide(an: dict, margin: float) -> dict:
-    """What the dispatch should run: steps per M bracket (M <= 8, M > 8) forward and backward, PDL on or off,
-    the CUDA weight order; as the environment variables that make it so (mops_fast/ops/int4_matmul.py)."""
-    from mops_fast.ops.int4_matmul import SMALL_M_STEPS
+def _knob_candidates(shapes: list[dict], knob: str) -> tuple[list[dict], str]:
+    """The shapes' ratios restricted to the variants that differ from the default in `knob` only ("steps" or
+    "ksplit") and take a value the dispatch can pass (SMALL_M_KNOBS), and the default's name."""
+    from mops_fast.ops.int4_matmul import SMALL_M_KNOBS
 
-    env = {}
-    for mode, var in (("fwd", "MOPS_FAST_INT4_FWD_STEPS"), ("bwd", "MOPS_FAST_INT4_BWD_STEPS")):
-        steps = []
+    allowed = SMALL_M_KNOBS[f"fwd_{knob}"]["values"]
+    out, default = [], "steps=0"
+    for s in shapes:
+        keep = {}
+        for n, r in s.items():
+            v = parse_native(f"native[{n}]")
+            if v is None or v["tiled"]:
+                continue
+            default = "steps=0,pdl" if v["pdl"] else "steps=0"
+            other = "ksplit" if knob == "steps" else "steps"
+            if v[other] == 0 and v[knob] in allowed:
+                keep[n] = r
+        out.append(keep)
+    return out, default
+
+
+def verdicts(an: dict, margin: float) -> dict:
+    """{(knob, small): (worst ratio, variant) or None} for knob in steps / ksplit and the M brackets."""
+    out = {}
+    for knob in ("steps", "ksplit"):
         for small in (True, False):
-            # only variants the dispatch can name (older files hold dropped ones)
-            shapes = [{n: r for n, r in s.items() if int(n.split("=")[1]) in SMALL_M_STEPS[mode]}
-                      for M, ss in an["by_m"][mode].items() if (M <= 8) == small for s in ss]
-            w = winner(shapes, margin)
-            steps.append(int(w[1].split("=")[1]) if w else 0)
-        env[var] = f"{steps[0]},{steps[1]}"
+            shapes = [s for M, ss in an["by_m"]["fwd"].items() if (M <= 8) == small for s in ss]
+            cands, default = _knob_candidates(shapes, knob)
+            out[(knob, small)] = winner(cands, margin, default)
+    return out
+
+
+def decide(an: dict, margin: float) -> dict:
+    """What the dispatch should run: the forward's steps and K split per M bracket (M <= 8, M > 8) and PDL
+    on or off, as the environment variables that make it so (mops_fast/ops/int4_matmul.py)."""
+    env = {}
+    ver = verdicts(an, margin)
+    for knob, var in (("steps", "MOPS_FAST_INT4_FWD_STEPS"), ("ksplit", "MOPS_FAST_INT4_FWD_KSPLIT")):
+        vals = []
+        for small in (True, False):
+            w = ver[(knob, small)]
+            vals.append(parse_native(f"native[{w[1]}]")[knob] if w else 0)
+        env[var] = f"{vals[0]},{vals[1]}"
     gains = an["pdl"]["fwd"] + an["pdl"]["bwd"]
     env["MOPS_FAST_INT4_PDL"] = "1" if gains and statistics.median(gains) < 1 - margin else "0"
-    tiled = an["tiled"] and statistics.median(an["tiled"]) < 1 - margin
-    env["MOPS_FAST_INT4_CUDA_ORDER"] = "tiled" if tiled else "gptq"
     return env
 
 
@@ -152,21 +186,19 @@ def report(rows: list[dict], margin: float = 0.02) -> list[str]:
         out.append(f"read floor {K}x{N}: " + ", ".join(f"{k} {v:.2f} TB/s" for k, v in sorted(fl.items())))
     out += [f"WRONG RESULTS, left out: {w}" for w in an["wrong"]]
     out += an["lines"] + [""]
-    for mode, what in (("fwd", "forward"), ("bwd", "backward")):
-        for M, shapes in sorted(an["by_m"][mode].items()):
-            w = winner(shapes, margin)
-            out.append(f"{what} M={M}: {w[1]} beats the default on all {len(shapes)} shapes (worst ratio "
+    ver = verdicts(an, margin)
+    for knob in ("steps", "ksplit"):
+        for small, bracket in ((True, "M <= 8"), (False, "M > 8")):
+            w = ver[(knob, small)]
+            out.append(f"forward {knob}, {bracket}: {w[1]} beats the default on every shape (worst ratio "
                        f"{w[0]:.3f}) -> make it the default there" if w else
-                       f"{what} M={M}: the default stays (no variant faster by {margin:.0%} on every shape)")
-    if an["tiled"]:
-        g = statistics.median(an["tiled"])
-        out.append(f"tiled order: median {g:.3f} of the GPTQ order's time over {len(an['tiled'])} pairs -> "
-                   + ("make it the default of cuda_weight_order()" if g < 1 - margin else "keep GPTQ order"))
+                       f"forward {knob}, {bracket}: the default stays (no variant faster by {margin:.0%} on every "
+                       "shape)")
     for mode in ("fwd", "bwd"):
         if an["pdl"][mode]:
             g = statistics.median(an["pdl"][mode])
             out.append(f"pdl {mode}: median {g:.3f} of the time without over {len(an['pdl'][mode])} pairs -> "
-                       + ("turn _pdl_enabled() on by default" if g < 1 - margin else "leave it opt-in"))
+                       + ("keep _pdl_enabled() on" if g < 1 - margin else "turn _pdl_enabled() off by default"))
     out.append("as settings (M <= 8, M > 8): " + " ".join(f"{k}={v}" for k, v in decide(an, margin).items()))
     return out
 

@@ -18,10 +18,9 @@ from tune_int4_gpu import GROUP, make_weight  # noqa: E402
 
 from mops_fast import native  # noqa: E402
 
-# (steps hint of csrc/cuda/int4_small_m.cu launch(), tiled qweight): the default (pipelined at M = 1), the
-# streamed kernel (34: scales after the mma; 38: and x from global memory), the pipelined and streamed ones
-# on tiled weights
-VARIANTS = ((0, False), (32, False), (34, False), (38, False), (22, True), (32, True))
+# (steps, ksplit) hints of csrc/cuda/int4_small_m.cu (plan()): the default (pipelined at M = 1), the 4-step
+# kernel, and the default with K split 2 and 4 ways over thread-block clusters (sm_90)
+VARIANTS = ((0, 0), (4, 0), (0, 2), (0, 4))
 
 
 def main() -> int:
@@ -31,14 +30,15 @@ def main() -> int:
     K, N = 4096, 11008
     qw, qz, sc, gi = make_weight(K, N, seed=0)
     x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-    ref = native.int4_cuda_small_m_validated(x, qw, qz, sc, gi, K, N, sc.shape[0], group_size=GROUP)
-    qt = native.tile_qweight(qw)
-    for steps, tiled in VARIANTS:
-        y = native.int4_cuda_small_m_validated(x, qt if tiled else qw, qz, sc, gi, K, N, sc.shape[0],
-                                               group_size=GROUP, steps=steps, tiled=tiled)
+    G = sc.shape[0]
+    ref = native.int4_cuda_small_m_validated(x, qw, qz, sc, gi, K, N, G, group_size=GROUP)
+    for steps, ksplit in VARIANTS:
+        y = native.int4_cuda_small_m_validated(x, qw, qz, sc, gi, K, N, G, group_size=GROUP, steps=steps,
+                                               ksplit=ksplit)
         torch.cuda.synchronize()
         diff = (y.float() - ref.float()).abs().max().item()
-        print(f"steps={steps} tiled={tiled}: max abs diff vs default {diff:.3e}", flush=True)
+        plan = native.int4_small_m_plan(1, K, N, G, GROUP, steps=steps, ksplit=ksplit)
+        print(f"steps={steps} ksplit={ksplit} {plan}: max abs diff vs default {diff:.3e}", flush=True)
     return 0
 
 

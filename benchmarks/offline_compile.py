@@ -141,18 +141,15 @@ INT4_K, INT4_N, INT4_GROUP = 4096, 4096, 128
 def int4_launches() -> list[tuple[str, object, tuple, dict]]:
     """(label, kernel, args, kwargs) of every int4 Triton launch the dispatch can make at LLaMA-7B shapes:
     forward and backward-to-input at each tile config (M = 16 with split-K, 64, 512, 4096), fp16, bf16 and
-    fp32 activations, GPTQ and tiled weight order, grouped and act-order; the chunked path's dequantization;
-    and the bandwidth probe in both orders."""
+    fp32 activations, grouped and act-order; the chunked path's dequantization; and the bandwidth probe."""
     import bandwidth_probe
     from mops_fast.ops import int4_matmul as im
-    from mops_fast.quant.pack import tile_qweight
 
     if im._interpreting():
         raise RuntimeError("offline_compile: TRITON_INTERPRET is set; run this script in its own process")
     K, N, gs = INT4_K, INT4_N, INT4_GROUP
     G = K // gs
-    gptq = torch.empty(K // 8, N, dtype=torch.int32)
-    orders = {"gptq": gptq, "tiled": tile_qweight(gptq)}
+    qw = torch.empty(K // 8, N, dtype=torch.int32)
     qzeros = torch.empty(G, N // 8, dtype=torch.int32)
     g_idx = torch.arange(K, dtype=torch.int32) // gs
     out = []
@@ -165,28 +162,23 @@ def int4_launches() -> list[tuple[str, object, tuple, dict]]:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             scales = torch.empty(G, N, dtype=dtype if dtype != torch.float32 else torch.float16)
             dname = POINTER_TYPES[dtype]
-            for oname, qw in orders.items():
-                # group_size 0: the kernels look every row's group up (act-order; GROUPED=False)
-                for grouping, group_size in (("grouped", gs), ("act-order", 0)):
-                    if dtype == torch.float32 and oname != "gptq":
-                        continue  # the order is addressing only, covered by fp16 and bf16
-                    for M, split in ((16, 4), (64, 1), (512, 1), (4096, 1)):
-                        cfg = {"SPLIT": split}
-                        for op, fn in ((0, im.int4_matmul_triton), (1, im.int4_matmul_t_triton)):
-                            calls.clear()
-                            act = torch.empty(M, K if op == 0 else N, dtype=dtype)
-                            fn(act, qw, qzeros, scales, g_idx, group_size, config=cfg)
-                            for c in calls:
-                                out.append((f"{names[op]} {dname} {oname} {grouping} M={M} split={split}", *c))
-                    calls.clear()
-                    im.dequantize_int4_slice_triton(qw, qzeros, scales, g_idx, 0, K, 0, 2048, dtype, group_size)
-                    for c in calls:
-                        out.append((f"dequant {dname} {oname} {grouping}", *c))
+            # group_size 0: the kernels look every row's group up (act-order; GROUPED=False)
+            for grouping, group_size in (("grouped", gs), ("act-order", 0)):
+                for M, split in ((16, 4), (64, 1), (512, 1), (4096, 1)):
+                    cfg = {"SPLIT": split}
+                    for op, fn in ((0, im.int4_matmul_triton), (1, im.int4_matmul_t_triton)):
+                        calls.clear()
+                        act = torch.empty(M, K if op == 0 else N, dtype=dtype)
+                        fn(act, qw, qzeros, scales, g_idx, group_size, config=cfg)
+                        for c in calls:
+                            out.append((f"{names[op]} {dname} {grouping} M={M} split={split}", *c))
+                calls.clear()
+                im.dequantize_int4_slice_triton(qw, qzeros, scales, g_idx, 0, K, 0, 2048, dtype, group_size)
+                for c in calls:
+                    out.append((f"dequant {dname} {grouping}", *c))
     with recording(bandwidth_probe, ("_read_kernel",)) as calls:
-        for oname, qw in orders.items():
-            calls.clear()
-            bandwidth_probe.read_sum(qw, K, N, oname, ksplit=4)
-            out.append((f"read {oname}", *calls[0]))
+        bandwidth_probe.read_sum(qw, K, N, ksplit=4)
+        out.append(("read", *calls[0]))
     return out
 
 

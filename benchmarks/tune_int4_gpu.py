@@ -7,8 +7,9 @@ in flight, warps a CTA). Every variant is checked against the fp32 product befor
 Small M (<= 64): CUDA-graph replays over weight copies beyond the L2 cache (common.bench_cuda_graph);
 larger M: triton.testing.do_bench. fp16 activations, group 128, asym zeros. About 60-90 s on an H100;
 --small-native: only the small-M CUDA variants (forward and backward) beside fp16 matmul, a read-only
-kernel's speed on the same weights in GPTQ and tiled order (benchmarks/bandwidth_probe.py: the floor), and
-the fixed cost of a graph node (mode "floor": each kernel on a 34 KB weight).
+kernel's speed on the same weights (benchmarks/bandwidth_probe.py: the floor), and the fixed cost of a
+graph node (mode "floor": each kernel on a 34 KB weight). What each forward variant launched (kernel, K
+slices, warps: native.int4_small_m_plan) goes into the JSON's "plans".
 """
 from __future__ import annotations
 
@@ -31,25 +32,19 @@ GROUP = 128
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 SMALL_MS = [1, 4, 16]
 LARGE_MS = [64, 512, 4096]
-# (steps, warps, tiled, pdl) of the small-M CUDA kernel, 0 = the default (launch() in csrc/cuda/int4_small_m.cu):
-# 22 software-pipelined (two 2-step batches in flight; the M <= 8 default); 32 streamed (each warp's whole
-# slice copied into shared memory at the start, where a CTA's slices fit; else the default); 34 streamed with
-# the scales applied after the mma; 36 / 38: 32 / 34 with x read from global memory;
-# tiled: qweight in native.tile_qweight's order (each CTA's columns contiguous along K); pdl: launched as a
-# programmatic dependent of the previous call (sm_90: it starts, and the streamed kernels request their weights,
-# while that call finishes; x is read after it; the streamed kernels then size CTAs so that two grids fit at
-# once, and (32, 16, pdl) keeps the 16 warps that fill an SM alone, to tell the two effects apart; the register
-# kernels keep their warps, and (0, 8, pdl) asks whether half an SM a CTA pays off there too). The files
-# in benchmarks/results from 2026-11-26/27 hold rows of variants dropped since (steps 8, -4, -8, -22, 24, a
-# cp.async ring) under their own names.
-NATIVE_VARIANTS = [(0, 0, False, False), (22, 0, False, False), (32, 0, False, False), (34, 0, False, False),
-                   (36, 0, False, False), (38, 0, False, False),
-                   (0, 0, True, False), (32, 0, True, False),
-                   (0, 0, False, True), (32, 0, False, True), (36, 0, False, True), (32, 0, True, True),
-                   (32, 16, False, True), (32, 16, False, False), (0, 8, False, True), (0, 8, False, False)]
-# (steps, pdl) of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): 0 the register kernel, 32 streamed,
-# 33 streamed with the N slices summed in a thread-block cluster (sm_90)
-NATIVE_BWD_VARIANTS = [(0, False), (32, False), (33, False), (0, True), (33, True)]
+# (steps, warps, ksplit, pdl) of the small-M CUDA forward, 0 = the kernel's own choice (launch() and plan() in
+# csrc/cuda/int4_small_m.cu): steps 4 (batches of 4 steps; the M > 8 default) and 22 (software-pipelined; the
+# M <= 8 default); ksplit: K in that many slices, each a CTA of one thread-block cluster summed through
+# distributed shared memory (sm_90; the open question: at 4096x11008 a read-only kernel needs a 4-way K split
+# to reach 2.97 TB/s on an H200, the forward runs at 2.2x that floor), with the kernel's warps and with 4 or 8
+# forced; pdl: a programmatic dependent of the previous call (on by default since 2026-11-28), timed once
+# without to keep that verdict honest. The files in benchmarks/results hold rows of variants dropped since
+# (steps 8, -4, -8, -22, 24, 32-38, a cp.async ring, the tiled order) under their own names.
+NATIVE_VARIANTS = [(0, 0, 0, True), (0, 0, 0, False), (4, 0, 0, True), (22, 0, 0, True),
+                   (0, 0, 2, True), (0, 0, 3, True), (0, 0, 4, True), (0, 0, 8, True),
+                   (0, 4, 2, True), (0, 4, 4, True), (0, 8, 2, True), (0, 8, 4, True)]
+# pdl of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu)
+NATIVE_BWD_PDL = [True, False]
 BIG_TILES = [dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
              dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)]
@@ -111,7 +106,7 @@ def main() -> int:
     def write():
         path.write_text(json.dumps({"benchmark": "tune_int4", "device": torch.cuda.get_device_name(),
                                     "torch": torch.__version__, "triton": triton.__version__,
-                                    "cuda": torch.version.cuda, "stream_warps": stream_warps, "rows": rows},
+                                    "cuda": torch.version.cuda, "plans": plans, "rows": rows},
                                    indent=1) + "\n")
 
     weights: dict = {}
@@ -125,29 +120,27 @@ def main() -> int:
             weights[(K, N)] = (*weight_copies(packed, W16), W32)
         return weights[(K, N)]
 
-    tiled_sets: dict = {}
-    stream_warps: dict = {}  # "MxKxN" -> warps a CTA of each streamed kernel (steps 32-38; 0: it fell back)
+    plans: dict = {}  # "MxKxN" -> {variant: what it launched (native.int4_small_m_plan)}
 
     def record_read(K, N, qsets):
-        # the read-only kernel on the weight copies, per order and K split: its sums checked, then timed
+        # the read-only kernel on the weight copies, per K split: its sums checked, then timed
         from bandwidth_probe import read_sum, wrapped_sum
 
         shape, nbytes = {"M": 0, "K": K, "N": N}, qsets[0][0].numel() * 4
-        for order in ("gptq", "tiled"):
-            sets = [q[0] for q in (qsets if order == "gptq" else tiled(K, N, qsets))]
-            for ksplit in (1, 4, 16):  # 1-3 programs an SM at ksplit 1 (as the kernels' CTAs), many at 16
-                name = f"read[order={order},ksplit={ksplit}]"
-                try:
-                    ok = wrapped_sum(read_sum(sets[0], K, N, order, ksplit)) == wrapped_sum(qsets[0][0])
-                    med, p20, p80 = bench_cuda_graph([lambda q=q: read_sum(q, K, N, order, ksplit) for q in sets])
-                except Exception as e:  # noqa: BLE001 - report and go on
-                    print(f"  {name} {shape} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                rows.append({"shape": shape, "impl": name, "mode": "read", "median_ms": med, "p20_ms": p20,
-                             "p80_ms": p80, "timing": "cuda_graph", "bytes": nbytes,
-                             "tb_per_s": nbytes / (med * 1e-3) / 1e12, "checksum_ok": ok})
-                print(f"  {str(shape):40s} {name:28s} read {med * 1e3:9.1f} us  "
-                      f"{nbytes / (med * 1e-3) / 1e12:.2f} TB/s{'' if ok else '  BAD SUM'}", flush=True)
+        sets = [q[0] for q in qsets]
+        for ksplit in (1, 2, 4, 8, 16):  # 1-3 programs an SM at ksplit 1 (as the kernels' CTAs), many at 16
+            name = f"read[ksplit={ksplit}]"
+            try:
+                ok = wrapped_sum(read_sum(sets[0], K, N, ksplit)) == wrapped_sum(qsets[0][0])
+                med, p20, p80 = bench_cuda_graph([lambda q=q: read_sum(q, K, N, ksplit) for q in sets])
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"  {name} {shape} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            rows.append({"shape": shape, "impl": name, "mode": "read", "median_ms": med, "p20_ms": p20,
+                         "p80_ms": p80, "timing": "cuda_graph", "bytes": nbytes,
+                         "tb_per_s": nbytes / (med * 1e-3) / 1e12, "checksum_ok": ok})
+            print(f"  {str(shape):40s} {name:28s} read {med * 1e3:9.1f} us  "
+                  f"{nbytes / (med * 1e-3) / 1e12:.2f} TB/s{'' if ok else '  BAD SUM'}", flush=True)
 
     def record_floor():
         # The fixed cost of one graph node a kernel pays whatever it reads: each kernel on a weight of 8
@@ -160,10 +153,10 @@ def main() -> int:
         qw, qz, sc, gi = make_weight(K, N, 99)
         x = torch.randn(1, K, device="cuda", dtype=torch.float16)
         W16 = op.dequantize_int4(qw, qz, sc, gi, torch.float16)
-        fns = {"fp16": lambda: x @ W16.t(), "read[order=gptq,ksplit=1]": lambda: read_sum(qw, K, N)}
+        fns = {"fp16": lambda: x @ W16.t(), "read[ksplit=1]": lambda: read_sum(qw, K, N)}
         if has_native:
             for pdl in (False, True):
-                fns[f"native[steps=0,warps=0,gs={GROUP}{',pdl' if pdl else ''}]"] = (
+                fns[f"native[steps=0,gs={GROUP}{',pdl' if pdl else ''}]"] = (
                     lambda d=pdl: native.int4_cuda_small_m_validated(x, qw, qz, sc, gi, K, N, 1, group_size=GROUP,
                                                                      pdl=d))
         for name, fn in fns.items():
@@ -175,12 +168,6 @@ def main() -> int:
             rows.append({"shape": shape, "impl": name, "mode": "floor", "median_ms": med, "p20_ms": p20,
                          "p80_ms": p80, "timing": "cuda_graph"})
             print(f"  {str(shape):40s} {name:28s} floor {med * 1e3:9.2f} us", flush=True)
-
-    def tiled(K, N, qsets):
-        # the same weight copies with qweight in the tiled order
-        if (K, N) not in tiled_sets:
-            tiled_sets[(K, N)] = [(native.tile_qweight(q[0]), *q[1:]) for q in qsets]
-        return tiled_sets[(K, N)]
 
     if args.small_native:
         try:  # a side measurement: never the reason the variants go untimed
@@ -210,26 +197,25 @@ def main() -> int:
             record(shape, "fp16", "bwd", lambda i: lambda: dy @ hsets[i], ref_b, nh, graph)
             if M <= op.SMALL_M_NATIVE and has_native:
                 G, key = qsets[0][2].shape[0], f"{M}x{K}x{N}"
-                try:
-                    stream_warps[key] = {f"{st}{',pdl' if d else ''}": native.int4_small_m_stream_warps(
-                        M, K, N, G, GROUP, st, pdl=d) for st in (32, 34, 36, 38) for d in (False, True)}
-                except Exception as e:  # noqa: BLE001 - a report, not a measurement
-                    stream_warps[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-                print(f"  streamed kernel warps a CTA: {stream_warps[key]}", flush=True)
-                for steps, warps, tl, pdl in NATIVE_VARIANTS:
-                    sets = tiled(K, N, qsets) if tl else qsets
-                    for gs in ((GROUP, 0) if (steps, warps, tl, pdl) == (0, 0, False, False) else (GROUP,)):
-                        name = (f"native[steps={steps},warps={warps},gs={gs}{',tiled' if tl else ''}"
-                                f"{',pdl' if pdl else ''}]")
+                plans[key] = {}
+                for steps, warps, ksplit, pdl in NATIVE_VARIANTS:
+                    for gs in ((GROUP, 0) if (steps, warps, ksplit) == (0, 0, 0) and pdl else (GROUP,)):
+                        name = (f"native[steps={steps}" + (f",warps={warps}" if warps else "")
+                                + (f",ksplit={ksplit}" if ksplit else "") + f",gs={gs}{',pdl' if pdl else ''}]")
+                        try:  # a report, not a measurement
+                            plans[key][name] = native.int4_small_m_plan(M, K, N, G, gs, steps, warps, ksplit)
+                        except Exception as e:  # noqa: BLE001
+                            plans[key][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                         record(shape, name, "fwd",
-                               lambda i, s=steps, w=warps, g=gs, q=sets, t=tl, d=pdl: lambda:
-                               native.int4_cuda_small_m_validated(x, *q[i], K, N, G, group_size=g, steps=s,
-                                                                  warps=w, tiled=t, pdl=d),
+                               lambda i, s=steps, w=warps, k=ksplit, g=gs, d=pdl: lambda:
+                               native.int4_cuda_small_m_validated(x, *qsets[i], K, N, G, group_size=g, steps=s,
+                                                                  warps=w, ksplit=k, pdl=d),
                                ref_f, nq, graph)
-                for steps, pdl in NATIVE_BWD_VARIANTS:
-                    record(shape, f"native[steps={steps}{',pdl' if pdl else ''}]", "bwd",
-                           lambda i, s=steps, d=pdl: lambda: native.int4_cuda_small_m_t_validated(
-                               dy, *qsets[i][:3], K, N, G, GROUP, steps=s, pdl=d), ref_b, nq, graph)
+                print(f"  launched: {plans[key]}", flush=True)
+                for pdl in NATIVE_BWD_PDL:
+                    record(shape, f"native[steps=0{',pdl' if pdl else ''}]", "bwd",
+                           lambda i, d=pdl: lambda: native.int4_cuda_small_m_t_validated(
+                               dy, *qsets[i][:3], K, N, G, GROUP, pdl=d), ref_b, nq, graph)
             if args.small_native:
                 continue
             for unpack in (0, 1):

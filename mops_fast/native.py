@@ -18,7 +18,7 @@ API:
   int4_matmul_t_cuda_small_m(dy, ..., group_size)  dx = dy W on CUDA for M <= 16 (grouped weights)
   int4_cpu_validated, int4_cuda_small_m_validated  the same calls without the checks, for mops_fast.ops,
                               which validates each call once itself
-  tile_qweight / untile_qweight  qweight in the tiled order and back (mops_fast.quant.pack; experimental)
+  int4_small_m_plan(...)      what the CUDA small-M forward launches for a shape (benchmarks, tests)
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-from mops_fast.quant.pack import TILE_N, num_groups, tile_qweight, untile_qweight  # noqa: F401 - re-exported
+from mops_fast.quant.pack import num_groups
 
 __all__ = [
     "available",
@@ -43,9 +43,7 @@ __all__ = [
     "int4_matmul_t_cuda_small_m",
     "int4_cuda_small_m_t_validated",
     "small_m_t_supports",
-    "tile_qweight",
-    "untile_qweight",
-    "int4_small_m_stream_warps",
+    "int4_small_m_plan",
     "CUDA_SMALL_M_MAX",
     "CUDA_SMALL_M_DTYPES",
 ]
@@ -298,19 +296,18 @@ def _group_promise(op: str, group_size: int, K: int, G: int) -> int:
 
 
 def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: int, G: int,
-                                group_size: int = 0, steps: int = 0, warps: int = 0,
-                                tiled: bool = False, pdl: bool = False) -> torch.Tensor:
+                                group_size: int = 0, steps: int = 0, warps: int = 0, ksplit: int = 0,
+                                pdl: bool = False) -> torch.Tensor:
     """The CUDA small-M kernel call for a caller that has already validated what int4_matmul_cuda_small_m
     checks (mops_fast.ops does, once per call): at decode the kernel takes microseconds, so every check
     repeated in Python shows in the token rate. group_size > 0: g_idx == arange(K) // group_size (a
-    promise); steps (4: batches of 4 steps, each waited for; 22: two batches in flight, one computed
-    while the other loads; 32: each warp's whole slice streamed into shared memory at the start, 34: that
-    with the scales applied after the mma, 36 / 38: 32 / 34 with x read from global memory; launch() in
-    csrc/cuda/int4_small_m.cu; other values are refused) and warps (a CTA) override the launch the
-    kernel picks when nonzero (benchmarks/tune_int4_gpu.py). tiled: qweight is tile_qweight's layout
-    (K and N stay the weight's). pdl: launch as a programmatic dependent of the stream's previous kernel
-    (sm_90; ignored elsewhere): the kernel starts, and may fetch weights, while that kernel finishes, and
-    reads x only after it has, so the previous kernel must not write the weights."""
+    promise). steps (4: batches of 4 steps, each waited for; 22: two batches in flight, one computed while
+    the other loads), warps (a CTA) and ksplit (1-8 slices of K, each a CTA of one thread-block cluster on
+    sm_90, grouped weights only; elsewhere one slice) override the launch the kernel picks when nonzero
+    (launch() and plan() in csrc/cuda/int4_small_m.cu; benchmarks/tune_int4_gpu.py). pdl: launch as a
+    programmatic dependent of the stream's previous kernel (sm_90; ignored elsewhere): the kernel starts,
+    and may fetch weights, while that kernel finishes, and reads x only after it has, so the previous
+    kernel must not write the weights."""
     mod = _require_cuda_module("int4_matmul_cuda_small_m")
     M = x.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -320,26 +317,30 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     mod.int4_matmul_small_m(
         x.data_ptr(), _DTYPE_CODE[x.dtype], qweight.data_ptr(), qzeros.data_ptr(),
         scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G, group_size,
-        y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream, steps, warps, tiled, pdl,
+        y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream, steps, warps, ksplit, pdl,
     )
     return y
 
 
-def int4_small_m_stream_warps(M: int, K: int, N: int, G: int, group_size: int, steps: int = 32,
-                             dtype: torch.dtype = torch.float16, device: int | None = None,
-                             pdl: bool = False) -> int:
-    """Warps a CTA the streamed small-M CUDA kernel of `steps` (32, 34 folded, 36 x from global memory, 38
-    both) takes for this shape on a device (its shared memory and multiprocessors decide): 0 where that
-    launch falls back to the default kernel. pdl: launched as a programmatic dependent (sm_90), which sizes
-    CTAs so that two grids fit at once. For benchmarks and tests; group_size as int4_cuda_small_m_validated
-    takes it."""
-    mod = _require_cuda_module("int4_small_m_stream_warps")
+# the kernels of int4_small_m_plan's first field (csrc/cuda/int4_small_m.cu, Kind)
+SMALL_M_KERNELS = ("table", "batches", "pipelined")
+
+
+def int4_small_m_plan(M: int, K: int, N: int, G: int, group_size: int, steps: int = 0, warps: int = 0,
+                      ksplit: int = 0, dtype: torch.dtype = torch.float16,
+                      scales_dtype: torch.dtype = torch.float16, device: int | None = None) -> dict:
+    """What int4_cuda_small_m_validated launches with these arguments on a device: {"kernel": one of
+    SMALL_M_KERNELS, "ksplit": K slices, "warps": warps a CTA}. A ksplit hint the device cannot run (below
+    sm_90, the g_idx table path, no room for the cluster) shows here as 1. For benchmarks and tests."""
+    mod = _require_cuda_module("int4_small_m_plan")
     dev = torch.cuda.current_device() if device is None else device
-    w = mod.int4_small_m_stream_warps(M, K, N, G, group_size, _DTYPE_CODE[dtype], steps, bool(pdl), dev)
-    if w < 0:
-        raise ValueError(f"int4_small_m_stream_warps: bad arguments M={M} K={K} N={N} G={G} "
-                         f"group_size={group_size} steps={steps} {dtype}")
-    return w
+    try:
+        kind, ks, w = mod.int4_matmul_small_m_plan(M, K, N, G, group_size, _DTYPE_CODE[scales_dtype],
+                                                   _DTYPE_CODE[dtype], steps, warps, ksplit, dev)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"int4_small_m_plan: bad arguments M={M} K={K} N={N} G={G} group_size={group_size} "
+                         f"steps={steps} warps={warps} ksplit={ksplit} {dtype} scales {scales_dtype}") from e
+    return {"kernel": SMALL_M_KERNELS[kind], "ksplit": ks, "warps": w}
 
 
 def int4_matmul_t_cuda_small_m(dy, qweight, qzeros, scales, g_idx, group_size: int) -> torch.Tensor:
@@ -365,11 +366,9 @@ def small_m_t_supports(scales: torch.Tensor, group_size: int, G: int) -> bool:
 
 
 def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G: int, group_size: int,
-                                  steps: int = 0, tiled: bool = False, pdl: bool = False):
+                                  pdl: bool = False):
     """The CUDA small-M backward for a caller that has validated what int4_matmul_t_cuda_small_m checks.
-    steps=32: the streamed kernel where it applies (group_size a multiple of 64 or one group), 33: that with
-    the N slices summed in a thread-block cluster on sm_90, no workspace (benchmarks). tiled and pdl: as in
-    int4_cuda_small_m_validated (dy is read only after the previous kernel finished)."""
+    pdl: as in int4_cuda_small_m_validated (dy is read only after the previous kernel finished)."""
     mod = _require_cuda_module("int4_matmul_t_cuda_small_m")
     M = dy.shape[0]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
@@ -381,6 +380,6 @@ def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G
     mod.int4_matmul_small_m_t(
         dy.data_ptr(), _DTYPE_CODE[dy.dtype], qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(),
         _DTYPE_CODE[scales.dtype], M, K, N, G, group_size, dx.data_ptr(), 0 if ws is None else ws.data_ptr(), need,
-        dev, torch.cuda.current_stream(dy.device).cuda_stream, steps, tiled, pdl,
+        dev, torch.cuda.current_stream(dy.device).cuda_stream, pdl,
     )
     return dx

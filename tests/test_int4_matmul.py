@@ -138,21 +138,25 @@ def test_bad_impl_override_and_shapes(monkeypatch):
         op.int4_matmul(torch.randn(2, 64), qw, qz, sc, gi)
 
 
-def test_small_m_steps_from_env(monkeypatch):
-    # the small-M CUDA variants the dispatch names: the kernels' defaults unless the variables say otherwise
-    for var in ("MOPS_FAST_INT4_FWD_STEPS", "MOPS_FAST_INT4_BWD_STEPS"):
+def test_small_m_knobs_from_env(monkeypatch):
+    # the small-M CUDA forward's hints the dispatch passes: the kernel's own (0) unless the variables say
+    # otherwise, per M bracket; a value the kernel does not take is refused with the allowed ones
+    for var in ("MOPS_FAST_INT4_FWD_STEPS", "MOPS_FAST_INT4_FWD_KSPLIT", "MOPS_FAST_INT4_PDL",
+                "MOPS_FAST_INT4_NATIVE_BWD"):
         monkeypatch.delenv(var, raising=False)
-    assert [op.small_m_steps(m, M) for m in ("fwd", "bwd") for M in (1, 16)] == [0, 0, 0, 0]
-    monkeypatch.setenv("MOPS_FAST_INT4_FWD_STEPS", "32, 4")
-    monkeypatch.setenv("MOPS_FAST_INT4_BWD_STEPS", "33")
-    assert [op.small_m_steps("fwd", M) for M in (1, 8, 9, 16)] == [32, 32, 4, 4]
-    assert [op.small_m_steps("bwd", M) for M in (1, 16)] == [33, 33]
-    assert op.small_m_settings() == {"fwd_steps": [32, 4], "bwd_steps": [33, 33], "pdl": op._pdl_enabled(),
-                                     "cuda_weight_order": op.cuda_weight_order()}
-    for bad in ("22", "32,33,4", "fast", "32;4"):
-        monkeypatch.setenv("MOPS_FAST_INT4_BWD_STEPS", bad)
-        with pytest.raises(ValueError, match=r"MOPS_FAST_INT4_BWD_STEPS.*one of \(0, 32, 33\)"):
-            op.small_m_steps("bwd", 1)
+    assert [op.small_m_knob(k, M) for k in op.SMALL_M_KNOBS for M in (1, 16)] == [0, 0, 0, 0]
+    monkeypatch.setenv("MOPS_FAST_INT4_FWD_STEPS", "22, 4")
+    monkeypatch.setenv("MOPS_FAST_INT4_FWD_KSPLIT", "4")
+    assert [op.small_m_knob("fwd_steps", M) for M in (1, 8, 9, 16)] == [22, 22, 4, 4]
+    assert [op.small_m_knob("fwd_ksplit", M) for M in (1, 16)] == [4, 4]
+    assert op.small_m_settings() == {"fwd_steps": [22, 4], "fwd_ksplit": [4, 4], "pdl": True, "native_bwd": True}
+    for bad in ("5", "2,3,4", "fast", "2;4", "-1"):
+        monkeypatch.setenv("MOPS_FAST_INT4_FWD_KSPLIT", bad)
+        with pytest.raises(ValueError, match=r"MOPS_FAST_INT4_FWD_KSPLIT.*one of \(0, 1, 2, 3, 4, 6, 8\)"):
+            op.small_m_knob("fwd_ksplit", 1)
+    monkeypatch.setenv("MOPS_FAST_INT4_FWD_STEPS", "32")  # a dropped variant
+    with pytest.raises(ValueError, match=r"MOPS_FAST_INT4_FWD_STEPS.*one of \(0, 4, 22\)"):
+        op.small_m_knob("fwd_steps", 16)
 
 
 def _quant_linear(bits, K, N, group_size, act, bias, seed=0):

@@ -134,10 +134,11 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
         assert "libcudart" not in deps, f"_C_cuda should link cudart statically:\n{deps}"
 
 
-# Kernels allowed to spill, and how much (bytes a thread): the act-order small-M forward at 16 rows sits at
-# the 128-register cap (__launch_bounds__ of 512 threads) with its group table lookups; for sm_90, ptxas (CUDA
-# 13.0) gives it 8 stack bytes in GPTQ order and 16 in the tiled one (none for sm_80). Nothing else may spill.
-SPILL_ALLOWED = {"int4_small_m_kernel<{T}, 16, false, false>": 8, "int4_small_m_kernel<{T}, 16, false, true>": 16}
+# Kernels allowed to spill, and how much (bytes a thread; "{T}" stands for each activation type). None now:
+# the act-order small-M forward at 16 rows sits at the 128-register cap (__launch_bounds__ of 512 threads) and
+# spilled 8 bytes on sm_90 (ptxas, CUDA 13.0) while it also read the tiled weight order; with GPTQ order only
+# it spills nothing on either architecture.
+SPILL_ALLOWED: dict[str, int] = {}
 
 
 def _resource_usage(so: Path) -> list[tuple[str, str, int]]:

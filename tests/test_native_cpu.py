@@ -272,23 +272,3 @@ def test_int4_matmul_eager_paths_equal_the_custom_op():
     y_op.backward(dy)
     torch.testing.assert_close(y, y_op, rtol=0, atol=0)
     torch.testing.assert_close(xr.grad, xo.grad, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("R, N", [(1, 32), (7, 40), (18, 264), (512, 4096)])
-def test_tile_qweight_places_each_word_and_inverts(R, N):
-    # the small-M CUDA kernel's tiled order: word (r, n) at [n // 32, r, n % 32], columns past N zero
-    q = torch.randint(-2**31, 2**31 - 1, (R, N), dtype=torch.int32, generator=torch.Generator().manual_seed(R + N))
-    t = native.tile_qweight(q)
-    assert t.shape == (-(-N // 32), R, 32) and t.is_contiguous()
-    r, n = torch.meshgrid(torch.arange(R), torch.arange(N), indexing="ij")
-    assert torch.equal(t[n // 32, r, n % 32], q)
-    if N % 32:
-        assert not t[-1, :, N % 32:].any()
-    assert torch.equal(native.untile_qweight(t, N), q)
-
-
-def test_tile_qweight_refuses_other_shapes():
-    with pytest.raises(ValueError, match="2-D int32 qweight"):
-        native.tile_qweight(torch.zeros(4, 8))
-    with pytest.raises(ValueError, match=r"need \(2, K/8, 32\) for N=40"):
-        native.untile_qweight(torch.zeros(1, 4, 32, dtype=torch.int32), 40)

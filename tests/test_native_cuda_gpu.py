@@ -88,25 +88,19 @@ def test_awkward_shapes(K, N, group, kw, M):
                    group_size=group or -1)
 
 
-@pytest.mark.parametrize("steps, warps", [(4, 0), (4, 4), (4, 3), (4, 16), (22, 0), (22, 3), (22, 16),
-                                          (32, 0), (32, 3), (32, 8), (34, 0), (34, 5), (36, 0), (38, 0), (38, 3)])
-def test_launch_overrides_compute_the_same(steps, warps):
-    # the launch variants the benchmarks time: every one must compute the product
+@pytest.mark.parametrize("steps, warps, ksplit", [(4, 0, 0), (4, 4, 0), (4, 3, 0), (4, 16, 0), (22, 0, 0), (22, 3, 0),
+                                                  (22, 16, 0), (0, 0, 2), (0, 0, 3), (4, 0, 4), (22, 0, 8), (0, 4, 4),
+                                                  (22, 3, 2), (4, 16, 6)])
+def test_launch_overrides_compute_the_same(steps, warps, ksplit):
+    # the launch variants the benchmarks time: every one must compute the product (a K split, on sm_90, sums
+    # its slices in another order: close, not the same bits)
     qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
     for M in (1, 3, 8, 13):  # 8- and 16-row tiles
         x = torch.randn(M, 4096, device="cuda", dtype=torch.float16)
         want = native.int4_matmul_cuda_small_m(x, qw, qz, s, g)  # the g_idx table kernel
         y = native.int4_cuda_small_m_validated(x, qw, qz, s, g, 4096, 11008, 32, group_size=128, steps=steps,
-                                               warps=warps)
-        if steps in (34, 38):
-            # scales applied after the mma round differently (no 16-bit weight, fp32 sums of codes offset by
-            # the magic number), so the bits differ from the other kernels': about as close to float64
-            ref = x.double() @ _dequant_t(qw, qz, s, g)
-            _assert_matches(y, ref, x.dtype, f"M={M} steps={steps} warps={warps}")
-            err, err_table = ((t.double() - ref).abs().max().item() for t in (y, want))
-            assert err <= 2 * err_table, (M, steps, warps, err, err_table)
-        else:
-            assert torch.allclose(y.float(), want.float(), rtol=1e-3, atol=1e-3), (M, steps, warps)
+                                               warps=warps, ksplit=ksplit)
+        assert torch.allclose(y.float(), want.float(), rtol=1e-3, atol=1e-3), (M, steps, warps, ksplit)
 
 
 @functools.lru_cache(maxsize=4)
@@ -115,24 +109,24 @@ def _dequant_t(qw, qz, s, g):
     return dequant_f64(qw, qz, s, g).t().contiguous()
 
 
-@pytest.mark.parametrize("steps", [22, 32, 34, 36, 38])
+@pytest.mark.parametrize("steps, ksplit", [(22, 0), (4, 0), (22, 3), (4, 2), (22, 8)])
 @pytest.mark.parametrize(
     "K, N, group, kw",
     [
-        (576, 40, 128, {}),                                       # short last group, one CTA, 18 rows
+        (576, 40, 128, {}),                                       # short last group, one CTA, 18 rows (5 steps)
         (4104, 264, 64, {"sym": True}),                           # K not a multiple of 32, partial tile
         (1024, 72, None, {"scales_dtype": torch.bfloat16}),       # one group
         (11008, 4096, 128, {}),                                   # down_proj: 16 warps, long slices
         (4096, 520, 32, {}),                                      # group 32: a group a step, many groups a warp
-        (16384, 64, 128, {}),                                     # 256 KB of weights a CTA: 32 falls back
-        (4104, 136, 16, {}),                                      # group 16: a step spans groups, 34 is 32
+        (16384, 64, 128, {}),                                     # 2 column tiles, 512 steps
+        (4104, 136, 16, {}),                                      # group 16: a step spans groups
     ],
     ids=["K576N40", "K4104N264", "onegroup", "down_proj", "g32", "K16384", "g16"],
 )
-def test_pipelined_variants_awkward_shapes(steps, K, N, group, kw):
-    # two batches in flight per warp, or the whole slice streamed through shared memory (32; 34 with the scales applied after the mma; 36 / 38 with x from
-    # global memory): slices whose step count is odd, shorter than one batch or one chunk, or ends inside
-    # a batch
+def test_grouped_variants_awkward_shapes(steps, ksplit, K, N, group, kw):
+    # batches of 4 steps, or two batches of 2 in flight per warp, each with K whole or split over a cluster
+    # (sm_90; elsewhere whole): slices whose step count is odd, shorter than one batch, or ends inside a
+    # batch, and more K slices asked for than there are steps (K576: 5)
     dev = torch.device("cuda")
     qw, qz, s, g = _weight(K, N, group, dev, seed=K + N, **kw)
     ref_w = dequant_f64(qw, qz, s, g).t()
@@ -140,57 +134,48 @@ def test_pipelined_variants_awkward_shapes(steps, K, N, group, kw):
         for M in (1, 5, 8, 11, 16):
             x = torch.randn(M, K, device=dev, dtype=dtype)
             y = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=group or K,
-                                                   steps=steps)
-            _assert_matches(y, x.double() @ ref_w, dtype, f"K={K} N={N} M={M} steps={steps} {dtype}")
+                                                   steps=steps, ksplit=ksplit)
+            _assert_matches(y, x.double() @ ref_w, dtype, f"K={K} N={N} M={M} steps={steps} ksplit={ksplit} {dtype}")
 
 
-def test_streamed_kernel_applies_where_its_slices_fit():
-    # the decode shapes the streamed kernel is built for run it (on an H100/H200: 228 KB of shared memory
-    # an SM, one wave of resident CTAs at M = 1); a slice beyond shared memory falls back to the default
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    if props.multi_processor_count < 100 or torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("sized for H100/H200-class GPUs (an A100's 164 KB a CTA does not hold 11008x4096)")
-    for K, N in ((4096, 4096), (4096, 11008), (11008, 4096)):
-        for steps in (32, 34, 36, 38):
-            assert native.int4_small_m_stream_warps(1, K, N, -(-K // 128), 128, steps) >= 2, (K, N, steps)
-            # x from global memory: the slices fit at every M
-            assert native.int4_small_m_stream_warps(16, K, N, -(-K // 128), 128, 36) >= 2, (K, N)
-    assert native.int4_small_m_stream_warps(16, 4096, 4096, 32, 128) >= 2
-    # launched as a programmatic dependent, CTAs leave room for the next grid's: at 4096x4096 (128 CTAs)
-    # fewer warps than the 16 that fill an SM's registers alone
-    alone = native.int4_small_m_stream_warps(1, 4096, 4096, 32, 128, 32)
-    assert 2 <= native.int4_small_m_stream_warps(1, 4096, 4096, 32, 128, 32, pdl=True) < alone
-    assert native.int4_small_m_stream_warps(1, 16384, 64, 128, 128) == 0  # 256 KB of weights a CTA
-    with pytest.raises(ValueError, match="bad arguments"):
-        native.int4_small_m_stream_warps(17, 4096, 4096, 32, 128)
-    with pytest.raises(ValueError, match="bad arguments"):
-        native.int4_small_m_stream_warps(1, 4096, 4096, 32, 128, steps=22)
+def test_plan_takes_the_k_split_where_it_can():
+    # what a launch runs (native.int4_small_m_plan): the K split asked for on sm_90 with grouped weights; one
+    # slice for the g_idx table path, fp32 scales, the default, and below sm_90; never more slices than steps
+    sm90 = torch.cuda.get_device_capability()[0] >= 9
+    plan = native.int4_small_m_plan
+    p = plan(1, 4096, 11008, 32, 128, ksplit=4)
+    assert p["kernel"] == "pipelined" and p["ksplit"] == (4 if sm90 else 1) and p["warps"] >= 1
+    assert plan(12, 4096, 11008, 32, 128, ksplit=2)["kernel"] == "batches"
+    assert plan(1, 4096, 11008, 32, 128, steps=4, ksplit=3)["ksplit"] == (3 if sm90 else 1)
+    assert plan(1, 4096, 11008, 32, 128)["ksplit"] == 1  # the default until a GPU run decides
+    assert plan(1, 4096, 11008, 32, 0, ksplit=4) == {"kernel": "table", "ksplit": 1,
+                                                     "warps": plan(1, 4096, 11008, 32, 0)["warps"]}
+    assert plan(1, 4096, 4096, 128, 32, ksplit=4, scales_dtype=torch.float32)["kernel"] == "table"
+    assert plan(1, 576, 40, 5, 128, ksplit=8)["ksplit"] == (5 if sm90 else 1)  # 18 packed rows: 5 steps
+    assert plan(1, 4096, 4096, 32, 128, warps=3, ksplit=2)["warps"] == 3
+    for bad in (dict(M=17), dict(ksplit=9), dict(ksplit=-1), dict(steps=32), dict(warps=-1)):
+        args = {**dict(M=1, K=4096, N=4096, G=32, group_size=128), **bad}
+        with pytest.raises(ValueError, match="bad arguments"):
+            plan(**args)
 
 
-@pytest.mark.parametrize(
-    "K, N, group, kw",
-    [
-        (576, 40, 128, {}),                                       # N not a multiple of 32: a padded tile
-        (4104, 264, 64, {"sym": True}),                           # K not a multiple of 32
-        (576, 200, 128, {"act_order": True}),                     # act-order: the g_idx table kernel
-        (4096, 11008, 128, {}),                                   # up_proj
-    ],
-    ids=["K576N40", "K4104N264", "K576N200act", "up_proj"],
-)
-def test_tiled_weights_compute_the_same(K, N, group, kw):
-    # qweight in tile_qweight's order changes only where each kernel reads a word: every launch variant
-    # gives the bits it gives on GPTQ order
-    qw, qz, s, g = _weight(K, N, group, torch.device("cuda"), seed=K + N + 2, **kw)
-    qt = native.tile_qweight(qw)
-    gs = 0 if kw.get("act_order") else group
-    for M in (1, 6, 16):
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16 if M == 6 else torch.float16)
-        for steps in (0, 4, 22, 32, 34, 38):
-            a = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=gs, steps=steps)
-            b = native.int4_cuda_small_m_validated(x, qt, qz, s, g, K, N, s.shape[0], group_size=gs, steps=steps,
-                                                   tiled=True)
+def test_k_split_is_deterministic_and_covers_every_column():
+    # the cluster's sums are added in rank order: the same bits on every call; outputs of every column tile
+    # are written (the output buffer is poisoned first)
+    K, N = 4096, 11008
+    qw, qz, s, g = _weight(K, N, 128, torch.device("cuda"), seed=21)
+    for M in (1, 16):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        first = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=128, ksplit=4)
+        junk = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)  # poison the allocator
+        del junk
+        for _ in range(3):
+            again = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=128, ksplit=4)
             torch.cuda.synchronize()
-            assert torch.equal(a, b), (K, N, M, steps)
+            assert torch.equal(again, first), M
+        _assert_matches(first, x.double() @ _dequant_t(qw, qz, s, g), x.dtype, f"ksplit=4 M={M}")
+
+
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,31 +212,26 @@ def _check_pdl_chain(chain, x0, what):
         assert torch.equal(out, chain(x0, False)), (what, trial)
 
 
-@pytest.mark.parametrize("steps", [0, 4, 22, 32, 34, 36, 38])
-def test_pdl_chain_reads_x_after_the_previous_kernel(steps):
+@pytest.mark.parametrize("steps, ksplit", [(0, 0), (4, 0), (22, 0), (0, 4), (4, 2)])
+def test_pdl_chain_reads_x_after_the_previous_kernel(steps, ksplit):
     # launched as programmatic dependents, the kernels of a chain (each layer's input the previous one's
     # output, nothing in between) may start while the previous one finishes and fetch their weights, but
-    # must read x only once it has
-    K, tiled = 1024, steps == 32
+    # must read x only once it has; with a K split every CTA of the cluster waits
+    K = 1024
     layers = _chain_layers(K, 4)
-    if tiled:
-        layers = [(native.tile_qweight(qw), qz, s, g) for qw, qz, s, g in layers]
 
     def chain(x, pdl):
         for qw, qz, s, g in layers:
             x = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, K, s.shape[0], group_size=128, steps=steps,
-                                                   tiled=tiled, pdl=pdl)
+                                                   ksplit=ksplit, pdl=pdl)
         return x
 
     for M in (1, 5, 16):
-        if steps >= 32:  # 32 CTAs: two grids fit at any warps, so the dependent launch sums in the same order
-            assert native.int4_small_m_stream_warps(M, K, K, K // 128, 128, steps, pdl=True) == \
-                native.int4_small_m_stream_warps(M, K, K, K // 128, 128, steps)
-        _check_pdl_chain(chain, torch.randn(M, K, device="cuda", dtype=torch.float16), f"steps={steps} M={M}")
+        _check_pdl_chain(chain, torch.randn(M, K, device="cuda", dtype=torch.float16),
+                         f"steps={steps} ksplit={ksplit} M={M}")
 
 
-@pytest.mark.parametrize("steps", [0, 32, 33])
-def test_pdl_backward_chain_reads_dy_after_the_previous_kernel(steps):
+def test_pdl_backward_chain_reads_dy_after_the_previous_kernel():
     # the backward's kernels (and the slices' sum where N is split: 1024 x 1024 splits) as programmatic
     # dependents, each reading the previous layer's dx as its dy
     K = 1024
@@ -259,11 +239,11 @@ def test_pdl_backward_chain_reads_dy_after_the_previous_kernel(steps):
 
     def chain(dy, pdl):
         for qw, qz, s, _ in layers:
-            dy = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, K, s.shape[0], 128, steps=steps, pdl=pdl)
+            dy = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, K, s.shape[0], 128, pdl=pdl)
         return dy
 
     for M in (1, 9):
-        _check_pdl_chain(chain, torch.randn(M, K, device="cuda", dtype=torch.float16), f"bwd steps={steps} M={M}")
+        _check_pdl_chain(chain, torch.randn(M, K, device="cuda", dtype=torch.float16), f"bwd M={M}")
 
 
 def test_stream_and_empty_and_errors():
@@ -288,10 +268,10 @@ def test_stream_and_empty_and_errors():
     with pytest.raises(ValueError, match="is on cpu"):
         native.int4_matmul_cuda_small_m(x, qw.cpu(), qz, s, g)
     # launch overrides the kernels do not have are refused, not run as the default
-    for steps, warps in ((8, 0), (-4, 0), (24, 0), (33, 0), (0, -1)):
-        with pytest.raises(RuntimeError, match="unknown steps hint|warps hint"):
+    for steps, warps, ksplit in ((8, 0, 0), (-4, 0, 0), (24, 0, 0), (32, 0, 0), (0, -1, 0), (0, 0, 9), (0, 0, -1)):
+        with pytest.raises(RuntimeError, match="unknown steps hint|warps hint|ksplit hint"):
             native.int4_cuda_small_m_validated(x, qw, qz, s, g, 512, 64, 1, group_size=128, steps=steps,
-                                               warps=warps)
+                                               warps=warps, ksplit=ksplit)
 
 
 def _check_t(dy, qw, qz, s, g, group_size, what):
@@ -328,45 +308,6 @@ def test_backward_awkward_shapes(K, N, group, kw, M):
         _check_t(dy, qw, qz, s, g, group or -1, f"backward K={K} N={N} g={group} {kw} M={M} {dtype}")
 
 
-@pytest.mark.parametrize(
-    "K, N, group",
-    [
-        (4096, 11008, 128),  # N split over 9 CTAs: partial sums and the sum kernel
-        (11008, 4096, 128),
-        (576, 40, 128),      # the last row block short; N not a multiple of 16
-        (1024, 72, None),    # one group
-        (4104, 264, 64),     # group 64: 8 packed rows, the smallest the streamed kernel takes; R % 8 != 0
-        (4096, 264, 32),     # group 32: falls back to the register kernel
-    ],
-    ids=["up_proj", "down_proj", "K576N40", "onegroup", "g64", "g32"],
-)
-@pytest.mark.parametrize("steps", [32, 33])
-def test_streamed_backward(K, N, group, steps):
-    # steps=32: each warp's slice streamed through shared memory; 33: and the N slices summed inside a
-    # thread-block cluster (sm_90; elsewhere 32). The same products as float64.
-    qw, qz, s, g = _weight(K, N, group, torch.device("cuda"), seed=K + N + 3)
-    ref_w = dequant_f64(qw, qz, s, g)
-    for M in (1, 5, 16):
-        for dtype in (torch.float16, torch.bfloat16):
-            dy = torch.randn(M, N, device="cuda", dtype=dtype)
-            dx = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, s.shape[0], group or K, steps=steps)
-            _assert_matches(dx, dy.double() @ ref_w, dtype,
-                            f"streamed backward steps={steps} K={K} N={N} g={group} M={M} {dtype}")
-
-
-@pytest.mark.parametrize("K, N, group", [(4096, 11008, 128), (576, 40, 128), (4104, 264, 64)],
-                         ids=["up_proj", "K576N40", "g64"])
-def test_tiled_backward_computes_the_same(K, N, group):
-    # the backward's kernels (register, streamed, cluster) read qweight in the tiled order: the same bits
-    qw, qz, s, g = _weight(K, N, group, torch.device("cuda"), seed=K + N + 4)
-    qt = native.tile_qweight(qw)
-    for M in (1, 7, 16):
-        dy = torch.randn(M, N, device="cuda", dtype=torch.float16)
-        for steps in (0, 32, 33):
-            a = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, s.shape[0], group, steps=steps)
-            b = native.int4_cuda_small_m_t_validated(dy, qt, qz, s, K, N, s.shape[0], group, steps=steps, tiled=True)
-            torch.cuda.synchronize()
-            assert torch.equal(a, b), (K, N, M, steps)
 
 
 def test_backward_refusals_and_dispatch(monkeypatch):
@@ -379,18 +320,13 @@ def test_backward_refusals_and_dispatch(monkeypatch):
     qw, qz, s, g = _weight(4096, 264, 32, torch.device("cuda"), scales_dtype=torch.float32, seed=6)
     with pytest.raises(ValueError, match="16-bit scales"):
         native.int4_matmul_t_cuda_small_m(torch.randn(2, 264, device="cuda", dtype=torch.float16), qw, qz, s, g, 32)
-    with pytest.raises(RuntimeError, match="unknown steps hint"):
-        native.int4_cuda_small_m_t_validated(torch.randn(2, 264, device="cuda", dtype=torch.float16), qw, qz,
-                                             s.half(), 4096, 264, s.shape[0], 32, steps=22)
     # by default the dispatch (what QuantLinear's backward calls) takes the kernel and agrees with float64
     qw, qz, s, g = _weight(4096, 11008, 128, torch.device("cuda"))
     dy = torch.randn(4, 11008, device="cuda", dtype=torch.float16)
     monkeypatch.delenv("MOPS_FAST_INT4_NATIVE_BWD", raising=False)
     _assert_matches(op.int4_matmul_t(dy, qw, qz, s, g, 128), dy.double() @ dequant_f64(qw, qz, s, g),
                     torch.float16, "dispatch, native backward by default")
-    # MOPS_FAST_INT4_PDL=1: the dispatch launches both directions as programmatic dependents (the same
-    # values; not always the same bits: a streamed kernel launched so sizes its CTAs for two grids, and
-    # fewer warps sum in another order; the PDL-chain tests compare bits at equal warps)
+    # MOPS_FAST_INT4_PDL=1 (the default): the dispatch launches both directions as programmatic dependents
     x = torch.randn(3, 4096, device="cuda", dtype=torch.float16)
     monkeypatch.setenv("MOPS_FAST_INT4_PDL", "1")
     _assert_matches(op.int4_matmul(x, qw, qz, s, g, 128), x.double() @ dequant_f64(qw, qz, s, g).t(),
@@ -399,19 +335,17 @@ def test_backward_refusals_and_dispatch(monkeypatch):
                     torch.float16, "dispatch with PDL, backward")
 
 
-def test_dispatch_takes_steps_from_env(monkeypatch):
-    # MOPS_FAST_INT4_FWD_STEPS / _BWD_STEPS (M <= 8, M > 8): the dispatch launches exactly those variants
+def test_dispatch_takes_hints_from_env(monkeypatch):
+    # MOPS_FAST_INT4_FWD_STEPS / _FWD_KSPLIT (M <= 8, M > 8): the dispatch launches exactly those variants
     from mops_fast.ops import int4_matmul as op
 
     K, N = 4096, 11008
     qw, qz, s, g = _weight(K, N, 128, torch.device("cuda"), seed=9)
     G = s.shape[0]
-    monkeypatch.setenv("MOPS_FAST_INT4_FWD_STEPS", "32,36")
-    monkeypatch.setenv("MOPS_FAST_INT4_BWD_STEPS", "33,32")
-    for M, fs, bs in ((3, 32, 33), (12, 36, 32)):
+    monkeypatch.setenv("MOPS_FAST_INT4_FWD_STEPS", "4,22")
+    monkeypatch.setenv("MOPS_FAST_INT4_FWD_KSPLIT", "3,2")
+    for M, fs, ks in ((3, 4, 3), (12, 22, 2)):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        dy = torch.randn(M, N, device="cuda", dtype=torch.float16)
         assert torch.equal(op.int4_matmul(x, qw, qz, s, g, 128),
-                           native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, G, group_size=128, steps=fs))
-        assert torch.equal(op.int4_matmul_t(dy, qw, qz, s, g, 128),
-                           native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, G, 128, steps=bs))
+                           native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, G, group_size=128, steps=fs,
+                                                              ksplit=ks))

@@ -121,43 +121,49 @@ def test_dolly_windows_half_prompt_half_response():
 
 
 def test_decide_int4_reads_a_tune_file():
-    """decide_int4 names the forward variant that wins on every shape at an M (not one that wins on some),
-    and the tiled order's and PDL's median effect, from rows shaped like tune_int4_gpu.py's."""
+    """decide_int4 names the forward steps variant and the K split that win on every shape in an M bracket
+    (not ones that win on some), measured against the dispatch's default launch (steps=0 with PDL), and PDL's
+    median effect, from rows shaped like tune_int4_gpu.py's."""
     import decide_int4
 
     rows = []
     for K, N in ((4096, 4096), (4096, 11008)):
-        rows.append({"shape": {"M": 0, "K": K, "N": N}, "impl": "read[order=gptq,ksplit=1]", "mode": "read",
+        rows.append({"shape": {"M": 0, "K": K, "N": N}, "impl": "read[ksplit=1]", "mode": "read",
                      "median_ms": 0.005, "tb_per_s": 1.7})
         for M in (1, 16):
             rows.append(_row({"M": M, "K": K, "N": N}, "fp16", "fwd", 0.030))
             rows.append(_row({"M": M, "K": K, "N": N}, "fp16", "bwd", 0.032))
-            times = {"native[steps=0,warps=0,gs=128]": 0.016, "native[steps=0,warps=0,gs=0]": 0.010,
-                     "native[steps=32,warps=0,gs=128]": 0.012 if M == 1 else 0.015,
-                     "native[steps=36,warps=0,gs=128]": 0.013 if (M == 1 or N == 4096) else 0.017,
-                     "native[steps=32,warps=0,gs=128,tiled]": 0.011 if M == 1 else 0.014,
-                     "native[steps=32,warps=0,gs=128,pdl]": 0.0123 if M == 1 else 0.0154}
+            times = {"native[steps=0,gs=128,pdl]": 0.016, "native[steps=0,gs=0,pdl]": 0.010,
+                     "native[steps=0,gs=128]": 0.0165,
+                     "native[steps=4,gs=128,pdl]": 0.0158 if M == 1 else 0.016,
+                     "native[steps=22,gs=128,pdl]": 0.014 if M == 16 else 0.017,
+                     "native[steps=0,ksplit=4,gs=128,pdl]": 0.012 if M == 1 else 0.015,
+                     "native[steps=0,ksplit=2,gs=128,pdl]": 0.013 if (M == 1 or N == 4096) else 0.017,
+                     "native[steps=0,warps=4,ksplit=4,gs=128,pdl]": 0.008,  # forced warps: never the verdict
+                     "native[steps=32,warps=0,gs=128,pdl]": 0.009}  # a dropped variant of an older file
             rows += [_row({"M": M, "K": K, "N": N}, impl, "fwd", ms) for impl, ms in times.items()]
-            rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=0]", "bwd", 0.020))
-            rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=33]", "bwd", 0.015))
+            rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=0,pdl]", "bwd", 0.020))
+            rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=0]", "bwd", 0.021))
     rows.append({"shape": {"M": 1, "K": 64, "N": 4224}, "impl": "fp16", "mode": "floor", "median_ms": 0.0031})
     for M in (1, 16):  # fastest everywhere but wrong: never chosen
-        rows.append({**_row({"M": M, "K": 4096, "N": 4096}, "native[steps=38,warps=0,gs=128]", "fwd", 0.001),
+        rows.append({**_row({"M": M, "K": 4096, "N": 4096}, "native[steps=0,ksplit=8,gs=128,pdl]", "fwd", 0.001),
                      "rel_err_vs_fp32": float("nan")})
     lines = decide_int4.report(rows)
     text = "\n".join(lines)
-    assert "forward M=1: steps=32 beats the default on all 2 shapes (worst ratio 0.750)" in text
-    # steps=36 loses at M=16 on 4096x11008, steps=32 wins there by 6.25% on both shapes
-    assert "forward M=16: steps=32 beats the default on all 2 shapes (worst ratio 0.938)" in text
-    assert "backward M=1: steps=33 beats the default" in text
-    assert "tiled order: median 0.925" in text and "make it the default" in text
-    assert "pdl fwd: median 1.026" in text and "leave it opt-in" in text
-    assert "read floor 4096x4096: read[order=gptq,ksplit=1] 1.70 TB/s" in text
+    assert "forward ksplit, M <= 8: steps=0,ksplit=4,pdl beats the default on every shape (worst ratio 0.750)" in text
+    # ksplit=2 loses at M=16 on 4096x11008, ksplit=4 wins there by 6.25% on both shapes
+    assert "forward ksplit, M > 8: steps=0,ksplit=4,pdl beats the default on every shape (worst ratio 0.938)" in text
+    assert "forward steps, M <= 8: the default stays" in text  # steps=4 wins by 1.25%: within the margin
+    assert "forward steps, M > 8: steps=22,pdl beats the default on every shape (worst ratio 0.875)" in text
+    assert "pdl fwd: median 0.970" in text and "pdl bwd: median 0.952" in text and "keep _pdl_enabled() on" in text
+    assert "read floor 4096x4096: read[ksplit=1] 1.70 TB/s" in text
     assert "graph-node floor (34 KB weight): fp16 3.10 us" in text  # not a shape of the verdicts
     assert "64x4224" not in text
-    assert "WRONG RESULTS, left out: fwd native[steps=38,warps=0,gs=128] M=1 4096x4096: rel err nan" in text
-    assert not [ln for ln in lines if "steps=38" in ln and not ln.startswith("WRONG")]
-    assert text.endswith("as settings (M <= 8, M > 8): MOPS_FAST_INT4_FWD_STEPS=32,32 MOPS_FAST_INT4_BWD_STEPS=33,33 "
-                         "MOPS_FAST_INT4_PDL=0 MOPS_FAST_INT4_CUDA_ORDER=tiled")
-    assert decide_int4.parse_native("native[steps=-22,warps=8,gs=0,tiled,pdl]") == {
-        "steps": -22, "warps": 8, "gs": 0, "tiled": True, "pdl": True}
+    assert "WRONG RESULTS, left out: fwd native[steps=0,ksplit=8,gs=128,pdl] M=1 4096x4096: rel err nan" in text
+    assert not [ln for ln in lines if "ksplit=8" in ln and not ln.startswith("WRONG")]
+    assert text.endswith("as settings (M <= 8, M > 8): MOPS_FAST_INT4_FWD_STEPS=0,22 MOPS_FAST_INT4_FWD_KSPLIT=4,4 "
+                         "MOPS_FAST_INT4_PDL=1")
+    assert decide_int4.parse_native("native[steps=-22,warps=8,ksplit=3,gs=0,tiled,pdl]") == {
+        "steps": -22, "warps": 8, "ksplit": 3, "gs": 0, "tiled": True, "pdl": True}
+    assert decide_int4.parse_native("native[steps=0,pdl]") == {
+        "steps": 0, "warps": 0, "ksplit": 0, "gs": 128, "tiled": False, "pdl": True}

@@ -16,7 +16,7 @@ PYBIND11_MODULE(_C_cuda, m) {
       "int4_matmul_small_m",
       [](uintptr_t x, int x_dtype, uintptr_t qweight, uintptr_t qzeros, uintptr_t scales,
          int scales_dtype, uintptr_t g_idx, int M, int K, int N, int G, int group_size, uintptr_t y,
-         int device, uintptr_t stream, int steps, int warps, bool tiled, bool pdl) {
+         int device, uintptr_t stream, int steps, int warps, int ksplit, bool pdl) {
         char err[256] = {0};
         int rc;
         {
@@ -26,29 +26,32 @@ PYBIND11_MODULE(_C_cuda, m) {
                                  reinterpret_cast<const int32_t*>(qzeros),
                                  reinterpret_cast<const void*>(scales), scales_dtype,
                                  reinterpret_cast<const int32_t*>(g_idx), M, K, N, G, group_size,
-                                 (tiled ? MOPS_INT4_TILED : 0) | (pdl ? MOPS_INT4_PDL : 0),
-                                 reinterpret_cast<void*>(y), device,
-                                 reinterpret_cast<void*>(stream), steps, warps, err, int(sizeof err));
+                                 pdl ? MOPS_INT4_PDL : 0, reinterpret_cast<void*>(y), device,
+                                 reinterpret_cast<void*>(stream), steps, warps, ksplit, err, int(sizeof err));
         }
         if (rc != 0) throw std::runtime_error(std::string("int4_matmul_small_m: ") + err);
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"),
       py::arg("scales_dtype"), py::arg("g_idx"), py::arg("M"), py::arg("K"), py::arg("N"),
       py::arg("G"), py::arg("group_size"), py::arg("y"), py::arg("device"), py::arg("stream"),
-      py::arg("steps") = 0, py::arg("warps") = 0, py::arg("tiled") = false, py::arg("pdl") = false,
+      py::arg("steps") = 0, py::arg("warps") = 0, py::arg("ksplit") = 0, py::arg("pdl") = false,
       "y (M,N) = x (M,K) W^T on CUDA for M <= 16; pointers and the stream as integers. group_size > 0 "
-      "promises g_idx == arange(K) / group_size; steps / warps > 0 override the tuned launch (benchmarks); "
-      "tiled: qweight in the order of mops_fast.native.tile_qweight; pdl: launched as a programmatic "
-      "dependent of the stream's previous grid (sm_90)");
+      "promises g_idx == arange(K) / group_size; steps / warps / ksplit > 0 override the tuned launch "
+      "(benchmarks); pdl: launched as a programmatic dependent of the stream's previous grid (sm_90)");
   m.def(
-      "int4_small_m_stream_warps",
-      [](int M, int K, int N, int G, int group_size, int x_dtype, int steps, bool pdl, int device) {
-        return mops_int4_small_m_stream_warps(M, K, N, G, group_size, x_dtype, steps, pdl ? 1 : 0, device);
+      "int4_matmul_small_m_plan",
+      [](int M, int K, int N, int G, int group_size, int scales_dtype, int x_dtype, int steps, int warps,
+         int ksplit, int device) {
+        int out[3] = {0, 0, 0};
+        if (mops_int4_small_m_plan(M, K, N, G, group_size, scales_dtype, x_dtype, steps, warps, ksplit, device,
+                                   out) != 0)
+          throw std::invalid_argument("int4_matmul_small_m_plan: bad arguments");
+        return py::make_tuple(out[0], out[1], out[2]);
       },
-      py::arg("M"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("group_size"), py::arg("x_dtype"),
-      py::arg("steps"), py::arg("pdl"), py::arg("device"),
-      "warps a CTA of the streamed small-M kernel (steps 32/34/36/38) for this shape, launched as a "
-      "programmatic dependent when pdl (0: it falls back to the default; -1: bad arguments)");
+      py::arg("M"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("group_size"), py::arg("scales_dtype"),
+      py::arg("x_dtype"), py::arg("steps"), py::arg("warps"), py::arg("ksplit"), py::arg("device"),
+      "(kernel, K slices, warps a CTA) int4_matmul_small_m launches for these arguments: kernel 0 the g_idx "
+      "table path, 1 batches of 4 steps, 2 software-pipelined");
   m.def(
       "int4_matmul_small_m_t_workspace",
       [](int M, int K, int N, int device) { return mops_int4_small_m_t_workspace(M, K, N, device); },
@@ -58,7 +61,7 @@ PYBIND11_MODULE(_C_cuda, m) {
       "int4_matmul_small_m_t",
       [](uintptr_t dy, int dy_dtype, uintptr_t qweight, uintptr_t qzeros, uintptr_t scales, int scales_dtype,
          int M, int K, int N, int G, int group_size, uintptr_t dx, uintptr_t workspace, long long workspace_floats,
-         int device, uintptr_t stream, int steps, bool tiled, bool pdl) {
+         int device, uintptr_t stream, bool pdl) {
         char err[256] = {0};
         int rc;
         {
@@ -68,16 +71,15 @@ PYBIND11_MODULE(_C_cuda, m) {
                                    reinterpret_cast<const int32_t*>(qzeros),
                                    reinterpret_cast<const void*>(scales), scales_dtype, M, K, N, G, group_size,
                                    reinterpret_cast<void*>(dx), reinterpret_cast<float*>(workspace),
-                                   workspace_floats, device, reinterpret_cast<void*>(stream), steps,
-                                   (tiled ? MOPS_INT4_TILED : 0) | (pdl ? MOPS_INT4_PDL : 0), err,
-                                   int(sizeof err));
+                                   workspace_floats, device, reinterpret_cast<void*>(stream),
+                                   pdl ? MOPS_INT4_PDL : 0, err, int(sizeof err));
         }
         if (rc != 0) throw std::runtime_error(std::string("int4_matmul_small_m_t: ") + err);
       },
       py::arg("dy"), py::arg("dy_dtype"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"),
       py::arg("scales_dtype"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("group_size"),
       py::arg("dx"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("device"), py::arg("stream"),
-      py::arg("steps") = 0, py::arg("tiled") = false, py::arg("pdl") = false,
+      py::arg("pdl") = false,
       "dx (M,K) = dy (M,N) W on CUDA for M <= 16, grouped weights; pointers and the stream as integers; "
-      "steps 32: the streamed kernel where it applies, 33: with cluster sums on sm_90 (benchmarks)");
+      "pdl: launched as a programmatic dependent of the stream's previous grid (sm_90)");
 }

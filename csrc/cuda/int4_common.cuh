@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <cooperative_groups.h>
+
 #include <array>
 #include <cstring>
 #include <map>
@@ -131,18 +133,35 @@ __device__ __forceinline__ bool sum_over_warps(const float (&acc)[R], float* red
   return true;
 }
 
-// Where qweight's words lie, in either order the kernels read: the word of packed row r, column n is at
-// r * row + (n / 32) * tile + n % 32. GPTQ order (K/8, N): row N, tile 32 (that is r * N + n). Tiled order
-// (ceil(N/32), K/8, 32; mops_fast.quant.pack.tile_qweight), each 32-column tile contiguous along K: row 32,
-// tile 32 K/8. Both are kernel parameters, so either order costs no register and no branch.
-struct QOrder {
-  int row, tile;
-};
-
-__host__ __device__ __forceinline__ QOrder qweight_order(bool tiled, int K, int N) { return tiled ? QOrder{32, 32 * (K / 8)} : QOrder{N, 32}; }
-
-// The column part of a word's offset, (n / 32) * tile + n % 32 (below 2^31: small_m_shape_error).
-__device__ __forceinline__ int qword_col(QOrder o, int n) { return (n >> 5) * o.tile + (n & 31); }
+// Sum R accumulators a lane over the CTAs of a thread-block cluster (sm_90), after sum_over_warps: w0 is its
+// answer (warp 0 holds its CTA's sums in tot) and red its buffer, no longer read. Rank 0 adds the other
+// CTAs' sums from their shared memory (distributed shared memory) in rank order, so the result does not
+// depend on timing. Every thread of every CTA must call it. Returns true in warp 0 of rank 0, whose tot
+// then holds the cluster's sums.
+template <int R>
+__device__ __forceinline__ bool sum_over_cluster(float (&tot)[R], float* red, bool w0, int lane) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  // warp 0 publishes its sums in its own slots of red (sum_over_warps read them; only this lane did)
+  if (w0)
+#pragma unroll
+    for (int r = 0; r < R; ++r) red[r * 32 + lane] = tot[r];
+  cluster.sync();
+  const bool lead = w0 && cluster.block_rank() == 0;
+  if (lead)
+    for (unsigned c = 1; c < cluster.num_blocks(); ++c) {
+      const float* other = cluster.map_shared_rank(red, c);
+#pragma unroll
+      for (int r = 0; r < R; ++r) tot[r] += other[r * 32 + lane];
+    }
+  cluster.sync();  // the other CTAs keep their shared memory until rank 0 has read it
+  return lead;
+#else
+  __trap();  // launched only on sm_90 and newer (DeviceInfo::sm90_features)
+  return false;
+#endif
+}
 
 // Programmatic dependent launch (sm_90). A forward kernel lets the next grid on its stream launch once
 // all of its CTAs have started (launch_dependents), and, launched as a dependent itself, reads nothing
@@ -157,64 +176,6 @@ __device__ __forceinline__ void griddep_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-}
-
-// Commit groups a lane of the streamed kernels issues its slice in (each consumed as it lands).
-constexpr int kStreamChunks = 8;
-
-// cp.async of 16, 8 or 4 bytes global -> shared; valid false writes zeros and reads nothing.
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  const int n = valid ? BYTES : 0;
-  if (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n) : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(BYTES), "r"(n)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Wait until at most n (< kStreamChunks) of this thread's commit groups are pending; n folds to a constant
-// in the unrolled chunk loop.
-__device__ __forceinline__ void cp_async_wait_pending(int n) {
-  switch (n) {
-    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
-    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
-    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
-    case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
-    case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
-  }
-}
-static_assert(kStreamChunks == 8, "cp_async_wait_pending covers 8 groups");
-
-// A lane's steps 0 .. nst-1 in kStreamChunks chunks of equal length (the last ones shorter or empty).
-__device__ __forceinline__ int stream_chunk_len(int nst) { return (nst + kStreamChunks - 1) / kStreamChunks; }
-
-// Issue copy(i) for each of a lane's nst steps, one commit group a chunk (empty ones included, so that
-// stream_consume's waits count right). Copies issued before this call join the first chunk's group.
-template <class Copy>
-__device__ __forceinline__ void stream_issue(int nst, Copy&& copy) {
-  const int cs = stream_chunk_len(nst);
-  for (int c = 0; c < kStreamChunks; ++c) {
-    for (int i = c * cs; i < min(nst, (c + 1) * cs); ++i) copy(i);
-    cp_async_commit();
-  }
-}
-
-// Run body(i) over the steps stream_issue copied, each chunk once its copies (and, after the warp
-// barrier, those of the warp's other lanes) have landed. nst must be warp-uniform (body may mma.sync).
-template <class Body>
-__device__ __forceinline__ void stream_consume(int nst, Body&& body) {
-  const int cs = stream_chunk_len(nst);
-#pragma unroll
-  for (int c = 0; c < kStreamChunks; ++c) {
-    cp_async_wait_pending(kStreamChunks - 1 - c);
-    __syncwarp();
-    for (int i = c * cs; i < min(nst, (c + 1) * cs); ++i) body(i);
-  }
 }
 
 // Shift that maps a packed qweight row to its group (row >> shift) when g_idx == arange(K) / group_size
@@ -350,8 +311,6 @@ cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, int block, si
 inline const char* small_m_shape_error(int M, int K, int N, int G) {
   if (M < 1 || M > 16) return "M must be in [1, 16]";
   if (K <= 0 || N <= 0 || K % 8 || N % 8 || G <= 0) return "need K, N > 0, multiples of 8, G > 0";
-  // word offsets in qweight are 32-bit (QOrder): up to 2^31 words (8 GiB), tile padding included
-  if (int64_t((N + 31) / 32) * 32 * (K / 8) >= (int64_t(1) << 31)) return "qweight too large (>= 2^31 words)";
   return nullptr;
 }
 

@@ -16,14 +16,12 @@
 // Work split: a CTA owns 8 packed rows and a slice of N (blockIdx.y of n_split slices); its warps
 // split the slice and are summed in shared memory. With one slice the CTA writes dx; with several each
 // writes fp32 partial sums to a workspace and a second kernel adds them (deterministic, no atomics).
-// The streamed variant (steps 32; 33 with the slices summed in a thread-block cluster) copies each warp's
-// share of the slice into shared memory first, as the streamed forward does.
+// (A streamed variant, each warp's share copied into shared memory first, with or without the slices
+// summed in a thread-block cluster, lost to this one on an H200 on 2026-11-28 and was dropped.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-
-#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -48,12 +46,11 @@ struct TParams {
   int scales_dtype;
   int group_shift;  // packed row i lies in group min(i >> group_shift, G - 1)
   int n_per_cta;    // columns of each N slice, a multiple of 16
-  QOrder order;     // where qweight's words lie (int4_common.cuh)
 };
 
 // The 16 bytes of qweight at packed row `row`, columns col .. col + 3 (col a multiple of 4).
 __device__ __forceinline__ const void* t_word(const TParams& p, int row, int col) {
-  return p.qweight + (int64_t)row * p.order.row + qword_col(p.order, col);
+  return p.qweight + (int64_t)row * p.N + col;
 }
 
 // A pair of column slots (n, n+1) of one packed row: nibble j of words a and b, dequantized.
@@ -213,118 +210,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   t_store<T, MT>(p, acc, red, warp, lane, i0);
 }
 
-// Streamed backward (steps_hint 32): grouped weights whose groups cover whole 8-row blocks (group_size a
-// multiple of 64, or one group), so one group's scales serve all 8 rows of a CTA. As the streamed forward
-// (int4_small_m.cu): each lane copies its share of the CTA's slice (its word quads, its dy pairs; lanes
-// q == 0 each step's 16 scales and zero words) into shared memory with cp.async at the start, in
-// kStreamChunks commit groups, and computes each chunk as it lands: a warp waits for DRAM about once.
-struct TStreamLayout {
-  int per_warp;  // 16-column steps a warp
-  int d_off, s_off, z_off, bytes;
-};
-
-inline TStreamLayout t_stream_layout(int M, int n_per_cta) {
-  TStreamLayout l;
-  l.per_warp = (n_per_cta / 16 + kWarps - 1) / kWarps;
-  const int64_t steps = int64_t(kWarps) * l.per_warp;
-  const int64_t w = steps * 512, d = steps * M * 32, s = steps * 4 * 8, z = steps * 4 * 4;
-  const int64_t total = std::max<int64_t>(w + d + s + z, kWarps * 32 * 32 * 4);
-  l.d_off = int(w);
-  l.s_off = int(w + d);
-  l.z_off = int(w + d + s);
-  l.bytes = total > (int64_t(1) << 30) ? -1 : int(total);
-  return l;
-}
-
-// CLUSTER (sm_90, steps_hint 33): the n_split CTAs of a row block form one thread-block cluster, and
-// rank 0 adds the others' sums from their shared memory (distributed shared memory) in rank order and
-// writes dx: no workspace and no second kernel.
-template <class T, int MT, bool CLUSTER>
-__global__ void __launch_bounds__(kWarps * 32)
-    int4_small_m_t_stream_kernel(const TParams p, const TStreamLayout lay) {
-  extern __shared__ float tsmem[];
-  unsigned char* sb = reinterpret_cast<unsigned char*>(tsmem);
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int lq = lane >> 2, lt = lane & 3;
-  const int N = p.N, K = p.K, M = p.M, R = K / 8;
-  const int i0 = blockIdx.x * 8;
-  const int row = i0 + lq;  // this lane's packed row
-  const bool row_ok = row < R;
-  const int g = min(i0 >> p.group_shift, p.G - 1);  // the CTA's rows share it
-  const bool m_lo = lq < M, m_hi = MT == 16 && lq + 8 < M;
-
-  const int nb = blockIdx.y * p.n_per_cta;
-  const int ne = min(N, nb + p.n_per_cta);
-  const int steps = (max(ne - nb, 0) + 15) / 16;
-  const int s_begin = warp * lay.per_warp;
-  const int nst = max(0, min(steps, s_begin + lay.per_warp) - s_begin);
-
-  int4* wq = reinterpret_cast<int4*>(sb) + warp * lay.per_warp * 32;               // [i * 32 + lane]
-  uint2* dq = reinterpret_cast<uint2*>(sb + lay.d_off) + warp * lay.per_warp * M * 4;  // [(i * M + m) * 4 + t]
-  uint2* sq = reinterpret_cast<uint2*>(sb + lay.s_off) + warp * lay.per_warp * 4;      // [i * 4 + t]
-  uint32_t* zq = reinterpret_cast<uint32_t*>(sb + lay.z_off) + warp * lay.per_warp * 4;
-
-  const T* dyg = static_cast<const T*>(p.dy);
-  const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
-  griddep_launch_dependents();
-  griddep_wait();  // dy is copied beside the weights
-  stream_issue(nst, [&](int i) {
-    const int col = nb + 16 * (s_begin + i) + 4 * lt;
-    const bool ok = col < N;  // N is a multiple of 8 and col of 4: all four columns exist
-    cp_async<16>(wq + i * 32 + lane, ok && row_ok ? t_word(p, row, col) : (const void*)p.qweight,
-                 ok && row_ok);
-    if (m_lo) cp_async<8>(dq + (i * M + lq) * 4 + lt, ok ? (const void*)(dyg + (int64_t)lq * N + col) : p.dy, ok);
-    if (MT == 16 && m_hi)
-      cp_async<8>(dq + (i * M + lq + 8) * 4 + lt, ok ? (const void*)(dyg + (int64_t)(lq + 8) * N + col) : p.dy, ok);
-    if (lq == 0) {
-      cp_async<8>(sq + i * 4 + lt, ok ? (const void*)(sc16 + (int64_t)g * N + col) : p.scales, ok);
-      cp_async<4>(zq + i * 4 + lt, ok ? (const void*)(p.qzeros + (int64_t)g * (N / 8) + col / 8) : p.qzeros, ok);
-    }
-  });
-
-  float acc[8][4];
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
-  stream_consume(nst, [&](int i) {  // the barrier makes the scales lanes q == 0 copied visible
-    const uint2 dlo = m_lo ? dq[(i * M + lq) * 4 + lt] : make_uint2(0, 0);
-    const uint2 dhi = MT == 16 && m_hi ? dq[(i * M + lq + 8) * 4 + lt] : make_uint2(0, 0);
-    // rows past K: their words are zeros and their outputs are not stored
-    t_step<T, MT>(nb + 16 * (s_begin + i) + 4 * lt, wq[i * 32 + lane], sq[i * 4 + lt], zq[i * 4 + lt], dlo, dhi,
-                  p.scales_dtype, acc);
-  });
-  __syncthreads();  // every warp done with its slice before the reduction reuses the memory
-  if constexpr (!CLUSTER) {
-    t_store<T, MT>(p, acc, tsmem, warp, lane, i0);
-  } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    float tot[32];
-    const bool w0 = sum_over_warps<32>(*reinterpret_cast<const float(*)[32]>(&acc[0][0]), tsmem, warp, kWarps, lane,
-                                       tot);
-    // warp 0 publishes the CTA's sums in its own slots of the reduction buffer (only this lane reads them)
-    if (w0)
-#pragma unroll
-      for (int r = 0; r < 32; ++r) tsmem[r * 32 + lane] = tot[r];
-    cluster.sync();
-    if (w0 && cluster.block_rank() == 0) {
-      for (unsigned c = 1; c < cluster.num_blocks(); ++c) {
-        const float* other = cluster.map_shared_rank(tsmem, c);
-#pragma unroll
-        for (int r = 0; r < 32; ++r) tot[r] += other[r * 32 + lane];
-      }
-      t_write<T, MT>(p, tot, lane, i0);
-    }
-    cluster.sync();  // the other CTAs keep their shared memory until rank 0 has read it
-#else
-    __trap();  // launched only on sm_90 and newer
-#endif
-  }
-}
-
 // dx[i] = sum over slices of partial[s][i], rounded once to T.
 template <class T>
 __global__ void sum_slices_kernel(const float* partial, int n_split, int64_t count, T* dx) {
@@ -350,49 +235,14 @@ int n_split_for(int K, int N, int sm_count) {
 
 int n_per_cta_for(int N, int n_split) { return ((N + n_split - 1) / n_split + 15) / 16 * 16; }
 
-// Whether the streamed backward (CLUSTER or not) takes p with this layout: groups of whole 8-row blocks
-// and a CTA's slice in shared memory (the kernel then allowed that much).
-template <class T, int MT, bool CLUSTER>
-bool t_stream_fits(const TParams& p, const TStreamLayout& lay, const DeviceInfo& dev, int device) {
-  return p.group_shift >= 3 && lay.bytes > 0 && lay.bytes <= dev.smem_optin &&
-         set_max_dynamic_smem<int4_small_m_t_stream_kernel<T, MT, CLUSTER>>(device, dev.smem_optin);
-}
-
-// The streamed backward with its N slices summed inside a thread-block cluster (at most 8 slices, the
-// portable cluster size); false (nothing launched) where it does not apply or no GPC can hold the cluster.
+// The backward: the register kernel, then the slices' sum where N is split. pdl: each launched as a
+// programmatic dependent of the grid before it (sm_90; griddep_wait).
 template <class T, int MT>
-bool launch_t_cluster(const TParams& p0, const DeviceInfo& dev, int device, int n_split, bool pdl, cudaStream_t s,
-                      cudaError_t* e) {
-  TParams p = p0;
-  const int ns = std::min(n_split, 8);
-  p.n_per_cta = n_per_cta_for(p.N, ns);
-  p.partial = nullptr;  // rank 0 of each cluster writes dx
-  const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
-  if (!dev.sm90_features() || !t_stream_fits<T, MT, true>(p, lay, dev, device)) return false;
-  if (!cluster_fits<int4_small_m_t_stream_kernel<T, MT, true>>(device, unsigned(ns), kWarps * 32, lay.bytes))
-    return false;
-  *e = launch_ex(int4_small_m_t_stream_kernel<T, MT, true>, dim3((p.K / 8 + 7) / 8, ns), unsigned(ns), kWarps * 32,
-                 size_t(lay.bytes), s, pdl, p, lay);
-  return true;
-}
-
-// The backward: steps_hint 33 the streamed kernel with cluster sums where it applies; 32 the streamed
-// kernel (groups of whole 8-row blocks, a CTA's slice in shared memory); else the register kernel; then
-// the slices' sum where N is split. pdl: each launched as a programmatic dependent of the grid before it
-// (sm_90; griddep_wait).
-template <class T, int MT>
-cudaError_t launch_t(const TParams& p0, const DeviceInfo& dev, int device, int n_split, int64_t count,
-                     int steps_hint, bool pdl, cudaStream_t s) {
-  cudaError_t ce = cudaSuccess;
-  if (steps_hint == 33 && launch_t_cluster<T, MT>(p0, dev, device, n_split, pdl, s, &ce)) return ce;
+cudaError_t launch_t(const TParams& p0, int n_split, int64_t count, bool pdl, cudaStream_t s) {
   TParams p = p0;
   p.n_per_cta = n_per_cta_for(p.N, n_split);
-  const dim3 grid((p.K / 8 + 7) / 8, n_split);
-  const TStreamLayout lay = t_stream_layout(p.M, p.n_per_cta);
-  const cudaError_t e =
-      (steps_hint == 32 || steps_hint == 33) && t_stream_fits<T, MT, false>(p, lay, dev, device)
-          ? launch_maybe_pdl(int4_small_m_t_stream_kernel<T, MT, false>, grid, kWarps * 32, lay.bytes, s, pdl, p, lay)
-          : launch_maybe_pdl(int4_small_m_t_kernel<T, MT>, grid, kWarps * 32, 0, s, pdl, p);
+  const cudaError_t e = launch_maybe_pdl(int4_small_m_t_kernel<T, MT>, dim3((p.K / 8 + 7) / 8, n_split),
+                                         kWarps * 32, 0, s, pdl, p);
   if (e != cudaSuccess || p.partial == nullptr) return e;
   const int threads = 256;
   const int blocks = int(std::min<int64_t>((count + threads - 1) / threads, 1024));
@@ -413,7 +263,7 @@ extern "C" long long mops_int4_small_m_t_workspace(int M, int K, int N, int devi
 extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* qweight, const int32_t* qzeros,
                                    const void* scales, int scales_dtype, int M, int K, int N, int G,
                                    int group_size, void* dx, float* workspace, long long workspace_floats,
-                                   int device, void* stream, int steps_hint, int flags, char* err, int err_len) {
+                                   int device, void* stream, int flags, char* err, int err_len) {
   auto fail = [&](const char* msg) {
     std::snprintf(err, size_t(err_len), "%s", msg);
     return 1;
@@ -421,10 +271,7 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   if (const char* msg = small_m_shape_error(M, K, N, G)) return fail(msg);
   if (dy_dtype != 1 && dy_dtype != 2) return fail("dy must be fp16 or bf16");
   if (scales_dtype != 1 && scales_dtype != 2) return fail("scales must be fp16 or bf16 here");
-  if (steps_hint != 0 && steps_hint != 32 && steps_hint != 33)
-    return fail("unknown steps hint: use 0 (the default), 32 or 33");
-  if (flags & ~(MOPS_INT4_TILED | MOPS_INT4_PDL)) return fail("unknown flags");
-  const bool tiled = flags & MOPS_INT4_TILED;
+  if (flags & ~MOPS_INT4_PDL) return fail("unknown flags");
   const DeviceInfo* info = nullptr;
   if (const char* msg = use_device(device, &info)) return fail(msg);
   const int group_shift = row_group_shift(group_size, G);
@@ -435,17 +282,16 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   if (n_split > 1 && (workspace == nullptr || workspace_floats < n_split * count))
     return fail("workspace too small: size it with mops_int4_small_m_t_workspace");
   TParams p{dy, qweight, qzeros, scales, dx, n_split > 1 ? workspace : nullptr, M, K, N, G, scales_dtype,
-            group_shift, 0, qweight_order(tiled, K, N)};
+            group_shift, 0};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
   const DeviceInfo& dev = *info;
   const bool pdl = (flags & MOPS_INT4_PDL) && dev.sm90_features();  // earlier parts: ordinary launches
   if (dy_dtype == 1)
-    e = M <= 8 ? launch_t<__half, 8>(p, dev, device, n_split, count, steps_hint, pdl, s)
-               : launch_t<__half, 16>(p, dev, device, n_split, count, steps_hint, pdl, s);
+    e = M <= 8 ? launch_t<__half, 8>(p, n_split, count, pdl, s) : launch_t<__half, 16>(p, n_split, count, pdl, s);
   else
-    e = M <= 8 ? launch_t<__nv_bfloat16, 8>(p, dev, device, n_split, count, steps_hint, pdl, s)
-               : launch_t<__nv_bfloat16, 16>(p, dev, device, n_split, count, steps_hint, pdl, s);
+    e = M <= 8 ? launch_t<__nv_bfloat16, 8>(p, n_split, count, pdl, s)
+               : launch_t<__nv_bfloat16, 16>(p, n_split, count, pdl, s);
   if (e != cudaSuccess) return fail(cudaGetErrorString(e));
   return 0;
 }

@@ -5,10 +5,6 @@ Buffers follow the standard GPTQ layout in memory (see mops_fast/quant/pack.py):
 int32 (K,), optional bias (N,). The weight has no gradient; backward gives dx = dy W only, which is all that
 training prompts and gates on a frozen backbone needs. 4-bit layers run the fused kernels
 (mops_fast.ops.int4_matmul); 2/3/8-bit layers dequantize (reference path).
-
-On CUDA a 4-bit layer may keep qweight in the kernels' tiled order instead (a 3-D buffer, converted at its
-first CUDA forward; mops_fast.ops.int4_matmul.cuda_weight_order, GPTQ order by default). state_dict, other
-devices and gptq_qweight() always give GPTQ order.
 """
 from __future__ import annotations
 
@@ -16,9 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mops_fast.ops.int4_matmul import act_order_repack, cuda_weight_order, int4_matmul
-from mops_fast.quant.pack import (SUPPORTED_BITS, default_g_idx, dequantize, num_groups, packed_rows, tile_qweight,
-                                  untile_qweight)
+from mops_fast.ops.int4_matmul import act_order_repack, int4_matmul
+from mops_fast.quant.pack import SUPPORTED_BITS, default_g_idx, dequantize, num_groups, packed_rows
 
 
 class QuantLinear(nn.Module):
@@ -51,33 +46,13 @@ class QuantLinear(nn.Module):
         self._sorted = None  # act-order repack for the CUDA kernels: (perm, qweight_sorted) or False
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._use_order(False)  # checkpoints hold GPTQ order; the kernels' order returns at the next forward
         super()._load_from_state_dict(*args, **kwargs)
         self._invalidate()
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.qweight.dim() == 3:
-            destination[prefix + "qweight"] = self.gptq_qweight()
-
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        if not self.qweight.is_cuda:
-            self._use_order(False)  # the tiled order is a CUDA layout
         self._invalidate()
         return out
-
-    # -- weight order ------------------------------------------------------------------------------
-    def gptq_qweight(self) -> torch.Tensor:
-        """qweight in GPTQ order (K*bits/32, N), whichever order the layer keeps for its kernels."""
-        return untile_qweight(self.qweight, self.out_features) if self.qweight.dim() == 3 else self.qweight
-
-    def _use_order(self, tiled: bool) -> None:
-        if tiled == (self.qweight.dim() == 3):  # every forward asks: no grad-mode switch unless it converts
-            return
-        with torch.no_grad():
-            self.qweight = tile_qweight(self.qweight) if tiled else self.gptq_qweight()
-        self._sorted = None  # the act-order repack follows the order
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -95,8 +70,7 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def set_quantized(self, qweight, qzeros, scales, g_idx, bias=None):
-        """Copy packed tensors (qzeros with true zero points; qweight in GPTQ order) in, checking their shapes."""
-        self._use_order(False)
+        """Copy packed tensors (qzeros with true zero points) in, checking their shapes."""
         for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales), ("g_idx", g_idx)):
             buf = getattr(self, name)
             if tuple(t.shape) != tuple(buf.shape):
@@ -111,7 +85,7 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight W (N, K)."""
-        return dequantize(self.gptq_qweight(), self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+        return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,16 +98,12 @@ class QuantLinear(nn.Module):
         return y
 
     def _forward_int4(self, x):
-        if x.is_cuda:
-            self._use_order(cuda_weight_order() == "tiled")
         if self.has_trivial_g_idx():
             return int4_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.weight_group_size)
         if x.is_cuda:
             # act-order: sort the input dim by group once, so the GPU kernels read one scale row per tile
             if self._sorted is None:
-                rep = act_order_repack(self.gptq_qweight(), self.g_idx, self.weight_group_size)
-                if rep is not None and self.qweight.dim() == 3:
-                    rep = (rep[0], tile_qweight(rep[1]))
+                rep = act_order_repack(self.qweight, self.g_idx, self.weight_group_size)
                 self._sorted = False if rep is None else rep
             if self._sorted is not False:
                 perm, qweight_sorted = self._sorted[:2]

@@ -9,9 +9,6 @@ Contract (DESIGN.md §4; the same layout the C++ kernels in mops_fast.native rea
   W[n, k] = (code[k, n] - zero[g_idx[k], n]) * scale[g_idx[k], n]
 `group_size` > 0 is the caller's promise that g_idx == arange(K) // group_size; the kernels then read one
 scale row per tile instead of gathering per input. 0 means "unknown": the kernels gather through g_idx.
-qweight may also come in the tiled order, (ceil(N/32), K/8, 32) (mops_fast.quant.pack.tile_qweight; a
-3-D qweight is that order): every CUDA and Triton kernel here reads it in place (an experimental layout;
-the C++ CPU kernels untile it per call).
 
 This file holds the pure-PyTorch reference, the Triton kernels (dequantize tiles in registers; the whole
 float weight is never materialized), the dispatch by device, and the torch custom ops with autograd
@@ -24,7 +21,7 @@ import os
 import torch
 
 from mops_fast.ops.tracing import traced
-from mops_fast.quant.pack import TILE_N, num_groups, untile_qweight
+from mops_fast.quant.pack import num_groups
 
 try:  # Triton is optional: CPU installs run the reference or the C++ kernel
     import triton
@@ -46,9 +43,6 @@ __all__ = [
     "int4_matmul_t_triton",
     "act_order_repack",
     "check_int4_args",
-    "is_tiled",
-    "set_cuda_weight_order",
-    "cuda_weight_order",
 ]
 
 
@@ -57,35 +51,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def is_tiled(qweight) -> bool:
-    """Whether qweight is in the tiled order (3-D, see the module docstring)."""
-    return qweight.dim() == 3
-
-
-def _rows(qweight) -> int:
-    return qweight.shape[1] if is_tiled(qweight) else qweight.shape[0]
-
-
-def _gptq_order(qweight, scales):
-    # the reference and the C++ CPU kernels read GPTQ order only: a tiled weight (a CUDA layout) is untiled
-    # per call
-    return untile_qweight(qweight, scales.shape[1]) if is_tiled(qweight) else qweight
-
-
 def check_int4_args(qweight, qzeros, scales, g_idx) -> tuple[int, int, int]:
     """Validate the packed weight; return (K, N, G). Errors name the tensor and the expected shape."""
-    if qweight.dtype != torch.int32 or qweight.dim() not in (2, 3):
-        raise ValueError(f"int4_matmul: qweight must be an int32 tensor (K/8, N), or (ceil(N/32), K/8, 32) in "
-                         f"the tiled order, got {qweight.dtype} {tuple(qweight.shape)}")
-    if qweight.dim() == 3:
-        N = scales.shape[1] if scales.dim() == 2 else -1
-        if N < 0 or tuple(qweight.shape) != (-(-N // TILE_N), qweight.shape[1], TILE_N):
-            raise ValueError(f"int4_matmul: a 3-D qweight is the tiled order (ceil(N/32), K/8, 32) with N = "
-                             f"scales.shape[1]; got qweight {tuple(qweight.shape)} and scales "
-                             f"{tuple(scales.shape)}")
-        K = qweight.shape[1] * 8
-    else:
-        K, N = qweight.shape[0] * 8, qweight.shape[1]
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"int4_matmul: qweight must be an int32 tensor (K/8, N), got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
     if N % 8:
         raise ValueError(f"int4_matmul: out_features N={N} must be a multiple of 8 (qzeros packs 8 per int32)")
     if scales.dim() != 2 or scales.shape[1] != N or not scales.is_floating_point():
@@ -114,7 +85,6 @@ def _shifts(device):
 
 def _dequantize_t(qweight, qzeros, scales, g_idx, dtype) -> torch.Tensor:
     """W^T (K, N): this is the layout x @ W^T wants, so the reference never transposes."""
-    qweight = _gptq_order(qweight, scales)
     sh = _shifts(qweight.device)
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     codes = ((qweight.unsqueeze(1) >> sh.view(1, 8, 1)) & 0xF).reshape(K, N)
@@ -186,7 +156,7 @@ if HAS_TRITON:
         stride_xm, stride_xk, stride_ym, stride_yn,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
         ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT: tl.constexpr,
-        UNPACK: tl.constexpr, TILED: tl.constexpr,
+        UNPACK: tl.constexpr,
     ):
         # y[m, n] = sum_k x[m, k] * W[n, k]; program = one (BM, BN) tile and one K slice (split-K)
         pid = tl.program_id(0)
@@ -209,13 +179,6 @@ if HAS_TRITON:
         shifts = tl.arange(0, 8) * 4
         zshift = (offs_n % 8) * 4
         N8 = N // 8
-        # word of packed row r, column n: qw_ptr + r * q_stride + q_col (GPTQ order, or tiled)
-        if TILED:
-            q_col = (offs_n // 32) * (K // 8 * 32) + offs_n % 32
-            q_stride = 32
-        else:
-            q_col = offs_n
-            q_stride = N
 
         k_tiles = tl.cdiv(K, BK)
         per_split = tl.cdiv(k_tiles, n_split)
@@ -231,12 +194,12 @@ if HAS_TRITON:
             if UNPACK == 0:
                 # packed rows, each int32 read once; the 8 codes of a word are unpacked in registers
                 rows = k0 // 8 + offs_i
-                qw = tl.load(qw_ptr + rows[:, None] * q_stride + q_col[None, :],
+                qw = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
                              mask=(rows[:, None] < K // 8) & n_mask[None, :], other=0)
                 codes = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BK, BN))
             else:
                 # each input row reads its word (8 rows share one, served by L1): no reshape
-                qw = tl.load(qw_ptr + (offs_k // 8)[:, None] * q_stride + q_col[None, :],
+                qw = tl.load(qw_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :],
                              mask=k_mask[:, None] & n_mask[None, :], other=0)
                 codes = (qw >> ((offs_k % 8) * 4)[:, None]) & 0xF
             if GROUPED:
@@ -279,7 +242,7 @@ if HAS_TRITON:
         stride_dym, stride_dyn, stride_dxm, stride_dxk,
         BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
         ATOMIC: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, DOT: tl.constexpr,
-        UNPACK: tl.constexpr, TILED: tl.constexpr,
+        UNPACK: tl.constexpr,
     ):
         # dx[m, k] = sum_n dy[m, n] * W[n, k]; program = one (BM, BK) tile and one N slice (split-N)
         pid = tl.program_id(0)
@@ -314,20 +277,14 @@ if HAS_TRITON:
         for n0 in range(n_begin, n_end, BN):
             offs_n = n0 + tl.arange(0, BN)
             n_mask = offs_n < N
-            if TILED:  # word of packed row r, column n: qw_ptr + r * q_stride + q_col
-                q_col = (offs_n // 32) * (K // 8 * 32) + offs_n % 32
-                q_stride = 32
-            else:
-                q_col = offs_n
-                q_stride = N
             dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                          mask=m_mask[:, None] & n_mask[None, :], other=0.0)
             if UNPACK == 0:
-                qw = tl.load(qw_ptr + offs_i[None, :] * q_stride + q_col[:, None],
+                qw = tl.load(qw_ptr + offs_i[None, :] * N + offs_n[:, None],
                              mask=n_mask[:, None] & i_mask[None, :], other=0)
                 codes = tl.reshape((qw[:, :, None] >> shifts[None, None, :]) & 0xF, (BN, BK))
             else:
-                qw = tl.load(qw_ptr + (offs_k // 8)[None, :] * q_stride + q_col[:, None],
+                qw = tl.load(qw_ptr + (offs_k // 8)[None, :] * N + offs_n[:, None],
                              mask=n_mask[:, None] & k_mask[None, :], other=0)
                 codes = (qw >> ((offs_k % 8) * 4)[None, :]) & 0xF
             zshift = (offs_n % 8) * 4
@@ -365,7 +322,7 @@ if HAS_TRITON:
     def _int4_dequant_kernel(
         qw_ptr, qz_ptr, sc_ptr, gi_ptr, out_ptr,
         N, K, k0, k1, n0, n1, GS, stride_o,
-        BK: tl.constexpr, BN: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr, TILED: tl.constexpr,
+        BK: tl.constexpr, BN: tl.constexpr, GROUPED: tl.constexpr, MODE: tl.constexpr,
     ):
         # out[k - k0, n - n0] = W[n, k] for k in [k0, k1), n in [n0, n1): one slice of W^T (chunked path).
         # Each packed word is loaded once; nibble j of the (BK/8, BN) words is output rows 8i + j, stored
@@ -378,13 +335,7 @@ if HAS_TRITON:
         n_mask = offs_n < n1
         N8 = N // 8
         zshift = (offs_n % 8) * 4
-        if TILED:  # word of packed row r, column n: qw_ptr + r * q_stride + q_col
-            q_col = (offs_n // 32) * (K // 8 * 32) + offs_n % 32
-            q_stride = 32
-        else:
-            q_col = offs_n
-            q_stride = N
-        qw = tl.load(qw_ptr + offs_i[:, None] * q_stride + q_col[None, :],
+        qw = tl.load(qw_ptr + offs_i[:, None] * N + offs_n[None, :],
                      mask=(offs_i * 8 < k1)[:, None] & n_mask[None, :], other=0)
         if GROUPED:  # the tile lies in group kt // GS: one row of scales and zeros
             g = kt // GS
@@ -568,7 +519,7 @@ def int4_matmul_triton(x, qweight, qzeros, scales, g_idx, group_size: int = 0, c
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], ATOMIC=split > 1,
         GROUPED=cfg["GROUPED"], MODE=_mode(x.dtype), DOT=_dot(x.dtype), UNPACK=cfg["UNPACK"],
-        TILED=is_tiled(qweight), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -596,7 +547,7 @@ def int4_matmul_t_triton(dy, qweight, qzeros, scales, g_idx, group_size: int = 0
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
         BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"], GROUP_M=cfg["GROUP_M"], ATOMIC=split > 1,
         GROUPED=cfg["GROUPED"], MODE=_mode(dy.dtype), DOT=_dot(dy.dtype), UNPACK=cfg["UNPACK"],
-        TILED=is_tiled(qweight), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dx if dx.dtype == dy.dtype else dx.to(dy.dtype)
 
@@ -614,7 +565,7 @@ def dequantize_int4_slice_triton(qweight, qzeros, scales, g_idx, k0: int, k1: in
         out = torch.empty((k1 - k0, n1 - n0), device=qweight.device, dtype=dtype)
     grid = (-(-(k1 - k0) // BK), -(-(n1 - n0) // BN))
     _kernels()[2][grid](qweight, qzeros, scales, g_idx, out, N, K, k0, k1, n0, n1, GS, out.stride(0),
-                        BK=BK, BN=BN, GROUPED=grouped, MODE=_mode(dtype), TILED=is_tiled(qweight), num_warps=4)
+                        BK=BK, BN=BN, GROUPED=grouped, MODE=_mode(dtype), num_warps=4)
     return out
 
 
@@ -707,7 +658,7 @@ def _native_small_m_fits(x, qweight, scales, g_idx) -> bool:
 
 
 def _dims(qweight, scales) -> tuple[int, int, int]:
-    return _rows(qweight) * 8, scales.shape[1], scales.shape[0]
+    return qweight.shape[0] * 8, scales.shape[1], scales.shape[0]
 
 
 def _forward(x, qweight, qzeros, scales, g_idx, group_size):
@@ -724,8 +675,9 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
                 if _native_small_m_fits(xc, qweight, scales, g_idx):
                     return nat.int4_cuda_small_m_validated(xc, qweight, qzeros, scales, g_idx, *_dims(qweight, scales),
                                                            group_size=max(int(group_size), 0),
-                                                           steps=small_m_steps("fwd", xc.shape[0]),
-                                                           tiled=is_tiled(qweight), pdl=_pdl_enabled())
+                                                           steps=small_m_knob("fwd_steps", xc.shape[0]),
+                                                           ksplit=small_m_knob("fwd_ksplit", xc.shape[0]),
+                                                           pdl=_pdl_enabled())
         if HAS_TRITON:
             if impl == "auto" and x.shape[0] >= CHUNKED_MIN_M:
                 return int4_matmul_chunked(x, qweight, qzeros, scales, g_idx, group_size)
@@ -734,43 +686,46 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
     if impl in ("auto", "native") and x.dtype in _NATIVE_DTYPES:
         nat = _native_cpu()
         if nat is not None and _weight_fits_native(qweight, qzeros, scales, g_idx):
-            return nat.int4_cpu_validated(x.contiguous(), _gptq_order(qweight, scales), qzeros, scales, g_idx,
+            return nat.int4_cpu_validated(x.contiguous(), qweight, qzeros, scales, g_idx,
                                           *_dims(qweight, scales), transposed=False)
     return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
 
 
-# Variants of the small-M CUDA kernels the dispatch may name (csrc/cuda: launch() in int4_small_m.cu and
-# int4_small_m_t.cu; 0 is each kernel's own default), forward and backward.
-SMALL_M_STEPS = {"fwd": (0, 4, 22, 32, 34, 36, 38), "bwd": (0, 32, 33)}
-# What the dispatch passes when no variable says otherwise, (M <= 8, M > 8): the kernels' own defaults (0)
-# until a GPU run decides otherwise (benchmarks/decide_int4.py).
-SMALL_M_DEFAULT_STEPS = {"fwd": (0, 0), "bwd": (0, 0)}
-_STEPS_ENV = {"fwd": "MOPS_FAST_INT4_FWD_STEPS", "bwd": "MOPS_FAST_INT4_BWD_STEPS"}
-_STEPS_PARSED: dict = {}
+# Launch hints of the small-M CUDA forward the dispatch passes (csrc/cuda/int4_small_m.cu, plan()): the values
+# each takes (0 is the kernel's own choice), what the dispatch passes at (M <= 8, M > 8) unless its variable
+# names others, and that variable. Defaults stay the kernel's own until a GPU run decides otherwise
+# (benchmarks/decide_int4.py --env writes the variables; docs/gpu_session.md).
+#   fwd_steps   4 batches of 4 steps, 22 software-pipelined (the kernel's own: 22 at M <= 8, 4 above)
+#   fwd_ksplit  K slices, each a CTA of one thread-block cluster (sm_90, grouped weights; the kernel's own: 1)
+SMALL_M_KNOBS = {
+    "fwd_steps": {"values": (0, 4, 22), "default": (0, 0), "env": "MOPS_FAST_INT4_FWD_STEPS"},
+    "fwd_ksplit": {"values": (0, 1, 2, 3, 4, 6, 8), "default": (0, 0), "env": "MOPS_FAST_INT4_FWD_KSPLIT"},
+}
+_KNOBS_PARSED: dict = {}
 
 
-def small_m_steps(mode: str, M: int) -> int:
-    """The steps hint the dispatch passes the small-M CUDA kernel of `mode` ("fwd" or "bwd") at M rows:
-    SMALL_M_DEFAULT_STEPS unless MOPS_FAST_INT4_FWD_STEPS / MOPS_FAST_INT4_BWD_STEPS name one, as "S" for
-    every M or "S8,S16" (M <= 8, M > 8). For tuning on a GPU (benchmarks/decide_int4.py --env writes them)."""
-    raw = os.environ.get(_STEPS_ENV[mode], "").strip()
-    pair = _parse_steps(mode, raw) if raw else SMALL_M_DEFAULT_STEPS[mode]
+def small_m_knob(name: str, M: int) -> int:
+    """The hint `name` (a key of SMALL_M_KNOBS) the dispatch passes the small-M CUDA forward at M rows: its
+    default unless its variable says otherwise, as "V" for every M or "V8,V16" (M <= 8, M > 8)."""
+    knob = SMALL_M_KNOBS[name]
+    raw = os.environ.get(knob["env"], "").strip()
+    pair = _parse_knob(name, raw) if raw else knob["default"]
     return pair[0] if M <= 8 else pair[1]
 
 
-def _parse_steps(mode: str, raw: str) -> tuple[int, int]:
-    if (mode, raw) not in _STEPS_PARSED:  # parsed once: the dispatch asks on every call
+def _parse_knob(name: str, raw: str) -> tuple[int, int]:
+    if (name, raw) not in _KNOBS_PARSED:  # parsed once: the dispatch asks on every call
+        knob = SMALL_M_KNOBS[name]
         parts = [p.strip() for p in raw.split(",")]
-        allowed = SMALL_M_STEPS[mode]
         try:
             vals = [int(p) for p in parts]
         except ValueError:
             vals = []
-        if len(parts) > 2 or not vals or any(v not in allowed for v in vals):
-            raise ValueError(f"{_STEPS_ENV[mode]}={raw!r}: give one steps value for every M or two (M <= 8, "
-                             f"M > 8), each one of {allowed}")
-        _STEPS_PARSED[(mode, raw)] = (vals[0], vals[-1])
-    return _STEPS_PARSED[(mode, raw)]
+        if len(parts) > 2 or not vals or any(v not in knob["values"] for v in vals):
+            raise ValueError(f"{knob['env']}={raw!r}: give one value for every M or two (M <= 8, M > 8), each "
+                             f"one of {knob['values']}")
+        _KNOBS_PARSED[(name, raw)] = (vals[0], vals[-1])
+    return _KNOBS_PARSED[(name, raw)]
 
 
 def _pdl_enabled() -> bool:
@@ -782,33 +737,11 @@ def _pdl_enabled() -> bool:
     return os.environ.get("MOPS_FAST_INT4_PDL", "1") != "0"
 
 
-# The order QuantLinear keeps its CUDA weights in for these kernels: "gptq" (the checkpoint layout) or
-# "tiled" (each 32-column tile contiguous along K; the small-M CUDA kernels' experiment, docs/native.md).
-# Not yet timed on a GPU, so GPTQ order unless MOPS_FAST_INT4_CUDA_ORDER=tiled or set_cuda_weight_order.
-_CUDA_WEIGHT_ORDER = os.environ.get("MOPS_FAST_INT4_CUDA_ORDER", "gptq")
-
-
-def set_cuda_weight_order(order: str) -> None:
-    """Choose the order QuantLinear keeps 4-bit CUDA weights in ("gptq" or "tiled"); layers convert at
-    their next CUDA forward. state_dict and every other device keep GPTQ order."""
-    global _CUDA_WEIGHT_ORDER
-    if order not in ("gptq", "tiled"):
-        raise ValueError(f"set_cuda_weight_order: order {order!r}; choose 'gptq' or 'tiled'")
-    _CUDA_WEIGHT_ORDER = order
-
-
-def cuda_weight_order() -> str:
-    if _CUDA_WEIGHT_ORDER not in ("gptq", "tiled"):
-        raise ValueError(f"MOPS_FAST_INT4_CUDA_ORDER={_CUDA_WEIGHT_ORDER!r}; choose 'gptq' or 'tiled'")
-    return _CUDA_WEIGHT_ORDER
-
-
 def small_m_settings() -> dict:
-    """What the dispatch launches on CUDA at small M now: the steps hints (M <= 8, M > 8) forward and
-    backward, PDL, and the order QuantLinear keeps CUDA weights in (the benchmarks record it)."""
-    return {"fwd_steps": [small_m_steps("fwd", m) for m in (1, 16)],
-            "bwd_steps": [small_m_steps("bwd", m) for m in (1, 16)],
-            "pdl": _pdl_enabled(), "cuda_weight_order": cuda_weight_order()}
+    """What the dispatch launches on CUDA at small M now: each forward hint at (M <= 8, M > 8), PDL, and
+    whether the CUDA backward runs (the benchmarks record it)."""
+    out = {name: [small_m_knob(name, m) for m in (1, 16)] for name in SMALL_M_KNOBS}
+    return {**out, "pdl": _pdl_enabled(), "native_bwd": _native_backward_enabled()}
 
 
 def _native_backward_enabled() -> bool:
@@ -833,8 +766,7 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
                 dyc = dy.contiguous()
                 if _native_small_m_fits(dyc, qweight, scales, g_idx):
                     return nat.int4_cuda_small_m_t_validated(dyc, qweight, qzeros, scales, K, N, G, gs,
-                                                             steps=small_m_steps("bwd", dyc.shape[0]),
-                                                             tiled=is_tiled(qweight), pdl=_pdl_enabled())
+                                                             pdl=_pdl_enabled())
         if HAS_TRITON:
             if impl == "auto" and dy.shape[0] >= CHUNKED_MIN_M:
                 return int4_matmul_t_chunked(dy, qweight, qzeros, scales, g_idx, group_size)
@@ -843,7 +775,7 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
     if impl in ("auto", "native") and dy.dtype in _NATIVE_DTYPES:
         nat = _native_cpu()
         if nat is not None and _weight_fits_native(qweight, qzeros, scales, g_idx):
-            return nat.int4_cpu_validated(dy.contiguous(), _gptq_order(qweight, scales), qzeros, scales, g_idx,
+            return nat.int4_cpu_validated(dy.contiguous(), qweight, qzeros, scales, g_idx,
                                           *_dims(qweight, scales), transposed=True)
     return int4_matmul_t_ref(dy, qweight, qzeros, scales, g_idx)
 
@@ -868,7 +800,7 @@ def _int4_matmul_t_op(dy: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
 
 @_int4_matmul_t_op.register_fake
 def _(dy, qweight, qzeros, scales, g_idx, group_size):
-    return dy.new_empty((dy.shape[0], _rows(qweight) * 8))
+    return dy.new_empty((dy.shape[0], qweight.shape[0] * 8))
 
 
 def _setup_context(ctx, inputs, output):

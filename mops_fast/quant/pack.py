@@ -185,29 +185,3 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
     gs = in_features if group_size == -1 else group_size
     return (torch.arange(in_features, device=device) // gs).to(torch.int32)
-
-
-# Tiled order (a kernel layout, not a checkpoint format; experimental): qweight (K/8, N) regrouped as
-# (ceil(N/32), K/8, 32), so that the 32 output columns a CTA of the small-M CUDA kernel owns lie contiguous
-# along K (GPTQ order puts them 4 N bytes apart). The int4 ops take either; a 3-D qweight is this order.
-TILE_N = 32
-
-
-def tile_qweight(qweight: torch.Tensor) -> torch.Tensor:
-    """qweight (K/8, N) in GPTQ order -> (ceil(N/32), K/8, 32) in the tiled order; columns past N are zero."""
-    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or qweight.dtype != torch.int32:
-        raise ValueError(f"tile_qweight: need a 2-D int32 qweight (K/8, N), got "
-                         f"{getattr(qweight, 'dtype', type(qweight))} {tuple(getattr(qweight, 'shape', ()))}")
-    R, N = qweight.shape
-    pad = -N % TILE_N
-    q = torch.nn.functional.pad(qweight, (0, pad)) if pad else qweight
-    return q.view(R, (N + pad) // TILE_N, TILE_N).permute(1, 0, 2).contiguous()
-
-
-def untile_qweight(tiled: torch.Tensor, N: int) -> torch.Tensor:
-    """The inverse of tile_qweight: (ceil(N/32), K/8, 32) -> (K/8, N)."""
-    if (not isinstance(tiled, torch.Tensor) or tiled.dim() != 3 or tiled.shape[2] != TILE_N
-            or tiled.shape[0] != -(-N // TILE_N)):
-        raise ValueError(f"untile_qweight: need ({-(-N // TILE_N)}, K/8, {TILE_N}) for N={N}, got "
-                         f"{tuple(getattr(tiled, 'shape', ()))}")
-    return tiled.permute(1, 0, 2).reshape(tiled.shape[1], -1)[:, :N].contiguous()

@@ -57,7 +57,7 @@ class _ScaleTuned(nn.Module):
     def __init__(self, q: QuantLinear):
         super().__init__()
         ones = torch.ones(q.scales.shape, dtype=torch.float32, device=q.scales.device)
-        cmz = dequantize(q.gptq_qweight(), q.qzeros, ones, q.g_idx, q.bits, torch.float32)
+        cmz = dequantize(q.qweight, q.qzeros, ones, q.g_idx, q.bits, torch.float32)
         # code - zero is an integer in (-2^bits, 2^bits): int8 up to 7 bits keeps it at a quarter of fp32
         self.register_buffer("cmz", cmz.to(torch.int8 if q.bits <= 7 else torch.int16))
         self.register_buffer("g_idx", q.g_idx.long())
@@ -166,7 +166,7 @@ def refine_scales(student, teacher, windows: torch.Tensor, settings: RefineSetti
         for n, m in qlayers.items():
             if ok:
                 with torch.no_grad():
-                    m.set_quantized(m.gptq_qweight(), m.qzeros, tuned[n].scales().to(m.scales.dtype), m.g_idx)
+                    m.set_quantized(m.qweight, m.qzeros, tuned[n].scales().to(m.scales.dtype), m.g_idx)
             _swap(student, n, m)
         for p in frozen:
             p.requires_grad_(True)
