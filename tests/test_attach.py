@@ -176,3 +176,91 @@ def test_kv_init_takes_backbone_keys(tiny_llama):
         for t in range(3):
             dist = (real - pk[0, e, t]).abs().amax((-1, -2))
             assert dist.min().item() < 1e-5
+
+
+def _uncached_logits(m, ids, am):
+    """Logits with the attention's prompt cache cleared before the forward (what the prompts say now)."""
+    get_mops(m).state.prompt_cache.clear()
+    with torch.no_grad():
+        return m(input_ids=ids, attention_mask=am).logits
+
+
+def test_prompt_cache_follows_prompt_changes(tiny_llama):
+    """Forwards without autograd keep each layer's prompts (in the compute dtype) between calls; every way
+    of changing the prompts is seen by the next forward: in-place updates, a replaced parameter, new
+    storage behind the same parameter, a dtype change; and a forward with autograd never reads the cache."""
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=2, prompt_len=3, gate_layer=1, init="random"))
+    mops = get_mops(m)
+    ids, am = batch()
+    with torch.no_grad():
+        first = m(input_ids=ids, attention_mask=am).logits
+        assert len(mops.state.prompt_cache) == len(mops.injected_layers)
+        assert torch.equal(m(input_ids=ids, attention_mask=am).logits, first)  # served from the cache
+        mops.prompt_k.add_(0.5)  # in place (an optimizer step, load_state_dict, init_prompts_from_kv)
+        changed = m(input_ids=ids, attention_mask=am).logits
+    assert not torch.allclose(changed, first)
+    assert torch.equal(changed, _uncached_logits(m, ids, am))
+
+    with torch.no_grad():
+        mops.prompt_v.data = mops.prompt_v.detach() * 2  # new storage, same parameter and version
+        out = m(input_ids=ids, attention_mask=am).logits
+    assert torch.equal(out, _uncached_logits(m, ids, am)) and not torch.allclose(out, changed)
+
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=am)
+    mops.prompt_k = torch.nn.Parameter(mops.prompt_k.detach() - 1.0)  # a replaced parameter
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=am).logits
+    assert torch.equal(out, _uncached_logits(m, ids, am))
+
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=am)
+    mops.double()  # a cast of the module: same parameter objects and versions, new storage and dtype
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=am).logits
+    assert all(pk.dtype == torch.float32 for _, _, _, pk, *_ in mops.state.prompt_cache.values())
+    assert torch.equal(out, _uncached_logits(m, ids, am))
+    mops.float()
+
+    # with autograd the prompts come fresh from the parameters (the cache would cut the graph)
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=am)
+    m(input_ids=ids, attention_mask=am).logits.sum().backward()
+    assert mops.prompt_k.grad is not None and mops.prompt_k.grad.abs().sum() > 0
+
+
+def test_prompt_cache_of_cast_prompts_follows_in_place_updates(tiny_llama):
+    """fp32 prompts in a float64 backbone: the cache holds cast copies, which an in-place update of the
+    parameters (no new storage) must replace."""
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=2, prompt_len=3, gate_layer=1, init="random"))
+    mops = get_mops(m)
+    m.model.double()
+    m.lm_head.double()
+    mops.float()
+    ids, am = batch()
+    with torch.no_grad():
+        first = m(input_ids=ids, attention_mask=am).logits
+        assert all(pk.dtype == torch.float64 for _, _, _, pk, *_ in mops.state.prompt_cache.values())
+        mops.prompt_v.mul_(3.0)
+        out = m(input_ids=ids, attention_mask=am).logits
+    assert not torch.allclose(out, first)
+    assert torch.equal(out, _uncached_logits(m, ids, am))
+
+
+def test_prompt_cache_under_inference_mode_then_no_grad(tiny_llama):
+    """A cache filled under torch.inference_mode serves a later no_grad forward, and generate's decode steps
+    (which read it) give what a full forward gives."""
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=2, prompt_len=3, gate_layer=1, init="random"))
+    ids, am = batch()
+    with torch.inference_mode():
+        a = m(input_ids=ids, attention_mask=am).logits
+    with torch.no_grad():
+        b = m(input_ids=ids, attention_mask=am).logits
+    assert torch.equal(a, b)
+    with torch.inference_mode():
+        g = m.generate(input_ids=ids[:1], attention_mask=am[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        full = m(input_ids=g[:, :-1]).logits[:, ids.shape[1] - 1:]
+    assert torch.equal(full.argmax(-1), g[:, ids.shape[1]:])

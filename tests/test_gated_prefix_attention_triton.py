@@ -540,3 +540,22 @@ def test_tile_tables_per_kind(tk, monkeypatch):
             assert tk._config("dkdv_prompt", bf, 128, None) == (64, 128, 8, 2)
     monkeypatch.setattr(tk, "_arch", lambda device: "sm80")  # untimed on an A100: the dK/dV tile
     assert tk._config("dkdv_prompt", bf, 128, None) == tk._SM80["dkdv"][128]
+
+
+def test_arch_is_asked_once_a_device(tk, monkeypatch):
+    """The tile tables' architecture is remembered per device index (every launch asks for it); a device
+    without an index (the current one, which may change) is asked each time."""
+    asked = []
+    caps = {0: (9, 0), 1: (8, 0)}
+
+    def capability(device):
+        asked.append(device)
+        return caps[device.index if device.index is not None else 1]
+
+    monkeypatch.setattr(tk, "_ARCH", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    d0, d1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert [tk._arch(d0), tk._arch(d1), tk._arch(d0), tk._arch(d1)] == ["sm90", "sm80", "sm90", "sm80"]
+    assert asked == [d0, d1]
+    assert tk._arch(torch.device("cuda")) == "sm80" and tk._arch(torch.device("cuda")) == "sm80"
+    assert len(asked) == 4

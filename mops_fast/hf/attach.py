@@ -20,6 +20,7 @@ from mops_fast.hf.bank import NO_ADAPTER_LOGW, AdapterBank
 from mops_fast.hf.lora import has_lora
 from mops_fast.nn.mops import MoPsModule, pool_gate_states
 from mops_fast.ops.gated_prefix_attention import gated_prefix_attention
+from mops_fast.ops.tracing import traced
 
 ATTN_NAME = "mops"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -56,6 +57,9 @@ class ForwardState:
     bank_request: tuple | None = None
     bank_rows: torch.Tensor | None = None
     bank_none: torch.Tensor | None = None
+    # slot -> the injected layer's prompts in the compute dtype, kept between forwards without autograd
+    # (_layer_prompts)
+    prompt_cache: dict = field(default_factory=dict)
 
 
 def _register_attention() -> None:
@@ -75,6 +79,27 @@ def _key_valid_from_mask(mask: torch.Tensor | None, B: int, Sk: int) -> torch.Te
     if row.shape[0] != B:
         row = row.expand(B, -1)
     return row[:, -Sk:]
+
+
+def _layer_prompts(mops, state: ForwardState, slot: int, dtype):
+    """Prompt keys and values (J, L, Hkv, d) of injected layer `slot` in `dtype`. Without autograd
+    (generate, evaluation) they are kept between forwards: at decode they would otherwise be selected, and
+    cast (fp32 prompts in a bf16 model: two kernels a layer), again for every token. The copy is valid for
+    the same parameter objects, storage, dtype and version: an in-place update (optimizer step,
+    load_state_dict, init_prompts_from_kv) bumps the version, a move or cast (model.to, .data =) changes
+    the storage, and the entry holds the source view, so its storage cannot be reused meanwhile. Traced
+    calls (torch.compile, fake or meta tensors) take the plain selection, which a graph captures."""
+    pk_all, pv_all = mops.prompt_k, mops.prompt_v
+    if torch.is_grad_enabled() or traced(pk_all) or pk_all.is_inference() or pv_all.is_inference():
+        return pk_all[slot].to(dtype), pv_all[slot].to(dtype)
+    key = (pk_all._version, pv_all._version, pk_all.data_ptr(), pv_all.data_ptr(), dtype)
+    hit = state.prompt_cache.get(slot)
+    if hit is not None and hit[0] is pk_all and hit[1] is pv_all and hit[2] == key:
+        return hit[3], hit[4]
+    src_k, src_v = pk_all[slot], pv_all[slot]
+    pk, pv = src_k.to(dtype), src_v.to(dtype)
+    state.prompt_cache[slot] = (pk_all, pv_all, key, pk, pv, src_k, src_v)
+    return pk, pv
 
 
 def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -110,8 +135,7 @@ def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.
             raise RuntimeError(f"adapters were chosen for a batch of {rows.shape[0]}, this forward has {B}")
         pk, pv = mops.bank.prompts(slot, rows, query.dtype)
     else:
-        pk = mops.prompt_k[slot].to(query.dtype)
-        pv = mops.prompt_v[slot].to(query.dtype)
+        pk, pv = _layer_prompts(mops, state, slot, query.dtype)
     logw = state.logw
     if logw is None or logw.shape[0] != B:
         if mops.gate is not None:

@@ -101,31 +101,38 @@ def check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
         )
     if J < 1 or L < 1:
         raise ValueError(f"gated_prefix_attention: need J >= 1 and L >= 1 prompt tokens, got J={J}, L={L}")
-    if gate_logw is not None and tuple(gate_logw.shape) != (B, J):
+    if gate_logw is not None and gate_logw.shape != (B, J):
         raise ValueError(
             f"gated_prefix_attention: gate_logw must be (B, J) = ({B}, {J}); got {tuple(gate_logw.shape)}"
         )
     if key_valid is not None:
-        if tuple(key_valid.shape) != (B, Sk):
+        if key_valid.shape != (B, Sk):
             raise ValueError(
                 f"gated_prefix_attention: key_valid must be (B, Sk) = ({B}, {Sk}); got {tuple(key_valid.shape)}"
             )
         if key_valid.dtype != torch.bool:
             raise ValueError(f"gated_prefix_attention: key_valid must be bool, got {key_valid.dtype}")
-    tensors = {"q": q, "k": k, "v": v, "prompt_k": prompt_k, "prompt_v": prompt_v}
-    if gate_logw is not None:
-        tensors["gate_logw"] = gate_logw
-    if key_valid is not None:
-        tensors["key_valid"] = key_valid
-    devs = {n: t.device for n, t in tensors.items()}
-    if len(set(devs.values())) != 1:
+    # Called on every attention call, every decode step: the common case passes with plain comparisons,
+    # and only a failure builds the per-tensor tables that name the culprit.
+    dev = q.device
+    if (k.device != dev or v.device != dev or prompt_k.device != dev or prompt_v.device != dev
+            or (gate_logw is not None and gate_logw.device != dev)
+            or (key_valid is not None and key_valid.device != dev)):
+        tensors = {"q": q, "k": k, "v": v, "prompt_k": prompt_k, "prompt_v": prompt_v}
+        if gate_logw is not None:
+            tensors["gate_logw"] = gate_logw
+        if key_valid is not None:
+            tensors["key_valid"] = key_valid
+        devs = {n: t.device for n, t in tensors.items()}
         raise ValueError(f"gated_prefix_attention: all inputs must be on one device; got {devs}")
-    for n in ("q", "k", "v", "prompt_k", "prompt_v"):
-        t = tensors[n]
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    for n, t in (("q", q), ("k", k), ("v", v), ("prompt_k", prompt_k), ("prompt_v", prompt_v)):
+        if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"gated_prefix_attention: {n} has unsupported dtype {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"gated_prefix_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def query_valid(key_valid: Optional[Tensor], Sq: int, Sk: int) -> Optional[Tensor]:
@@ -175,11 +182,12 @@ def visible_keys(key_valid: Optional[Tensor], Sq: int, Sk: int, causal: bool, de
 def prompt_keys_values(prompt_k: Tensor, prompt_v: Tensor):
     """(J, L, Hkv, d) shared or (B, J, L, Hkv, d) per-sample prompts -> keys and values (Bp, Hkv, J*L, d)
     (Bp = 1 when shared), J, L."""
-    pk, pv = prompt_k, prompt_v
-    if pk.dim() == 4:
-        pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
-    Bp, J, L, Hkv, d = pk.shape
-    return (pk.reshape(Bp, J * L, Hkv, d).transpose(1, 2), pv.reshape(Bp, J * L, Hkv, d).transpose(1, 2), J, L)
+    if prompt_k.dim() == 4:
+        Bp, (J, L, Hkv, d) = 1, prompt_k.shape
+    else:
+        Bp, J, L, Hkv, d = prompt_k.shape
+    return (prompt_k.reshape(Bp, J * L, Hkv, d).transpose(1, 2), prompt_v.reshape(Bp, J * L, Hkv, d).transpose(1, 2),
+            J, L)
 
 
 def gated_prefix_attention_ref(
@@ -368,20 +376,29 @@ def _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causa
     Hkv, Sk = k.shape[1], k.shape[2]
     pk, pv, J, L = prompt_keys_values(prompt_k, prompt_v)
     P = J * L
-    kk = torch.cat([pk.to(q.dtype).expand(B, Hkv, P, d), k], dim=2)
-    vv = torch.cat([pv.to(q.dtype).expand(B, Hkv, P, d), v], dim=2)
+    if pk.dtype != q.dtype:
+        pk, pv = pk.to(q.dtype), pv.to(q.dtype)
+    kk = torch.cat([pk.expand(B, Hkv, P, d), k], dim=2)
+    vv = torch.cat([pv.expand(B, Hkv, P, d), v], dim=2)
     # Own keys: 0 where visible, -inf where hidden.
     visible = visible_keys(key_valid, Sq, Sk, causal, q.device)
+    if gate_logw is None:
+        pre = None
+    else:
+        pre = gate_logw.to(q.dtype).unsqueeze(-1).expand(B, J, L).reshape(B, 1, 1, P)
     if visible is None:
-        own = torch.zeros((1, 1, 1, Sk), dtype=q.dtype, device=q.device)
+        # every query sees every own key (decode, no padding): one row, the gate bias then zeros, built
+        # in one op (the same values and layout as the concatenation below)
+        if pre is None:
+            mask = torch.zeros((B, 1, 1, P + Sk), dtype=q.dtype, device=q.device)
+        else:
+            mask = torch.constant_pad_nd(pre, (0, Sk))
     else:
         own = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
-    if gate_logw is None:
-        pre = torch.zeros((1, 1, 1, P), dtype=q.dtype, device=q.device)
-    else:
-        pre = gate_logw.to(q.dtype)[:, None, None, :, None].expand(B, 1, 1, J, L).reshape(B, 1, 1, P)
-    rows = own.shape[2]  # Sq, or 1 when every query sees the same keys (the mask broadcasts)
-    mask = torch.cat([pre.expand(B, 1, rows, P), own.expand(B, 1, rows, Sk)], dim=-1)
+        if pre is None:
+            pre = torch.zeros((1, 1, 1, P), dtype=q.dtype, device=q.device)
+        rows = own.shape[2]  # Sq, or 1 when every query sees the same keys (the mask broadcasts)
+        mask = torch.cat([pre.expand(B, 1, rows, P), own.expand(B, 1, rows, Sk)], dim=-1)
     o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
     qv = query_valid(key_valid, Sq, Sk)
     return o if qv is None else o.masked_fill(~qv[:, None, :, None], 0.0)

@@ -651,11 +651,20 @@ def _cascade_dq() -> str:
     return mode
 
 
+_ARCH: dict = {}
+
+
 def _arch(device) -> str:
-    cap = torch.cuda.get_device_capability(device)
-    if cap in ((9, 0), (10, 0)):
-        return "sm90"
-    return "sm80" if cap == (8, 0) else "small"
+    # asked on every launch (each attention layer, each decode step): the capability query costs
+    # microseconds of host time and never changes for a device (a tensor's device names its index; one
+    # without, "the current device", is asked each time)
+    arch = _ARCH.get(device)
+    if arch is None:
+        cap = torch.cuda.get_device_capability(device)
+        arch = "sm90" if cap in ((9, 0), (10, 0)) else ("sm80" if cap == (8, 0) else "small")
+        if getattr(device, "index", None) is not None:
+            _ARCH[device] = arch
+    return arch
 
 
 # Kinds whose tile, where their own table has none, is that of another kind.

@@ -1,0 +1,22 @@
+"""benchmarks/profile_decode_host.py --quick: the decode host-time profile runs for the plain, MoPs and 4-bit
+models and reports a time and an op count for each."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_profile_decode_host_quick(tmp_path):
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_decode_host.py"), "--quick",
+                           "--variants", "dense,mops,rtn4+mops", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense", "mops", "rtn4+mops"}
+    for r in rows.values():
+        assert r["loop_us"] > 0 and r["aten_ops"] > 0 and r["py_calls"] > 0
+    # the injected layers' attention adds ops; the 4-bit layers replace each linear's aten ops by one kernel call
+    assert rows["mops"]["aten_ops"] > rows["dense"]["aten_ops"]
