@@ -31,6 +31,7 @@ KNOWN = OrderedDict([
     ("gptq_matmul", ("benchmarks/bench_gptq_matmul.py", "GPU")),
     ("int4_cuda_small_m", ("benchmarks/bench_int4_cuda_small_m.py", "GPU")),
     ("tune_int4", ("benchmarks/tune_int4_gpu.py", "GPU")),
+    ("profile_decode", ("benchmarks/profile_decode_host.py --device cuda", "GPU")),
 ])
 # Baseline implementation of a speedup, by preference, when a file does not name its own (`baseline_impl`).
 BASELINES = ("peft", "per_adapter", "fp16", "fp16_matmul", "fp32_matmul", "torch_fp16", "materialize_sdpa", "materialize",

@@ -16,7 +16,9 @@
 # build tests_int4 tests_attn bench_gated_prefix_attention bench_int4_cuda_small_m bench_gptq_matmul --
 # about 5 minutes on an H100 by the step times below (the limits add up to more), within the 8 the
 # attention issue allows; tune_int4 (its variants were decided on 2026-11-27), ncu_int4 and bench_e2e_gpu
-# (up to 100 s: dense, mops, PEFT prefix and LoRA, then 4-bit) run when named.
+# (up to 100 s: dense, mops, PEFT prefix and LoRA, then 4-bit) and profile_decode_gpu (a 7B-shaped decode
+# step's wall time, GPU busy time, kernel count and top host costs for dense / mops / rtn4 / rtn4+mops) run
+# when named.
 # Measured on an H100 80GB HBM3, 2026-11-26/27: build 15-18 s, the int4 GPU tests 40 s, all GPU tests
 # about 100 s, tune_int4 50 s, the int4 benchmarks 26 and 39 s, the attention benchmark 75 s (now up to 90),
 # end-to-end up to 75 s. The default run on 2026-11-27 took 352 s (build 18, tests_int4 39, tests_attn
@@ -64,6 +66,7 @@ for s in $STEPS; do
                 > '$OUT/ncu_int4_small_m.txt' 2>&1; tail -3 '$OUT/ncu_int4_small_m.txt'" ;;
     bench_gated_prefix_attention) step "$s" 110 python3 "benchmarks/$s.py" --out "$OUT" ;;
     bench_e2e_gpu) step "$s" 110 python3 "benchmarks/$s.py" --out "$OUT" ;;   # its own budget: 90 s
+    profile_decode_gpu) step "$s" 150 python3 benchmarks/profile_decode_host.py --device cuda --json "$OUT" ;;
     bench_*) step "$s" 90 python3 "benchmarks/$s.py" --out "$OUT" ;;
     *) echo "unknown step $s" | tee -a "$log" ;;
   esac
