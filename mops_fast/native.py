@@ -36,6 +36,7 @@ __all__ = [
     "int4_matmul_cpu",
     "int4_matmul_t_cpu",
     "cuda_available",
+    "cuda_kernels_loaded",
     "cuda_unavailable_reason",
     "int4_matmul_cuda_small_m",
     "int4_cpu_validated",
@@ -47,6 +48,12 @@ __all__ = [
     "CUDA_SMALL_M_MAX",
     "CUDA_SMALL_M_DTYPES",
 ]
+
+try:  # the current stream's cudaStream_t as an int, without building a torch.cuda.Stream object a call
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # builds without CUDA (and torch versions without it)
+    def _raw_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
 
 # dtype codes shared with csrc/common.h
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -109,6 +116,12 @@ def cuda_available() -> bool:
     if _disabled() or not torch.cuda.is_available():
         return False
     return _cuda() is not None
+
+
+def cuda_kernels_loaded() -> bool:
+    """cuda_available() for a caller that holds CUDA tensors (so torch sees a device): whether the kernels
+    load and are not disabled, without asking torch again on every call."""
+    return not _disabled() and _cuda() is not None
 
 
 def cuda_unavailable_reason() -> str:
@@ -317,7 +330,7 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     mod.int4_matmul_small_m(
         x.data_ptr(), _DTYPE_CODE[x.dtype], qweight.data_ptr(), qzeros.data_ptr(),
         scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G, group_size,
-        y.data_ptr(), x.device.index, torch.cuda.current_stream(x.device).cuda_stream, steps, warps, ksplit, pdl,
+        y.data_ptr(), x.device.index, _raw_stream(x.device.index), steps, warps, ksplit, pdl,
     )
     return y
 
@@ -380,6 +393,6 @@ def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G
     mod.int4_matmul_small_m_t(
         dy.data_ptr(), _DTYPE_CODE[dy.dtype], qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(),
         _DTYPE_CODE[scales.dtype], M, K, N, G, group_size, dx.data_ptr(), 0 if ws is None else ws.data_ptr(), need,
-        dev, torch.cuda.current_stream(dy.device).cuda_stream, pdl,
+        dev, _raw_stream(dev), pdl,
     )
     return dx

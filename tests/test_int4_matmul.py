@@ -204,6 +204,34 @@ def test_quant_linear_state_dict_roundtrip_and_dtypes():
     assert y16.dtype == torch.bfloat16 and rel(y16, layer(x).double()) < 1e-2
 
 
+def test_quant_linear_checks_its_weight_once_and_again_when_it_changes(monkeypatch):
+    # decoding calls each layer hundreds of times a token: the weight is validated once and kept
+    # (Int4Weight); a new load, another dtype or device, a replaced buffer or one resized in place is
+    # validated again, and a bad one still fails with the check's message
+    layer, W, b = _quant_linear(4, 256, 64, 64, False, True, seed=4)
+    x = torch.randn(2, 256)
+    y = layer(x)
+    checks = []
+    real = op.check_int4_args
+    monkeypatch.setattr(op, "check_int4_args", lambda *a: checks.append(1) or real(*a))
+    assert torch.equal(layer(x), y) and torch.equal(layer(x), y) and checks == []
+    assert layer._checked.holds(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
+    other, _, _ = _quant_linear(4, 256, 64, 64, False, True, seed=5)
+    layer.load_state_dict(other.state_dict())  # copied into the same tensors: new values, one new check
+    assert torch.equal(layer(x), other(x)) and len(checks) == 2  # (other's own first call checks too)
+    layer.to(torch.float64)  # _apply: new tensors
+    assert rel(layer(x.double()), other(x).double()) < 1e-6 and len(checks) == 3
+    layer.qzeros = torch.zeros(3, 8, dtype=torch.int32)  # a replaced buffer of the wrong shape
+    with pytest.raises(ValueError, match=r"qzeros must be int32 \(4, 8\)"):
+        layer(x.double())
+    layer.qzeros = other.qzeros.clone()
+    assert rel(layer(x.double()), other(x).double()) < 1e-6
+    with torch.no_grad():
+        layer.scales.resize_(2, 64)  # resized in place: the same object, another shape
+    with pytest.raises(ValueError, match=r"qzeros must be int32 \(2, 8\)"):
+        layer(x.double())
+
+
 def test_quant_linear_rejects_bad_shapes():
     with pytest.raises(ValueError, match="not supported"):
         QuantLinear(64, 64, bits=5)

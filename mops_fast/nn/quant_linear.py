@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mops_fast.ops.int4_matmul import act_order_repack, int4_matmul
+from mops_fast.ops.int4_matmul import act_order_repack, check_int4_weight, int4_matmul, int4_matmul_checked
 from mops_fast.quant.pack import SUPPORTED_BITS, default_g_idx, dequantize, num_groups, packed_rows
 
 
@@ -44,6 +44,7 @@ class QuantLinear(nn.Module):
     def _invalidate(self):
         self._trivial = None  # is g_idx == arange(K) // group_size? (checked once, lazily)
         self._sorted = None  # act-order repack for the CUDA kernels: (perm, qweight_sorted) or False
+        self._checked = None  # the 4-bit weight as int4_matmul validated it (ops.int4_matmul.Int4Weight)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -99,7 +100,11 @@ class QuantLinear(nn.Module):
 
     def _forward_int4(self, x):
         if self.has_trivial_g_idx():
-            return int4_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.weight_group_size)
+            w = self._checked
+            if w is None or not w.holds(self.qweight, self.qzeros, self.scales, self.g_idx):
+                w = self._checked = check_int4_weight(self.qweight, self.qzeros, self.scales, self.g_idx,
+                                                      self.weight_group_size)
+            return int4_matmul_checked(x, w)
         if x.is_cuda:
             # act-order: sort the input dim by group once, so the GPU kernels read one scale row per tile
             if self._sorted is None:

@@ -17,6 +17,7 @@ float weight is never materialized), the dispatch by device, and the torch custo
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -43,6 +44,9 @@ __all__ = [
     "int4_matmul_t_triton",
     "act_order_repack",
     "check_int4_args",
+    "check_int4_weight",
+    "int4_matmul_checked",
+    "Int4Weight",
 ]
 
 
@@ -631,8 +635,9 @@ def _native_cpu():
 
 
 def _native_cuda_small_m():
+    # asked with CUDA tensors in hand: torch sees a device
     nat = _native()
-    return nat if nat is not None and nat.cuda_available() else None
+    return nat if nat is not None and nat.cuda_kernels_loaded() else None
 
 
 SMALL_M_NATIVE = 16  # the native CUDA kernel covers M <= 16 (decode and small batches)
@@ -849,28 +854,61 @@ def _check_group_promise(op: str, group_size: int, K: int, G: int) -> None:
                          "layer's group size (K for one group), or 0 to read the groups from g_idx")
 
 
+class Int4Weight(NamedTuple):
+    """A packed weight that passed check_int4_args and the group-size check (check_int4_weight), with its
+    dimensions: a layer keeps one and hands it to int4_matmul_checked, so that decoding, which calls
+    hundreds of layers a token at tiny shapes, does not validate the same frozen tensors on every call."""
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    group_size: int
+    K: int
+    N: int
+    G: int
+    shapes: tuple  # the four tensors' shapes when checked
+
+    def holds(self, qweight, qzeros, scales, g_idx) -> bool:
+        """Whether these are the very tensors checked, still of the checked shapes (a buffer replaced, or
+        resized in place, needs a new check: the native kernels index the weight from its dimensions)."""
+        return (qweight is self.qweight and qzeros is self.qzeros and scales is self.scales and g_idx is self.g_idx
+                and (qweight.shape, qzeros.shape, scales.shape, g_idx.shape) == self.shapes)
+
+
+def check_int4_weight(qweight, qzeros, scales, g_idx, group_size: int = 0, op: str = "int4_matmul") -> Int4Weight:
+    """Validate a packed weight and the group-size promise once (see Int4Weight)."""
+    K, N, G = check_int4_args(qweight, qzeros, scales, g_idx)
+    _check_group_promise(op, group_size, K, G)
+    return Int4Weight(qweight, qzeros, scales, g_idx, int(group_size), K, N, G,
+                      (qweight.shape, qzeros.shape, scales.shape, g_idx.shape))
+
+
 def int4_matmul(x, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
     """y = x W^T for x (..., K); differentiable in x (dx = dy W). See the module docstring for the layout."""
-    K, N, G = check_int4_args(qweight, qzeros, scales, g_idx)
-    _check_group_promise("int4_matmul", group_size, K, G)
+    return int4_matmul_checked(x, check_int4_weight(qweight, qzeros, scales, g_idx, group_size))
+
+
+def int4_matmul_checked(x, w: Int4Weight) -> torch.Tensor:
+    """int4_matmul on a weight check_int4_weight has validated (QuantLinear keeps one a layer)."""
+    K = w.K
     if x.shape[-1] != K:
         raise ValueError(f"int4_matmul: x has {x.shape[-1]} features, the weight expects K={K}")
-    if x.device != qweight.device:
-        raise ValueError(f"int4_matmul: x is on {x.device}, the weight on {qweight.device}; move one of them")
+    if x.device != w.qweight.device:
+        raise ValueError(f"int4_matmul: x is on {x.device}, the weight on {w.qweight.device}; move one of them")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
+    args = (w.qweight, w.qzeros, w.scales, w.g_idx, w.group_size)
     if not traced(x2):
         # Decoding calls this hundreds of times per token at tiny shapes, where the custom op's dispatch
         # costs about as much as the kernel; outside compilation the op adds nothing: without a gradient
         # the kernel is called directly, with one through a plain autograd.Function.
         if torch.is_grad_enabled() and x2.requires_grad:
-            y = _Int4Matmul.apply(x2, qweight, qzeros, scales, g_idx, int(group_size))
+            y = _Int4Matmul.apply(x2, *args)
         else:
-            y = _forward(x2, qweight, qzeros, scales, g_idx, int(group_size))
+            y = _forward(x2, *args)
     else:
-        y = _int4_matmul_op(x2, qweight, qzeros, scales, g_idx, int(group_size))
-    return y.reshape(*lead, N)
-
+        y = _int4_matmul_op(x2, *args)
+    return y.reshape(*lead, w.N)
 
 
 def int4_matmul_t(dy, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
