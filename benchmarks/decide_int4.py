@@ -13,7 +13,7 @@ settings per M bracket (M <= 8 and M > 8, as the kernels' defaults split), which
 shell exports (mops_fast/ops/int4_matmul.py: SMALL_M_KNOBS, _pdl_enabled).
 
 The default a variant is measured against is the dispatch's launch: `steps=0` with `pdl` where the file has
-PDL rows (PDL is on by default since 2026-11-28), else `steps=0`. Files written before 2026-11-29 name
+PDL rows (PDL is on by default since 2026-11-28), else `steps=0`. Files from the H200 run of 2026-11-28 (and earlier) name
 variants dropped since (streamed steps 32-38, the tiled order); they are reported, never chosen.
 """
 from __future__ import annotations
