@@ -7,7 +7,7 @@ Prints, per small-M shape: fp16 matmul's time, the dispatch default's speedup ov
 variant's time relative to that default (below 1 is faster), forward and backward; the read-only floor
 (`read[...]` rows) in TB/s beside the best forward's rate over the same weight bytes, and the fixed cost of
 a graph node (mode "floor" rows: each kernel on a 34 KB weight). Then one line per question: per M, the
-forward steps variant and the K split that beat the default by more than `--margin` on every shape, and
+forward steps variant, K split and L2 prefetch distance that beat the default by more than `--margin` on every shape, and
 whether PDL wins (median ratio over the pairs timed with and without it); last, all of it as the dispatch's
 settings per M bracket (M <= 8 and M > 8, as the kernels' defaults split), which `--env FILE` writes as
 shell exports (mops_fast/ops/int4_matmul.py: SMALL_M_KNOBS, _pdl_enabled).
@@ -29,25 +29,29 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-NATIVE = re.compile(r"native\[steps=(-?\d+)(?:,warps=(\d+))?(?:,ksplit=(\d+))?(?:,gs=(\d+))?((?:,\w+)*)\]")
+NATIVE = re.compile(r"native\[steps=(-?\d+)(?:,warps=(\d+))?(?:,ksplit=(\d+))?(?:,prefetch=(\d+))?(?:,gs=(\d+))?"
+                    r"((?:,\w+)*)\]")
+KNOBS = ("steps", "ksplit", "prefetch")  # the forward's hints the dispatch passes (SMALL_M_KNOBS, fwd_<knob>)
 GROUP = 128
 MAX_REL_ERR = 2e-2  # tune_int4_gpu.py flags a row BAD above this error against the fp32 product
 
 
 def parse_native(impl: str) -> dict | None:
-    """native[steps=S,warps=W,ksplit=K,gs=G,flags] -> {"steps", "warps", "ksplit", "gs", "tiled", "pdl"}; None
-    otherwise (warps, ksplit and gs may be absent: 0, 0 and GROUP)."""
+    """native[steps=S,warps=W,ksplit=K,prefetch=P,gs=G,flags] -> {"steps", "warps", "ksplit", "prefetch", "gs",
+    "tiled", "pdl"}; None otherwise (warps, ksplit, prefetch and gs may be absent: 0, 0, 0 and GROUP)."""
     m = NATIVE.fullmatch(impl)
     if not m:
         return None
-    flags = set(filter(None, m.group(5).split(",")))
+    flags = set(filter(None, m.group(6).split(",")))
     return {"steps": int(m.group(1)), "warps": int(m.group(2) or 0), "ksplit": int(m.group(3) or 0),
-            "gs": int(m.group(4) or GROUP), "tiled": "tiled" in flags, "pdl": "pdl" in flags}
+            "prefetch": int(m.group(4) or 0), "gs": int(m.group(5) or GROUP), "tiled": "tiled" in flags,
+            "pdl": "pdl" in flags}
 
 
 def variant_name(v: dict) -> str:
     return (f"steps={v['steps']}" + (f",warps={v['warps']}" if v["warps"] else "")
-            + (f",ksplit={v['ksplit']}" if v["ksplit"] else "") + (",tiled" if v["tiled"] else "")
+            + (f",ksplit={v['ksplit']}" if v["ksplit"] else "")
+            + (f",prefetch={v['prefetch']}" if v["prefetch"] else "") + (",tiled" if v["tiled"] else "")
             + (",pdl" if v["pdl"] else ""))
 
 
@@ -129,8 +133,8 @@ def winner(shapes: list[dict], margin: float, default: str) -> tuple[float, str]
 
 
 def _knob_candidates(shapes: list[dict], knob: str) -> tuple[list[dict], str]:
-    """The shapes' ratios restricted to the variants that differ from the default in `knob` only ("steps" or
-    "ksplit") and take a value the dispatch can pass (SMALL_M_KNOBS), and the default's name."""
+    """The shapes' ratios restricted to the variants that differ from the default in `knob` only (one of
+    KNOBS) and take a value the dispatch can pass (SMALL_M_KNOBS), and the default's name."""
     from mops_fast.ops.int4_matmul import SMALL_M_KNOBS
 
     allowed = SMALL_M_KNOBS[f"fwd_{knob}"]["values"]
@@ -142,17 +146,16 @@ def _knob_candidates(shapes: list[dict], knob: str) -> tuple[list[dict], str]:
             if v is None or v["tiled"]:
                 continue
             default = "steps=0,pdl" if v["pdl"] else "steps=0"
-            other = "ksplit" if knob == "steps" else "steps"
-            if v[other] == 0 and v[knob] in allowed:
+            if all(v[k] == 0 for k in KNOBS if k != knob) and v[knob] in allowed:
                 keep[n] = r
         out.append(keep)
     return out, default
 
 
 def verdicts(an: dict, margin: float) -> dict:
-    """{(knob, small): (worst ratio, variant) or None} for knob in steps / ksplit and the M brackets."""
+    """{(knob, small): (worst ratio, variant) or None} for each of KNOBS and the M brackets."""
     out = {}
-    for knob in ("steps", "ksplit"):
+    for knob in KNOBS:
         for small in (True, False):
             shapes = [s for M, ss in an["by_m"]["fwd"].items() if (M <= 8) == small for s in ss]
             cands, default = _knob_candidates(shapes, knob)
@@ -161,11 +164,12 @@ def verdicts(an: dict, margin: float) -> dict:
 
 
 def decide(an: dict, margin: float) -> dict:
-    """What the dispatch should run: the forward's steps and K split per M bracket (M <= 8, M > 8) and PDL
-    on or off, as the environment variables that make it so (mops_fast/ops/int4_matmul.py)."""
+    """What the dispatch should run: each of the forward's KNOBS per M bracket (M <= 8, M > 8) and PDL on or
+    off, as the environment variables that make it so (mops_fast/ops/int4_matmul.py)."""
     env = {}
     ver = verdicts(an, margin)
-    for knob, var in (("steps", "MOPS_FAST_INT4_FWD_STEPS"), ("ksplit", "MOPS_FAST_INT4_FWD_KSPLIT")):
+    for knob in KNOBS:
+        var = f"MOPS_FAST_INT4_FWD_{knob.upper()}"
         vals = []
         for small in (True, False):
             w = ver[(knob, small)]
@@ -187,7 +191,7 @@ def report(rows: list[dict], margin: float = 0.02) -> list[str]:
     out += [f"WRONG RESULTS, left out: {w}" for w in an["wrong"]]
     out += an["lines"] + [""]
     ver = verdicts(an, margin)
-    for knob in ("steps", "ksplit"):
+    for knob in KNOBS:
         for small, bracket in ((True, "M <= 8"), (False, "M > 8")):
             w = ver[(knob, small)]
             out.append(f"forward {knob}, {bracket}: {w[1]} beats the default on every shape (worst ratio "

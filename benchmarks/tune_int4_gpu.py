@@ -32,17 +32,19 @@ GROUP = 128
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 SMALL_MS = [1, 4, 16]
 LARGE_MS = [64, 512, 4096]
-# (steps, warps, ksplit, pdl) of the small-M CUDA forward, 0 = the kernel's own choice (launch() and plan() in
-# csrc/cuda/int4_small_m.cu): steps 4 (batches of 4 steps; the M > 8 default) and 22 (software-pipelined; the
-# M <= 8 default); ksplit: K in that many slices, each a CTA of one thread-block cluster summed through
-# distributed shared memory (sm_90; the open question: at 4096x11008 a read-only kernel needs a 4-way K split
-# to reach 2.97 TB/s on an H200, the forward runs at 2.2x that floor), with the kernel's warps and with 4 or 8
-# forced; pdl: a programmatic dependent of the previous call (on by default since 2026-11-28), timed once
-# without to keep that verdict honest. The files in benchmarks/results hold rows of variants dropped since
-# (steps 8, -4, -8, -22, 24, 32-38, a cp.async ring, the tiled order) under their own names.
-NATIVE_VARIANTS = [(0, 0, 0, True), (0, 0, 0, False), (4, 0, 0, True), (22, 0, 0, True),
-                   (0, 0, 2, True), (0, 0, 3, True), (0, 0, 4, True), (0, 0, 8, True),
-                   (0, 4, 2, True), (0, 4, 4, True), (0, 8, 2, True), (0, 8, 4, True)]
+# (steps, warps, ksplit, prefetch, pdl) of the small-M CUDA forward, 0 = the kernel's own choice (launch() and
+# plan() in csrc/cuda/int4_small_m.cu): steps 4 (batches of 4 steps; the M > 8 default) and 22 (software-
+# pipelined; the M <= 8 default); ksplit: K in that many slices, each a CTA of one thread-block cluster summed
+# through distributed shared memory (sm_90), with the kernel's warps and with 4 or 8 forced; prefetch: L2
+# prefetches of the weight rows that many 4-row steps ahead of the loads (no register holds them). The open
+# question of both: at 4096x11008 a read-only kernel reaches 2.97 TB/s on an H200 with K split 4 ways, the
+# forward runs at 2.2x that floor. pdl: a programmatic dependent of the previous call (on by default since
+# 2026-11-28), timed once without to keep that verdict honest. The files in benchmarks/results hold rows of
+# variants dropped since (steps 8, -4, -8, -22, 24, 32-38, a cp.async ring, the tiled order) under their names.
+NATIVE_VARIANTS = [(0, 0, 0, 0, True), (0, 0, 0, 0, False), (4, 0, 0, 0, True), (22, 0, 0, 0, True),
+                   (0, 0, 2, 0, True), (0, 0, 3, 0, True), (0, 0, 4, 0, True), (0, 0, 8, 0, True),
+                   (0, 4, 2, 0, True), (0, 4, 4, 0, True), (0, 8, 2, 0, True), (0, 8, 4, 0, True),
+                   (0, 0, 0, 8, True), (0, 0, 0, 16, True), (0, 0, 0, 32, True), (0, 0, 4, 16, True)]
 # pdl of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu)
 NATIVE_BWD_PDL = [True, False]
 BIG_TILES = [dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
@@ -198,18 +200,19 @@ def main() -> int:
             if M <= op.SMALL_M_NATIVE and has_native:
                 G, key = qsets[0][2].shape[0], f"{M}x{K}x{N}"
                 plans[key] = {}
-                for steps, warps, ksplit, pdl in NATIVE_VARIANTS:
-                    for gs in ((GROUP, 0) if (steps, warps, ksplit) == (0, 0, 0) and pdl else (GROUP,)):
+                for steps, warps, ksplit, pf, pdl in NATIVE_VARIANTS:
+                    for gs in ((GROUP, 0) if (steps, warps, ksplit, pf) == (0, 0, 0, 0) and pdl else (GROUP,)):
                         name = (f"native[steps={steps}" + (f",warps={warps}" if warps else "")
-                                + (f",ksplit={ksplit}" if ksplit else "") + f",gs={gs}{',pdl' if pdl else ''}]")
+                                + (f",ksplit={ksplit}" if ksplit else "") + (f",prefetch={pf}" if pf else "")
+                                + f",gs={gs}{',pdl' if pdl else ''}]")
                         try:  # a report, not a measurement
                             plans[key][name] = native.int4_small_m_plan(M, K, N, G, gs, steps, warps, ksplit)
                         except Exception as e:  # noqa: BLE001
                             plans[key][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                         record(shape, name, "fwd",
-                               lambda i, s=steps, w=warps, k=ksplit, g=gs, d=pdl: lambda:
+                               lambda i, s=steps, w=warps, k=ksplit, f=pf, g=gs, d=pdl: lambda:
                                native.int4_cuda_small_m_validated(x, *qsets[i], K, N, G, group_size=g, steps=s,
-                                                                  warps=w, ksplit=k, pdl=d),
+                                                                  warps=w, ksplit=k, prefetch=f, pdl=d),
                                ref_f, nq, graph)
                 print(f"  launched: {plans[key]}", flush=True)
                 for pdl in NATIVE_BWD_PDL:

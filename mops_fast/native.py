@@ -310,14 +310,15 @@ def _group_promise(op: str, group_size: int, K: int, G: int) -> int:
 
 def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: int, G: int,
                                 group_size: int = 0, steps: int = 0, warps: int = 0, ksplit: int = 0,
-                                pdl: bool = False) -> torch.Tensor:
+                                prefetch: int = 0, pdl: bool = False) -> torch.Tensor:
     """The CUDA small-M kernel call for a caller that has already validated what int4_matmul_cuda_small_m
     checks (mops_fast.ops does, once per call): at decode the kernel takes microseconds, so every check
     repeated in Python shows in the token rate. group_size > 0: g_idx == arange(K) // group_size (a
     promise). steps (4: batches of 4 steps, each waited for; 22: two batches in flight, one computed while
-    the other loads), warps (a CTA) and ksplit (1-8 slices of K, each a CTA of one thread-block cluster on
-    sm_90, grouped weights only; elsewhere one slice) override the launch the kernel picks when nonzero
-    (launch() and plan() in csrc/cuda/int4_small_m.cu; benchmarks/tune_int4_gpu.py). pdl: launch as a
+    the other loads), warps (a CTA), ksplit (1-8 slices of K, each a CTA of one thread-block cluster on
+    sm_90, grouped weights only; elsewhere one slice) and prefetch (L2 prefetches of the weight rows that
+    many 4-row steps ahead of the loads, 1-64; the same results) override the launch the kernel picks
+    when nonzero (launch() and plan() in csrc/cuda/int4_small_m.cu; benchmarks/tune_int4_gpu.py). pdl: launch as a
     programmatic dependent of the stream's previous kernel (sm_90; ignored elsewhere): the kernel starts,
     and may fetch weights, while that kernel finishes, and reads x only after it has, so the previous
     kernel must not write the weights."""
@@ -330,7 +331,7 @@ def int4_cuda_small_m_validated(x, qweight, qzeros, scales, g_idx, K: int, N: in
     mod.int4_matmul_small_m(
         x.data_ptr(), _DTYPE_CODE[x.dtype], qweight.data_ptr(), qzeros.data_ptr(),
         scales.data_ptr(), _DTYPE_CODE[scales.dtype], g_idx.data_ptr(), M, K, N, G, group_size,
-        y.data_ptr(), x.device.index, _raw_stream(x.device.index), steps, warps, ksplit, pdl,
+        y.data_ptr(), x.device.index, _raw_stream(x.device.index), steps, warps, ksplit, prefetch, pdl,
     )
     return y
 

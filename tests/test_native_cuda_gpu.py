@@ -159,6 +159,33 @@ def test_plan_takes_the_k_split_where_it_can():
             plan(**args)
 
 
+@pytest.mark.parametrize(
+    "K, N, group, kw",
+    [
+        (576, 40, 128, {}),                                       # 5 steps: the prefetches run past the slice
+        (4104, 264, 64, {"sym": True}),                           # K not a multiple of 32, partial tile
+        (576, 200, 128, {"act_order": True}),                     # act-order: the g_idx table kernel
+        (4096, 11008, 128, {}),                                   # up_proj
+    ],
+    ids=["K576N40", "K4104N264", "K576N200act", "up_proj"],
+)
+def test_prefetch_changes_no_bit(K, N, group, kw):
+    # L2 prefetches only move bytes closer: every kernel gives the bits it gives without them, at any
+    # distance, with K split or not
+    qw, qz, s, g = _weight(K, N, group, torch.device("cuda"), seed=K + N + 6, **kw)
+    gs = 0 if kw.get("act_order") else group
+    for M in (1, 6, 16):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16 if M == 6 else torch.float16)
+        for steps, ksplit in ((0, 0), (4, 0), (22, 0), (0, 3)):
+            want = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=gs, steps=steps,
+                                                      ksplit=ksplit)
+            for pf in (4, 16, 64):
+                got = native.int4_cuda_small_m_validated(x, qw, qz, s, g, K, N, s.shape[0], group_size=gs,
+                                                         steps=steps, ksplit=ksplit, prefetch=pf)
+                torch.cuda.synchronize()
+                assert torch.equal(got, want), (K, N, M, steps, ksplit, pf)
+
+
 def test_k_split_is_deterministic_and_covers_every_column():
     # the cluster's sums are added in rank order: the same bits on every call; outputs of every column tile
     # are written (the output buffer is poisoned first)
@@ -268,10 +295,11 @@ def test_stream_and_empty_and_errors():
     with pytest.raises(ValueError, match="is on cpu"):
         native.int4_matmul_cuda_small_m(x, qw.cpu(), qz, s, g)
     # launch overrides the kernels do not have are refused, not run as the default
-    for steps, warps, ksplit in ((8, 0, 0), (-4, 0, 0), (24, 0, 0), (32, 0, 0), (0, -1, 0), (0, 0, 9), (0, 0, -1)):
-        with pytest.raises(RuntimeError, match="unknown steps hint|warps hint|ksplit hint"):
+    for steps, warps, ksplit, pf in ((8, 0, 0, 0), (-4, 0, 0, 0), (24, 0, 0, 0), (32, 0, 0, 0), (0, -1, 0, 0),
+                                     (0, 0, 9, 0), (0, 0, -1, 0), (0, 0, 0, -1), (0, 0, 0, 65)):
+        with pytest.raises(RuntimeError, match="unknown steps hint|warps hint|ksplit hint|prefetch hint"):
             native.int4_cuda_small_m_validated(x, qw, qz, s, g, 512, 64, 1, group_size=128, steps=steps,
-                                               warps=warps, ksplit=ksplit)
+                                               warps=warps, ksplit=ksplit, prefetch=pf)
 
 
 def _check_t(dy, qw, qz, s, g, group_size, what):
@@ -336,7 +364,8 @@ def test_backward_refusals_and_dispatch(monkeypatch):
 
 
 def test_dispatch_takes_hints_from_env(monkeypatch):
-    # MOPS_FAST_INT4_FWD_STEPS / _FWD_KSPLIT (M <= 8, M > 8): the dispatch launches exactly those variants
+    # MOPS_FAST_INT4_FWD_STEPS / _FWD_KSPLIT / _FWD_PREFETCH (M <= 8, M > 8): the dispatch launches exactly
+    # those variants (prefetches change no bit)
     from mops_fast.ops import int4_matmul as op
 
     K, N = 4096, 11008
@@ -344,6 +373,7 @@ def test_dispatch_takes_hints_from_env(monkeypatch):
     G = s.shape[0]
     monkeypatch.setenv("MOPS_FAST_INT4_FWD_STEPS", "4,22")
     monkeypatch.setenv("MOPS_FAST_INT4_FWD_KSPLIT", "3,2")
+    monkeypatch.setenv("MOPS_FAST_INT4_FWD_PREFETCH", "16,0")
     for M, fs, ks in ((3, 4, 3), (12, 22, 2)):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         assert torch.equal(op.int4_matmul(x, qw, qz, s, g, 128),

@@ -139,6 +139,8 @@ def test_decide_int4_reads_a_tune_file():
                      "native[steps=22,gs=128,pdl]": 0.014 if M == 16 else 0.017,
                      "native[steps=0,ksplit=4,gs=128,pdl]": 0.012 if M == 1 else 0.015,
                      "native[steps=0,ksplit=2,gs=128,pdl]": 0.013 if (M == 1 or N == 4096) else 0.017,
+                     "native[steps=0,prefetch=16,gs=128,pdl]": 0.0150 if N == 4096 else 0.0155,
+                     "native[steps=0,ksplit=4,prefetch=16,gs=128,pdl]": 0.007,  # two knobs at once: reported only
                      "native[steps=0,warps=4,ksplit=4,gs=128,pdl]": 0.008,  # forced warps: never the verdict
                      "native[steps=32,warps=0,gs=128,pdl]": 0.009}  # a dropped variant of an older file
             rows += [_row({"M": M, "K": K, "N": N}, impl, "fwd", ms) for impl, ms in times.items()]
@@ -155,6 +157,8 @@ def test_decide_int4_reads_a_tune_file():
     assert "forward ksplit, M > 8: steps=0,ksplit=4,pdl beats the default on every shape (worst ratio 0.938)" in text
     assert "forward steps, M <= 8: the default stays" in text  # steps=4 wins by 1.25%: within the margin
     assert "forward steps, M > 8: steps=22,pdl beats the default on every shape (worst ratio 0.875)" in text
+    # prefetch=16: 6.25% faster on 4096x4096, 3.1% on 4096x11008: a win at both M brackets
+    assert "forward prefetch, M <= 8: steps=0,prefetch=16,pdl beats the default on every shape (worst ratio 0.969)" in text
     assert "pdl fwd: median 0.970" in text and "pdl bwd: median 0.952" in text and "keep _pdl_enabled() on" in text
     assert "read floor 4096x4096: read[ksplit=1] 1.70 TB/s" in text
     assert "graph-node floor (34 KB weight): fp16 3.10 us" in text  # not a shape of the verdicts
@@ -162,8 +166,8 @@ def test_decide_int4_reads_a_tune_file():
     assert "WRONG RESULTS, left out: fwd native[steps=0,ksplit=8,gs=128,pdl] M=1 4096x4096: rel err nan" in text
     assert not [ln for ln in lines if "ksplit=8" in ln and not ln.startswith("WRONG")]
     assert text.endswith("as settings (M <= 8, M > 8): MOPS_FAST_INT4_FWD_STEPS=0,22 MOPS_FAST_INT4_FWD_KSPLIT=4,4 "
-                         "MOPS_FAST_INT4_PDL=1")
-    assert decide_int4.parse_native("native[steps=-22,warps=8,ksplit=3,gs=0,tiled,pdl]") == {
-        "steps": -22, "warps": 8, "ksplit": 3, "gs": 0, "tiled": True, "pdl": True}
+                         "MOPS_FAST_INT4_FWD_PREFETCH=16,16 MOPS_FAST_INT4_PDL=1")
+    assert decide_int4.parse_native("native[steps=-22,warps=8,ksplit=3,prefetch=8,gs=0,tiled,pdl]") == {
+        "steps": -22, "warps": 8, "ksplit": 3, "prefetch": 8, "gs": 0, "tiled": True, "pdl": True}
     assert decide_int4.parse_native("native[steps=0,pdl]") == {
-        "steps": 0, "warps": 0, "ksplit": 0, "gs": 128, "tiled": False, "pdl": True}
+        "steps": 0, "warps": 0, "ksplit": 0, "prefetch": 0, "gs": 128, "tiled": False, "pdl": True}

@@ -16,7 +16,7 @@ PYBIND11_MODULE(_C_cuda, m) {
       "int4_matmul_small_m",
       [](uintptr_t x, int x_dtype, uintptr_t qweight, uintptr_t qzeros, uintptr_t scales,
          int scales_dtype, uintptr_t g_idx, int M, int K, int N, int G, int group_size, uintptr_t y,
-         int device, uintptr_t stream, int steps, int warps, int ksplit, bool pdl) {
+         int device, uintptr_t stream, int steps, int warps, int ksplit, int prefetch, bool pdl) {
         char err[256] = {0};
         int rc;
         {
@@ -27,16 +27,18 @@ PYBIND11_MODULE(_C_cuda, m) {
                                  reinterpret_cast<const void*>(scales), scales_dtype,
                                  reinterpret_cast<const int32_t*>(g_idx), M, K, N, G, group_size,
                                  pdl ? MOPS_INT4_PDL : 0, reinterpret_cast<void*>(y), device,
-                                 reinterpret_cast<void*>(stream), steps, warps, ksplit, err, int(sizeof err));
+                                 reinterpret_cast<void*>(stream), steps, warps, ksplit, prefetch, err,
+                                 int(sizeof err));
         }
         if (rc != 0) throw std::runtime_error(std::string("int4_matmul_small_m: ") + err);
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"),
       py::arg("scales_dtype"), py::arg("g_idx"), py::arg("M"), py::arg("K"), py::arg("N"),
       py::arg("G"), py::arg("group_size"), py::arg("y"), py::arg("device"), py::arg("stream"),
-      py::arg("steps") = 0, py::arg("warps") = 0, py::arg("ksplit") = 0, py::arg("pdl") = false,
+      py::arg("steps") = 0, py::arg("warps") = 0, py::arg("ksplit") = 0, py::arg("prefetch") = 0,
+      py::arg("pdl") = false,
       "y (M,N) = x (M,K) W^T on CUDA for M <= 16; pointers and the stream as integers. group_size > 0 "
-      "promises g_idx == arange(K) / group_size; steps / warps / ksplit > 0 override the tuned launch "
+      "promises g_idx == arange(K) / group_size; steps / warps / ksplit / prefetch > 0 override the tuned launch "
       "(benchmarks); pdl: launched as a programmatic dependent of the stream's previous grid (sm_90)");
   m.def(
       "int4_matmul_small_m_plan",

@@ -54,6 +54,7 @@ struct Params {
   int M, K, N, G;
   int scales_dtype;
   int group_shift;  // GROUPED kernels: qweight row r lies in group min(r >> group_shift, G - 1)
+  int pf;           // L2 prefetch distance in 4-row steps (0: none; prefetch_step)
 };
 
 // A lane's 4 columns ncol .. ncol + 3 of qweight row r.
@@ -70,6 +71,21 @@ __device__ __forceinline__ void warp_steps(int R, int warp, int nwarps, int& s_b
   const int per_warp = (per_cta + nwarps - 1) / nwarps;
   s_begin = int(blockIdx.y) * per_cta + warp * per_warp;
   s_end = min(c_end, s_begin + per_warp);
+}
+
+// L2 prefetch (p.pf > 0) of the weight rows of 4-row step s, if the warp's slice [.., s_end) holds it. A
+// register kernel keeps at most 4 steps of loads in flight a warp (its registers hold them); a prefetch
+// holds none, so the rows of later steps can be requested from DRAM meanwhile and the loads then find them
+// in L2. Lanes q = 0 and q = 7 of row t name both ends of its 128 bytes (they may straddle two lines).
+__device__ __forceinline__ void prefetch_step(const Params& p, int ncol, int lq, int lt, int s, int s_end) {
+  const int r = 4 * s + lt;
+  if ((lq == 0 || lq == 7) && s < s_end && r < p.K / 8 && ncol < p.N)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p.qweight + (int64_t)r * p.N + ncol));
+}
+
+// The prefetches of a warp's first steps past the 4 its first loads cover: [s_begin + 4, s_begin + pf).
+__device__ __forceinline__ void prefetch_start(const Params& p, int ncol, int lq, int lt, int s_begin, int s_end) {
+  for (int s = s_begin + 4; s < min(s_begin + p.pf, s_end); ++s) prefetch_step(p, ncol, lq, lt, s, s_end);
 }
 
 // Sum the warps' partial tiles through shared memory (and, SPLIT, the cluster's CTAs through distributed
@@ -201,6 +217,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int ncol = n0 + 4 * lq;            // this lane's 4 columns
   const bool col_ok = ncol < N;
   griddep_launch_dependents();
+  int s_begin, s_end;
+  warp_steps(R, warp, nwarps, s_begin, s_end);
+  if (p.pf > 0) prefetch_start(p, ncol, lq, lt, s_begin, s_end);  // frozen weights: before griddep_wait
 
   if (!GROUPED) {
     // Group of each qweight row (-1: its 8 inputs span several groups, as with act-order).
@@ -214,9 +233,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     __syncthreads();
   }
   griddep_wait();  // x comes with the first batch's weights
-
-  int s_begin, s_end;
-  warp_steps(R, warp, nwarps, s_begin, s_end);
 
   float acc[4][4];
   int cur_g = -1;
@@ -243,6 +259,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       sv[u] = make_uint2(0, 0);
       zv[u] = 0;
       if (ok && col_ok) qv[u] = __ldg(weight_row(p, ncol, r));
+      if (p.pf > 0) prefetch_step(p, ncol, lq, lt, s0 + u + p.pf, s_end);
       if (ok && row_lo)
         xlo[u] = __ldg(reinterpret_cast<const uint4*>(xg + (int64_t)lq * K + 8 * r));
       if (MT == 16 && ok && row_hi)
@@ -355,6 +372,7 @@ __device__ __forceinline__ void issue_weights(const Params& p, const Lane& l, in
     b.q[u] = make_int4(0, 0, 0, 0);
     b.s[u] = make_uint2(0, 0);
     b.z[u] = 0;
+    if (p.pf > 0) prefetch_step(p, l.ncol, l.lq, l.lt, s0 + u + p.pf, l.s_end);
     if (ok && l.col_ok) {
       const int g = min(r >> p.group_shift, p.G - 1);
       b.q[u] = __ldg(weight_row(p, l.ncol, r));
@@ -440,6 +458,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   Batch<MT> a, b;
   issue_weights<MT>(p, l, s_begin, a);
   issue_weights<MT>(p, l, s_begin + kPipeSteps, b);
+  if (p.pf > 0) prefetch_start(p, l.ncol, l.lq, l.lt, s_begin, l.s_end);
   griddep_wait();
   issue_x<T, MT>(p, l, s_begin, a);
   issue_x<T, MT>(p, l, s_begin + kPipeSteps, b);
@@ -499,7 +518,8 @@ size_t plan_smem(const Params& p, Kind kind, int warps) {
 // us against the default's 8.5 at M = 1, 4096x4096; H200, 2026-11-28), and a tiled weight order (a tie).
 // ksplit_hint: the K slices (1-8) of grouped weights on sm_90, each a CTA of one cluster; 0 the default, 1
 // until a GPU run times it (benchmarks/tune_int4_gpu.py). Where a split cannot run (the table path, below
-// sm_90, no room for the cluster) the launch takes one slice.
+// sm_90, no room for the cluster) the launch takes one slice. prefetch_hint (Params::pf, any kernel): L2
+// prefetches that many 4-row steps ahead of the loads (prefetch_step); 0, the default, none until timed.
 template <class T, int MT>
 Plan plan(const Params& p, const DeviceInfo& dev, int device, int steps_hint, int warps_hint, int ksplit_hint) {
   Plan pl;
@@ -557,10 +577,11 @@ Plan plan_for(const Params& p, int x_dtype, const DeviceInfo& dev, int device, i
 }
 
 // The checks of the hints both entry points take; nullptr if they hold.
-const char* hints_error(int steps_hint, int warps_hint, int ksplit_hint) {
+const char* hints_error(int steps_hint, int warps_hint, int ksplit_hint, int prefetch_hint) {
   if (steps_hint != 0 && steps_hint != 4 && steps_hint != 22) return "unknown steps hint: use 0 (the default), 4 or 22";
   if (warps_hint < 0) return "warps hint must be >= 0 (0: the kernel picks)";
   if (ksplit_hint < 0 || ksplit_hint > 8) return "ksplit hint must be in [0, 8] (0: the default)";
+  if (prefetch_hint < 0 || prefetch_hint > 64) return "prefetch hint must be in [0, 64] steps (0: none)";
   return nullptr;
 }
 
@@ -575,12 +596,12 @@ int group_shift_for(int group_size, int G, int scales_dtype) {
 extern "C" int mops_int4_small_m_plan(int M, int K, int N, int G, int group_size, int scales_dtype, int x_dtype,
                                       int steps_hint, int warps_hint, int ksplit_hint, int device, int* out) {
   if (small_m_shape_error(M, K, N, G) != nullptr || (x_dtype != 1 && x_dtype != 2) || scales_dtype < 0 ||
-      scales_dtype > 2 || group_size < 0 || hints_error(steps_hint, warps_hint, ksplit_hint) != nullptr)
+      scales_dtype > 2 || group_size < 0 || hints_error(steps_hint, warps_hint, ksplit_hint, 0) != nullptr)
     return 1;
   const DeviceInfo* info = nullptr;
   if (use_device(device, &info) != nullptr) return 1;
   const Params p{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, K, N, G, scales_dtype,
-                 group_shift_for(group_size, G, scales_dtype)};
+                 group_shift_for(group_size, G, scales_dtype), 0};
   const Plan pl = plan_for(p, x_dtype, *info, device, steps_hint, warps_hint, ksplit_hint);
   out[0] = int(pl.kind);
   out[1] = pl.ksplit;
@@ -592,7 +613,7 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
                                  const int32_t* qzeros, const void* scales, int scales_dtype,
                                  const int32_t* g_idx, int M, int K, int N, int G, int group_size,
                                  int flags, void* y, int device, void* stream, int steps_hint, int warps_hint,
-                                 int ksplit_hint, char* err, int err_len) {
+                                 int ksplit_hint, int prefetch_hint, char* err, int err_len) {
   auto fail = [&](const char* msg) {
     std::snprintf(err, size_t(err_len), "%s", msg);
     return 1;
@@ -601,13 +622,13 @@ extern "C" int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qwei
   if (x_dtype != 1 && x_dtype != 2) return fail("activations must be fp16 or bf16");
   if (scales_dtype < 0 || scales_dtype > 2) return fail("bad scales dtype");
   if (group_size < 0) return fail("group_size must be >= 0 (0: read the groups from g_idx)");
-  if (const char* msg = hints_error(steps_hint, warps_hint, ksplit_hint)) return fail(msg);
+  if (const char* msg = hints_error(steps_hint, warps_hint, ksplit_hint, prefetch_hint)) return fail(msg);
   if (flags & ~MOPS_INT4_PDL) return fail("unknown flags");
   const DeviceInfo* info = nullptr;
   if (const char* msg = use_device(device, &info)) return fail(msg);
   const DeviceInfo& dev = *info;
   const int group_shift = group_shift_for(group_size, G, scales_dtype);
-  const Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift};
+  const Params p{x, qweight, qzeros, scales, g_idx, y, M, K, N, G, scales_dtype, group_shift, prefetch_hint};
   const Plan pl = plan_for(p, x_dtype, dev, device, steps_hint, warps_hint, ksplit_hint);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const bool pdl = (flags & MOPS_INT4_PDL) && dev.sm90_features();  // earlier parts: an ordinary launch

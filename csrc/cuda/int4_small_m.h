@@ -14,13 +14,15 @@ extern "C" {
 // y (M,N) = x (M,K) W^T for 1 <= M <= 16. x_dtype: 1 fp16, 2 bf16; scales_dtype: 0 f32, 1 f16,
 // 2 bf16. group_size > 0 is the caller's promise that g_idx == arange(K) / group_size (the kernel
 // then computes groups instead of reading g_idx); 0 reads g_idx. flags: MOPS_INT4_PDL. All pointers
-// device pointers on `device`; stream is a cudaStream_t. steps_hint (0, 4, 22), warps_hint (warps a CTA)
-// and ksplit_hint (K slices, 0-8) override the tuned choice when nonzero (benchmarks; launch() and plan()
-// in int4_small_m.cu). Returns 0, or 1 with a message in err.
+// device pointers on `device`; stream is a cudaStream_t. steps_hint (0, 4, 22), warps_hint (warps a CTA),
+// ksplit_hint (K slices, 0-8) and prefetch_hint (L2 prefetch distance in 4-row steps, 0-64) override the
+// tuned choice when nonzero (benchmarks; launch() and plan() in int4_small_m.cu). Returns 0, or 1 with a
+// message in err.
 int mops_int4_small_m(const void* x, int x_dtype, const int32_t* qweight, const int32_t* qzeros,
                       const void* scales, int scales_dtype, const int32_t* g_idx, int M, int K,
                       int N, int G, int group_size, int flags, void* y, int device, void* stream,
-                      int steps_hint, int warps_hint, int ksplit_hint, char* err, int err_len);
+                      int steps_hint, int warps_hint, int ksplit_hint, int prefetch_hint, char* err,
+                      int err_len);
 
 // What mops_int4_small_m launches for these arguments on `device`: out[0] the kernel (0 the g_idx table
 // path, 1 batches of 4 steps, 2 software-pipelined), out[1] the K slices, out[2] the warps a CTA. Returns

@@ -682,6 +682,7 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
                                                            group_size=max(int(group_size), 0),
                                                            steps=small_m_knob("fwd_steps", xc.shape[0]),
                                                            ksplit=small_m_knob("fwd_ksplit", xc.shape[0]),
+                                                           prefetch=small_m_knob("fwd_prefetch", xc.shape[0]),
                                                            pdl=_pdl_enabled())
         if HAS_TRITON:
             if impl == "auto" and x.shape[0] >= CHUNKED_MIN_M:
@@ -701,10 +702,12 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
 # names others, and that variable. Defaults stay the kernel's own until a GPU run decides otherwise
 # (benchmarks/decide_int4.py --env writes the variables; docs/gpu_session.md).
 #   fwd_steps   4 batches of 4 steps, 22 software-pipelined (the kernel's own: 22 at M <= 8, 4 above)
-#   fwd_ksplit  K slices, each a CTA of one thread-block cluster (sm_90, grouped weights; the kernel's own: 1)
+#   fwd_ksplit    K slices, each a CTA of one thread-block cluster (sm_90, grouped weights; the kernel's own: 1)
+#   fwd_prefetch  L2 prefetch of the weight rows this many 4-row steps ahead of the loads (the kernel's own: none)
 SMALL_M_KNOBS = {
     "fwd_steps": {"values": (0, 4, 22), "default": (0, 0), "env": "MOPS_FAST_INT4_FWD_STEPS"},
     "fwd_ksplit": {"values": (0, 1, 2, 3, 4, 6, 8), "default": (0, 0), "env": "MOPS_FAST_INT4_FWD_KSPLIT"},
+    "fwd_prefetch": {"values": (0, 4, 8, 16, 32), "default": (0, 0), "env": "MOPS_FAST_INT4_FWD_PREFETCH"},
 }
 _KNOBS_PARSED: dict = {}
 
