@@ -31,7 +31,9 @@ if str(ROOT) not in sys.path:
 
 NATIVE = re.compile(r"native\[steps=(-?\d+)(?:,warps=(\d+))?(?:,ksplit=(\d+))?(?:,prefetch=(\d+))?(?:,gs=(\d+))?"
                     r"((?:,\w+)*)\]")
-KNOBS = ("steps", "ksplit", "prefetch")  # the forward's hints the dispatch passes (SMALL_M_KNOBS, fwd_<knob>)
+KNOBS = ("steps", "ksplit", "prefetch")  # the hints of a variant's name
+# the hints the dispatch passes, by mode (SMALL_M_KNOBS["<mode>_<knob>"] in mops_fast/ops/int4_matmul.py)
+DECIDED = {"fwd": ("steps", "ksplit", "prefetch"), "bwd": ("prefetch",)}
 GROUP = 128
 MAX_REL_ERR = 2e-2  # tune_int4_gpu.py flags a row BAD above this error against the fp32 product
 
@@ -132,12 +134,12 @@ def winner(shapes: list[dict], margin: float, default: str) -> tuple[float, str]
     return min(wins) if wins else None
 
 
-def _knob_candidates(shapes: list[dict], knob: str) -> tuple[list[dict], str]:
+def _knob_candidates(shapes: list[dict], mode: str, knob: str) -> tuple[list[dict], str]:
     """The shapes' ratios restricted to the variants that differ from the default in `knob` only (one of
-    KNOBS) and take a value the dispatch can pass (SMALL_M_KNOBS), and the default's name."""
+    KNOBS) and take a value the dispatch can pass (SMALL_M_KNOBS["<mode>_<knob>"]), and the default's name."""
     from mops_fast.ops.int4_matmul import SMALL_M_KNOBS
 
-    allowed = SMALL_M_KNOBS[f"fwd_{knob}"]["values"]
+    allowed = SMALL_M_KNOBS[f"{mode}_{knob}"]["values"]
     out, default = [], "steps=0"
     for s in shapes:
         keep = {}
@@ -153,28 +155,29 @@ def _knob_candidates(shapes: list[dict], knob: str) -> tuple[list[dict], str]:
 
 
 def verdicts(an: dict, margin: float) -> dict:
-    """{(knob, small): (worst ratio, variant) or None} for each of KNOBS and the M brackets."""
+    """{(mode, knob, small): (worst ratio, variant) or None} for each knob the dispatch passes (DECIDED) and
+    the M brackets."""
     out = {}
-    for knob in KNOBS:
-        for small in (True, False):
-            shapes = [s for M, ss in an["by_m"]["fwd"].items() if (M <= 8) == small for s in ss]
-            cands, default = _knob_candidates(shapes, knob)
-            out[(knob, small)] = winner(cands, margin, default)
+    for mode, knobs in DECIDED.items():
+        for knob in knobs:
+            for small in (True, False):
+                shapes = [s for M, ss in an["by_m"][mode].items() if (M <= 8) == small for s in ss]
+                cands, default = _knob_candidates(shapes, mode, knob)
+                out[(mode, knob, small)] = winner(cands, margin, default)
     return out
 
 
 def decide(an: dict, margin: float) -> dict:
-    """What the dispatch should run: each of the forward's KNOBS per M bracket (M <= 8, M > 8) and PDL on or
-    off, as the environment variables that make it so (mops_fast/ops/int4_matmul.py)."""
+    """What the dispatch should run: each knob of DECIDED per M bracket (M <= 8, M > 8) and PDL on or off, as
+    the environment variables that make it so (mops_fast/ops/int4_matmul.py: SMALL_M_KNOBS)."""
+    from mops_fast.ops.int4_matmul import SMALL_M_KNOBS
+
     env = {}
     ver = verdicts(an, margin)
-    for knob in KNOBS:
-        var = f"MOPS_FAST_INT4_FWD_{knob.upper()}"
-        vals = []
-        for small in (True, False):
-            w = ver[(knob, small)]
-            vals.append(parse_native(f"native[{w[1]}]")[knob] if w else 0)
-        env[var] = f"{vals[0]},{vals[1]}"
+    for (mode, knob, small), w in ver.items():
+        if small:
+            vals = [parse_native(f"native[{x[1]}]")[knob] if x else 0 for x in (w, ver[(mode, knob, False)])]
+            env[SMALL_M_KNOBS[f"{mode}_{knob}"]["env"]] = f"{vals[0]},{vals[1]}"
     gains = an["pdl"]["fwd"] + an["pdl"]["bwd"]
     env["MOPS_FAST_INT4_PDL"] = "1" if gains and statistics.median(gains) < 1 - margin else "0"
     return env
@@ -190,14 +193,11 @@ def report(rows: list[dict], margin: float = 0.02) -> list[str]:
         out.append(f"read floor {K}x{N}: " + ", ".join(f"{k} {v:.2f} TB/s" for k, v in sorted(fl.items())))
     out += [f"WRONG RESULTS, left out: {w}" for w in an["wrong"]]
     out += an["lines"] + [""]
-    ver = verdicts(an, margin)
-    for knob in KNOBS:
-        for small, bracket in ((True, "M <= 8"), (False, "M > 8")):
-            w = ver[(knob, small)]
-            out.append(f"forward {knob}, {bracket}: {w[1]} beats the default on every shape (worst ratio "
-                       f"{w[0]:.3f}) -> make it the default there" if w else
-                       f"forward {knob}, {bracket}: the default stays (no variant faster by {margin:.0%} on every "
-                       "shape)")
+    for (mode, knob, small), w in verdicts(an, margin).items():
+        what = f"{'forward' if mode == 'fwd' else 'backward'} {knob}, {'M <= 8' if small else 'M > 8'}"
+        out.append(f"{what}: {w[1]} beats the default on every shape (worst ratio {w[0]:.3f}) -> make it the "
+                   "default there" if w else
+                   f"{what}: the default stays (no variant faster by {margin:.0%} on every shape)")
     for mode in ("fwd", "bwd"):
         if an["pdl"][mode]:
             g = statistics.median(an["pdl"][mode])

@@ -45,8 +45,9 @@ NATIVE_VARIANTS = [(0, 0, 0, 0, True), (0, 0, 0, 0, False), (4, 0, 0, 0, True), 
                    (0, 0, 2, 0, True), (0, 0, 3, 0, True), (0, 0, 4, 0, True), (0, 0, 8, 0, True),
                    (0, 4, 2, 0, True), (0, 4, 4, 0, True), (0, 8, 2, 0, True), (0, 8, 4, 0, True),
                    (0, 0, 0, 8, True), (0, 0, 0, 16, True), (0, 0, 0, 32, True), (0, 0, 4, 16, True)]
-# pdl of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu)
-NATIVE_BWD_PDL = [True, False]
+# (prefetch, pdl) of the small-M CUDA backward (csrc/cuda/int4_small_m_t.cu): L2 prefetches that many
+# 16-column steps ahead, as the forward's
+NATIVE_BWD_VARIANTS = [(0, True), (0, False), (8, True), (16, True), (32, True)]
 BIG_TILES = [dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
              dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
              dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=4)]
@@ -215,10 +216,10 @@ def main() -> int:
                                                                   warps=w, ksplit=k, prefetch=f, pdl=d),
                                ref_f, nq, graph)
                 print(f"  launched: {plans[key]}", flush=True)
-                for pdl in NATIVE_BWD_PDL:
-                    record(shape, f"native[steps=0{',pdl' if pdl else ''}]", "bwd",
-                           lambda i, d=pdl: lambda: native.int4_cuda_small_m_t_validated(
-                               dy, *qsets[i][:3], K, N, G, GROUP, pdl=d), ref_b, nq, graph)
+                for pf, pdl in NATIVE_BWD_VARIANTS:
+                    record(shape, f"native[steps=0{f',prefetch={pf}' if pf else ''}{',pdl' if pdl else ''}]", "bwd",
+                           lambda i, f=pf, d=pdl: lambda: native.int4_cuda_small_m_t_validated(
+                               dy, *qsets[i][:3], K, N, G, GROUP, prefetch=f, pdl=d), ref_b, nq, graph)
             if args.small_native:
                 continue
             for unpack in (0, 1):

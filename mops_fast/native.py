@@ -380,9 +380,10 @@ def small_m_t_supports(scales: torch.Tensor, group_size: int, G: int) -> bool:
 
 
 def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G: int, group_size: int,
-                                  pdl: bool = False):
+                                  prefetch: int = 0, pdl: bool = False):
     """The CUDA small-M backward for a caller that has validated what int4_matmul_t_cuda_small_m checks.
-    pdl: as in int4_cuda_small_m_validated (dy is read only after the previous kernel finished)."""
+    prefetch: L2 prefetches of the weights that many 16-column steps ahead of the loads (1-64; the same
+    results); pdl: as in int4_cuda_small_m_validated (dy is read only after the previous kernel finished)."""
     mod = _require_cuda_module("int4_matmul_t_cuda_small_m")
     M = dy.shape[0]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
@@ -394,6 +395,6 @@ def int4_cuda_small_m_t_validated(dy, qweight, qzeros, scales, K: int, N: int, G
     mod.int4_matmul_small_m_t(
         dy.data_ptr(), _DTYPE_CODE[dy.dtype], qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(),
         _DTYPE_CODE[scales.dtype], M, K, N, G, group_size, dx.data_ptr(), 0 if ws is None else ws.data_ptr(), need,
-        dev, _raw_stream(dev), pdl,
+        dev, _raw_stream(dev), prefetch, pdl,
     )
     return dx

@@ -142,16 +142,16 @@ def test_small_m_knobs_from_env(monkeypatch):
     # the small-M CUDA forward's hints the dispatch passes: the kernel's own (0) unless the variables say
     # otherwise, per M bracket; a value the kernel does not take is refused with the allowed ones
     for var in ("MOPS_FAST_INT4_FWD_STEPS", "MOPS_FAST_INT4_FWD_KSPLIT", "MOPS_FAST_INT4_FWD_PREFETCH",
-                "MOPS_FAST_INT4_PDL", "MOPS_FAST_INT4_NATIVE_BWD"):
+                "MOPS_FAST_INT4_BWD_PREFETCH", "MOPS_FAST_INT4_PDL", "MOPS_FAST_INT4_NATIVE_BWD"):
         monkeypatch.delenv(var, raising=False)
-    assert [op.small_m_knob(k, M) for k in op.SMALL_M_KNOBS for M in (1, 16)] == [0] * 6
+    assert [op.small_m_knob(k, M) for k in op.SMALL_M_KNOBS for M in (1, 16)] == [0] * 8
     monkeypatch.setenv("MOPS_FAST_INT4_FWD_STEPS", "22, 4")
     monkeypatch.setenv("MOPS_FAST_INT4_FWD_KSPLIT", "4")
     assert [op.small_m_knob("fwd_steps", M) for M in (1, 8, 9, 16)] == [22, 22, 4, 4]
     assert [op.small_m_knob("fwd_ksplit", M) for M in (1, 16)] == [4, 4]
     monkeypatch.setenv("MOPS_FAST_INT4_FWD_PREFETCH", "0,16")
     assert op.small_m_settings() == {"fwd_steps": [22, 4], "fwd_ksplit": [4, 4], "fwd_prefetch": [0, 16],
-                                     "pdl": True, "native_bwd": True}
+                                     "bwd_prefetch": [0, 0], "pdl": True, "native_bwd": True}
     for bad in ("5", "2,3,4", "fast", "2;4", "-1"):
         monkeypatch.setenv("MOPS_FAST_INT4_FWD_KSPLIT", bad)
         with pytest.raises(ValueError, match=r"MOPS_FAST_INT4_FWD_KSPLIT.*one of \(0, 1, 2, 3, 4, 6, 8\)"):

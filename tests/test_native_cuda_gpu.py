@@ -338,6 +338,23 @@ def test_backward_awkward_shapes(K, N, group, kw, M):
 
 
 
+@pytest.mark.parametrize("K, N, group", [(4096, 11008, 128), (576, 40, 128), (4104, 264, 64), (1024, 72, None)],
+                         ids=["up_proj", "K576N40", "K4104N264", "onegroup"])
+def test_backward_prefetch_changes_no_bit(K, N, group):
+    # the backward's L2 prefetches (N split over CTAs at up_proj, rows straddling lines at N = 264) leave
+    # every bit as it is
+    qw, qz, s, g = _weight(K, N, group, torch.device("cuda"), seed=K + N + 8)
+    for M in (1, 7, 16):
+        dy = torch.randn(M, N, device="cuda", dtype=torch.float16)
+        want = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, s.shape[0], group or K)
+        for pf in (4, 16, 64):
+            got = native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, s.shape[0], group or K, prefetch=pf)
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), (K, N, M, pf)
+    with pytest.raises(RuntimeError, match="prefetch hint"):
+        native.int4_cuda_small_m_t_validated(dy, qw, qz, s, K, N, s.shape[0], group or K, prefetch=65)
+
+
 def test_backward_refusals_and_dispatch(monkeypatch):
     from mops_fast.ops import int4_matmul as op
 

@@ -145,6 +145,7 @@ def test_decide_int4_reads_a_tune_file():
                      "native[steps=32,warps=0,gs=128,pdl]": 0.009}  # a dropped variant of an older file
             rows += [_row({"M": M, "K": K, "N": N}, impl, "fwd", ms) for impl, ms in times.items()]
             rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=0,pdl]", "bwd", 0.020))
+            rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=0,prefetch=8,pdl]", "bwd", 0.018))
             rows.append(_row({"M": M, "K": K, "N": N}, "native[steps=0]", "bwd", 0.021))
     rows.append({"shape": {"M": 1, "K": 64, "N": 4224}, "impl": "fp16", "mode": "floor", "median_ms": 0.0031})
     for M in (1, 16):  # fastest everywhere but wrong: never chosen
@@ -166,7 +167,8 @@ def test_decide_int4_reads_a_tune_file():
     assert "WRONG RESULTS, left out: fwd native[steps=0,ksplit=8,gs=128,pdl] M=1 4096x4096: rel err nan" in text
     assert not [ln for ln in lines if "ksplit=8" in ln and not ln.startswith("WRONG")]
     assert text.endswith("as settings (M <= 8, M > 8): MOPS_FAST_INT4_FWD_STEPS=0,22 MOPS_FAST_INT4_FWD_KSPLIT=4,4 "
-                         "MOPS_FAST_INT4_FWD_PREFETCH=16,16 MOPS_FAST_INT4_PDL=1")
+                         "MOPS_FAST_INT4_FWD_PREFETCH=16,16 MOPS_FAST_INT4_BWD_PREFETCH=8,8 MOPS_FAST_INT4_PDL=1")
+    assert "backward prefetch, M > 8: steps=0,prefetch=8,pdl beats the default on every shape (worst ratio 0.900)" in text
     assert decide_int4.parse_native("native[steps=-22,warps=8,ksplit=3,prefetch=8,gs=0,tiled,pdl]") == {
         "steps": -22, "warps": 8, "ksplit": 3, "prefetch": 8, "gs": 0, "tiled": True, "pdl": True}
     assert decide_int4.parse_native("native[steps=0,pdl]") == {

@@ -63,7 +63,7 @@ PYBIND11_MODULE(_C_cuda, m) {
       "int4_matmul_small_m_t",
       [](uintptr_t dy, int dy_dtype, uintptr_t qweight, uintptr_t qzeros, uintptr_t scales, int scales_dtype,
          int M, int K, int N, int G, int group_size, uintptr_t dx, uintptr_t workspace, long long workspace_floats,
-         int device, uintptr_t stream, bool pdl) {
+         int device, uintptr_t stream, int prefetch, bool pdl) {
         char err[256] = {0};
         int rc;
         {
@@ -73,7 +73,7 @@ PYBIND11_MODULE(_C_cuda, m) {
                                    reinterpret_cast<const int32_t*>(qzeros),
                                    reinterpret_cast<const void*>(scales), scales_dtype, M, K, N, G, group_size,
                                    reinterpret_cast<void*>(dx), reinterpret_cast<float*>(workspace),
-                                   workspace_floats, device, reinterpret_cast<void*>(stream),
+                                   workspace_floats, device, reinterpret_cast<void*>(stream), prefetch,
                                    pdl ? MOPS_INT4_PDL : 0, err, int(sizeof err));
         }
         if (rc != 0) throw std::runtime_error(std::string("int4_matmul_small_m_t: ") + err);
@@ -81,7 +81,8 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("dy"), py::arg("dy_dtype"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"),
       py::arg("scales_dtype"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("group_size"),
       py::arg("dx"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("device"), py::arg("stream"),
-      py::arg("pdl") = false,
+      py::arg("prefetch") = 0, py::arg("pdl") = false,
       "dx (M,K) = dy (M,N) W on CUDA for M <= 16, grouped weights; pointers and the stream as integers; "
-      "pdl: launched as a programmatic dependent of the stream's previous grid (sm_90)");
+      "prefetch > 0: L2 prefetches that many 16-column steps ahead; pdl: launched as a programmatic "
+      "dependent of the stream's previous grid (sm_90)");
 }

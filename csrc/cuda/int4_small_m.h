@@ -33,13 +33,14 @@ int mops_int4_small_m_plan(int M, int K, int N, int G, int group_size, int scale
 // dx (M,K) = dy (M,N) W for 1 <= M <= 16, the backward to the input. dy_dtype: 1 fp16, 2 bf16;
 // scales fp16 or bf16; grouped weights only (group_size a power-of-two multiple of 8 with the promise
 // above, or G == 1). workspace: fp32, at least mops_int4_small_m_t_workspace(M, K, N, device) elements
-// (0: none needed, nullptr allowed). flags: MOPS_INT4_PDL (dy is read only after the previous grid
-// finished). Returns 0, or 1 with a message in err.
+// (0: none needed, nullptr allowed). prefetch_hint: L2 prefetch distance in 16-column steps (0-64, 0 none;
+// benchmarks). flags: MOPS_INT4_PDL (dy is read only after the previous grid finished). Returns 0, or 1
+// with a message in err.
 long long mops_int4_small_m_t_workspace(int M, int K, int N, int device);
 int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* qweight, const int32_t* qzeros,
                         const void* scales, int scales_dtype, int M, int K, int N, int G, int group_size,
                         void* dx, float* workspace, long long workspace_floats, int device, void* stream,
-                        int flags, char* err, int err_len);
+                        int prefetch_hint, int flags, char* err, int err_len);
 #ifdef __cplusplus
 }
 #endif

@@ -46,11 +46,21 @@ struct TParams {
   int scales_dtype;
   int group_shift;  // packed row i lies in group min(i >> group_shift, G - 1)
   int n_per_cta;    // columns of each N slice, a multiple of 16
+  int pf;           // L2 prefetch distance in 16-column steps (0: none; t_prefetch)
 };
 
 // The 16 bytes of qweight at packed row `row`, columns col .. col + 3 (col a multiple of 4).
 __device__ __forceinline__ const void* t_word(const TParams& p, int row, int col) {
   return p.qweight + (int64_t)row * p.N + col;
+}
+
+// L2 prefetch (p.pf > 0) of the weights of 16-column step s of the lane's row, if the warp's part [.., s_end)
+// holds it: lanes t = 0 and 3 name both ends of the row's 64 bytes of the step (they may straddle two lines).
+// No register holds the data (the loads hold at most 4 steps a warp), so more of the slice is in flight.
+__device__ __forceinline__ void t_prefetch(const TParams& p, int row, bool row_ok, int lt, int nb, int s, int s_end) {
+  const int col = nb + 16 * s + 4 * lt;
+  if ((lt == 0 || lt == 3) && row_ok && s < s_end && col < p.N)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(t_word(p, row, col)));
 }
 
 // A pair of column slots (n, n+1) of one packed row: nibble j of words a and b, dequantized.
@@ -178,6 +188,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const unsigned short* sc16 = static_cast<const unsigned short*>(p.scales);
   const bool m_lo = lq < M, m_hi = MT == 16 && lq + 8 < M;
   griddep_launch_dependents();
+  if (p.pf > 0)  // the first steps past the first batch's loads; frozen weights, so before griddep_wait
+    for (int s = s_begin + kSteps; s < min(s_begin + p.pf, s_end); ++s) t_prefetch(p, row, row_ok, lt, nb, s, s_end);
   griddep_wait();  // dy comes with the first batch's weights
 
   for (int s0 = s_begin; s0 < s_end; s0 += kSteps) {
@@ -192,6 +204,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       qv[u] = make_int4(0, 0, 0, 0);
       sv[u] = dlo[u] = dhi[u] = make_uint2(0, 0);
       zv[u] = 0;
+      if (p.pf > 0) t_prefetch(p, row, row_ok, lt, nb, s0 + u + p.pf, s_end);
       if (ok && row_ok) {
         qv[u] = __ldg(reinterpret_cast<const int4*>(t_word(p, row, col)));
         sv[u] = __ldg(reinterpret_cast<const uint2*>(sc16 + (int64_t)g * N + col));
@@ -263,7 +276,8 @@ extern "C" long long mops_int4_small_m_t_workspace(int M, int K, int N, int devi
 extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* qweight, const int32_t* qzeros,
                                    const void* scales, int scales_dtype, int M, int K, int N, int G,
                                    int group_size, void* dx, float* workspace, long long workspace_floats,
-                                   int device, void* stream, int flags, char* err, int err_len) {
+                                   int device, void* stream, int prefetch_hint, int flags, char* err,
+                                   int err_len) {
   auto fail = [&](const char* msg) {
     std::snprintf(err, size_t(err_len), "%s", msg);
     return 1;
@@ -272,6 +286,7 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   if (dy_dtype != 1 && dy_dtype != 2) return fail("dy must be fp16 or bf16");
   if (scales_dtype != 1 && scales_dtype != 2) return fail("scales must be fp16 or bf16 here");
   if (flags & ~MOPS_INT4_PDL) return fail("unknown flags");
+  if (prefetch_hint < 0 || prefetch_hint > 64) return fail("prefetch hint must be in [0, 64] steps (0: none)");
   const DeviceInfo* info = nullptr;
   if (const char* msg = use_device(device, &info)) return fail(msg);
   const int group_shift = row_group_shift(group_size, G);
@@ -282,7 +297,7 @@ extern "C" int mops_int4_small_m_t(const void* dy, int dy_dtype, const int32_t* 
   if (n_split > 1 && (workspace == nullptr || workspace_floats < n_split * count))
     return fail("workspace too small: size it with mops_int4_small_m_t_workspace");
   TParams p{dy, qweight, qzeros, scales, dx, n_split > 1 ? workspace : nullptr, M, K, N, G, scales_dtype,
-            group_shift, 0};
+            group_shift, 0, prefetch_hint};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
   const DeviceInfo& dev = *info;

@@ -697,23 +697,26 @@ def _forward(x, qweight, qzeros, scales, g_idx, group_size):
     return int4_matmul_ref(x, qweight, qzeros, scales, g_idx)
 
 
-# Launch hints of the small-M CUDA forward the dispatch passes (csrc/cuda/int4_small_m.cu, plan()): the values
+# Launch hints of the small-M CUDA kernels the dispatch passes (csrc/cuda/int4_small_m.cu, plan(), and
+# int4_small_m_t.cu): the values
 # each takes (0 is the kernel's own choice), what the dispatch passes at (M <= 8, M > 8) unless its variable
 # names others, and that variable. Defaults stay the kernel's own until a GPU run decides otherwise
 # (benchmarks/decide_int4.py --env writes the variables; docs/gpu_session.md).
 #   fwd_steps   4 batches of 4 steps, 22 software-pipelined (the kernel's own: 22 at M <= 8, 4 above)
 #   fwd_ksplit    K slices, each a CTA of one thread-block cluster (sm_90, grouped weights; the kernel's own: 1)
 #   fwd_prefetch  L2 prefetch of the weight rows this many 4-row steps ahead of the loads (the kernel's own: none)
+#   bwd_prefetch  the backward's, in 16-column steps (none)
 SMALL_M_KNOBS = {
     "fwd_steps": {"values": (0, 4, 22), "default": (0, 0), "env": "MOPS_FAST_INT4_FWD_STEPS"},
     "fwd_ksplit": {"values": (0, 1, 2, 3, 4, 6, 8), "default": (0, 0), "env": "MOPS_FAST_INT4_FWD_KSPLIT"},
     "fwd_prefetch": {"values": (0, 4, 8, 16, 32), "default": (0, 0), "env": "MOPS_FAST_INT4_FWD_PREFETCH"},
+    "bwd_prefetch": {"values": (0, 4, 8, 16, 32), "default": (0, 0), "env": "MOPS_FAST_INT4_BWD_PREFETCH"},
 }
 _KNOBS_PARSED: dict = {}
 
 
 def small_m_knob(name: str, M: int) -> int:
-    """The hint `name` (a key of SMALL_M_KNOBS) the dispatch passes the small-M CUDA forward at M rows: its
+    """The hint `name` (a key of SMALL_M_KNOBS) the dispatch passes a small-M CUDA kernel at M rows: its
     default unless its variable says otherwise, as "V" for every M or "V8,V16" (M <= 8, M > 8)."""
     knob = SMALL_M_KNOBS[name]
     raw = os.environ.get(knob["env"], "").strip()
@@ -746,8 +749,8 @@ def _pdl_enabled() -> bool:
 
 
 def small_m_settings() -> dict:
-    """What the dispatch launches on CUDA at small M now: each forward hint at (M <= 8, M > 8), PDL, and
-    whether the CUDA backward runs (the benchmarks record it)."""
+    """What the dispatch launches on CUDA at small M now: each hint at (M <= 8, M > 8), PDL, and whether the
+    CUDA backward runs (the benchmarks record it)."""
     out = {name: [small_m_knob(name, m) for m in (1, 16)] for name in SMALL_M_KNOBS}
     return {**out, "pdl": _pdl_enabled(), "native_bwd": _native_backward_enabled()}
 
@@ -774,6 +777,7 @@ def _backward_input(dy, qweight, qzeros, scales, g_idx, group_size):
                 dyc = dy.contiguous()
                 if _native_small_m_fits(dyc, qweight, scales, g_idx):
                     return nat.int4_cuda_small_m_t_validated(dyc, qweight, qzeros, scales, K, N, G, gs,
+                                                             prefetch=small_m_knob("bwd_prefetch", dyc.shape[0]),
                                                              pdl=_pdl_enabled())
         if HAS_TRITON:
             if impl == "auto" and dy.shape[0] >= CHUNKED_MIN_M:
