@@ -24,8 +24,6 @@ struct Traits<__half> {
   using T2 = __half2;
   static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in both halves
   static constexpr uint32_t kBias = 0x6400u;
-  static constexpr float kMagicF = 1024.f;
-  static constexpr uint32_t kOne2 = 0x3C003C00u;  // 1.0 in both halves
   static constexpr int kCode = 1;  // dtype code of the C interfaces
   static __device__ __forceinline__ T2 from_float(float f) { return __float2half2_rn(f); }
   static __device__ __forceinline__ T2 from_floats(float lo, float hi) {
@@ -51,8 +49,6 @@ struct Traits<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in both halves
   static constexpr uint32_t kBias = 0x4300u;
-  static constexpr float kMagicF = 128.f;
-  static constexpr uint32_t kOne2 = 0x3F803F80u;
   static constexpr int kCode = 2;
   static __device__ __forceinline__ T2 from_float(float f) { return __float2bfloat162_rn(f); }
   static __device__ __forceinline__ T2 from_floats(float lo, float hi) {
@@ -221,18 +217,6 @@ static cudaError_t device_info(int device, const DeviceInfo** out) {
   }
   *out = &d;
   return cudaSuccess;
-}
-
-// Allow Kernel up to `bytes` of dynamic shared memory on `device` (the current one), once per kernel and
-// device: occupancy follows the size each launch asks for, not this ceiling. False if the runtime refuses.
-// (A template on the kernel itself: kernels of one signature share a pointer type, not this flag.)
-template <auto Kernel>
-bool set_max_dynamic_smem(int device, int bytes) {
-  static bool done[128] = {};
-  if (done[device]) return true;
-  if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) return false;
-  done[device] = true;
-  return true;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the stream's previous

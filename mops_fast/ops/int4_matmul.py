@@ -920,8 +920,8 @@ def int4_matmul_checked(x, w: Int4Weight) -> torch.Tensor:
 
 def int4_matmul_t(dy, qweight, qzeros, scales, g_idx, group_size: int = 0) -> torch.Tensor:
     """dx = dy W for dy (..., N) (the backward of int4_matmul, exposed for tests and benchmarks)."""
-    K, N, G = check_int4_args(qweight, qzeros, scales, g_idx)
-    _check_group_promise("int4_matmul_t", group_size, K, G)
+    w = check_int4_weight(qweight, qzeros, scales, g_idx, group_size, op="int4_matmul_t")
+    K, N = w.K, w.N
     if dy.shape[-1] != N:
         raise ValueError(f"int4_matmul_t: dy has {dy.shape[-1]} features, the weight has N={N}")
     if dy.device != qweight.device:
