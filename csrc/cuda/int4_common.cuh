@@ -186,7 +186,7 @@ inline int row_group_shift(int group_size, int G) {
 }
 
 struct DeviceInfo {
-  int sm_count = 0, smem_optin = 0, smem_per_sm = 0, cc_major = 0;
+  int sm_count = 0, smem_optin = 0, cc_major = 0;
   // The virtual architecture (10 major + minor) of the code this device runs from this library: below
   // cc_major * 10 where a build without sm_90 code (say "8.0+PTX") is JIT-compiled for an H100. Then
   // griddep_wait and the cluster kernels compile to nothing or a trap, so the host must not launch them.
@@ -194,7 +194,7 @@ struct DeviceInfo {
   bool sm90_features() const { return cc_major >= 9 && code_arch >= 90; }
 };
 
-// Multiprocessor count, shared-memory limits (opt-in per block, per SM), compute capability and code
+// Multiprocessor count, opt-in shared memory per block, compute capability and code
 // architecture of a device (0 <= device < 128, the current one), queried once. Internal linkage with
 // the probe kernel: each translation unit asks through its own kernel and keeps its own table.
 static __global__ void code_arch_probe() {}
@@ -203,8 +203,6 @@ static cudaError_t device_info(int device, const DeviceInfo** out) {
   DeviceInfo& d = info[device];
   if (d.sm_count == 0) {
     cudaError_t e = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (e == cudaSuccess)
-      e = cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device);
     cudaFuncAttributes attr;
