@@ -227,7 +227,6 @@ def main(argv=None) -> int:
                   .index_select(1, acts[i][2]), ref_b, gq)
             del acts
         else:
-            # the order QuantLinear would keep these weights in on this device (MOPS_FAST_INT4_CUDA_ORDER)
             bench(shape, "fused", "fwd", lambda i: lambda: op.int4_matmul(x, *qsets[i], GROUP), ref_f, gq)
             bench(shape, "fused", "bwd", lambda i: lambda: op.int4_matmul_t(dy, *qsets[i], GROUP), ref_b, gq)
         if (native_small_m or dev.name == "cpu") and M <= op.SMALL_M_NATIVE and not act_order:

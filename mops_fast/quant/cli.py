@@ -2,7 +2,7 @@
 
   mops-fast compress --model smollm2-135m --method gptq --bits 4 --group-size 128 --out runs/smollm2-gptq4
   mops-fast compress --method sparsegpt --sparsity 0.5 --then-gptq --out runs/smollm2-sp50-gptq4
-  mops-fast compress --config configs/compress.yaml      (same keys as the options; options given win)
+  mops-fast compress --config my_compress.yaml           (same keys as the options; options given win)
 
 Writes a model directory that `mops_fast.load_model(DIR)` reads: a standard GPTQ checkpoint for
 quantization, an ordinary safetensors checkpoint for pruning alone. Also runnable as
