@@ -33,7 +33,7 @@ NATIVE = re.compile(r"native\[steps=(-?\d+)(?:,warps=(\d+))?(?:,ksplit=(\d+))?(?
                     r"((?:,\w+)*)\]")
 KNOBS = ("steps", "ksplit", "prefetch")  # the hints of a variant's name
 # the hints the dispatch passes, by mode (SMALL_M_KNOBS["<mode>_<knob>"] in mops_fast/ops/int4_matmul.py)
-DECIDED = {"fwd": ("steps", "ksplit", "prefetch"), "bwd": ("prefetch",)}
+DECIDED = {"fwd": KNOBS, "bwd": ("prefetch",)}
 GROUP = 128
 MAX_REL_ERR = 2e-2  # tune_int4_gpu.py flags a row BAD above this error against the fp32 product
 
@@ -174,9 +174,10 @@ def decide(an: dict, margin: float) -> dict:
 
     env = {}
     ver = verdicts(an, margin)
-    for (mode, knob, small), w in ver.items():
-        if small:
-            vals = [parse_native(f"native[{x[1]}]")[knob] if x else 0 for x in (w, ver[(mode, knob, False)])]
+    for mode, knobs in DECIDED.items():
+        for knob in knobs:
+            wins = (ver[(mode, knob, small)] for small in (True, False))
+            vals = [parse_native(f"native[{w[1]}]")[knob] if w else 0 for w in wins]
             env[SMALL_M_KNOBS[f"{mode}_{knob}"]["env"]] = f"{vals[0]},{vals[1]}"
     gains = an["pdl"]["fwd"] + an["pdl"]["bwd"]
     env["MOPS_FAST_INT4_PDL"] = "1" if gains and statistics.median(gains) < 1 - margin else "0"

@@ -139,7 +139,7 @@ def test_bad_impl_override_and_shapes(monkeypatch):
 
 
 def test_small_m_knobs_from_env(monkeypatch):
-    # the small-M CUDA forward's hints the dispatch passes: the kernel's own (0) unless the variables say
+    # the small-M CUDA kernels' hints the dispatch passes: the kernel's own (0) unless the variables say
     # otherwise, per M bracket; a value the kernel does not take is refused with the allowed ones
     for var in ("MOPS_FAST_INT4_FWD_STEPS", "MOPS_FAST_INT4_FWD_KSPLIT", "MOPS_FAST_INT4_FWD_PREFETCH",
                 "MOPS_FAST_INT4_BWD_PREFETCH", "MOPS_FAST_INT4_PDL", "MOPS_FAST_INT4_NATIVE_BWD"):
