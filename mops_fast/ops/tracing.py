@@ -5,5 +5,4 @@ import torch
 
 
 def traced(t: torch.Tensor) -> bool:
-    return (torch.compiler.is_compiling() or t.device.type == "meta"
-            or isinstance(t, torch._subclasses.FakeTensor))
+    return torch.compiler.is_compiling() or t.is_meta or isinstance(t, torch._subclasses.FakeTensor)
