@@ -7,7 +7,7 @@
 #   STEPS="build tests_int4 tune_int4 bench_gptq_matmul" benchmarks/run_gpu.sh    a chosen subset
 #
 # Steps: build; tests (every GPU test, one JUnit file) or tests_int4 and tests_attn (the int4/native and
-# the attention/attach GPU tests, a JUnit file each); tune_int4 (launch variants of the int4 kernels,
+# the attention/attach GPU tests, a JUnit file each; tests_attach: the attach tests alone); tune_int4 (launch variants of the int4 kernels,
 # benchmarks/tune_int4_gpu.py; tune_int4_small: only its small-M CUDA rows); ncu_int4 (Nsight Compute on
 # each small-M kernel variant);
 # bench_int4_cuda_small_m, bench_gptq_matmul, bench_gated_prefix_attention, bench_e2e_gpu; bench_int4_decided
@@ -53,6 +53,7 @@ for s in $STEPS; do
              tests/test_quant_refine.py ;;
     tests_int4) step tests_int4 240 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_int4.xml" tests/test_int4_matmul_gpu.py \
                   tests/test_native_cuda_gpu.py ;;
+    tests_attach) step tests_attach 120 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_attach.xml" tests/test_attach_gpu.py ;;
     tests_attn) step tests_attn 240 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_attn.xml" tests/test_gated_prefix_attention_gpu.py \
                   tests/test_attach_gpu.py tests/test_quant_refine.py ;;
     tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT"; decide_int4 ;;

@@ -77,7 +77,8 @@ def test_prompt_baseline_joins_a_scale_bank(tmp_path):
         torch.testing.assert_close(out[i][real], alone(d, ids, am)[i][real], rtol=1e-5, atol=1e-5)
 
 
-def test_generate_serves_each_sample_with_its_adapter(tmp_path):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_serves_each_sample_with_its_adapter(tmp_path, cache):
     a, b = saved(tmp_path, "a", 1), saved(tmp_path, "b", 2)
     m = tiny_model()
     mops_fast.add_adapter(m, "a", a)
@@ -85,7 +86,8 @@ def test_generate_serves_each_sample_with_its_adapter(tmp_path):
     ids, am = batch(B=3)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with mops_fast.using_adapters(m, ["a", None, "b"]):
-        out = m.generate(input_ids=ids, attention_mask=am, **kw)
+        out = m.generate(input_ids=ids, attention_mask=am, **kw,
+                         **({"cache_implementation": "static"} if cache == "static" else {}))
     for i, d in enumerate([a, None, b]):
         ref = tiny_model()
         if d is not None:

@@ -86,16 +86,19 @@ def test_identity_equal_experts_in_model(tiny_llama):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["scale", "mix"])
-def test_generate_with_cache_matches_full_forward(tiny_llama, mode):
+@pytest.mark.parametrize("mode,cache", [("scale", "dynamic"), ("mix", "dynamic"), ("scale", "static"),
+                                        ("mix", "static")])
+def test_generate_with_cache_matches_full_forward(tiny_llama, mode, cache):
+    # a static cache hands the attention all of its slots, the unfilled ones included
     m = tiny_llama
     mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=1, init="random", mode=mode))
     ids, am = batch(B=2)
     am[1] = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1])  # generate wants left padding
     am[0] = 1
     n = 5
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
     g = m.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, do_sample=False, output_logits=True,
-                   return_dict_in_generate=True, pad_token_id=0)
+                   return_dict_in_generate=True, pad_token_id=0, **extra)
     seq = g.sequences
     am2 = torch.cat([am, torch.ones(2, n, dtype=am.dtype)], 1)
     gm = torch.cat([am, torch.zeros(2, n, dtype=am.dtype)], 1)  # the gate reads the prompt only

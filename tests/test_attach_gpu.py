@@ -42,6 +42,22 @@ def test_generate_on_cuda_bf16():
     assert out.shape == (2, 28)
 
 
+@pytest.mark.parametrize("mode", ["scale", "mix"])
+def test_generate_with_a_static_cache_matches_the_dynamic_cache_on_cuda(mode):
+    # a static cache hands the fused kernels strided views of its filled slots and a 4-D mask
+    m = tiny_model(layers=4, hidden=256, heads=4, kv_heads=2).cuda()
+    mops_fast.attach(m, mops_fast.MoPsConfig(num_experts=3, prompt_len=4, gate_layer=1, init="random", mode=mode))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 128, (2, 20), generator=g).cuda()
+    am = torch.ones_like(ids)
+    am[1, :6] = 0  # left padded
+    outs = [m.generate(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                       output_logits=True, return_dict_in_generate=True, **extra)
+            for extra in ({}, {"cache_implementation": "static"})]
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_adapter_bank_on_cuda_matches_each_adapter_alone(tmp_path, dtype):
     # per-sample prompts and the backbone-only rows through the fused kernels, against each adapter alone

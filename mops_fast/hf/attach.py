@@ -40,6 +40,9 @@ class ForwardState:
 
     gate_mask: torch.Tensor | None = None
     decode: bool = False
+    # keys the attention of this forward sees: cached + new tokens (None without a cache). A static cache
+    # hands the attention all of its slots, filled or not; the layers take the first total_len of them
+    total_len: int | None = None
     logw: torch.Tensor | None = None  # (B, J) log gate weights of the current request
     gate_logits: torch.Tensor | None = None
     stop_after_gate: bool = False
@@ -116,7 +119,12 @@ def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     B, _, Sq, d = query.shape
-    Sk = key.shape[2]
+    Sk_all = key.shape[2]
+    Sk = Sk_all if state.total_len is None else min(Sk_all, state.total_len)
+    if Sk < Sk_all:
+        # a static cache hands over all of its slots, filled or not: the kernels place query i at key
+        # Sk - Sq + i (a dynamic cache's layout), so they get the filled ones only
+        key, value = key[:, :, :Sk], value[:, :, :Sk]
     window = getattr(module.config, "sliding_window", None)
     if window is not None and getattr(module.config, "use_sliding_window", True) and Sk > window:
         raise NotImplementedError(
@@ -127,7 +135,9 @@ def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if seen is not None and seen[0] is attention_mask and seen[1] == B and seen[2] == Sk:
         key_valid = seen[3]
     else:
-        key_valid = _key_valid_from_mask(attention_mask, B, Sk)
+        key_valid = _key_valid_from_mask(attention_mask, B, Sk_all)
+        if key_valid is not None and Sk < Sk_all:
+            key_valid = key_valid[:, :Sk]
         state.key_valid_of = (attention_mask, B, Sk, key_valid)
     rows = state.bank_rows
     if rows is not None:
@@ -165,11 +175,22 @@ def _decoder_layers(model):
     return layers
 
 
-def _cache_len(kwargs) -> int:
+def _cache_len(kwargs) -> int | None:
+    """Tokens already in the forward's KV cache; None without one."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None or not hasattr(cache, "get_seq_length"):
-        return 0
+        return None
     return int(cache.get_seq_length())
+
+
+def _new_len(args, kwargs) -> int | None:
+    """Tokens this forward adds (the sequence length of its input ids or embeddings)."""
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args:
+        x = args[0]
+    return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
 
 
 def new_mops_module(model, config: MoPsConfig) -> MoPsModule:
@@ -216,12 +237,18 @@ def attach(model, config: MoPsConfig):
 
     def model_pre_hook(_mod, args, kwargs):
         state.gate_mask = kwargs.pop("gate_mask", None)
-        state.decode = _cache_len(kwargs) > 0
+        past, new = _cache_len(kwargs), _new_len(args, kwargs)
+        state.decode = bool(past)
+        state.total_len = past + new if past is not None and new is not None else None
         if not state.decode:
             state.bank_rows = state.bank_none = None
         if state.gate_mask is None and not state.decode:
             am = kwargs.get("attention_mask")
-            state.gate_mask = am if am is not None and am.dim() == 2 else None
+            if isinstance(am, torch.Tensor) and am.dim() == 4 and new is not None:
+                # a prepared 4-D mask (generate with a static cache): the input's real tokens are the
+                # keys its last query sees among the first `new` slots
+                am = _key_valid_from_mask(am, am.shape[0], am.shape[-1])[:, :new]
+            state.gate_mask = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
         return args, kwargs
 
     def gate_pre_hook(_mod, args, kwargs):
