@@ -206,6 +206,39 @@ def test_quant_linear_state_dict_roundtrip_and_dtypes():
     assert y16.dtype == torch.bfloat16 and rel(y16, layer(x).double()) < 1e-2
 
 
+def test_quant_linear_follows_a_replaced_g_idx():
+    # the g_idx order is checked once per g_idx tensor: buffers replaced by assignment (no load, no
+    # set_quantized) with another layer's act-order ones give that layer's product, and back
+    layer, W, _ = _quant_linear(4, 256, 64, 64, False, False, seed=12)
+    other, W2, _ = _quant_linear(4, 256, 64, 64, True, False, seed=13)
+    x = torch.randn(3, 256)
+    assert layer.has_trivial_g_idx() and rel(layer(x), x.double() @ W.double().t()) < 1e-5
+    saved = {n: getattr(layer, n) for n in ("qweight", "qzeros", "scales", "g_idx")}
+    for n in saved:
+        setattr(layer, n, getattr(other, n))
+    assert not layer.has_trivial_g_idx() and rel(layer(x), x.double() @ W2.double().t()) < 1e-5
+    for n, t in saved.items():
+        setattr(layer, n, t)
+    assert layer.has_trivial_g_idx() and rel(layer(x), x.double() @ W.double().t()) < 1e-5
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_quant_linear_compiles_fullgraph_before_any_eager_call(act):
+    # torch.compile of a layer that has never run eagerly: the g_idx order check reads values, which a
+    # graph cannot branch on, so the traced call reads groups from g_idx; the same product and grad
+    layer, W, b = _quant_linear(4, 256, 64, 64, act, True, seed=14)
+    x = torch.randn(2, 3, 256, requires_grad=True)
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: layer(t).square().sum(), fullgraph=True, backend="aot_eager")
+    loss = f(x)
+    (gx,) = torch.autograd.grad(loss, x)
+    xr = x.detach().double().requires_grad_()
+    ref = F.linear(xr, W.double(), b.double()).square().sum()
+    (gr,) = torch.autograd.grad(ref, xr)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert rel(gx, gr) < 1e-5
+
+
 def test_quant_linear_checks_its_weight_once_and_again_when_it_changes(monkeypatch):
     # decoding calls each layer hundreds of times a token: the weight is validated once and kept
     # (Int4Weight); a new load, another dtype or device, a replaced buffer or one resized in place is

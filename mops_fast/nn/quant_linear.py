@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mops_fast.ops.int4_matmul import act_order_repack, check_int4_weight, int4_matmul, int4_matmul_checked
+from mops_fast.ops.tracing import traced
 from mops_fast.quant.pack import SUPPORTED_BITS, default_g_idx, dequantize, num_groups, packed_rows
 
 
@@ -42,8 +43,8 @@ class QuantLinear(nn.Module):
 
     # -- derived state ------------------------------------------------------------------------------
     def _invalidate(self):
-        self._trivial = None  # is g_idx == arange(K) // group_size? (checked once, lazily)
-        self._sorted = None  # act-order repack for the CUDA kernels: (perm, qweight_sorted) or False
+        self._trivial = None  # (the g_idx checked, whether it is arange(K) // group_size): checked lazily
+        self._sorted = None  # (qweight, g_idx, their act-order repack for the CUDA kernels or None)
         self._checked = None  # the 4-bit weight as int4_matmul validated it (ops.int4_matmul.Int4Weight)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -63,11 +64,18 @@ class QuantLinear(nn.Module):
     def weight_group_size(self) -> int:
         return self.in_features if self.group_size == -1 else self.group_size
 
-    def has_trivial_g_idx(self) -> bool:
-        if self._trivial is None:
-            ref = default_g_idx(self.in_features, self.group_size, device=self.g_idx.device)
-            self._trivial = bool(torch.equal(self.g_idx, ref))
-        return self._trivial
+    def has_trivial_g_idx(self) -> bool | None:
+        """Whether g_idx is arange(K) // group_size (the kernels then compute groups from the row), checked
+        once per g_idx tensor; None while tracing before any eager call has checked it (the check reads
+        the tensor's values, which a graph cannot branch on)."""
+        g = self._buffers["g_idx"]
+        known = self._trivial
+        if known is None or known[0] is not g:
+            if traced(g):
+                return None
+            ref = default_g_idx(self.in_features, self.group_size, device=g.device)
+            known = self._trivial = (g, bool(torch.equal(g, ref)))
+        return known[1]
 
     @torch.no_grad()
     def set_quantized(self, qweight, qzeros, scales, g_idx, bias=None):
@@ -99,29 +107,31 @@ class QuantLinear(nn.Module):
         return y
 
     def _forward_int4(self, x):
-        if self.has_trivial_g_idx():
-            # Buffers straight from _buffers: nn.Module.__getattr__ costs about 0.6 us a lookup on this CPU,
-            # and a decode step makes four a layer (2026-11-28: 3.8 -> 0.6 us for the check)
-            b = self._buffers
+        # Buffers straight from _buffers: nn.Module.__getattr__ costs about 0.6 us a lookup on this CPU, and
+        # a decode step makes four a layer (2026-11-28: the cached weight's check from 3.8 to 0.6 us)
+        b = self._buffers
+        qweight, qzeros, scales, g_idx = b["qweight"], b["qzeros"], b["scales"], b["g_idx"]
+        trivial = self.has_trivial_g_idx()
+        if trivial:
             w = self._checked
-            if w is None or not w.holds(b["qweight"], b["qzeros"], b["scales"], b["g_idx"]):
-                w = self._checked = check_int4_weight(b["qweight"], b["qzeros"], b["scales"], b["g_idx"],
-                                                      self.weight_group_size)
+            if w is None or not w.holds(qweight, qzeros, scales, g_idx):
+                w = self._checked = check_int4_weight(qweight, qzeros, scales, g_idx, self.weight_group_size)
             return int4_matmul_checked(x, w)
-        if x.is_cuda:
-            # act-order: sort the input dim by group once, so the GPU kernels read one scale row per tile
-            if self._sorted is None:
-                rep = act_order_repack(self.qweight, self.g_idx, self.weight_group_size)
-                self._sorted = False if rep is None else rep
-            if self._sorted is not False:
-                perm, qweight_sorted = self._sorted[:2]
-                if len(self._sorted) == 2:
-                    self._sorted = (perm, qweight_sorted, default_g_idx(self.in_features, self.group_size,
-                                                                        device=x.device))
-                g_sorted = self._sorted[2]
-                return int4_matmul(x.index_select(-1, perm), qweight_sorted, self.qzeros, self.scales, g_sorted,
+        if x.is_cuda and trivial is not None and not traced(x):
+            # act-order: sort the input dim by group once (per qweight and g_idx), so that the GPU kernels
+            # read one scale row per tile. Not while tracing: the sort reads g_idx's values
+            known = self._sorted
+            if known is None or known[0] is not qweight or known[1] is not g_idx:
+                rep = act_order_repack(qweight, g_idx, self.weight_group_size)
+                if rep is not None:
+                    rep = (*rep, default_g_idx(self.in_features, self.group_size, device=x.device))
+                known = self._sorted = (qweight, g_idx, rep)
+            if known[2] is not None:
+                perm, qweight_sorted, g_sorted = known[2]
+                return int4_matmul(x.index_select(-1, perm), qweight_sorted, qzeros, scales, g_sorted,
                                    self.weight_group_size)
-        return int4_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, 0)
+        # groups read from g_idx (any order; also a traced call that could not check it)
+        return int4_matmul(x, qweight, qzeros, scales, g_idx, 0)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, sym: bool = True):
