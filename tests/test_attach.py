@@ -267,3 +267,32 @@ def test_prompt_cache_under_inference_mode_then_no_grad(tiny_llama):
         g = m.generate(input_ids=ids[:1], attention_mask=am[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
         full = m(input_ids=g[:, :-1]).logits[:, ids.shape[1] - 1:]
     assert torch.equal(full.argmax(-1), g[:, ids.shape[1]:])
+
+
+def test_whole_model_compiles_fullgraph(tiny_llama):
+    # torch.compile(model, fullgraph=True) with MoPs attached: the hooks, the gate and the attention trace
+    # without a graph break (the gate's empty-mask check reads values: eager only); the loss and the
+    # prompts' and gate's gradients match eager, and so does a decode step on a KV cache
+    from transformers import DynamicCache
+
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=1, init="random", top_k=2))
+    ids, am = batch(B=2)
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = cm(input_ids=ids, attention_mask=am, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.mops.named_parameters()}
+    m.zero_grad()
+    ref = m(input_ids=ids, attention_mask=am, labels=ids)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss)
+    for n, p in m.mops.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+    with torch.no_grad():
+        caches = DynamicCache(), DynamicCache()
+        first = [f(input_ids=ids, attention_mask=am, cache=c, use_cache=True).logits for f, c in zip((m, cm), caches)]
+        nxt = first[0][:, -1].argmax(-1, keepdim=True)
+        am2 = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], 1)
+        step = [f(input_ids=nxt, attention_mask=am2, cache=c, use_cache=True).logits for f, c in zip((m, cm), caches)]
+    torch.testing.assert_close(step[1], step[0])

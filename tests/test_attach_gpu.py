@@ -130,3 +130,23 @@ def test_lora_on_an_int4_cuda_backbone_matches_the_cpu_path(shape):
         gg = g_params[n].grad
         assert gg is not None and gg.dtype == torch.float32, n
         torch.testing.assert_close(gg.cpu(), gc, rtol=0, atol=3e-2 * gc.abs().max().item(), msg=n)
+
+
+def test_whole_model_compiles_fullgraph_on_cuda():
+    # the fused attention's custom ops and their fake implementations inside a whole-model graph
+    m = tiny_model(layers=4, hidden=256, heads=4, kv_heads=2).cuda()
+    mops_fast.attach(m, mops_fast.MoPsConfig(num_experts=3, prompt_len=4, gate_layer=1, init="random", top_k=2))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (2, 40), generator=g).cuda()
+    am = torch.ones_like(ids)
+    am[1, :7] = 0
+    torch._dynamo.reset()
+    out = torch.compile(m, fullgraph=True, backend="aot_eager")(input_ids=ids, attention_mask=am, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.mops.named_parameters()}
+    m.zero_grad()
+    ref = m(input_ids=ids, attention_mask=am, labels=ids)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=1e-4)
+    for n, p in m.mops.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from mops_fast.config import MoPsConfig
+from mops_fast.ops.tracing import traced
 
 
 class Gate(nn.Module):
@@ -24,7 +25,7 @@ def pool_gate_states(hidden: torch.Tensor, gate_mask: torch.Tensor) -> torch.Ten
     """Mean of hidden (B, S, D) over the positions where gate_mask (B, S) is set, in float32."""
     m = gate_mask.to(torch.float32)
     counts = m.sum(1)
-    if bool((counts == 0).any()):
+    if not traced(hidden) and bool((counts == 0).any()):  # a graph cannot branch on values: eager only
         empty = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(
             f"gate mask is empty for sample(s) {empty}: the gate needs at least one instruction/context "
