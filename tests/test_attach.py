@@ -296,3 +296,27 @@ def test_whole_model_compiles_fullgraph(tiny_llama):
         am2 = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], 1)
         step = [f(input_ids=nxt, attention_mask=am2, cache=c, use_cache=True).logits for f, c in zip((m, cm), caches)]
     torch.testing.assert_close(step[1], step[0])
+
+
+def test_generate_refuses_a_chunked_prefill(tiny_llama):
+    # the gate reads the whole prompt before the first injected layer: a chunked prefill would hand it the
+    # first chunk only (different gate weights, different tokens), so it is refused, however it is asked for
+    import copy
+
+    from transformers import GenerationConfig
+
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=1, init="random"))
+    ids, am = batch(B=2)
+    am[:] = 1
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="prefill_chunk_size=4"):
+        m.generate(input_ids=ids, attention_mask=am, prefill_chunk_size=4, **kw)
+    with pytest.raises(ValueError, match="prefill_chunk_size=3"):
+        m.generate(ids, GenerationConfig(prefill_chunk_size=3, **kw), attention_mask=am)
+    out = m.generate(input_ids=ids, attention_mask=am, **kw)
+    twin = copy.deepcopy(m)  # the guard is bound to the copy, not to the original
+    assert twin.generate.__self__ is twin and torch.equal(twin.generate(input_ids=ids, attention_mask=am, **kw), out)
+    mops_fast.detach(m)
+    assert "generate" not in vars(m)
+    m.generate(input_ids=ids, attention_mask=am, prefill_chunk_size=4, **kw)  # the plain model chunks

@@ -7,6 +7,7 @@ layers (plain SDPA elsewhere). The backbone's weights are frozen and never modif
 """
 from __future__ import annotations
 
+import types
 import weakref
 from dataclasses import dataclass, field
 
@@ -193,6 +194,30 @@ def _new_len(args, kwargs) -> int | None:
     return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
 
 
+def _prefill_chunk_size(model, args, kwargs):
+    """The prefill_chunk_size a generate call would use: its argument, its generation config's, the model's."""
+    if kwargs.get("prefill_chunk_size") is not None:
+        return kwargs["prefill_chunk_size"]
+    cfg = kwargs.get("generation_config")
+    if cfg is None and len(args) > 1:
+        cfg = args[1]  # generate(inputs, generation_config, ...)
+    if cfg is None:
+        cfg = getattr(model, "generation_config", None)
+    return getattr(cfg, "prefill_chunk_size", None)
+
+
+def _generate_whole_prompt(self, *args, **kwargs):
+    """model.generate with MoPs attached (bound to the model by attach, removed by detach): refuses a
+    chunked prefill, since the gate weighs the experts from the whole prompt before the first injected
+    layer runs and a chunked prefill hands the prompt over in pieces (the gate would see the first)."""
+    chunk = _prefill_chunk_size(self, args, kwargs)
+    if chunk is not None:
+        raise ValueError(f"generate(prefill_chunk_size={chunk}) is not supported with MoPs attached: the gate "
+                         "weighs the experts from the whole prompt, which a chunked prefill hands over in "
+                         "pieces; pass prefill_chunk_size=None")
+    return type(self).generate(self, *args, **kwargs)
+
+
 def new_mops_module(model, config: MoPsConfig) -> MoPsModule:
     """Prompts and gate of `config` sized for `model` (validated against its layer count), on its device."""
     cfg = model.config
@@ -278,6 +303,8 @@ def attach(model, config: MoPsConfig):
         model.model.register_forward_pre_hook(model_pre_hook, with_kwargs=True),
         layers[mops.gate_layer].register_forward_pre_hook(gate_pre_hook, with_kwargs=True),
     ]
+    # a bound method (not a closure over model): copy.deepcopy binds it to the copy
+    model.generate = types.MethodType(_generate_whole_prompt, model)
     model.add_module("mops", mops)
     return model
 
@@ -294,6 +321,7 @@ def detach(model):
         if hasattr(layer.self_attn, "_mops_slot"):
             del layer.self_attn._mops_slot
     del model.mops
+    model.__dict__.pop("generate", None)  # _generate_whole_prompt
     model.set_attn_implementation(state.saved_attn_impl or "sdpa")
     for n, p in model.named_parameters():
         p.requires_grad_(state.saved_requires_grad.get(n, p.requires_grad))
