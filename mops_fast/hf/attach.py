@@ -269,6 +269,8 @@ def attach(model, config: MoPsConfig):
             state.bank_rows = state.bank_none = None
         if state.gate_mask is None and not state.decode:
             am = kwargs.get("attention_mask")
+            if isinstance(am, dict):  # prepared masks by layer type (Qwen2, Mistral): the full one
+                am = am.get("full_attention", next(iter(am.values()), None))
             if isinstance(am, torch.Tensor) and am.dim() == 4 and new is not None:
                 # a prepared 4-D mask (generate with a static cache): the input's real tokens are the
                 # keys its last query sees among the first `new` slots
