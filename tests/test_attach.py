@@ -325,7 +325,8 @@ def test_generate_refuses_a_chunked_prefill(tiny_llama):
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_generate_static_cache_and_embeddings_match_the_dynamic_cache(model_type):
     # generate with a static cache hands the model a prepared 4-D mask (a dict by layer type for Qwen2):
-    # the gate must read the same prompt tokens as with the 2-D mask, and inputs_embeds the same as ids
+    # the gate must read the same prompt tokens as with the 2-D mask, inputs_embeds the same as ids, and
+    # without a cache (every step a forward over prompt and generated tokens) the prompt only
     m = tiny_model(model_type)
     mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=1, init="random"))
     ids, am = batch(B=2)
@@ -335,6 +336,7 @@ def test_generate_static_cache_and_embeddings_match_the_dynamic_cache(model_type
               return_dict_in_generate=True)
     ref = m.generate(input_ids=ids, **kw)
     for out in (m.generate(input_ids=ids, cache_implementation="static", **kw),
-                m.generate(inputs_embeds=m.get_input_embeddings()(ids), **kw)):
+                m.generate(inputs_embeds=m.get_input_embeddings()(ids), **kw),
+                m.generate(input_ids=ids, use_cache=False, **kw)):
         for a, b in zip(out.logits, ref.logits):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -44,6 +44,9 @@ class ForwardState:
     # keys the attention of this forward sees: cached + new tokens (None without a cache). A static cache
     # hands the attention all of its slots, filled or not; the layers take the first total_len of them
     total_len: int | None = None
+    # within generate: the prompt's width, so that a forward without a cache (use_cache=False), which runs
+    # over the prompt and the tokens generated so far, gives the gate the prompt only, as a cached one does
+    prompt_width: int | None = None
     logw: torch.Tensor | None = None  # (B, J) log gate weights of the current request
     gate_logits: torch.Tensor | None = None
     stop_after_gate: bool = False
@@ -184,14 +187,13 @@ def _cache_len(kwargs) -> int | None:
     return int(cache.get_seq_length())
 
 
-def _new_len(args, kwargs) -> int | None:
-    """Tokens this forward adds (the sequence length of its input ids or embeddings)."""
-    x = kwargs.get("input_ids")
-    if x is None:
-        x = kwargs.get("inputs_embeds")
-    if x is None and args:
-        x = args[0]
-    return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+def _input_of(args, kwargs, names=("input_ids", "inputs_embeds")) -> torch.Tensor | None:
+    """A forward's (or generate's) input ids or embeddings, (B, S, ...); None if it has neither."""
+    for name in names:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    x = args[0] if args else None
+    return x if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
 
 
 def _prefill_chunk_size(model, args, kwargs):
@@ -207,15 +209,22 @@ def _prefill_chunk_size(model, args, kwargs):
 
 
 def _generate_whole_prompt(self, *args, **kwargs):
-    """model.generate with MoPs attached (bound to the model by attach, removed by detach): refuses a
-    chunked prefill, since the gate weighs the experts from the whole prompt before the first injected
-    layer runs and a chunked prefill hands the prompt over in pieces (the gate would see the first)."""
+    """model.generate with MoPs attached (bound to the model by attach, removed by detach). The gate weighs
+    the experts from the whole prompt, and from the prompt only: a chunked prefill, which hands the prompt
+    over in pieces (the gate would see the first), is refused, and the prompt's width is kept for the
+    forwards without a cache (use_cache=False), which run over the tokens generated so far too."""
     chunk = _prefill_chunk_size(self, args, kwargs)
     if chunk is not None:
         raise ValueError(f"generate(prefill_chunk_size={chunk}) is not supported with MoPs attached: the gate "
                          "weighs the experts from the whole prompt, which a chunked prefill hands over in "
                          "pieces; pass prefill_chunk_size=None")
-    return type(self).generate(self, *args, **kwargs)
+    state: ForwardState = self.mops.state
+    x = _input_of(args, kwargs, ("input_ids", "inputs", "inputs_embeds"))
+    before, state.prompt_width = state.prompt_width, None if x is None else x.shape[1]
+    try:
+        return type(self).generate(self, *args, **kwargs)
+    finally:
+        state.prompt_width = before
 
 
 def new_mops_module(model, config: MoPsConfig) -> MoPsModule:
@@ -262,7 +271,8 @@ def attach(model, config: MoPsConfig):
 
     def model_pre_hook(_mod, args, kwargs):
         state.gate_mask = kwargs.pop("gate_mask", None)
-        past, new = _cache_len(kwargs), _new_len(args, kwargs)
+        x = _input_of(args, kwargs)
+        past, new = _cache_len(kwargs), None if x is None else x.shape[1]
         state.decode = bool(past)
         state.total_len = past + new if past is not None and new is not None else None
         if not state.decode:
@@ -276,6 +286,12 @@ def attach(model, config: MoPsConfig):
                 # keys its last query sees among the first `new` slots
                 am = _key_valid_from_mask(am, am.shape[0], am.shape[-1])[:, :new]
             state.gate_mask = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+            width = state.prompt_width
+            if width is not None and new is not None and new > width:  # generate without a cache
+                gm = state.gate_mask
+                gm = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if gm is None else gm.clone()
+                gm[:, width:] = 0
+                state.gate_mask = gm
         return args, kwargs
 
     def gate_pre_hook(_mod, args, kwargs):
