@@ -340,3 +340,25 @@ def test_generate_static_cache_and_embeddings_match_the_dynamic_cache(model_type
                 m.generate(input_ids=ids, use_cache=False, **kw)):
         for a, b in zip(out.logits, ref.logits):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_keeps_static_cache_generation_eager(tiny_llama, monkeypatch):
+    # transformers compiles static-cache generation on GPUs by default, which the MoPs forward (the cache
+    # length read on the host) cannot take: generate runs it eagerly unless a compile_config asks for it
+    from transformers import CompileConfig
+    from transformers.generation.utils import GenerationMixin
+
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=1, init="random"))
+    seen = []
+    real = GenerationMixin._valid_auto_compile_criteria
+    monkeypatch.setattr(GenerationMixin, "_valid_auto_compile_criteria",
+                        lambda self, kw, cfg: seen.append((cfg.disable_compile, cfg.compile_config)) or real(self, kw, cfg))
+    ids, _ = batch(B=2)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    m.generate(input_ids=ids, **kw)
+    assert seen and all(disabled for disabled, _ in seen)
+    seen.clear()
+    m.generate(input_ids=ids, compile_config=CompileConfig(backend="eager"), **kw)  # asked: left to transformers
+    assert seen and not any(disabled for disabled, _ in seen)

@@ -212,12 +212,18 @@ def _generate_whole_prompt(self, *args, **kwargs):
     """model.generate with MoPs attached (bound to the model by attach, removed by detach). The gate weighs
     the experts from the whole prompt, and from the prompt only: a chunked prefill, which hands the prompt
     over in pieces (the gate would see the first), is refused, and the prompt's width is kept for the
-    forwards without a cache (use_cache=False), which run over the tokens generated so far too."""
+    forwards without a cache (use_cache=False), which run over the tokens generated so far too. The
+    automatic compile of static-cache generation is off unless a compile_config asks for it."""
     chunk = _prefill_chunk_size(self, args, kwargs)
     if chunk is not None:
         raise ValueError(f"generate(prefill_chunk_size={chunk}) is not supported with MoPs attached: the gate "
                          "weighs the experts from the whole prompt, which a chunked prefill hands over in "
                          "pieces; pass prefill_chunk_size=None")
+    cfg = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+    if kwargs.get("compile_config") is None and getattr(cfg, "compile_config", None) is None:
+        # transformers compiles generation with a static cache on GPUs unless told not to, and the MoPs
+        # forward reads the cache's length on the host, which a graph cannot: eager, unless compile is asked
+        kwargs.setdefault("disable_compile", True)
     state: ForwardState = self.mops.state
     x = _input_of(args, kwargs, ("input_ids", "inputs", "inputs_embeds"))
     before, state.prompt_width = state.prompt_width, None if x is None else x.shape[1]
