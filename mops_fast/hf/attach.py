@@ -196,16 +196,16 @@ def _input_of(args, kwargs, names=("input_ids", "inputs_embeds")) -> torch.Tenso
     return x if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
 
 
-def _prefill_chunk_size(model, args, kwargs):
-    """The prefill_chunk_size a generate call would use: its argument, its generation config's, the model's."""
-    if kwargs.get("prefill_chunk_size") is not None:
-        return kwargs["prefill_chunk_size"]
+def _generation_setting(model, args, kwargs, name: str):
+    """A generate call's setting `name`: its argument, else its generation config's, else the model's."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
     cfg = kwargs.get("generation_config")
     if cfg is None and len(args) > 1:
         cfg = args[1]  # generate(inputs, generation_config, ...)
     if cfg is None:
         cfg = getattr(model, "generation_config", None)
-    return getattr(cfg, "prefill_chunk_size", None)
+    return getattr(cfg, name, None)
 
 
 def _generate_whole_prompt(self, *args, **kwargs):
@@ -214,13 +214,12 @@ def _generate_whole_prompt(self, *args, **kwargs):
     over in pieces (the gate would see the first), is refused, and the prompt's width is kept for the
     forwards without a cache (use_cache=False), which run over the tokens generated so far too. The
     automatic compile of static-cache generation is off unless a compile_config asks for it."""
-    chunk = _prefill_chunk_size(self, args, kwargs)
+    chunk = _generation_setting(self, args, kwargs, "prefill_chunk_size")
     if chunk is not None:
         raise ValueError(f"generate(prefill_chunk_size={chunk}) is not supported with MoPs attached: the gate "
                          "weighs the experts from the whole prompt, which a chunked prefill hands over in "
                          "pieces; pass prefill_chunk_size=None")
-    cfg = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
-    if kwargs.get("compile_config") is None and getattr(cfg, "compile_config", None) is None:
+    if _generation_setting(self, args, kwargs, "compile_config") is None:
         # transformers compiles generation with a static cache on GPUs unless told not to, and the MoPs
         # forward reads the cache's length on the host, which a graph cannot: eager, unless compile is asked
         kwargs.setdefault("disable_compile", True)
