@@ -18,9 +18,10 @@ DOLLY = SHARED / "data" / "dolly15k"
 
 
 # gated-prefix attention: queries at padded positions (the interpreter and the GPU tests)
-def padded_queries(kv, Sq, Sk):
-    """(B, 1, Sq) bool: queries at padded positions (o = 0, lse = -inf, no gradient: the contract)."""
-    if kv is None:
+def padded_queries(kv, Sq, Sk, causal=True):
+    """(B, 1, Sq) bool: queries at padded positions (o = 0, lse = -inf, no gradient: the contract; causal
+    attention only, where a query has a position among the keys)."""
+    if kv is None or not causal:
         return torch.zeros((1, 1, Sq), dtype=torch.bool)
     return ~kv[:, None, Sk - Sq:]
 

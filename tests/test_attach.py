@@ -343,8 +343,8 @@ def test_generate_static_cache_and_embeddings_match_the_dynamic_cache(model_type
 
 
 def test_generate_keeps_static_cache_generation_eager(tiny_llama, monkeypatch):
-    # transformers compiles static-cache generation on GPUs by default, which the MoPs forward (the cache
-    # length read on the host) cannot take: generate runs it eagerly unless a compile_config asks for it
+    # transformers compiles static-cache generation on GPUs by default; MoPs' compiled decode step has run
+    # on the CPU only so far, so generate runs it eagerly unless a compile_config asks for it
     from transformers import CompileConfig
     from transformers.generation.utils import GenerationMixin
 
@@ -362,3 +362,36 @@ def test_generate_keeps_static_cache_generation_eager(tiny_llama, monkeypatch):
     seen.clear()
     m.generate(input_ids=ids, compile_config=CompileConfig(backend="eager"), **kw)  # asked: left to transformers
     assert seen and not any(disabled for disabled, _ in seen)
+
+
+@pytest.mark.parametrize("mode", ["scale", "mix"])
+def test_compiled_static_cache_generation_matches_eager(tiny_llama, mode):
+    # with a compile_config transformers compiles the decode steps on a static cache (the prefill runs
+    # eagerly): the MoPs attention then takes every slot, the unfilled ones masked, and its one query sees
+    # every valid key; no host read of the cache length, so one graph serves every step and the next call
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    m = tiny_llama
+    mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=1, init="random", mode=mode))
+    ids, am = batch(B=2)
+    am[1] = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1])
+    am[0] = 1
+    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    ref = m.generate(input_ids=ids, **kw)
+    cc = CompileConfig(backend="aot_eager", fullgraph=True)
+    cc._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        out = m.generate(input_ids=ids, cache_implementation="static", compile_config=cc, **kw)
+        for a, b in zip(out.logits, ref.logits):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    # a compiled prefill on a static cache (not what generate does) is refused: the gate reads the prompt
+    from transformers import StaticCache
+
+    cache = StaticCache(config=m.config, max_cache_len=16)
+    with pytest.raises(Exception, match="must be a decode step"):
+        torch.compile(m, fullgraph=True, backend="aot_eager")(input_ids=ids, attention_mask=am, cache=cache)

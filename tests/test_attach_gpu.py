@@ -150,3 +150,23 @@ def test_whole_model_compiles_fullgraph_on_cuda():
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=1e-4)
     for n, p in m.mops.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_compiled_static_cache_generation_on_cuda():
+    # transformers' own compile of static-cache decoding (Inductor, CUDA graphs) with MoPs: the attention
+    # takes every slot through the fused kernels' custom op; the logits of eager dynamic-cache generate
+    from transformers import CompileConfig
+
+    m = tiny_model(layers=4, hidden=256, heads=4, kv_heads=2).cuda()
+    mops_fast.attach(m, mops_fast.MoPsConfig(num_experts=3, prompt_len=4, gate_layer=1, init="random"))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 128, (2, 20), generator=g).cuda()
+    am = torch.ones_like(ids)
+    am[1, :6] = 0
+    kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    ref = m.generate(input_ids=ids, **kw)
+    torch._dynamo.reset()
+    out = m.generate(input_ids=ids, cache_implementation="static", compile_config=CompileConfig(), **kw)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

@@ -82,8 +82,8 @@ def test_matches_float64_reference(case, causal):
     for n in g_ref:
         torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-5, msg=n)  # g_ref: float64 math, fp32 leaves
         assert g[n].shape == t[n].shape and g[n].dtype == t[n].dtype
-    qv = gpa.query_valid(t["key_valid"], t["q"].shape[2], t["k"].shape[2])
-    if qv is not None:  # padded queries: o = 0 (the contract)
+    qv = gpa.query_valid(t["key_valid"], t["q"].shape[2], t["k"].shape[2], causal)
+    if qv is not None:  # padded queries of causal attention: o = 0 (the contract)
         assert (o.transpose(1, 2)[~qv] == 0).all()
 
 

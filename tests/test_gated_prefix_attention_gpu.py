@@ -93,7 +93,7 @@ def check(inputs, tol, causal=True, seed=1, use_lse=True):
     o, lse = gated_prefix_attention_with_lse(*leaves, lw, kv, causal=causal)
     # CUDA tensors take the fused kernels: the custom op's eager autograd.Function here
     assert "FusedGatedPrefixAttention" in type(o.grad_fn).__name__
-    padded = padded_queries(kv, q.shape[2], k.shape[2])
+    padded = padded_queries(kv, q.shape[2], k.shape[2], causal)
     lse = check_padded_rows(o, lse, padded)
     g = torch.Generator(device=DEV).manual_seed(seed)
     # Upstream gradients representable in the compute dtype, so both sides see the same numbers.

@@ -82,7 +82,7 @@ def check(inputs, tol, causal=True, use_lse=True, seed=1):
     lw = logw.clone().requires_grad_() if logw is not None else None
     o, lse = gated_prefix_attention_with_lse(*leaves, lw, kv, causal=causal, backend="triton")
     assert o.dtype == q.dtype and lse.dtype == torch.float32
-    padded = padded_queries(kv, q.shape[2], k.shape[2])
+    padded = padded_queries(kv, q.shape[2], k.shape[2], causal)
     lse = check_padded_rows(o, lse, padded)
 
     r_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]

@@ -19,8 +19,8 @@ def naive(q, k, v, pk, pv, logw, key_valid, causal=True):
         for h in range(Hq):
             hk = h // G
             for i in range(Sq):
-                if key_valid is not None and Sq <= Sk and not bool(key_valid[b, Sk - Sq + i]):
-                    rows.append(q.new_zeros(d))  # a query at a padded position: o = 0 (the contract)
+                if causal and key_valid is not None and Sq <= Sk and not bool(key_valid[b, Sk - Sq + i]):
+                    rows.append(q.new_zeros(d))  # a causal query at a padded position: o = 0 (the contract)
                     continue
                 scores, vals = [], []
                 for e in range(J):

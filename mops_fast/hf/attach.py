@@ -47,6 +47,8 @@ class ForwardState:
     # within generate: the prompt's width, so that a forward without a cache (use_cache=False), which runs
     # over the prompt and the tokens generated so far, gives the gate the prompt only, as a cached one does
     prompt_width: int | None = None
+    # a compiled decode step on a static cache: the attention takes every slot (see model_pre_hook)
+    all_slots: bool = False
     logw: torch.Tensor | None = None  # (B, J) log gate weights of the current request
     gate_logits: torch.Tensor | None = None
     stop_after_gate: bool = False
@@ -125,6 +127,10 @@ def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.
     B, _, Sq, d = query.shape
     Sk_all = key.shape[2]
     Sk = Sk_all if state.total_len is None else min(Sk_all, state.total_len)
+    causal = not state.all_slots
+    if state.all_slots and attention_mask is None:
+        raise ValueError("a compiled decode step on a static cache needs the attention mask that marks its "
+                         "filled slots; call the model as transformers' generate does")
     if Sk < Sk_all:
         # a static cache hands over all of its slots, filled or not: the kernels place query i at key
         # Sk - Sq + i (a dynamic cache's layout), so they get the filled ones only
@@ -136,7 +142,11 @@ def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.
             "attention with padding only; shorten the inputs below the window"
         )
     seen = state.key_valid_of
-    if seen is not None and seen[0] is attention_mask and seen[1] == B and seen[2] == Sk:
+    if traced(query):  # no state kept between graphs: a guard on it would recompile every step
+        key_valid = _key_valid_from_mask(attention_mask, B, Sk_all)
+        if key_valid is not None and Sk < Sk_all:
+            key_valid = key_valid[:, :Sk]
+    elif seen is not None and seen[0] is attention_mask and seen[1] == B and seen[2] == Sk:
         key_valid = seen[3]
     else:
         key_valid = _key_valid_from_mask(attention_mask, B, Sk_all)
@@ -167,7 +177,8 @@ def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.
         if rows is not None and state.bank_none is not None:  # a zero prompt still takes attention: drop it
             logw = torch.zeros(B, 1, dtype=torch.float32, device=query.device)
             logw.masked_fill_(state.bank_none[:, None], NO_ADAPTER_LOGW)
-    out = gated_prefix_attention(query, key, value, pk, pv, logw, key_valid, scale=scaling, causal=True)
+    # all slots: one query, which sees every valid key (its position is not the last slot's: not causal)
+    out = gated_prefix_attention(query, key, value, pk, pv, logw, key_valid, scale=scaling, causal=causal)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -212,16 +223,18 @@ def _generate_whole_prompt(self, *args, **kwargs):
     """model.generate with MoPs attached (bound to the model by attach, removed by detach). The gate weighs
     the experts from the whole prompt, and from the prompt only: a chunked prefill, which hands the prompt
     over in pieces (the gate would see the first), is refused, and the prompt's width is kept for the
-    forwards without a cache (use_cache=False), which run over the tokens generated so far too. The
-    automatic compile of static-cache generation is off unless a compile_config asks for it."""
+    forwards without a cache (use_cache=False), which run over the tokens generated so far too.
+    Static-cache generation runs eagerly unless a compile_config asks for transformers' compile of its
+    decode steps (tested on the CPU; transformers would otherwise compile it on GPUs, where it has not run
+    yet)."""
     chunk = _generation_setting(self, args, kwargs, "prefill_chunk_size")
     if chunk is not None:
         raise ValueError(f"generate(prefill_chunk_size={chunk}) is not supported with MoPs attached: the gate "
                          "weighs the experts from the whole prompt, which a chunked prefill hands over in "
                          "pieces; pass prefill_chunk_size=None")
     if _generation_setting(self, args, kwargs, "compile_config") is None:
-        # transformers compiles generation with a static cache on GPUs unless told not to, and the MoPs
-        # forward reads the cache's length on the host, which a graph cannot: eager, unless compile is asked
+        # transformers compiles static-cache decoding on GPUs unless told not to; MoPs' compiled decode
+        # step (model_pre_hook) has passed its tests on the CPU only so far: eager unless asked
         kwargs.setdefault("disable_compile", True)
     state: ForwardState = self.mops.state
     x = _input_of(args, kwargs, ("input_ids", "inputs", "inputs_embeds"))
@@ -277,6 +290,17 @@ def attach(model, config: MoPsConfig):
     def model_pre_hook(_mod, args, kwargs):
         state.gate_mask = kwargs.pop("gate_mask", None)
         x = _input_of(args, kwargs)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        state.all_slots = x is not None and traced(x) and bool(getattr(cache, "is_compileable", False))
+        if state.all_slots:
+            # A compiled step on a static cache (transformers compiles decoding and runs the prefill
+            # eagerly): its length would be a host read, which a graph cannot make, so the step is taken
+            # for a decode step over every slot, the unfilled ones masked
+            if x.shape[1] != 1:
+                raise ValueError(f"a compiled forward on a static cache must be a decode step (one token, got "
+                                 f"{x.shape[1]}): MoPs runs the prefill, where the gate reads the prompt, eagerly")
+            state.decode, state.total_len = True, None
+            return args, kwargs
         past, new = _cache_len(kwargs), None if x is None else x.shape[1]
         state.decode = bool(past)
         state.total_len = past + new if past is not None and new is not None else None

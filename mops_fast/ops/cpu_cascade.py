@@ -67,7 +67,7 @@ class _CascadeCPU(torch.autograd.Function):
         G = Hq // Hkv
         kv_mask, qv = masks(q, k, key_valid, causal)  # right padding: no key mask
         if qv is None:
-            qv = query_valid(kv_mask, Sq, k.shape[2])
+            qv = query_valid(kv_mask, Sq, k.shape[2], causal)
         is_causal, mask, sees_own = _own_mask(q, k, kv_mask, causal)
         # The own keys repeated over their query heads: the flash op's own GQA support is newer than torch 2.4.
         ke = k.repeat_interleave(G, 1) if G > 1 else k.contiguous()

@@ -8,9 +8,11 @@ Contract (DESIGN.md §1 and §4):
   gate_logw    (B, J) or None       log gate weights; -inf drops an expert; None means all zeros
   key_valid    (B, Sk) bool or None True for real tokens, False for padding; None means all valid
   causal       own key j is visible to query i iff j <= Sk - Sq + i (prompt tokens always visible)
-A query whose own position is padding (key_valid[b, Sk - Sq + i] False, Sq <= Sk) returns o = 0 and
-lse = -inf and passes no gradient: nothing real reads it in a causal model, and it lets a right-padded
-causal batch drop the key mask altogether (prefix_cascade.py), so that it runs at unpadded speed.
+In causal attention a query whose own position is padding (key_valid[b, Sk - Sq + i] False, Sq <= Sk)
+returns o = 0 and lse = -inf and passes no gradient: nothing real reads it in a causal model, and it lets a
+right-padded causal batch drop the key mask altogether (prefix_cascade.py), so that it runs at unpadded
+speed. Without causality (causal=False) a query has no position among the keys: it sees every valid key
+(a decode step over all of a static cache's slots, the unfilled ones invalid).
 Score of prompt token (e, t): q . PK[e, t] * scale + logw[b, e]; of own token j: q . k_j * scale.
 Returns o (B, Hq, Sq, d) in q's dtype and, from the *_with_lse variant, lse (B, Hq, Sq) float32.
 
@@ -135,10 +137,10 @@ def check_inputs(q, k, v, prompt_k, prompt_v, gate_logw, key_valid):
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def query_valid(key_valid: Optional[Tensor], Sq: int, Sk: int) -> Optional[Tensor]:
-    """(B, Sq) bool: whether query i's own position Sk - Sq + i is a real token (None: no padding, or
-    more queries than keys, whose positions the keys do not cover). See the contract above."""
-    if key_valid is None or Sq > Sk:
+def query_valid(key_valid: Optional[Tensor], Sq: int, Sk: int, causal: bool = True) -> Optional[Tensor]:
+    """(B, Sq) bool: whether query i's own position Sk - Sq + i is a real token (None: no padding, not
+    causal, or more queries than keys, whose positions the keys do not cover). See the contract above."""
+    if key_valid is None or Sq > Sk or not causal:
         return None
     return key_valid[:, Sk - Sq:]
 
@@ -225,7 +227,7 @@ def gated_prefix_attention_ref(
     o = torch.matmul(p[..., :P], pv) + torch.matmul(p[..., P:], v.to(cdt))
     o = o.view(B, Hq, Sq, d).to(q.dtype)
     lse = lse.view(B, Hq, Sq).to(torch.float32 if cdt == torch.float32 else cdt)
-    qv = query_valid(key_valid, Sq, Sk)
+    qv = query_valid(key_valid, Sq, Sk, causal)
     if qv is not None:
         drop = ~qv[:, None, :]
         o = o.masked_fill(drop[..., None], 0.0)
@@ -400,7 +402,7 @@ def _prefix_sdpa(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale, causa
         rows = own.shape[2]  # Sq, or 1 when every query sees the same keys (the mask broadcasts)
         mask = torch.cat([pre.expand(B, 1, rows, P), own.expand(B, 1, rows, Sk)], dim=-1)
     o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
-    qv = query_valid(key_valid, Sq, Sk)
+    qv = query_valid(key_valid, Sq, Sk, causal)
     return o if qv is None else o.masked_fill(~qv[:, None, :, None], 0.0)
 
 

@@ -722,7 +722,7 @@ def _check_device(q):
                          "TRITON_INTERPRET=1 (set before this module is imported); use the reference")
 
 
-def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, query_valid=None):
+def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, query_valid=None, causal=True):
     """Shared argument preparation: dtype/layout normalization, the flat prompt views, and the masks:
     key padding (kvm) and the queries at padded positions (qv, rvm; from key_valid unless query_valid
     is given, as the cascade and a right-padded batch do without a key mask)."""
@@ -753,7 +753,7 @@ def _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, query_valid=None
         kvm = torch.where(key_valid, 0.0, float("-inf")).float()  # one kernel; .float() is a no-op
     qv, rvm = query_valid, None
     if qv is None and key_valid is not None:
-        qv = gpa_query_valid(key_valid, Sq, Sk)
+        qv = gpa_query_valid(key_valid, Sq, Sk, causal)
         rvm = kvm[:, Sk - Sq:] if qv is not None else None  # a view: no kernel
     elif qv is not None:
         if tuple(qv.shape) != (B, Sq) or qv.dtype != torch.bool:
@@ -809,12 +809,12 @@ def gpa_forward(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, scale: float,
                 init=None, query_valid=None):
     """Fused forward: returns (o (B, Hq, Sq, d) in q's dtype, lse (B, Hq, Sq) float32).
 
-    Queries at padded positions (query_valid (B, Sq) False, by default from key_valid) get o = 0 and
-    lse = -inf (the contract in gated_prefix_attention.py).
+    Queries at padded positions (query_valid (B, Sq) False, by default from key_valid when causal) get
+    o = 0 and lse = -inf (the contract in gated_prefix_attention.py).
 
     init=(o0, lse0): continue from the softmax state of keys attended elsewhere (o0 normalized, lse0
     natural log, rows with lse0 = -inf saw nothing), as the shared-prefix cascade does (prefix_cascade.py)."""
-    a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, query_valid)
+    a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, query_valid, causal)
     B, Hq, Hkv, G, Sq, Sk, d = a["B"], a["Hq"], a["Hkv"], a["G"], a["Sq"], a["Sk"], a["d"]
     o = torch.empty((B, Hq, Sq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
@@ -869,8 +869,8 @@ def gpa_backward(do, dlse, q, k, v, prompt_k, prompt_v, gate_logw, key_valid, o,
     Prompt gradients are summed over the batch (shared prompts) or kept per sample (5-D prompts),
     in the prompts' own dtype and shape. dq_init (B, Hq, Sq, d): dq is added to it in place and it is
     returned as dq (the cascade's own-key share); dQ is then computed by its own kernel ("split").
-    Queries at padded positions (query_valid, by default from key_valid) pass no gradient."""
-    a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, query_valid)
+    Queries at padded positions (query_valid, by default from key_valid when causal) pass no gradient."""
+    a = _prepare(q, k, v, prompt_k, prompt_v, gate_logw, key_valid, query_valid, causal)
     B, Hq, Hkv, G, Sq, Sk, d = a["B"], a["Hq"], a["Hkv"], a["G"], a["Sq"], a["Sk"], a["d"]
     P, L, J, Bp, bd = a["P"], a["L"], a["J"], a["Bp"], a["block_d"]
     dev = q.device
