@@ -17,6 +17,16 @@ def batch(B=3, S=9, vocab=128, seed=1):
     return ids, am
 
 
+def left_padded_generate(new_tokens):
+    """A batch for generate (sample 1 left padded) and greedy generate's keywords, logits returned."""
+    ids, am = batch(B=2)
+    am[1] = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1])
+    am[0] = 1
+    kw = dict(attention_mask=am, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    return ids, kw
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_attach_changes_outputs_and_detach_restores_exactly(model_type):
     m = tiny_model(model_type)
@@ -329,11 +339,7 @@ def test_generate_static_cache_and_embeddings_match_the_dynamic_cache(model_type
     # without a cache (every step a forward over prompt and generated tokens) the prompt only
     m = tiny_model(model_type)
     mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=1, init="random"))
-    ids, am = batch(B=2)
-    am[1] = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1])
-    am[0] = 1
-    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
-              return_dict_in_generate=True)
+    ids, kw = left_padded_generate(4)
     ref = m.generate(input_ids=ids, **kw)
     for out in (m.generate(input_ids=ids, cache_implementation="static", **kw),
                 m.generate(inputs_embeds=m.get_input_embeddings()(ids), **kw),
@@ -374,11 +380,8 @@ def test_compiled_static_cache_generation_matches_eager(tiny_llama, mode):
 
     m = tiny_llama
     mops_fast.attach(m, MoPsConfig(num_experts=3, prompt_len=2, gate_layer=1, init="random", mode=mode))
-    ids, am = batch(B=2)
-    am[1] = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1])
-    am[0] = 1
-    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
-              return_dict_in_generate=True)
+    ids, kw = left_padded_generate(5)
+    am = kw["attention_mask"]
     ref = m.generate(input_ids=ids, **kw)
     cc = CompileConfig(backend="aot_eager", fullgraph=True)
     cc._compile_all_devices = True  # transformers compiles on accelerators only unless told
