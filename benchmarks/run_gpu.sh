@@ -53,7 +53,7 @@ for s in $STEPS; do
              tests/test_quant_refine.py ;;
     tests_int4) step tests_int4 240 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_int4.xml" tests/test_int4_matmul_gpu.py \
                   tests/test_native_cuda_gpu.py ;;
-    tests_attach) step tests_attach 120 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_attach.xml" tests/test_attach_gpu.py ;;
+    tests_attach) step tests_attach 200 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_attach.xml" tests/test_attach_gpu.py ;;
     tests_attn) step tests_attn 240 "${pytest_gpu[@]}" --junitxml="$OUT/gpu_tests_attn.xml" tests/test_gated_prefix_attention_gpu.py \
                   tests/test_attach_gpu.py tests/test_quant_refine.py ;;
     tune_int4) step tune_int4 150 python3 benchmarks/tune_int4_gpu.py --out "$OUT"; decide_int4 ;;
