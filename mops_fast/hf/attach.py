@@ -207,6 +207,24 @@ def _input_of(args, kwargs, names=("input_ids", "inputs_embeds")) -> torch.Tenso
     return x if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
 
 
+def _default_gate_mask(attention_mask, x, prompt_width: int | None):
+    """The gate's tokens (B, S) for a prefill that names none: the input's real tokens by its attention mask
+    (2-D; a prepared 4-D one, as generate with a static cache hands over; or a dict of those by layer
+    type, Qwen2 and Mistral), within the prompt's width during generate. None: every token."""
+    am, new = attention_mask, None if x is None else x.shape[1]
+    if isinstance(am, dict):
+        am = am.get("full_attention", next(iter(am.values()), None))
+    if isinstance(am, torch.Tensor) and am.dim() == 4 and new is not None:
+        # the input's real tokens are the keys its last query sees among the first `new` slots
+        am = _key_valid_from_mask(am, am.shape[0], am.shape[-1])[:, :new]
+    gm = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+    if prompt_width is not None and new is not None and new > prompt_width:
+        # generate without a cache: the forward runs over the tokens generated so far too
+        gm = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if gm is None else gm.clone()
+        gm[:, prompt_width:] = 0
+    return gm
+
+
 def _generation_setting(model, args, kwargs, name: str):
     """A generate call's setting `name`: its argument, else its generation config's, else the model's."""
     if kwargs.get(name) is not None:
@@ -307,20 +325,7 @@ def attach(model, config: MoPsConfig):
         if not state.decode:
             state.bank_rows = state.bank_none = None
         if state.gate_mask is None and not state.decode:
-            am = kwargs.get("attention_mask")
-            if isinstance(am, dict):  # prepared masks by layer type (Qwen2, Mistral): the full one
-                am = am.get("full_attention", next(iter(am.values()), None))
-            if isinstance(am, torch.Tensor) and am.dim() == 4 and new is not None:
-                # a prepared 4-D mask (generate with a static cache): the input's real tokens are the
-                # keys its last query sees among the first `new` slots
-                am = _key_valid_from_mask(am, am.shape[0], am.shape[-1])[:, :new]
-            state.gate_mask = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
-            width = state.prompt_width
-            if width is not None and new is not None and new > width:  # generate without a cache
-                gm = state.gate_mask
-                gm = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if gm is None else gm.clone()
-                gm[:, width:] = 0
-                state.gate_mask = gm
+            state.gate_mask = _default_gate_mask(kwargs.get("attention_mask"), x, state.prompt_width)
         return args, kwargs
 
     def gate_pre_hook(_mod, args, kwargs):
