@@ -141,18 +141,18 @@ def mops_attention_forward(module, query, key, value, attention_mask, dropout=0.
             f"sequence of {Sk} keys exceeds the sliding window {window}: MoPs attention supports causal "
             "attention with padding only; shorten the inputs below the window"
         )
+    # kept for the forward's other layers, except in a traced call: a guard on state kept between graphs
+    # would recompile every step
+    keep = not traced(query)
     seen = state.key_valid_of
-    if traced(query):  # no state kept between graphs: a guard on it would recompile every step
-        key_valid = _key_valid_from_mask(attention_mask, B, Sk_all)
-        if key_valid is not None and Sk < Sk_all:
-            key_valid = key_valid[:, :Sk]
-    elif seen is not None and seen[0] is attention_mask and seen[1] == B and seen[2] == Sk:
+    if keep and seen is not None and seen[0] is attention_mask and seen[1] == B and seen[2] == Sk:
         key_valid = seen[3]
     else:
         key_valid = _key_valid_from_mask(attention_mask, B, Sk_all)
         if key_valid is not None and Sk < Sk_all:
             key_valid = key_valid[:, :Sk]
-        state.key_valid_of = (attention_mask, B, Sk, key_valid)
+        if keep:
+            state.key_valid_of = (attention_mask, B, Sk, key_valid)
     rows = state.bank_rows
     if rows is not None:
         if rows.shape[0] != B:
@@ -190,9 +190,13 @@ def _decoder_layers(model):
     return layers
 
 
-def _cache_len(kwargs) -> int | None:
-    """Tokens already in the forward's KV cache; None without one."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+def _cache_of(kwargs):
+    """A forward's KV cache (transformers names it `cache`, formerly `past_key_values`), or None."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _cache_len(cache) -> int | None:
+    """Tokens already in a KV cache; None without one."""
     if cache is None or not hasattr(cache, "get_seq_length"):
         return None
     return int(cache.get_seq_length())
@@ -308,7 +312,7 @@ def attach(model, config: MoPsConfig):
     def model_pre_hook(_mod, args, kwargs):
         state.gate_mask = kwargs.pop("gate_mask", None)
         x = _input_of(args, kwargs)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache_of(kwargs)
         state.all_slots = x is not None and traced(x) and bool(getattr(cache, "is_compileable", False))
         if state.all_slots:
             # A compiled step on a static cache (transformers compiles decoding and runs the prefill
@@ -319,7 +323,7 @@ def attach(model, config: MoPsConfig):
                                  f"{x.shape[1]}): MoPs runs the prefill, where the gate reads the prompt, eagerly")
             state.decode, state.total_len = True, None
             return args, kwargs
-        past, new = _cache_len(kwargs), None if x is None else x.shape[1]
+        past, new = _cache_len(cache), None if x is None else x.shape[1]
         state.decode = bool(past)
         state.total_len = past + new if past is not None and new is not None else None
         if not state.decode:

@@ -111,13 +111,12 @@ class QuantLinear(nn.Module):
         # a decode step makes four a layer (2026-11-28: the cached weight's check from 3.8 to 0.6 us)
         b = self._buffers
         qweight, qzeros, scales, g_idx = b["qweight"], b["qzeros"], b["scales"], b["g_idx"]
-        trivial = self.has_trivial_g_idx()
-        if trivial:
+        if self.has_trivial_g_idx():  # None (unknown while tracing) falls through to the g_idx path
             w = self._checked
             if w is None or not w.holds(qweight, qzeros, scales, g_idx):
                 w = self._checked = check_int4_weight(qweight, qzeros, scales, g_idx, self.weight_group_size)
             return int4_matmul_checked(x, w)
-        if x.is_cuda and trivial is not None and not traced(x):
+        if x.is_cuda and not traced(x):
             # act-order: sort the input dim by group once (per qweight and g_idx), so that the GPU kernels
             # read one scale row per tile. Not while tracing: the sort reads g_idx's values
             known = self._sorted
